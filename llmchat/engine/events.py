@@ -78,7 +78,8 @@ class Finished:
     prefill_seconds: float
     decode_seconds: float
     ttft_seconds: float  # request start to the first generated token
-    text: str = ""
+    text: str = ""  # the whole answer (cut before a stop string)
+    tail: str = ""  # answer text not carried by any TokenEvent (held back until the end)
     token_ids: tuple[int, ...] = field(default_factory=tuple)
     cache_tokens: int = 0
     cache_bytes: int = 0

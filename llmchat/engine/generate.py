@@ -1,0 +1,279 @@
+"""Generation: prefill the prompt, then decode one token a step, streaming events.
+
+A request first reuses the longest prefix of its prompt that the KV cache already holds (a new
+chat turn costs only its new tokens), prefills the rest in chunks, then decodes. Cancellation is
+checked between prefill chunks and between decode steps, so a stop takes effect within one step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import torch
+
+from llmchat.engine.errors import ContextFullError
+from llmchat.engine.events import (
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    PrefillDone,
+    PrefillProgress,
+    TokenEvent,
+    TopToken,
+)
+from llmchat.engine.kv_cache import KVCache
+from llmchat.engine.model import Transformer
+from llmchat.engine.sampling import Sampler, SamplingParams
+from llmchat.engine.tokenizer import StreamDecoder, Tokenizer
+
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class CancelFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+class _StopStrings:
+    """Holds back streamed text that could still become a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.text = ""
+        self.emitted = 0
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Add a piece; return (text safe to emit now, whether a stop string was hit)."""
+        self.text += piece
+        if not self.stops:
+            out, self.emitted = self.text[self.emitted :], len(self.text)
+            return out, False
+        window_start = max(0, self.emitted - max(len(s) for s in self.stops))
+        hits = [i for s in self.stops if (i := self.text.find(s, window_start)) != -1]
+        if hits:
+            self.text = self.text[: min(hits)]
+            out, self.emitted = self.text[self.emitted :], len(self.text)
+            return out, True
+        safe = len(self.text) - self._pending_suffix()
+        out = self.text[self.emitted : safe]
+        self.emitted = max(self.emitted, safe)
+        return out, False
+
+    def flush(self) -> str:
+        out, self.emitted = self.text[self.emitted :], len(self.text)
+        return out
+
+    def _pending_suffix(self) -> int:
+        """Length of the longest tail of the text that starts some stop string."""
+        longest = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+
+class Generator:
+    """Owns the model's KV cache and runs requests against it, one at a time."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        cache: KVCache,
+        tokenizer: Tokenizer,
+        *,
+        eos_token_ids: Sequence[int] = (),
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    ) -> None:
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1")
+        self.model = model
+        self.cache = cache
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.prefill_chunk = prefill_chunk
+        self.device = model.embed.weight.device
+        self._step_ids = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._texts: dict[int, str] = {}
+
+    def token_text(self, token_id: int) -> str:
+        """Display text of one token (memoized: the top-k list asks for the same ids often)."""
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self.tokenizer.token_text(token_id)
+        return text
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _prefill(
+        self, ids: list[int], start: int, cancel: CancelFlag | None
+    ) -> Iterator[PrefillProgress | torch.Tensor]:
+        """Run ids[start:] through the model in chunks; finally yield the last position's logits."""
+        total = len(ids) - start
+        position = start
+        logits = None
+        while position < len(ids):
+            if cancel is not None and cancel.is_set():
+                return
+            chunk = ids[position : position + self.prefill_chunk]
+            began = time.perf_counter()
+            is_last = position + len(chunk) == len(ids)
+            tokens = torch.tensor(chunk, dtype=torch.long, device=self.device)
+            out = self.model(tokens, self.cache, position, last_only=True)
+            if is_last:
+                logits = out[-1].float()
+            self._sync()
+            self.cache.append_tokens(chunk)
+            position += len(chunk)
+            yield PrefillProgress(
+                done_tokens=position - start,
+                total_tokens=total,
+                chunk_tokens=len(chunk),
+                chunk_seconds=time.perf_counter() - began,
+                cache_tokens=self.cache.length,
+                cache_bytes=self.cache.used_bytes,
+            )
+        assert logits is not None
+        yield logits
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        stop_on_eos: bool = True,
+        stop_strings: Sequence[str] = (),
+        cancel: CancelFlag | None = None,
+        top_k: int = 5,
+    ) -> Iterator[GenerationEvent]:
+        """Stream events for one request; the last one is always `Finished`."""
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) > self.cache.capacity:
+            raise ContextFullError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.cache.capacity}"
+            )
+        began = time.perf_counter()
+        reused = min(self.cache.common_prefix(ids), len(ids) - 1)  # the last token must run for logits
+        self.cache.truncate(reused)
+        prefilled = len(ids) - reused
+
+        logits = None
+        for item in self._prefill(ids, reused, cancel):
+            if isinstance(item, torch.Tensor):
+                logits = item
+            else:
+                yield item
+        prefill_seconds = time.perf_counter() - began
+        totals = dict(prompt_tokens=len(ids), reused_tokens=reused, prefilled_tokens=prefilled)
+        if logits is None:  # cancelled during prefill
+            yield self._finished("cancelled", totals, prefill_seconds, 0.0, 0.0, "", [], "")
+            return
+        yield PrefillDone(
+            prompt_tokens=len(ids),
+            reused_tokens=reused,
+            prefilled_tokens=prefilled,
+            seconds=prefill_seconds,
+            tokens_per_second=prefilled / prefill_seconds if prefill_seconds > 0 else 0.0,
+            cache_tokens=self.cache.length,
+            cache_bytes=self.cache.used_bytes,
+        )
+
+        sampler = Sampler(sampling, logits.shape[-1], self.device)
+        sampler.observe(ids)
+        decoder = StreamDecoder(self.tokenizer)
+        stops = _StopStrings(stop_strings)
+        generated: list[int] = []
+        reason: FinishReason = "max_new_tokens"
+        first_token_at = decode_started = time.perf_counter()
+        step_began = began
+        k = max(1, min(top_k, logits.shape[-1]))
+        while True:
+            token, event = self._pick(logits, sampler, k, len(generated), step_began)
+            if not generated:
+                first_token_at = decode_started = time.perf_counter()
+            if stop_on_eos and token in self.eos_token_ids:
+                reason = "eos"
+                break
+            generated.append(token)
+            self._step_ids.fill_(token)
+            sampler.observe(self._step_ids)
+            text, hit_stop = stops.feed(decoder.push(token))
+            yield TokenEvent(**event, text=text, cache_tokens=self.cache.length, cache_bytes=self.cache.used_bytes)
+            if hit_stop:
+                reason = "stop_string"
+                break
+            if len(generated) >= max_new_tokens:
+                reason = "max_new_tokens"
+                break
+            if cancel is not None and cancel.is_set():
+                reason = "cancelled"
+                break
+            if self.cache.free == 0:
+                reason = "context_full"
+                break
+            step_began = time.perf_counter()
+            logits = self.model(self._step_ids, self.cache, self.cache.length)[-1].float()
+            self.cache.append_tokens((token,))
+        tail = "" if reason == "stop_string" else stops.feed(decoder.flush())[0] + stops.flush()
+        decode_seconds = time.perf_counter() - decode_started if generated else 0.0
+        ttft = (first_token_at - began) if generated else 0.0
+        yield self._finished(reason, totals, prefill_seconds, decode_seconds, ttft, stops.text, generated, tail)
+
+    def _pick(
+        self, logits: torch.Tensor, sampler: Sampler, k: int, index: int, step_began: float
+    ) -> tuple[int, dict]:
+        """Choose the next token and snapshot the top-k alternatives (one host sync per step)."""
+        policy = sampler.policy_logits(logits)
+        chosen = sampler.choose(policy)
+        raw_probs = logits.softmax(-1)
+        policy_probs = sampler.policy_probs(policy)
+        top_logits, top_ids = logits.topk(k)
+        rank = (logits > logits[chosen]).sum()
+        packed = torch.stack(
+            (chosen.to(logits.dtype), logits[chosen], raw_probs[chosen], policy_probs[chosen], rank.to(logits.dtype))
+        )
+        snapshot = torch.stack((top_ids.to(logits.dtype), top_logits, raw_probs[top_ids], policy_probs[top_ids]))
+        head, table = packed.tolist(), snapshot.T.tolist()
+        token = int(head[0])
+        top = tuple(
+            TopToken(int(i), self.token_text(int(i)), logit, prob, policy_prob)
+            for i, logit, prob, policy_prob in table
+        )
+        event = dict(
+            token_id=token, index=index, logit=head[1], prob=head[2], policy_prob=head[3], rank=int(head[4]),
+            top=top, seconds=time.perf_counter() - step_began,
+        )
+        return token, event
+
+    def _finished(
+        self,
+        reason: FinishReason,
+        totals: dict,
+        prefill_seconds: float,
+        decode_seconds: float,
+        ttft: float,
+        text: str,
+        generated: list[int],
+        tail: str,
+    ) -> Finished:
+        return Finished(
+            reason=reason,
+            generated_tokens=len(generated),
+            prefill_seconds=prefill_seconds,
+            decode_seconds=decode_seconds,
+            ttft_seconds=ttft,
+            text=text,
+            tail=tail,
+            token_ids=tuple(generated),
+            cache_tokens=self.cache.length,
+            cache_bytes=self.cache.used_bytes,
+            **totals,
+        )

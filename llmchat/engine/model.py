@@ -1,0 +1,281 @@
+"""The Transformer: one decoder-only model class for every supported architecture.
+
+The parts, in the order a token meets them:
+  token embedding → N × [RMSNorm → attention (fused QKV, optional q/k norm, RoPE, GQA, KV cache,
+  optional sliding window) → residual add → RMSNorm → gated MLP → residual add] → final RMSNorm →
+  output projection (logits).
+Architectures differ only through ModelConfig fields; checkpoint names are mapped to this one
+layout at load time (q/k/v and gate/up are fused into one matmul each, which decoding likes).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmchat.engine.config import ModelConfig
+from llmchat.engine.errors import ModelLoadError
+from llmchat.engine.kv_cache import KVCache
+from llmchat.engine.rope import RotaryEmbedding, apply_rotary
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like the reference implementations."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads, RoPE and a KV cache."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.group = self.num_heads // self.num_kv_heads
+        self.window = config.layer_window(layer)
+        self.splits = (config.q_size, config.kv_size, config.kv_size)
+        self.qkv = nn.Linear(config.hidden_size, sum(self.splits), bias=config.qkv_bias)
+        self.o = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).split(self.splits, dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim).transpose(0, 1)  # [heads, n, head_dim]
+        k = k.view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        v = v.view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cache.write(self.layer, start, k, v)
+        end = start + n
+        keys, values = cache.view(self.layer, end)
+        out = grouped_attention(q, keys, values, self.group, start, self.window)
+        return self.o(out.transpose(0, 1).reshape(n, self.num_heads * self.head_dim))
+
+
+def attention_mask(start: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean [n, start + n] mask (True = may attend) for queries at positions [start, start+n).
+
+    None when every query may see every cached key (a single decode step inside the window).
+    """
+    end = start + n
+    if n == 1 and (window is None or end <= window):
+        return None
+    q_pos = torch.arange(start, end, device=device)[:, None]
+    k_pos = torch.arange(end, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed &= k_pos > q_pos - window
+    return allowed
+
+
+def grouped_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: int, start: int, window: int | None
+) -> torch.Tensor:
+    """Scaled dot-product attention where `group` query heads share each KV head.
+
+    The query heads of a group are folded into the query-length axis ([kv_heads, group*n, d]) so
+    the cached keys/values are read as they are, never repeated per query head.
+    """
+    heads, n, dim = q.shape
+    folded = q.reshape(keys.shape[0], group * n, dim)
+    mask = attention_mask(start, n, window, q.device)
+    if mask is not None and group > 1:
+        mask = mask.repeat(group, 1)
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask)
+    return out.reshape(heads, n, dim)
+
+
+class MLP(nn.Module):
+    """Gated feed-forward: down(act(gate(x)) * up(x)), gate and up fused into one matmul."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        if config.hidden_act not in ACTIVATIONS:
+            raise ModelLoadError(f"unsupported hidden_act {config.hidden_act!r}")
+        self.act = ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
+        return self.down(self.act(gate) * up)
+
+
+class Block(nn.Module):
+    """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual connection."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder stack plus embedding and output projection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary: RotaryEmbedding | None = None
+
+    def setup_rotary(self, length: int) -> None:
+        """Precompute cos/sin for positions [0, length) on the model's device and dtype."""
+        weight = self.embed.weight
+        c = self.config
+        self.rotary = RotaryEmbedding(c.rope, c.head_dim, c.max_position_embeddings, length, weight.device, weight.dtype)
+
+    def forward(self, ids: torch.Tensor, cache: KVCache, start: int, *, last_only: bool = False) -> torch.Tensor:
+        """Run tokens `ids` [n] at positions [start, start+n), writing their K/V into `cache`.
+
+        Returns logits [n, vocab] (or [1, vocab] with last_only) in the model's dtype.
+        """
+        assert self.rotary is not None, "setup_rotary() first"
+        cos, sin = self.rotary.tables(start, start + ids.shape[0])
+        x = self.embed(ids)
+        for block in self.layers:
+            x = block(x, cos, sin, cache, start)
+        if last_only:
+            x = x[-1:]
+        return self.lm_head(self.norm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint names → internal layout
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_LAYER_NAMES = {
+    "input_layernorm.weight": ("attn_norm.weight", None),
+    "post_attention_layernorm.weight": ("mlp_norm.weight", None),
+    "self_attn.q_proj.weight": ("attn.qkv.weight", 0),
+    "self_attn.k_proj.weight": ("attn.qkv.weight", 1),
+    "self_attn.v_proj.weight": ("attn.qkv.weight", 2),
+    "self_attn.q_proj.bias": ("attn.qkv.bias", 0),
+    "self_attn.k_proj.bias": ("attn.qkv.bias", 1),
+    "self_attn.v_proj.bias": ("attn.qkv.bias", 2),
+    "self_attn.o_proj.weight": ("attn.o.weight", None),
+    "self_attn.o_proj.bias": ("attn.o.bias", None),
+    "self_attn.q_norm.weight": ("attn.q_norm.weight", None),
+    "self_attn.k_norm.weight": ("attn.k_norm.weight", None),
+    "mlp.gate_proj.weight": ("mlp.gate_up.weight", 0),
+    "mlp.up_proj.weight": ("mlp.gate_up.weight", 1),
+    "mlp.gate_proj.bias": ("mlp.gate_up.bias", 0),
+    "mlp.up_proj.bias": ("mlp.gate_up.bias", 1),
+    "mlp.down_proj.weight": ("mlp.down.weight", None),
+    "mlp.down_proj.bias": ("mlp.down.bias", None),
+}
+_TOP_NAMES = {
+    "model.embed_tokens.weight": "embed.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_FUSED_PARTS = {"attn.qkv": 3, "mlp.gate_up": 2}
+
+
+def internal_name(name: str) -> tuple[str, int | None] | None:
+    """(internal name, part index within a fused tensor) for a checkpoint tensor; None to skip."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name], None
+    match = _LAYER.match(name)
+    if match and match.group(2) in _LAYER_NAMES:
+        target, part = _LAYER_NAMES[match.group(2)]
+        return f"layers.{match.group(1)}.{target}", part
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    raise ModelLoadError(f"unexpected tensor {name!r} in the checkpoint (not part of this architecture)")
+
+
+def build_transformer(
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    context_length: int,
+) -> Transformer:
+    """Build the model from checkpoint tensors, casting each once to `dtype` on `device`.
+
+    The module is created on the meta device and the loaded tensors are assigned in place, so no
+    throwaway random initialization is ever allocated.
+    """
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = dict(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in tensors:
+        mapped = internal_name(name)
+        if mapped is None:
+            continue
+        target, part = mapped
+        if target not in expected:
+            raise ModelLoadError(f"tensor {name!r} does not fit this configuration")
+        tensor = tensor.to(device=device, dtype=dtype)
+        if part is None:
+            state[target] = tensor
+            continue
+        parts.setdefault(target, {})[part] = tensor
+        count = _FUSED_PARTS[".".join(target.split(".")[2:4])]
+        if len(parts[target]) == count:
+            pieces = parts.pop(target)
+            state[target] = torch.cat([pieces[i] for i in range(count)], dim=0)
+            del pieces
+    if parts:
+        raise ModelLoadError(f"checkpoint is missing parts of {', '.join(sorted(parts))}")
+    tied = config.tie_word_embeddings or "lm_head.weight" not in state
+    if tied:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight")
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ModelLoadError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ModelLoadError(
+                f"tensor {key!r} has shape {tuple(tensor.shape)}, config expects {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.embed.weight
+    model.setup_rotary(context_length)
+    return model.eval().requires_grad_(False)

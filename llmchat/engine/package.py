@@ -1,0 +1,118 @@
+"""Finding and reading a model package: a Hugging Face model folder.
+
+A package is config.json + safetensors weights + tokenizer.json/tokenizer_config.json, optionally
+a chat template file and generation_config.json. Reading a package checks everything that can be
+checked without loading the weights, so bad input fails fast with one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmchat.engine.chat_template import ChatTemplates, read_special_tokens
+from llmchat.engine.config import ModelConfig, load_hf_config
+from llmchat.engine.errors import ModelLoadError
+from llmchat.engine.sampling import SamplingParams
+from llmchat.engine.tokenizer import Tokenizer
+from llmchat.engine.weights import safetensors_files
+
+# What a chat gets when neither the package nor the user says otherwise.
+DEFAULT_SAMPLING = SamplingParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05)
+DEFAULT_MAX_NEW_TOKENS = 1024
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Defaults from generation_config.json layered over the built-in ones."""
+
+    sampling: SamplingParams = DEFAULT_SAMPLING
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_dict(cls, gen: dict[str, Any]) -> "GenerationDefaults":
+        changes = {k: gen[k] for k in _SAMPLING_KEYS if gen.get(k) is not None}
+        if gen.get("do_sample") is False:
+            changes["temperature"] = 0.0
+        try:
+            sampling = DEFAULT_SAMPLING.replace(**changes)
+        except ValueError as exc:
+            raise ModelLoadError(f"generation_config.json: {exc}") from None
+        eos = gen.get("eos_token_id")
+        eos_ids = (eos,) if isinstance(eos, int) else tuple(eos or ())
+        return cls(sampling, int(gen.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS), eos_ids)
+
+
+@dataclass
+class ModelPackage:
+    """Everything in a model folder except the weights' values."""
+
+    path: Path
+    config: ModelConfig
+    weight_files: list[Path]
+    tokenizer: Tokenizer
+    templates: ChatTemplates | None
+    special_tokens: dict[str, str]
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Ids that end an answer: generation config, model config and the tokenizer's EOS."""
+        ids = list(self.generation.eos_token_ids) + list(self.config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return tuple(dict.fromkeys(ids))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object")
+    return data
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Check that `path` names a model folder and return it."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ModelLoadError(f"no such file or directory: {folder}")
+    if folder.is_file():
+        if folder.suffix == ".gguf":
+            raise ModelLoadError(f"{folder}: GGUF files are not supported yet; pass a Hugging Face model folder")
+        if folder.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+            raise ModelLoadError(
+                f"{folder} is a pickle checkpoint; llmchat refuses to load pickles because unpickling can run "
+                "arbitrary code. Use a safetensors model folder."
+            )
+        raise ModelLoadError(f"{folder} is a file, not a model folder")
+    return folder
+
+
+def open_package(path: str | Path) -> ModelPackage:
+    """Read and validate a model folder (the weights stay on disk)."""
+    folder = resolve_path(path)
+    config = load_hf_config(folder)
+    weight_files = safetensors_files(folder)
+    tokenizer = Tokenizer.from_folder(folder)
+    gen_path = folder / "generation_config.json"
+    generation = GenerationDefaults.from_dict(_read_json(gen_path)) if gen_path.is_file() else GenerationDefaults()
+    return ModelPackage(
+        path=folder,
+        config=config,
+        weight_files=weight_files,
+        tokenizer=tokenizer,
+        templates=ChatTemplates.from_folder(folder),
+        special_tokens=read_special_tokens(folder),
+        generation=generation,
+    )

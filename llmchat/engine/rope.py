@@ -1,0 +1,134 @@
+"""Rotary position embeddings (RoPE) and their scaling variants.
+
+RoPE rotates each (x_i, x_{i+d/2}) pair of a query/key by an angle position * inv_freq_i. The
+scaling variants only change inv_freq (and, for YaRN, a constant on cos/sin): `linear` stretches
+positions, `dynamic` (NTK) raises the base once the sequence outgrows the trained length, `llama3`
+rescales low frequencies smoothly, `yarn` blends interpolation and extrapolation per frequency.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from llmchat.engine.config import RopeConfig
+
+
+def rotary_dim(rope: RopeConfig, head_dim: int) -> int:
+    return int(head_dim * rope.partial_rotary_factor)
+
+
+def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    return 1.0 / (base**exponents)
+
+
+def _llama3(rope: RopeConfig, inv_freq: torch.Tensor) -> torch.Tensor:
+    old_len = rope.original_max_position_embeddings
+    low_wavelen = old_len / rope.low_freq_factor
+    high_wavelen = old_len / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
+    base, factor, original = rope.theta, rope.factor, rope.original_max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(rope.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = _base_inv_freq(base, dim)
+    interpolation = extrapolation / factor
+    extrapolation_weight = 1 - ramp
+    inv_freq = interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
+    attention = rope.attention_factor
+    if attention is None:
+        attention = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv_freq, float(attention)
+
+
+def inverse_frequencies(
+    rope: RopeConfig, head_dim: int, max_position_embeddings: int, seq_len: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """inv_freq [rotary_dim/2] (float32) and the cos/sin scale for a sequence of `seq_len` tokens.
+
+    Only `dynamic` depends on seq_len: past the trained length its base grows with the sequence.
+    """
+    dim = rotary_dim(rope, head_dim)
+    if rope.type == "yarn":
+        return _yarn(rope, dim)
+    if rope.type == "dynamic":
+        length = max(seq_len or 0, max_position_embeddings)
+        base = rope.theta * ((rope.factor * length / max_position_embeddings) - (rope.factor - 1)) ** (
+            dim / (dim - 2)
+        )
+        return _base_inv_freq(base, dim), 1.0
+    inv_freq = _base_inv_freq(rope.theta, dim)
+    if rope.type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.type == "llama3":
+        inv_freq = _llama3(rope, inv_freq)
+    return inv_freq, 1.0
+
+
+def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [len(positions), rotary_dim] for the half-split rotation."""
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos() * scale, emb.sin() * scale
+
+
+class RotaryEmbedding:
+    """Precomputed cos/sin for every position up to the context length.
+
+    For `dynamic` scaling past the trained length, the rows a forward pass needs are computed
+    from the frequencies of its longest position, which is what transformers does.
+    """
+
+    def __init__(
+        self,
+        rope: RopeConfig,
+        head_dim: int,
+        max_position_embeddings: int,
+        length: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.rope = rope
+        self.head_dim = head_dim
+        self.max_position_embeddings = max_position_embeddings
+        self.device, self.dtype = device, dtype
+        inv_freq, scale = inverse_frequencies(rope, head_dim, max_position_embeddings)
+        cos, sin = cos_sin(inv_freq, torch.arange(length), scale)
+        self.cos, self.sin = cos.to(device, dtype), sin.to(device, dtype)
+
+    def tables(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for positions [start, end)."""
+        if self.rope.type == "dynamic" and end > self.max_position_embeddings:
+            inv_freq, scale = inverse_frequencies(self.rope, self.head_dim, self.max_position_embeddings, end)
+            cos, sin = cos_sin(inv_freq, torch.arange(start, end), scale)
+            return cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
+        return self.cos[start:end], self.sin[start:end]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [heads, tokens, head_dim] by cos/sin [tokens, rotary_dim] (half-split layout)."""
+    dim = cos.shape[-1]
+    if dim == x.shape[-1]:
+        half = dim // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+    rot, rest = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)

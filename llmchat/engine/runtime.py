@@ -1,0 +1,193 @@
+"""A loaded model: package + weights on a device + KV cache + generator, behind one object.
+
+This is what `llmchat.load()` returns and what the CLI and the TUI's worker use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmchat.engine.chat_template import ChatTemplate
+from llmchat.engine.config import ModelConfig
+from llmchat.engine.errors import ModelLoadError, TemplateError
+from llmchat.engine.events import GenerationEvent
+from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK, CancelFlag, Generator
+from llmchat.engine.kv_cache import KVCache
+from llmchat.engine.memory import MemoryEstimate, MemoryUsage, default_context_length, estimate, measure, module_bytes
+from llmchat.engine.model import Transformer, build_transformer
+from llmchat.engine.package import ModelPackage, open_package
+from llmchat.engine.sampling import SamplingParams
+from llmchat.engine.tokenizer import Tokenizer
+from llmchat.engine.weights import read_tensors
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' picks CUDA when present, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {device!r}: {exc}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but no CUDA GPU is available")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto': float32 on CPU (fastest and exact here), bfloat16 on CUDA when supported, else float16."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    seconds: float
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+
+
+class LoadedModel:
+    """A model ready to generate. Not thread-safe: one worker thread drives it."""
+
+    def __init__(self, package: ModelPackage, model: Transformer, cache: KVCache, info: LoadInfo, prefill_chunk: int):
+        self.package = package
+        self.model = model
+        self.cache = cache
+        self.info = info
+        self.generator = Generator(
+            model, cache, package.tokenizer, eos_token_ids=package.eos_token_ids, prefill_chunk=prefill_chunk
+        )
+        self._template: ChatTemplate | None = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.package.config
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.package.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.info.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.info.dtype
+
+    @property
+    def context_length(self) -> int:
+        return self.cache.capacity
+
+    @property
+    def template(self) -> ChatTemplate:
+        """The package's default chat template (TemplateError when it has none)."""
+        if self._template is None:
+            self._template = self.chat_template()
+        return self._template
+
+    def chat_template(self, name: str | None = None, *, tools: bool = False) -> ChatTemplate:
+        if self.package.templates is None:
+            raise TemplateError(f"{self.package.path} has no chat template; use raw prompts")
+        return self.package.templates.get(name, tools=tools, special_tokens=self.package.special_tokens)
+
+    @property
+    def default_sampling(self) -> SamplingParams:
+        return self.package.generation.sampling
+
+    def weights_bytes(self) -> int:
+        return module_bytes(self.model)
+
+    def memory_estimate(self) -> MemoryEstimate:
+        return estimate(self.config, self.dtype, self.context_length)
+
+    def memory_usage(self) -> MemoryUsage:
+        return measure(self.device, self.weights_bytes() + self.cache.nbytes)
+
+    @torch.inference_mode()
+    def logits(self, ids: Sequence[int]) -> torch.Tensor:
+        """float32 logits [len(ids), vocab] of a fresh forward pass (the chat's cache is untouched)."""
+        ids = list(ids)
+        cache = KVCache(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, max(len(ids), 1), self.device, self.dtype)
+        if len(ids) > self.model.rotary.cos.shape[0]:
+            self.model.setup_rotary(len(ids))
+        tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return self.model(tokens, cache, 0).float()
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        sampling: SamplingParams | None = None,
+        max_new_tokens: int | None = None,
+        stop_on_eos: bool = True,
+        stop_strings: Sequence[str] = (),
+        cancel: CancelFlag | None = None,
+        top_k: int = 5,
+    ) -> Iterator[GenerationEvent]:
+        """Stream events for one request, reusing whatever prefix the KV cache already holds."""
+        return self.generator.generate(
+            prompt_ids,
+            sampling=sampling if sampling is not None else self.default_sampling,
+            max_new_tokens=max_new_tokens if max_new_tokens is not None else self.package.generation.max_new_tokens,
+            stop_on_eos=stop_on_eos,
+            stop_strings=stop_strings,
+            cancel=cancel,
+            top_k=top_k,
+        )
+
+    def reset(self) -> None:
+        """Forget the cached conversation."""
+        self.cache.truncate(0)
+
+
+def load(
+    path: str | Path,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    *,
+    context_length: int | None = None,
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+) -> LoadedModel:
+    """Load a model folder onto a device, with a KV cache for `context_length` tokens.
+
+    context_length defaults to the model's own, capped by a memory budget (see memory.py).
+    """
+    began = time.perf_counter()
+    package = open_package(path)
+    dev = resolve_device(device)
+    run_dtype = resolve_dtype(dtype, dev)
+    config = package.config
+    if context_length is None:
+        context_length = default_context_length(config, run_dtype, dev)
+    if context_length < 1:
+        raise ModelLoadError(f"context length must be at least 1, got {context_length}")
+    model = build_transformer(
+        config, read_tensors(package.weight_files), device=dev, dtype=run_dtype, context_length=context_length
+    )
+    cache = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, context_length, dev, run_dtype)
+    info = LoadInfo(time.perf_counter() - began, dev, run_dtype, context_length)
+    return LoadedModel(package, model, cache, info, prefill_chunk)

@@ -1,0 +1,69 @@
+"""Reading checkpoint tensors safely.
+
+Weights come from safetensors files (a single file, or shards listed in
+`model.safetensors.index.json`), memory-mapped and read one tensor at a time, so the model is built
+without a second full copy in RAM. Pickle checkpoints are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from llmchat.engine.errors import ModelLoadError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's safetensors files, in shard order."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ModelLoadError(f"{index} is not a valid shard index: {exc}") from None
+        files = [folder / name for name in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{folder}: shard(s) listed in the index are missing: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{folder} only has pickle weights ({', '.join(pickles[:3])}); llmchat refuses to load them "
+            "because unpickling can run arbitrary code. Convert them to safetensors first."
+        )
+    raise ModelLoadError(f"{folder} has no weights (*.safetensors)")
+
+
+def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every tensor of the checkpoint, one at a time."""
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for name in handle.keys():
+                    yield name, handle.get_tensor(name)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise ModelLoadError(f"{path.name} is corrupt or truncated: {exc}") from None
+
+
+def tensor_names(files: list[Path]) -> dict[str, Path]:
+    """Map every tensor name to its file, reading only the headers."""
+    names: dict[str, Path] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                names.update((name, path) for name in handle.keys())
+        except Exception as exc:
+            raise ModelLoadError(f"{path.name} is corrupt or truncated: {exc}") from None
+    return names
