@@ -1,0 +1,7 @@
+"""`python -m llmchat` = the `llmchat` command."""
+
+import sys
+
+from llmchat.cli import main
+
+sys.exit(main())

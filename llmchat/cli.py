@@ -1,0 +1,388 @@
+"""Command line: `llmchat` and its headless subcommands.
+
+Every subcommand takes `--json` so it can be scripted and tested. Errors caused by input print one
+line (`llmchat: error: ...`) and exit with code 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from llmchat.engine.errors import LLMChatError
+
+EXIT_USAGE = 2
+
+
+class CLIError(LLMChatError):
+    """Bad command-line input (a file that is not there, JSON that does not parse...)."""
+
+
+def _read_text_file(path: str) -> str:
+    try:
+        return Path(path).expanduser().read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CLIError(f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CLIError(f"cannot read {path}: {exc}") from None
+
+
+def _read_json_file(path: str) -> Any:
+    try:
+        return json.loads(_read_text_file(path))
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"{path} is not valid JSON: {exc}") from None
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# shared options
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model folder (Hugging Face layout: config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--context", type=int, default=None, help="context length (default: the model's, memory-capped)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill chunk")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+
+
+def _load(args: argparse.Namespace):  # -> LoadedModel (imported lazily: torch is slow to import)
+    import torch
+
+    from llmchat.engine import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load(args.model, device=args.device, dtype=args.dtype, context_length=args.context, prefill_chunk=args.prefill_chunk)
+
+
+def _sampling(args: argparse.Namespace, defaults):
+    changes = {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+    try:
+        return defaults.replace(**{k: v for k, v in changes.items() if v is not None})
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+
+
+def _event_dict(event: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    data = asdict(event)
+    data["event"] = type(event).__name__
+    return data
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from llmchat.engine.events import Finished, TokenEvent
+
+    model = _load(args)
+    if args.raw:
+        if args.system:
+            raise CLIError("--system needs the chat template; drop --raw")
+        ids = model.tokenizer.encode(args.prompt, add_special_tokens=True)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        ids = model.tokenizer.encode(model.template.render(messages, add_generation_prompt=True))
+    events = model.generate(
+        ids,
+        sampling=_sampling(args, model.default_sampling),
+        max_new_tokens=args.max_new_tokens,
+        stop_strings=args.stop or (),
+        top_k=args.top_logprobs,
+    )
+    for event in events:
+        if args.json:
+            _print_json(_event_dict(event))
+        elif isinstance(event, TokenEvent):
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        elif isinstance(event, Finished):
+            sys.stdout.write(event.tail + "\n")
+            print(
+                f"[{event.generated_tokens} tokens, stopped by {event.reason}; prefill {event.prefilled_tokens} tok "
+                f"at {event.prefill_tokens_per_second:.1f} tok/s (reused {event.reused_tokens}), "
+                f"TTFT {event.ttft_seconds:.3f} s, decode {event.decode_tokens_per_second:.1f} tok/s]",
+                file=sys.stderr,
+            )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenize
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from llmchat.engine.package import resolve_path
+    from llmchat.engine.tokenizer import Tokenizer
+
+    if (args.text is None) == (args.file is None):
+        raise CLIError("give the text either as an argument or with --file (one of them)")
+    text = args.text if args.text is not None else _read_text_file(args.file)
+    tokenizer = Tokenizer.from_folder(resolve_path(args.model))
+    ids = tokenizer.encode(text, add_special_tokens=args.special)
+    tokens = tokenizer.token_texts(ids)
+    if args.json:
+        _print_json({"ids": ids, "tokens": tokens})
+    else:
+        for i, (token_id, token) in enumerate(zip(ids, tokens)):
+            print(f"{i:6d}  {token_id:8d}  {token!r}")
+        print(f"{len(ids)} tokens", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# template
+
+
+def _parse_var(spec: str) -> tuple[str, Any]:
+    name, sep, value = spec.partition("=")
+    if not sep or not name:
+        raise CLIError(f"--var takes NAME=JSON, got {spec!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        raise CLIError(f"--var {name}: {value!r} is not JSON (quote strings: {name}='\"text\"')") from None
+
+
+def cmd_template(args: argparse.Namespace) -> int:
+    from llmchat.engine.chat_template import ChatTemplates, read_special_tokens
+    from llmchat.engine.errors import TemplateError
+    from llmchat.engine.package import resolve_path
+
+    folder = resolve_path(args.model)
+    messages = _read_json_file(args.messages)
+    if not isinstance(messages, list):
+        raise CLIError(f"{args.messages} must hold a JSON list of messages")
+    tools = _read_json_file(args.tools) if args.tools else None
+    variables = dict(_parse_var(v) for v in args.var or ())
+    templates = ChatTemplates.from_folder(folder)
+    if templates is None:
+        raise TemplateError(f"{folder} has no chat template")
+    template = templates.get(args.name, tools=bool(tools), special_tokens=read_special_tokens(folder))
+    text = template.render(messages, add_generation_prompt=not args.no_generation_prompt, tools=tools, **variables)
+    if args.json:
+        _print_json({"text": text, "template": template.name})
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from llmchat.engine import SamplingParams
+    from llmchat.engine.events import Finished
+    from llmchat.engine.memory import peak_rss_bytes
+
+    model = _load(args)
+    needed = args.prompt_tokens + args.gen_tokens
+    if needed > model.context_length:
+        raise CLIError(f"prompt + generated tokens ({needed}) exceed the context ({model.context_length}); use --context")
+    rng = random.Random(args.seed)
+    special = model.tokenizer.special_ids()
+    vocab = [i for i in range(min(model.tokenizer.vocab_size, model.config.vocab_size)) if i not in special]
+    greedy = SamplingParams(temperature=0)
+
+    def one_run(prompt_tokens: int, gen_tokens: int) -> Finished:
+        model.reset()
+        prompt = [rng.choice(vocab) for _ in range(prompt_tokens)]
+        *_, done = model.generate(prompt, sampling=greedy, max_new_tokens=gen_tokens, stop_on_eos=False)
+        return done
+
+    one_run(min(32, args.prompt_tokens), 4)  # warm-up: first-call allocations and kernel selection
+    runs = [one_run(args.prompt_tokens, args.gen_tokens) for _ in range(args.repeat)]
+    best_prefill = max(r.prefill_tokens_per_second for r in runs)
+    best_decode = max(r.decode_tokens_per_second for r in runs)
+    device = model.device
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+    result = {
+        "model": str(model.package.path),
+        "architecture": model.config.architecture,
+        "prompt_tokens": args.prompt_tokens,
+        "gen_tokens": args.gen_tokens,
+        "prefill_tok_s": round(best_prefill, 2),
+        "decode_tok_s": round(best_decode, 2),
+        "ttft_s": round(min(r.ttft_seconds for r in runs), 4),
+        "peak_memory_bytes": peak,
+        "weights_bytes": model.weights_bytes(),
+        "kv_cache_bytes": model.cache.nbytes,
+        "load_s": round(model.info.seconds, 3),
+        "device": str(device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "repeat": args.repeat,
+    }
+    if args.json:
+        _print_json(result)
+    else:
+        width = max(len(k) for k in result)
+        for key, value in result.items():
+            print(f"{key:<{width}}  {value}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from llmchat.engine.memory import estimate, parameter_count
+    from llmchat.engine.package import open_package
+    from llmchat.engine.runtime import resolve_device, resolve_dtype
+
+    package = open_package(args.model)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    config = package.config
+    context = args.context or config.max_position_embeddings
+    mem = estimate(config, dtype, context)
+    data = {
+        "path": str(package.path),
+        "config": asdict(config),
+        "parameters": parameter_count(config),
+        "tokenizer_vocab": package.tokenizer.vocab_size,
+        "chat_templates": sorted(package.templates.templates) if package.templates else [],
+        "eos_token_ids": list(package.eos_token_ids),
+        "generation_defaults": asdict(package.generation.sampling)
+        | {"max_new_tokens": package.generation.max_new_tokens},
+        "memory": {"dtype": str(dtype).removeprefix("torch."), "context": context}
+        | asdict(mem)
+        | {"total": mem.total},
+    }
+    if args.json:
+        _print_json(data)
+    else:
+        c = config
+        gib = 1024**3
+        print(f"{package.name}  ({c.architecture}, {data['parameters'] / 1e6:.1f}M parameters)")
+        print(f"  layers {c.num_layers}, hidden {c.hidden_size}, heads {c.num_heads} (KV {c.num_kv_heads}), head_dim {c.head_dim}")
+        print(f"  vocab {c.vocab_size}, context {c.max_position_embeddings}, rope {c.rope.type} theta {c.rope.theta:g}")
+        if c.sliding_window:
+            print(f"  sliding window {c.sliding_window} on {sum(c.sliding_layers)} of {c.num_layers} layers")
+        print(f"  chat templates: {', '.join(data['chat_templates']) or 'none'}")
+        print(
+            f"  memory at {data['memory']['dtype']}, {context} tokens: weights {mem.weights / gib:.2f} GiB + "
+            f"KV cache {mem.kv_cache / gib:.2f} GiB + overhead {mem.overhead / gib:.2f} GiB = {mem.total / gib:.2f} GiB"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmchat", description="Chat with local LLMs and watch inference happen."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="answer one prompt, streaming the text")
+    _add_model_options(p)
+    _add_sampling_options(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--raw", action="store_true", help="skip the chat template: the prompt is the whole input")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--top-logprobs", type=int, default=5, help="alternatives recorded per token in --json")
+    p.add_argument("--json", action="store_true", help="one JSON object per event (JSON lines)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("tokenize", help="show the token ids of a text")
+    p.add_argument("model", help="model folder (only the tokenizer files are read)")
+    p.add_argument("text", nargs="?", default=None)
+    p.add_argument("--file", default=None, help="read the text from a file")
+    p.add_argument("--special", action="store_true", help="add the special tokens the tokenizer adds (BOS...)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("template", help="render a chat with the model's chat template")
+    p.add_argument("model", help="folder with tokenizer_config.json (and/or chat_template.jinja/.json)")
+    p.add_argument("--messages", required=True, help="JSON file with a list of {role, content} messages")
+    p.add_argument("--tools", default=None, help="JSON file with a list of tool schemas")
+    p.add_argument("--no-generation-prompt", action="store_true")
+    p.add_argument("--var", action="append", help="extra template variable NAME=JSON (repeatable)")
+    p.add_argument("--name", default=None, help="named template (default, tool_use, ...)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_template)
+
+    p = sub.add_parser("bench", help="measure prefill and decode speed")
+    _add_model_options(p)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--gen-tokens", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=1, help="timed runs (the best is reported)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("info", help="describe a model and its memory bill without loading weights")
+    p.add_argument("model")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--context", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        print("\nThe chat screen (TUI) is not built yet; use the subcommands above.", file=sys.stderr)
+        return 0
+    try:
+        return func(args)
+    except LLMChatError as exc:
+        print(f"llmchat: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

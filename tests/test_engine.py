@@ -1,0 +1,257 @@
+"""Engine behaviour beyond reference parity: KV cache, prefill chunks, stops, cancellation, streaming."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmchat
+from llmchat.engine.config import from_hf_config
+from llmchat.engine.errors import ContextFullError
+from llmchat.engine.events import Finished, PrefillDone, PrefillProgress, TokenEvent
+from llmchat.engine.generate import _StopStrings
+from llmchat.engine.kv_cache import KVCache
+from llmchat.engine.package import DEFAULT_SAMPLING, GenerationDefaults
+from tests.tiny_models import build_tiny_model
+
+GREEDY = llmchat.SamplingParams(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model("llama", tmp_path_factory.mktemp("engine") / "llama")
+
+
+@pytest.fixture()
+def model(folder: Path) -> llmchat.LoadedModel:
+    return llmchat.load(folder, device="cpu", dtype="float32", context_length=96)
+
+
+def _prompt(n: int, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 200, (n,), generator=g).tolist()
+
+
+def _tokens(events: list) -> list[int]:
+    return [e.token_id for e in events if isinstance(e, TokenEvent)]
+
+
+def _finished(events: list) -> Finished:
+    assert isinstance(events[-1], Finished), events[-1]
+    return events[-1]
+
+
+# --- KV cache ------------------------------------------------------------------------------------
+
+
+def test_kv_cache_is_preallocated_with_exact_bytes() -> None:
+    cache = KVCache(num_layers=3, num_kv_heads=2, head_dim=8, capacity=50, dtype=torch.float32)
+    assert cache.nbytes == 2 * 3 * 2 * 50 * 8 * 4
+    assert cache.bytes_per_token == 2 * 3 * 2 * 8 * 4
+    assert cache.length == 0 and cache.used_bytes == 0
+    cache.append_tokens([5, 6, 7, 8])
+    assert cache.used_bytes == 4 * cache.bytes_per_token
+    assert cache.common_prefix([5, 6, 9]) == 2
+    cache.truncate(1)
+    assert cache.tokens == [5] and cache.free == 49
+    with pytest.raises(ValueError):
+        cache.append_tokens(list(range(50)))
+
+
+def test_memory_stays_flat_while_decoding(model: llmchat.LoadedModel) -> None:
+    before = model.cache.keys.data_ptr()
+    list(model.generate(_prompt(10), sampling=GREEDY, max_new_tokens=20, stop_on_eos=False))
+    assert model.cache.keys.data_ptr() == before  # the cache was never reallocated
+
+
+# --- prefill and prefix reuse --------------------------------------------------------------------
+
+
+def test_chunked_prefill_gives_the_same_logits_and_tokens(folder: Path) -> None:
+    prompt = _prompt(40)
+    whole = llmchat.load(folder, device="cpu", dtype="float32", context_length=96, prefill_chunk=512)
+    chunked = llmchat.load(folder, device="cpu", dtype="float32", context_length=96, prefill_chunk=7)
+    events = list(chunked.generate(prompt, sampling=GREEDY, max_new_tokens=10, stop_on_eos=False))
+    progress = [e for e in events if isinstance(e, PrefillProgress)]
+    assert [p.chunk_tokens for p in progress] == [7, 7, 7, 7, 7, 5]
+    assert progress[-1].done_tokens == 40 and progress[-1].cache_tokens == 40
+    reference = list(whole.generate(prompt, sampling=GREEDY, max_new_tokens=10, stop_on_eos=False))
+    assert _tokens(events) == _tokens(reference)
+    first = [e for e in events if isinstance(e, TokenEvent)][0]
+    first_ref = [e for e in reference if isinstance(e, TokenEvent)][0]
+    assert first.logit == pytest.approx(first_ref.logit, abs=1e-4)
+
+
+def test_second_turn_prefills_only_new_tokens_and_matches_recompute(folder: Path, model: llmchat.LoadedModel) -> None:
+    turn1 = _prompt(30, seed=1)
+    answer = _tokens(list(model.generate(turn1, sampling=GREEDY, max_new_tokens=8, stop_on_eos=False)))
+    turn2 = turn1 + answer + _prompt(12, seed=2)
+    events = list(model.generate(turn2, sampling=GREEDY, max_new_tokens=8, stop_on_eos=False))
+    done = next(e for e in events if isinstance(e, PrefillDone))
+    # The last answer token was sampled but never fed back, so it is prefilled with the new turn.
+    assert done.reused_tokens == 30 + 8 - 1
+    assert done.prefilled_tokens == len(turn2) - done.reused_tokens
+    fresh = llmchat.load(folder, device="cpu", dtype="float32", context_length=96)
+    recomputed = list(fresh.generate(turn2, sampling=GREEDY, max_new_tokens=8, stop_on_eos=False))
+    assert _tokens(events) == _tokens(recomputed)
+    cached_first = [e for e in events if isinstance(e, TokenEvent)][0]
+    full_logits = fresh.logits(turn2)[-1]
+    assert cached_first.logit == pytest.approx(full_logits.max().item(), abs=1e-4)
+
+
+def test_same_prompt_twice_reruns_only_the_last_token(model: llmchat.LoadedModel) -> None:
+    prompt = _prompt(20)
+    first = list(model.generate(prompt, sampling=GREEDY, max_new_tokens=3, stop_on_eos=False))
+    again = list(model.generate(prompt, sampling=GREEDY, max_new_tokens=3, stop_on_eos=False))
+    done = next(e for e in again if isinstance(e, PrefillDone))
+    assert (done.reused_tokens, done.prefilled_tokens) == (19, 1)
+    assert _tokens(first) == _tokens(again)
+
+
+def test_logits_leave_the_chat_cache_alone(model: llmchat.LoadedModel) -> None:
+    list(model.generate(_prompt(10), sampling=GREEDY, max_new_tokens=3, stop_on_eos=False))
+    cached = list(model.cache.tokens)
+    model.logits(_prompt(30, seed=5))
+    assert model.cache.tokens == cached
+
+
+# --- stopping -------------------------------------------------------------------------------------
+
+
+def test_max_new_tokens(model: llmchat.LoadedModel) -> None:
+    events = list(model.generate(_prompt(5), sampling=GREEDY, max_new_tokens=6, stop_on_eos=False))
+    done = _finished(events)
+    assert done.reason == "max_new_tokens" and done.generated_tokens == 6 == len(_tokens(events))
+    assert done.decode_tokens_per_second > 0 and done.ttft_seconds > 0
+
+
+def test_full_context_finishes_cleanly(folder: Path) -> None:
+    small = llmchat.load(folder, device="cpu", dtype="float32", context_length=24)
+    events = list(small.generate(_prompt(20), sampling=GREEDY, max_new_tokens=50, stop_on_eos=False))
+    done = _finished(events)
+    assert done.reason == "context_full"
+    assert done.generated_tokens == 24 - 20 + 1  # the last token needs no cache slot of its own
+    with pytest.raises(ContextFullError, match="25 tokens"):
+        list(small.generate(_prompt(25), sampling=GREEDY, max_new_tokens=5))
+
+
+def test_eos_stops_and_is_not_streamed(model: llmchat.LoadedModel) -> None:
+    prompt = _prompt(12)
+    free_run = _tokens(list(model.generate(prompt, sampling=GREEDY, max_new_tokens=6, stop_on_eos=False)))
+    stop_id = free_run[3]
+    model.generator.eos_token_ids = frozenset({stop_id})
+    events = list(model.generate(prompt, sampling=GREEDY, max_new_tokens=6))
+    produced = _tokens(events)
+    assert _finished(events).reason == "eos"
+    assert stop_id not in produced and produced == free_run[: free_run.index(stop_id)]
+
+
+def test_cancel_stops_within_one_step(model: llmchat.LoadedModel) -> None:
+    cancel = threading.Event()
+    events = []
+    for event in model.generate(_prompt(8), sampling=GREEDY, max_new_tokens=50, stop_on_eos=False, cancel=cancel):
+        events.append(event)
+        if isinstance(event, TokenEvent) and event.index == 2:
+            cancel.set()
+    done = _finished(events)
+    assert done.reason == "cancelled" and done.generated_tokens == 3
+
+
+def test_cancel_during_prefill(folder: Path) -> None:
+    chunked = llmchat.load(folder, device="cpu", dtype="float32", context_length=96, prefill_chunk=4)
+    cancel = threading.Event()
+    events = []
+    for event in chunked.generate(_prompt(40), sampling=GREEDY, max_new_tokens=5, cancel=cancel):
+        events.append(event)
+        if isinstance(event, PrefillProgress):
+            cancel.set()
+    done = _finished(events)
+    assert done.reason == "cancelled" and done.generated_tokens == 0
+    assert chunked.cache.length == 4  # what was prefilled stays valid for the next request
+
+
+def test_stop_strings_cut_the_text_and_never_stream_it() -> None:
+    stops = _StopStrings(["STOP", "<end>"])
+    pieces = [stops.feed(p) for p in ["Hello ", "wor", "ld S", "TO", "P more"]]
+    streamed = "".join(text for text, _ in pieces)
+    assert streamed == "Hello world " and stops.text == "Hello world "
+    assert [hit for _, hit in pieces] == [False, False, False, False, True]
+    held = _StopStrings(["<end>"])
+    assert held.feed("a <e") == ("a ", False)  # "<e" may begin the stop string: held back
+    assert held.feed("x") == ("<ex", False)
+
+
+def test_stop_string_ends_generation(model: llmchat.LoadedModel) -> None:
+    prompt = _prompt(12)
+    free = list(model.generate(prompt, sampling=GREEDY, max_new_tokens=10, stop_on_eos=False))
+    text = _finished(free).text
+    assert len(text) > 4
+    stop = text[2:4]
+    events = list(model.generate(prompt, sampling=GREEDY, max_new_tokens=10, stop_on_eos=False, stop_strings=[stop]))
+    done = _finished(events)
+    assert done.reason == "stop_string"
+    assert done.text == text[: text.index(stop)]
+    assert "".join(e.text for e in events if isinstance(e, TokenEvent)) == done.text
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+
+def test_token_events_carry_consistent_probabilities(model: llmchat.LoadedModel) -> None:
+    sampling = llmchat.SamplingParams(temperature=0.8, top_k=5, seed=3)
+    events = list(model.generate(_prompt(10), sampling=sampling, max_new_tokens=8, stop_on_eos=False, top_k=5))
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert len(tokens) == 8
+    for event in tokens:
+        assert len(event.top) == 5
+        probs = [t.prob for t in event.top]
+        assert probs == sorted(probs, reverse=True)
+        assert 0 <= event.rank < 5  # top-k=5 sampling can only pick one of the five best
+        assert event.top[event.rank].token_id == event.token_id
+        assert event.top[event.rank].prob == pytest.approx(event.prob)
+        assert sum(t.policy_prob for t in event.top) == pytest.approx(1.0, abs=1e-5)
+        assert event.cache_bytes == event.cache_tokens * model.cache.bytes_per_token
+
+
+def test_stream_concatenates_to_the_decoded_answer(model: llmchat.LoadedModel) -> None:
+    events = list(model.generate(_prompt(10), sampling=llmchat.SamplingParams(seed=1), max_new_tokens=30, stop_on_eos=False))
+    done = _finished(events)
+    streamed = "".join(e.text for e in events if isinstance(e, TokenEvent)) + done.tail
+    assert streamed == model.tokenizer.decode(list(done.token_ids)) == done.text
+
+
+def test_seeded_sampling_reproduces(folder: Path) -> None:
+    runs = []
+    for _ in range(2):
+        m = llmchat.load(folder, device="cpu", dtype="float32", context_length=64)
+        sampling = llmchat.SamplingParams(temperature=1.0, seed=1234)
+        runs.append(_tokens(list(m.generate(_prompt(6), sampling=sampling, max_new_tokens=12, stop_on_eos=False))))
+    assert runs[0] == runs[1]
+
+
+# --- config and defaults --------------------------------------------------------------------------
+
+
+def test_both_config_styles_normalize_the_same(tmp_path: Path) -> None:
+    new = build_tiny_model("llama3-rope", tmp_path / "new", config_style="new")
+    old = build_tiny_model("llama3-rope", tmp_path / "old", config_style="old")
+    raw_new = json.loads((new / "config.json").read_text())
+    raw_old = json.loads((old / "config.json").read_text())
+    assert "rope_parameters" in raw_new and "rope_scaling" in raw_old and "rope_parameters" not in raw_old
+    assert from_hf_config(raw_new) == from_hf_config(raw_old)
+    assert from_hf_config(raw_new).rope.type == "llama3"
+
+
+def test_generation_config_overrides_defaults_and_user_overrides_both(folder: Path) -> None:
+    gen = GenerationDefaults.from_dict({"temperature": 0.3, "top_p": 0.8, "max_new_tokens": 77, "eos_token_id": [5, 6]})
+    assert gen.sampling.temperature == 0.3 and gen.sampling.top_p == 0.8
+    assert gen.sampling.top_k == DEFAULT_SAMPLING.top_k  # untouched keys keep the built-in default
+    assert gen.max_new_tokens == 77 and gen.eos_token_ids == (5, 6)
+    assert GenerationDefaults.from_dict({"do_sample": False, "temperature": 0.6}).sampling.greedy
+    assert GenerationDefaults.from_dict({"eos_token_id": 9}).eos_token_ids == (9,)
+    user = gen.sampling.replace(temperature=1.1)
+    assert user.temperature == 1.1 and user.top_p == 0.8
