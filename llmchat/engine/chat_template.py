@@ -24,11 +24,12 @@ import json
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jinja2
 import jinja2.ext
 import jinja2.nodes
+import jinja2.parser
 import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -65,8 +66,12 @@ class ChatTemplateError(TemplateError):
     """
 
     def __init__(self, template_name: str, kind: str, detail: str, line: int | None) -> None:
-        where = f" at line {line}" if line is not None else ""
-        super().__init__(f"chat template {template_name!r} failed{where}: {kind}: {detail}")
+        where = f" (line {line})" if line is not None else ""
+        if kind == "TemplateError":  # the template's own `raise_exception`: its words are for the user
+            message = f"chat template {template_name!r} rejected the conversation{where}: {detail}"
+        else:
+            message = f"chat template {template_name!r} failed{where}: {kind}: {detail}"
+        super().__init__(message)
         self.kind = kind
         self.detail = detail
         self.line = line
@@ -78,9 +83,9 @@ class ChatTemplateError(TemplateError):
 class _GenerationBlock(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}`: renders its body, in its own scope like transformers'."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
         body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
         call = self.call_method("_render_body")
@@ -103,8 +108,8 @@ class _TemplateDict:
 class _TemplateNamespace(jinja2.utils.Namespace):
     """The `namespace` global: refuses underscore names, which could reach CPython internals."""
 
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - Jinja's trick, so `namespace(self=1)` works
-        self, args = args[0], args[1:]
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        self, args = args[0], args[1:]  # Jinja's own trick, so that `namespace(self=1)` works
         attrs = dict(*args, **kwargs)
         for name in attrs:
             _check_namespace_name(name)
@@ -249,11 +254,11 @@ class ChatTemplate:
         if not messages:
             raise TemplateError("cannot render an empty conversation: give at least one message")
         context = {
+            **_plain({**self.special_tokens, **variables}),
             "messages": [_prepare_message(message) for message in messages],
             "tools": _prepare_dicts("tools", tools),
             "documents": _prepare_dicts("documents", documents),
             "add_generation_prompt": add_generation_prompt,
-            **_plain({**self.special_tokens, **variables}),
         }
         try:
             return self._template.render(**context)
@@ -278,7 +283,11 @@ class ChatTemplates:
         special_tokens: dict[str, str] | None = None,
         now: Clock = datetime.now,
     ) -> ChatTemplate:
-        """The template called `name`; without one, `tool_use` when tools are given, else `default`."""
+        """The template called `name`; without one, `tool_use` when tools are given, else `default`.
+
+        `tools` means "the request carries a tools list": transformers picks `tool_use` for any
+        `tools` that is not None, even an empty list.
+        """
         chosen = name if name is not None else self._default_name(tools)
         if chosen not in self.templates:
             raise TemplateError(f"no chat template named {chosen!r}; this model has {self._names()}")
