@@ -81,8 +81,10 @@ class SamplingParams:
 # (no copy), else a new tensor; the caller's logits are never modified.
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Make every token already in the context less likely: divide positive logits, multiply negative."""
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """Make tokens already in the context less likely: divide positive logits, multiply negative."""
     if penalty == 1.0:
         return logits
     penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
@@ -146,7 +148,7 @@ def _seen_mask(vocab_size: int, device: torch.device | str) -> torch.Tensor:
 
 
 def _mark_seen(mask: torch.Tensor, token_ids: torch.Tensor | Sequence[int]) -> None:
-    """Flag ids in the mask; ids past the logits' vocab (embedding padding) land in the spare slot."""
+    """Flag ids in the mask; ids past the logits' vocab (padded embeddings) go to the spare slot."""
     ids = torch.as_tensor(token_ids, dtype=torch.long, device=mask.device).reshape(-1)
     mask.index_fill_(0, ids.clamp(max=mask.numel() - 1), True)
 
@@ -167,7 +169,7 @@ class Sampler:
             self._generator.manual_seed(params.seed)
 
     def observe(self, token_ids: torch.Tensor | Sequence[int]) -> None:
-        """Add ids to the context the repetition penalty looks at (the prompt once, then each token)."""
+        """Add ids to the context the repetition penalty sees (the prompt once, then each token)."""
         if self.params.repetition_penalty != 1.0:
             _mark_seen(self._seen_all, token_ids)
 
@@ -202,12 +204,12 @@ class Sampler:
 def policy_stages(
     logits: torch.Tensor, params: SamplingParams, context_ids: Sequence[int] | None = None
 ) -> list[tuple[str, torch.Tensor]]:
-    """The logits after each stage, for the inspector; disabled stages repeat the previous tensor."""
+    """The logits after each stage, for the inspector; a disabled stage repeats the previous one."""
     seen = _seen_mask(logits.shape[-1], logits.device)
     if context_ids:
         _mark_seen(seen, context_ids)
     stages = [("raw", logits)]
-    current = logits
+    current = apply_repetition_penalty(logits, seen[:-1], params.repetition_penalty)
     stages.append(("repetition_penalty", current))
     for name, warp in _WARPERS:
         if not params.greedy:
