@@ -27,7 +27,11 @@ _CONTEXT_IDS = 5
 
 def _gpt2_char_to_byte() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: byte-level BPE pieces spell each byte as one char."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -118,6 +122,9 @@ class Tokenizer:
         # neighbours, which StreamDecoder and token_text need to know.
         byte_ids = (backend.token_to_id(f"<0x{b:02X}>") for b in range(256))
         self._byte_ids: frozenset[int] = frozenset(i for i in byte_ids if i is not None)
+        # What decode(skip_special_tokens=True) drops: the backend's added tokens marked special.
+        added = backend.get_added_tokens_decoder().items()
+        self._skippable_ids: frozenset[int] = frozenset(i for i, token in added if token.special)
 
     @classmethod
     def from_folder(cls, folder: Path) -> Tokenizer:
@@ -197,7 +204,7 @@ class Tokenizer:
 
     def special_ids(self) -> set[int]:
         """Ids of the special added tokens (those decode(skip_special_tokens=True) drops), BOS and EOS."""
-        ids = {i for i, tok in self._backend.get_added_tokens_decoder().items() if tok.special}
+        ids = set(self._skippable_ids)
         ids.update(i for i in (self.bos_token_id, self.eos_token_id) if i is not None)
         return ids
 
@@ -214,10 +221,10 @@ class StreamDecoder:
     the window starts with ids whose text was already emitted, kept as context because a
     SentencePiece decoder strips the leading space of whatever text it decodes first, and the
     new piece is the window's text past that context's text. The window moves on only where
-    later ids can no longer change earlier text: not after a byte-level token ending in an
-    unfinished UTF-8 sequence (the text ends in U+FFFD), and not after a byte-fallback token
-    `<0x..>`, because ByteFallback turns a whole run of byte tokens into U+FFFDs as soon as the
-    run holds one invalid byte, so even a finished character in an open run may still change.
+    later ids can no longer change earlier text: not while the text ends in U+FFFD (a byte-level
+    token left a UTF-8 sequence unfinished), and not inside a run of byte-fallback tokens
+    `<0x..>`, because ByteFallback turns a whole run into U+FFFDs as soon as it holds one invalid
+    byte, so even a finished character may change until the run ends.
 
     With prefix_ids (the prompt, which should end on a character boundary, as a rendered prompt
     does) the pieces are the text the new ids add after it: decode(prefix + ids) minus
@@ -231,7 +238,17 @@ class StreamDecoder:
         self._skip = skip_special_tokens
         self._ids: list[int] = list(prefix_ids)[-_CONTEXT_IDS:]
         self._read = len(self._ids)  # ids before this index are context: their text is already out
+        self._in_byte_run = False
+        for token_id in self._ids:
+            self._track_byte_run(token_id)
         self._context_text = self._decode()
+
+    def _track_byte_run(self, token_id: int) -> None:
+        """A run of byte-fallback tokens ends at the next token the decoder sees; a special token
+        that decode skips is invisible to it and so leaves the run open."""
+        if self._skip and token_id in self._tokenizer._skippable_ids:
+            return
+        self._in_byte_run = token_id in self._tokenizer._byte_ids
 
     def _decode(self) -> str:
         return self._tokenizer.decode(self._ids, skip_special_tokens=self._skip)
@@ -239,7 +256,8 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes (may be "")."""
         self._ids.append(token_id)
-        if token_id in self._tokenizer._byte_ids:
+        self._track_byte_run(token_id)
+        if self._in_byte_run:
             return ""
         text = self._decode()
         if len(text) <= len(self._context_text) or text.endswith(_REPLACEMENT):
