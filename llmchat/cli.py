@@ -266,7 +266,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from llmchat.engine.memory import estimate, parameter_count
+    from llmchat.engine.memory import estimate, model_context_length, parameter_count
     from llmchat.engine.package import open_package
     from llmchat.engine.runtime import resolve_device, resolve_dtype
 
@@ -274,7 +274,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     config = package.config
-    context = args.context or config.max_position_embeddings
+    context = args.context or model_context_length(config)
     mem = estimate(config, dtype, context)
     data = {
         "path": str(package.path),

@@ -49,6 +49,13 @@ def total_ram_bytes() -> int:
         return 16 * GiB
 
 
+def model_context_length(config: ModelConfig) -> int:
+    """The longest context the model is meant for: dynamic NTK scaling stretches the trained one."""
+    if config.rope.type == "dynamic":
+        return int(config.max_position_embeddings * config.rope.factor)
+    return config.max_position_embeddings
+
+
 def default_context_length(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> int:
     """The model's context, capped so the KV cache fits a memory budget.
 
@@ -60,8 +67,8 @@ def default_context_length(config: ModelConfig, dtype: torch.dtype, device: torc
     else:
         budget = min(CPU_KV_BUDGET, int(total_ram_bytes() * CPU_KV_RAM_SHARE))
     fits = budget // kv_bytes_per_token(config, dtype)
-    if fits >= config.max_position_embeddings:
-        return config.max_position_embeddings
+    if fits >= model_context_length(config):
+        return model_context_length(config)
     return max(256, fits - fits % 256)
 
 

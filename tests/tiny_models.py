@@ -1,0 +1,233 @@
+"""Tiny random-weight Hugging Face model folders for the reference-parity tests.
+
+Every folder is complete: `config.json` + safetensors weights (written by transformers), a trained
+byte-level BPE `tokenizer.json`, `tokenizer_config.json` with a ChatML template, and
+`generation_config.json`. Weights are re-drawn after `from_config` so that norms and biases are not
+their trivial 1/0 init and greedy decoding has clear winners.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+BOS, EOS, IM_START, IM_END = "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (BOS, EOS, IM_START, IM_END)
+KINDS = (
+    "llama",
+    "llama-headdim",
+    "llama3-rope",
+    "llama-linear",
+    "llama-dynamic",
+    "llama-bias",
+    "llama-tied",
+    "mistral",
+    "qwen2",
+    "qwen2-sliding",
+    "qwen3",
+)
+CONFIG_STYLES = ("new", "old")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_CORPUS = """\
+The quick brown fox jumps over the lazy dog. A terminal chat talks to a local language model.
+Each token is chosen from the logits that the model computes for the next position in the text.
+The attention layers look back at the keys and values stored in the cache, so a long prompt only
+has to be read once. Rotary position embeddings rotate the queries and the keys by an angle that
+grows with the position; scaling the frequencies lets a model read more text than it was trained on.
+When the answer is done, the model writes an end token and the chat waits for the next message.
+She sells sea shells by the sea shore, and the shells she sells are surely sea shells.
+It was the best of times, it was the worst of times, it was the age of wisdom and of foolishness.
+Numbers like 3.14, 42 and 2024 appear in text too, as do names, places, and questions: why? how?
+"""
+
+_HIDDEN, _HEADS, _KV_HEADS = 64, 4, 2
+_BASE: dict[str, Any] = {
+    "hidden_size": _HIDDEN,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": _HEADS,
+    "num_key_value_heads": _KV_HEADS,
+    "max_position_embeddings": 128,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "silu",
+}
+
+
+def _rope(theta: float, rope_type: str = "default", **params: Any) -> dict[str, Any]:
+    return {"rope_type": rope_type, "rope_theta": theta, **params}
+
+
+# model_type, config overrides (on top of _BASE) for each kind.
+_KIND_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", {"rope_parameters": _rope(10000.0)}),
+    "llama-headdim": ("llama", {"head_dim": 32, "rope_parameters": _rope(10000.0)}),
+    # head_dim 16, theta 5e5: wavelengths 6.3 (kept), 32 (smoothed), >=167 (divided by factor).
+    "llama3-rope": (
+        "llama",
+        {
+            "num_hidden_layers": 3,
+            "rope_parameters": _rope(
+                500000.0,
+                "llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,
+            ),
+        },
+    ),
+    "llama-linear": ("llama", {"rope_parameters": _rope(10000.0, "linear", factor=2.0)}),
+    # 24 positions * factor 2 = 48: a 40-token input is beyond the trained length but inside the scaled one.
+    "llama-dynamic": (
+        "llama",
+        {"max_position_embeddings": 24, "rope_parameters": _rope(10000.0, "dynamic", factor=2.0)},
+    ),
+    "llama-bias": ("llama", {"attention_bias": True, "mlp_bias": True, "rope_parameters": _rope(10000.0)}),
+    "llama-tied": ("llama", {"tie_word_embeddings": True, "rope_parameters": _rope(10000.0)}),
+    "mistral": ("mistral", {"sliding_window": 8, "rope_parameters": _rope(1000000.0)}),
+    # max_window_layers 1 would make layer 1 slide if use_sliding_window (False) were ignored.
+    "qwen2": ("qwen2", {"use_sliding_window": False, "max_window_layers": 1, "rope_parameters": _rope(1000000.0)}),
+    # Layers with index >= max_window_layers use the window: layer 0 full, layers 1-2 sliding.
+    "qwen2-sliding": (
+        "qwen2",
+        {
+            "num_hidden_layers": 3,
+            "use_sliding_window": True,
+            "sliding_window": 8,
+            "max_window_layers": 1,
+            "rope_parameters": _rope(1000000.0),
+        },
+    ),
+    "qwen3": ("qwen3", {"head_dim": 32, "max_window_layers": 1, "rope_parameters": _rope(1000000.0)}),
+}
+
+
+@functools.cache
+def _tokenizer_json(add_bos: bool) -> str:
+    """A byte-level BPE trained on `_CORPUS`, with the special tokens added after the merges."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=256 + 64, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    byte_level = processors.ByteLevel(trim_offsets=False)
+    if add_bos:
+        bos_id = tokenizer.token_to_id(BOS)
+        template = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+        )
+        tokenizer.post_processor = processors.Sequence([byte_level, template])
+    else:
+        tokenizer.post_processor = byte_level
+    return tokenizer.to_str()
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw every parameter: norms around 1, nonzero biases, fan-in scaled weights, peaked logits.
+
+    Attention and MLP outputs are doubled (and tied embeddings shrunk) so the residual stream is not
+    dominated by the current token's embedding, which makes greedy decoding loop on one token.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tied = model.config.tie_word_embeddings
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if "norm" in name:
+                param.copy_(1.0 + 0.2 * noise)
+            elif name.endswith(".bias"):
+                param.copy_(0.2 * noise)
+            elif "embed_tokens" in name:
+                param.copy_((0.3 if tied else 1.0) * noise)
+            elif name.startswith("lm_head"):
+                param.copy_(0.5 * noise)
+            else:
+                gain = 2.0 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+                param.copy_(gain * noise * param.shape[1] ** -0.5)
+
+
+def _to_old_style(config: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite a transformers-5 config.json the way most published checkpoints spell it."""
+    old = dict(config)
+    rope = dict(old.pop("rope_parameters"))
+    old["rope_theta"] = rope.pop("rope_theta")
+    rope_type = rope.pop("rope_type")
+    if rope_type == "default":
+        old["rope_scaling"] = None
+    elif rope_type == "llama3":
+        old["rope_scaling"] = {"rope_type": rope_type, **rope}
+    else:  # the pre-4.45 spelling for linear and dynamic scaling
+        old["rope_scaling"] = {"type": rope_type, **rope}
+    old["torch_dtype"] = old.pop("dtype")
+    if old["model_type"] in ("qwen2", "qwen3"):
+        # Old Qwen configs carry no layer_types (derived from max_window_layers) and usually keep a
+        # sliding_window number even when use_sliding_window is false, where it must be ignored.
+        old.pop("layer_types")
+        if not old["use_sliding_window"]:
+            old["sliding_window"] = 8
+    return old
+
+
+def build_tiny_model(
+    kind: str, folder: Path, *, config_style: str = "new", sharded: bool = False, seed: int = 0
+) -> Path:
+    """Write a complete tiny HF model folder of `kind` into `folder` and return it."""
+    model_type, overrides = _KIND_CONFIGS[kind]
+    if config_style not in CONFIG_STYLES:
+        raise ValueError(f"unknown config_style {config_style!r}")
+    add_bos = model_type not in ("qwen2", "qwen3")  # Qwen checkpoints add no BOS
+    tokenizer = Tokenizer.from_str(_tokenizer_json(add_bos))
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+    eos_ids: int | list[int] = [ids[IM_END], ids[EOS]] if add_bos else ids[IM_END]
+
+    config = AutoConfig.for_model(
+        model_type,
+        **{**_BASE, **overrides},
+        vocab_size=vocab,
+        bos_token_id=ids[BOS],
+        eos_token_id=eos_ids,
+        dtype="float32",
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize(model, seed + zlib.crc32(kind.encode()))  # different weights for every kind
+    model.generation_config = GenerationConfig(bos_token_id=ids[BOS], eos_token_id=eos_ids)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size="150KB" if sharded else "50GB")
+    if config_style == "old":
+        config_path = folder / "config.json"
+        config_path.write_text(json.dumps(_to_old_style(json.loads(config_path.read_text())), indent=2))
+
+    (folder / "tokenizer.json").write_text(_tokenizer_json(add_bos))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": IM_END,
+        "pad_token": None,
+        "unk_token": None,  # else transformers' Qwen2Tokenizer adds an out-of-model <|endoftext|>
+        "add_bos_token": add_bos,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config.max_position_embeddings,
+        "chat_template": CHATML_TEMPLATE,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    return folder
