@@ -255,3 +255,16 @@ def test_generation_config_overrides_defaults_and_user_overrides_both(folder: Pa
     assert GenerationDefaults.from_dict({"eos_token_id": 9}).eos_token_ids == (9,)
     user = gen.sampling.replace(temperature=1.1)
     assert user.temperature == 1.1 and user.top_p == 0.8
+
+
+def test_bfloat16_runs_the_other_weight_layout_and_agrees(folder: Path) -> None:
+    fp32 = llmchat.load(folder, device="cpu", dtype="float32", context_length=64)
+    bf16 = llmchat.load(folder, device="cpu", dtype="bfloat16", context_length=64)
+    assert fp32.model.lm_head.transposed and not bf16.model.lm_head.transposed
+    assert bf16.model.lm_head.weight.dtype == torch.bfloat16
+    ids = _prompt(30)
+    reference, half = fp32.logits(ids), bf16.logits(ids)
+    # bf16 keeps ~3 significant digits: a wrong layout would be off by the logits themselves (~4).
+    assert (reference - half).abs().max().item() < 0.5
+    agree = (reference.argmax(-1) == half.argmax(-1)).float().mean().item()
+    assert agree > 0.9

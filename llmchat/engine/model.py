@@ -33,23 +33,37 @@ ACTIVATIONS = {
 
 
 class Linear(nn.Module):
-    """y = x @ W + b with W stored as [in, out].
+    """y = x W^T + b, with W stored in whichever layout the device's kernels stream fastest.
 
-    The checkpoint's [out, in] layout is transposed once at load: for the matrix-vector products
-    of decoding, BLAS streams a row-major [in, out] matrix markedly faster on CPU (measured 1.3x
-    over the model's matrices, up to 2x on the output projection), and decoding is all about
-    streaming weights.
+    On CPU in float32, BLAS runs the matrix-vector products of decoding markedly faster over a
+    row-major [in, out] matrix (measured 1.3x across the model's matrices, 2x on the output
+    projection), so the checkpoint's [out, in] matrix is transposed once at load. Half-precision
+    CPU kernels are the other way round (the [in, out] layout is 10-40x slower there), as is
+    everything on CUDA, so those keep [out, in]. `transposed` says which one `weight` holds.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, *, transposed: bool = False) -> None:
         super().__init__()
-        self.weight_t = nn.Parameter(torch.empty(in_features, out_features))
+        self.transposed = transposed
+        shape = (in_features, out_features) if transposed else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.transposed:
+            return F.linear(x, self.weight, self.bias)
         if self.bias is None:
-            return x @ self.weight_t
-        return torch.addmm(self.bias, x, self.weight_t)
+            return x @ self.weight
+        return torch.addmm(self.bias, x, self.weight)
+
+    def columns(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of W (W^T's columns) for `ids`: how a tied output matrix serves as the embedding."""
+        return self.weight.index_select(1, ids).t() if self.transposed else F.embedding(ids, self.weight)
+
+
+def transposed_layout(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether projections are stored [in, out] (see Linear)."""
+    return device.type == "cpu" and dtype == torch.float32
 
 
 class RMSNorm(nn.Module):
@@ -70,14 +84,14 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads, RoPE and a KV cache."""
 
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, transposed: bool) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.window = config.layer_window(layer)
         self.splits = (config.q_size, config.kv_size, config.kv_size)
-        self.qkv = Linear(config.hidden_size, sum(self.splits), bias=config.qkv_bias)
-        self.o = Linear(config.q_size, config.hidden_size, bias=config.o_bias)
+        self.qkv = Linear(config.hidden_size, sum(self.splits), bias=config.qkv_bias, transposed=transposed)
+        self.o = Linear(config.q_size, config.hidden_size, bias=config.o_bias, transposed=transposed)
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
@@ -134,11 +148,11 @@ def grouped_attention(
 class MLP(nn.Module):
     """Gated feed-forward: down(act(gate(x)) * up(x)), gate and up fused into one matmul."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, transposed: bool) -> None:
         super().__init__()
         self.intermediate = config.intermediate_size
-        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias, transposed=transposed)
+        self.down = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias, transposed=transposed)
         if config.hidden_act not in ACTIVATIONS:
             raise ModelLoadError(f"unsupported hidden_act {config.hidden_act!r}")
         self.act = ACTIVATIONS[config.hidden_act]
@@ -151,12 +165,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual connection."""
 
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, transposed: bool) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config, layer)
+        self.attn = Attention(config, layer, transposed)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, transposed)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int
@@ -168,23 +182,23 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """The decoder stack plus embedding and output projection."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, transposed: bool = False) -> None:
         super().__init__()
         self.config = config
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        # Tied models store the shared matrix once, as the output projection's [hidden, vocab].
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, transposed=transposed)
+        # Tied models store the shared matrix once, in the output projection.
         self.embed = None if config.tie_word_embeddings else nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(Block(config, i, transposed) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary: RotaryEmbedding | None = None
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight_t.device
+        return self.lm_head.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight_t.dtype
+        return self.lm_head.weight.dtype
 
     def setup_rotary(self, length: int) -> None:
         """Precompute cos/sin for positions [0, length) on the model's device and dtype."""
@@ -194,7 +208,7 @@ class Transformer(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embedding: rows of the embedding matrix (columns of the tied output matrix)."""
         if self.embed is None:
-            return self.lm_head.weight_t.index_select(1, ids).t()
+            return self.lm_head.columns(ids)
         return self.embed(ids)
 
     def forward(self, ids: torch.Tensor, cache: KVCache, start: int, *, last_only: bool = False) -> torch.Tensor:
@@ -219,21 +233,21 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _LAYER_NAMES = {
     "input_layernorm.weight": ("attn_norm.weight", None),
     "post_attention_layernorm.weight": ("mlp_norm.weight", None),
-    "self_attn.q_proj.weight": ("attn.qkv.weight_t", 0),
-    "self_attn.k_proj.weight": ("attn.qkv.weight_t", 1),
-    "self_attn.v_proj.weight": ("attn.qkv.weight_t", 2),
+    "self_attn.q_proj.weight": ("attn.qkv.weight", 0),
+    "self_attn.k_proj.weight": ("attn.qkv.weight", 1),
+    "self_attn.v_proj.weight": ("attn.qkv.weight", 2),
     "self_attn.q_proj.bias": ("attn.qkv.bias", 0),
     "self_attn.k_proj.bias": ("attn.qkv.bias", 1),
     "self_attn.v_proj.bias": ("attn.qkv.bias", 2),
-    "self_attn.o_proj.weight": ("attn.o.weight_t", None),
+    "self_attn.o_proj.weight": ("attn.o.weight", None),
     "self_attn.o_proj.bias": ("attn.o.bias", None),
     "self_attn.q_norm.weight": ("attn.q_norm.weight", None),
     "self_attn.k_norm.weight": ("attn.k_norm.weight", None),
-    "mlp.gate_proj.weight": ("mlp.gate_up.weight_t", 0),
-    "mlp.up_proj.weight": ("mlp.gate_up.weight_t", 1),
+    "mlp.gate_proj.weight": ("mlp.gate_up.weight", 0),
+    "mlp.up_proj.weight": ("mlp.gate_up.weight", 1),
     "mlp.gate_proj.bias": ("mlp.gate_up.bias", 0),
     "mlp.up_proj.bias": ("mlp.gate_up.bias", 1),
-    "mlp.down_proj.weight": ("mlp.down.weight_t", None),
+    "mlp.down_proj.weight": ("mlp.down.weight", None),
     "mlp.down_proj.bias": ("mlp.down.bias", None),
 }
 _FUSED_PARTS = {"attn.qkv": 3, "mlp.gate_up": 2}
@@ -242,9 +256,9 @@ _FUSED_PARTS = {"attn.qkv": 3, "mlp.gate_up": 2}
 def internal_name(name: str, tied: bool) -> tuple[str, int | None] | None:
     """(internal name, part index within a fused tensor) for a checkpoint tensor; None to skip."""
     if name == "model.embed_tokens.weight":
-        return ("lm_head.weight_t" if tied else "embed.weight"), None
+        return ("lm_head.weight" if tied else "embed.weight"), None
     if name == "lm_head.weight":
-        return None if tied else ("lm_head.weight_t", None)
+        return None if tied else ("lm_head.weight", None)
     if name == "model.norm.weight":
         return "norm.weight", None
     match = _LAYER.match(name)
@@ -268,11 +282,13 @@ def build_transformer(
 
     The module is created on the meta device and the loaded tensors are assigned in place, so no
     throwaway random initialization is ever allocated. Fused tensors (qkv, gate_up) are
-    concatenated as their parts arrive; projection matrices are transposed to [in, out].
+    concatenated as their parts arrive; projection matrices get the layout `Linear` prefers.
     """
+    transposed = transposed_layout(device, dtype)
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config, transposed=transposed)
     expected = dict(model.state_dict())
+    projections = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Linear)}
     state: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[int, torch.Tensor]] = {}
     for name, tensor in tensors:
@@ -290,7 +306,7 @@ def build_transformer(
                 continue
             pieces = parts.pop(target)
             tensor = torch.cat([pieces[i] for i in range(count)], dim=0)
-        state[target] = tensor.t().contiguous() if target.endswith("weight_t") else tensor
+        state[target] = tensor.t().contiguous() if transposed and target in projections else tensor
     if parts:
         raise ModelLoadError(f"checkpoint is missing parts of {', '.join(sorted(parts))}")
     missing = [k for k in expected if k not in state]
