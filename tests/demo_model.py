@@ -135,3 +135,13 @@ def _convert(gguf_path: Path, out: Path) -> None:
     model.save_pretrained(out)  # also writes generation_config.json
     # Keep the template inside tokenizer_config.json (the classic layout) rather than chat_template.jinja.
     tokenizer.save_pretrained(out, save_jinja_files=False)
+
+
+if __name__ == "__main__":
+    # `python -m tests.demo_model` prints the folder's path (building it first), for the README's
+    # run command; messages go to stderr so the path can be captured.
+    try:
+        print(demo_hf_folder())
+    except DemoModelUnavailable as error:
+        print(f"demo model unavailable: {error}", file=sys.stderr)
+        sys.exit(2)

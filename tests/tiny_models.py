@@ -32,6 +32,7 @@ KINDS = (
     "qwen2",
     "qwen2-sliding",
     "qwen3",
+    "qwen2-yarn",
 )
 CONFIG_STYLES = ("new", "old")
 
@@ -113,6 +114,15 @@ _KIND_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "qwen3": ("qwen3", {"head_dim": 32, "max_window_layers": 1, "rope_parameters": _rope(1000000.0)}),
+    # YaRN as Qwen2.5 long-context configs use it: factor 4 over 32 trained positions, so the ramp
+    # between interpolated and extrapolated frequencies falls inside head_dim and cos/sin are scaled.
+    "qwen2-yarn": (
+        "qwen2",
+        {
+            "use_sliding_window": False,
+            "rope_parameters": _rope(10000.0, "yarn", factor=4.0, original_max_position_embeddings=32),
+        },
+    ),
 }
 
 
@@ -171,7 +181,7 @@ def _to_old_style(config: dict[str, Any]) -> dict[str, Any]:
     rope_type = rope.pop("rope_type")
     if rope_type == "default":
         old["rope_scaling"] = None
-    elif rope_type == "llama3":
+    elif rope_type in ("llama3", "yarn"):
         old["rope_scaling"] = {"rope_type": rope_type, **rope}
     else:  # the pre-4.45 spelling for linear and dynamic scaling
         old["rope_scaling"] = {"type": rope_type, **rope}

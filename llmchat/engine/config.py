@@ -29,6 +29,9 @@ class RopeConfig:
     beta_fast: float = 32.0  # yarn
     beta_slow: float = 1.0  # yarn
     attention_factor: float | None = None  # yarn: scale applied to cos/sin
+    mscale: float | None = None  # yarn (DeepSeek style): derives attention_factor
+    mscale_all_dim: float | None = None
+    truncate: bool = True  # yarn: round the correction range to whole dimensions
     partial_rotary_factor: float = 1.0
 
 
@@ -161,6 +164,9 @@ def _rope_from(raw: dict[str, Any], max_pos: int) -> RopeConfig:
         beta_fast=float(params.get("beta_fast") or 32.0),
         beta_slow=float(params.get("beta_slow") or 1.0),
         attention_factor=params.get("attention_factor"),
+        mscale=params.get("mscale"),
+        mscale_all_dim=params.get("mscale_all_dim"),
+        truncate=bool(params.get("truncate", True)),
         partial_rotary_factor=float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))),
     )
 
