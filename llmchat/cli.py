@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmchat.engine.errors import LLMChatError
+from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK
 
 EXIT_USAGE = 2
 
@@ -53,7 +54,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--context", type=int, default=None, help="context length (default: the model's, memory-capped)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="tokens per prefill chunk")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="tokens per prefill chunk")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -73,7 +74,9 @@ def _load(args: argparse.Namespace):  # -> LoadedModel (imported lazily: torch i
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load(args.model, device=args.device, dtype=args.dtype, context_length=args.context, prefill_chunk=args.prefill_chunk)
+    return load(
+        args.model, device=args.device, dtype=args.dtype, context_length=args.context, prefill_chunk=args.prefill_chunk
+    )
 
 
 def _sampling(args: argparse.Namespace, defaults):
@@ -98,8 +101,12 @@ def _sampling(args: argparse.Namespace, defaults):
 def _event_dict(event: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
-    data = asdict(event)
-    data["event"] = type(event).__name__
+    from llmchat.engine.events import Finished
+
+    data = {"event": type(event).__name__, **asdict(event)}
+    if isinstance(event, Finished):
+        data["prefill_tokens_per_second"] = event.prefill_tokens_per_second
+        data["decode_tokens_per_second"] = event.decode_tokens_per_second
     return data
 
 
@@ -214,7 +221,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model = _load(args)
     needed = args.prompt_tokens + args.gen_tokens
     if needed > model.context_length:
-        raise CLIError(f"prompt + generated tokens ({needed}) exceed the context ({model.context_length}); use --context")
+        raise CLIError(
+            f"prompt + generated tokens ({needed}) exceed the context ({model.context_length}); use --context"
+        )
     rng = random.Random(args.seed)
     special = model.tokenizer.special_ids()
     vocab = [i for i in range(min(model.tokenizer.vocab_size, model.config.vocab_size)) if i not in special]
@@ -285,9 +294,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "eos_token_ids": list(package.eos_token_ids),
         "generation_defaults": asdict(package.generation.sampling)
         | {"max_new_tokens": package.generation.max_new_tokens},
-        "memory": {"dtype": str(dtype).removeprefix("torch."), "context": context}
-        | asdict(mem)
-        | {"total": mem.total},
+        "memory": {"dtype": str(dtype).removeprefix("torch."), "context": context} | asdict(mem) | {"total": mem.total},
     }
     if args.json:
         _print_json(data)
@@ -295,7 +302,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         c = config
         gib = 1024**3
         print(f"{package.name}  ({c.architecture}, {data['parameters'] / 1e6:.1f}M parameters)")
-        print(f"  layers {c.num_layers}, hidden {c.hidden_size}, heads {c.num_heads} (KV {c.num_kv_heads}), head_dim {c.head_dim}")
+        print(f"  layers {c.num_layers}, hidden {c.hidden_size}, heads {c.num_heads} (KV {c.num_kv_heads}), ", end="")
+        print(f"head_dim {c.head_dim}")
         print(f"  vocab {c.vocab_size}, context {c.max_position_embeddings}, rope {c.rope.type} theta {c.rope.theta:g}")
         if c.sliding_window:
             print(f"  sliding window {c.sliding_window} on {sum(c.sliding_layers)} of {c.num_layers} layers")
@@ -311,9 +319,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="llmchat", description="Chat with local LLMs and watch inference happen."
-    )
+    parser = argparse.ArgumentParser(prog="llmchat", description="Chat with local LLMs and watch inference happen.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="answer one prompt, streaming the text")

@@ -44,7 +44,9 @@ def assert_one_line_error(code: int, err: str, *needles: str) -> None:
 
 
 def test_run_streams_json_events(capsys: pytest.CaptureFixture[str], folder: Path) -> None:
-    code, out, _ = run_cli(capsys, "run", folder, "--prompt", "the fox", "--temperature", "0", "--max-new-tokens", "6", "--json")
+    code, out, _ = run_cli(
+        capsys, "run", folder, "--prompt", "the fox", "--temperature", "0", "--max-new-tokens", "6", "--json"
+    )
     assert code == 0
     events = [json.loads(line) for line in out.splitlines()]
     kinds = [e["event"] for e in events]
@@ -54,16 +56,21 @@ def test_run_streams_json_events(capsys: pytest.CaptureFixture[str], folder: Pat
     assert len(tokens) == finished["generated_tokens"] <= 6
     assert all(len(t["top"]) == 5 for t in tokens)
     assert "".join(t["text"] for t in tokens) + finished["tail"] == finished["text"]
+    assert finished["prefill_tokens_per_second"] > 0 and finished["ttft_seconds"] > 0
 
 
 def test_run_plain_text_and_raw(capsys: pytest.CaptureFixture[str], folder: Path) -> None:
-    code, out, err = run_cli(capsys, "run", folder, "--prompt", "the fox", "--raw", "--temperature", "0", "--max-new-tokens", "4")
+    code, out, err = run_cli(
+        capsys, "run", folder, "--prompt", "the fox", "--raw", "--temperature", "0", "--max-new-tokens", "4"
+    )
     assert code == 0 and "tokens, stopped by" in err and "tok/s" in err
     code, _, err = run_cli(capsys, "run", folder, "--prompt", "x", "--raw", "--system", "be brief")
     assert_one_line_error(code, err, "--system")
 
 
-def test_tokenize_matches_the_tokenizers_library(capsys: pytest.CaptureFixture[str], folder: Path, tmp_path: Path) -> None:
+def test_tokenize_matches_the_tokenizers_library(
+    capsys: pytest.CaptureFixture[str], folder: Path, tmp_path: Path
+) -> None:
     text = "The quick brown fox, 42 times!\n  indented"
     reference = HFTokenizer.from_file(str(folder / "tokenizer.json")).encode(text, add_special_tokens=False)
     code, out, _ = run_cli(capsys, "tokenize", folder, text, "--json")
@@ -75,13 +82,17 @@ def test_tokenize_matches_the_tokenizers_library(capsys: pytest.CaptureFixture[s
     assert json.loads(out)["ids"] == reference.ids
 
 
-def test_template_prints_exactly_the_rendered_text(capsys: pytest.CaptureFixture[str], folder: Path, tmp_path: Path) -> None:
+def test_template_prints_exactly_the_rendered_text(
+    capsys: pytest.CaptureFixture[str], folder: Path, tmp_path: Path
+) -> None:
     from transformers import AutoTokenizer
 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"}]
     path = tmp_path / "messages.json"
     path.write_text(json.dumps(messages))
-    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = AutoTokenizer.from_pretrained(folder).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
     code, out, _ = run_cli(capsys, "template", folder, "--messages", path)
     assert code == 0 and out == expected
     code, out, _ = run_cli(capsys, "template", folder, "--messages", path, "--no-generation-prompt")
@@ -94,7 +105,7 @@ def test_template_needs_only_tokenizer_config(capsys: pytest.CaptureFixture[str]
     shutil.copy(folder / "tokenizer_config.json", only)
     path = tmp_path / "m.json"
     path.write_text(json.dumps([{"role": "user", "content": "x"}]))
-    code, out, _ = run_cli(capsys, "template", only, "--messages", path, "--var", 'enable_thinking=false')
+    code, out, _ = run_cli(capsys, "template", only, "--messages", path, "--var", "enable_thinking=false")
     assert code == 0 and out == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -151,7 +162,9 @@ def test_garbage_safetensors(capsys: pytest.CaptureFixture[str], broken: Path) -
     assert_one_line_error(code, err, "corrupt or truncated")
 
 
-def test_unsupported_architecture_names_it_and_lists_supported(capsys: pytest.CaptureFixture[str], broken: Path) -> None:
+def test_unsupported_architecture_names_it_and_lists_supported(
+    capsys: pytest.CaptureFixture[str], broken: Path
+) -> None:
     config = json.loads((broken / "config.json").read_text())
     config["architectures"] = ["GPT2LMHeadModel"]
     (broken / "config.json").write_text(json.dumps(config))
@@ -173,7 +186,9 @@ def test_broken_template(capsys: pytest.CaptureFixture[str], broken: Path) -> No
     assert_one_line_error(code, err, "template")
 
 
-def test_template_that_raises_carries_its_message(capsys: pytest.CaptureFixture[str], broken: Path, tmp_path: Path) -> None:
+def test_template_that_raises_carries_its_message(
+    capsys: pytest.CaptureFixture[str], broken: Path, tmp_path: Path
+) -> None:
     config = json.loads((broken / "tokenizer_config.json").read_text())
     config["chat_template"] = "{{ raise_exception('System role not supported') }}"
     (broken / "tokenizer_config.json").write_text(json.dumps(config))

@@ -218,7 +218,9 @@ def test_token_events_carry_consistent_probabilities(model: llmchat.LoadedModel)
 
 
 def test_stream_concatenates_to_the_decoded_answer(model: llmchat.LoadedModel) -> None:
-    events = list(model.generate(_prompt(10), sampling=llmchat.SamplingParams(seed=1), max_new_tokens=30, stop_on_eos=False))
+    events = list(
+        model.generate(_prompt(10), sampling=llmchat.SamplingParams(seed=1), max_new_tokens=30, stop_on_eos=False)
+    )
     done = _finished(events)
     streamed = "".join(e.text for e in events if isinstance(e, TokenEvent)) + done.tail
     assert streamed == model.tokenizer.decode(list(done.token_ids)) == done.text

@@ -104,9 +104,7 @@ def test_disabled_knobs_leave_logits_alone() -> None:
 # --- transformers is the reference --------------------------------------------------------------
 
 
-def _reference_policy(
-    logits: torch.Tensor, params: SamplingParams, context: list[int]
-) -> torch.Tensor:
+def _reference_policy(logits: torch.Tensor, params: SamplingParams, context: list[int]) -> torch.Tensor:
     """Build the processors the way transformers' generate() does and run them."""
     from transformers.generation.logits_process import (
         LogitsProcessorList,
@@ -178,7 +176,12 @@ def test_policy_stages_names_and_disabled_stages() -> None:
     params = SamplingParams(temperature=0.5, top_k=3, repetition_penalty=1.5)
     stages = policy_stages(logits, params, context_ids=[0])
     assert [name for name, _ in stages] == [
-        "raw", "repetition_penalty", "temperature", "top_k", "top_p", "min_p",
+        "raw",
+        "repetition_penalty",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
     ]
     values = dict(stages)
     assert torch.equal(values["raw"], logits)
@@ -317,7 +320,9 @@ def test_from_generation_config() -> None:
 
     overridden = SamplingParams.from_generation_config(
         {"do_sample": False, "top_k": 20, "repetition_penalty": 1.1},
-        temperature=0.9, top_k=None, seed=5,
+        temperature=0.9,
+        top_k=None,
+        seed=5,
     )
     assert overridden == SamplingParams(temperature=0.9, top_k=20, repetition_penalty=1.1, seed=5)
 

@@ -34,6 +34,7 @@ import jinja2.utils
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmchat.engine.errors import TemplateError
+from llmchat.engine.jsonfile import read_json_object
 
 Clock = Callable[[], datetime]
 
@@ -336,7 +337,7 @@ def _templates_from_files(folder: Path) -> dict[str, str]:
 
 def _templates_from_json(path: Path) -> dict[str, str]:
     """`chat_template` of a JSON file: one template, or a list of {"name", "template"}."""
-    value = (_read_json(path) or {}).get("chat_template")
+    value = (read_json_object(path, TemplateError) or {}).get("chat_template")
     if value is None:
         return {}
     if isinstance(value, str):
@@ -357,19 +358,6 @@ def _read_text(path: Path) -> str:
         raise TemplateError(f"cannot read chat template {path}: {exc}") from exc
 
 
-def _read_json(path: Path) -> dict | None:
-    """A JSON object file, or None when absent."""
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TemplateError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(value, dict):
-        raise TemplateError(f"{path} must hold a JSON object")
-    return value
-
-
 # --- special tokens -------------------------------------------------------------------------------
 
 
@@ -380,10 +368,10 @@ def read_special_tokens(folder: Path) -> dict[str, str]:
     tokenizer_config.json, only when the config has no `added_tokens_decoder`.
     """
     folder = Path(folder)
-    config = _read_json(folder / TOKENIZER_CONFIG_FILE) or {}
+    config = read_json_object(folder / TOKENIZER_CONFIG_FILE, TemplateError) or {}
     sources = [config]
     if "added_tokens_decoder" not in config:
-        sources.append(_read_json(folder / SPECIAL_TOKENS_MAP_FILE) or {})
+        sources.append(read_json_object(folder / SPECIAL_TOKENS_MAP_FILE, TemplateError) or {})
     tokens: dict[str, str] = {}
     for source in sources:
         for name in (name for name in SPECIAL_TOKEN_NAMES if name in source):

@@ -8,12 +8,12 @@ the wild: the old one (top-level `rope_theta`, `rope_scaling`, `torch_dtype`) an
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from llmchat.engine.errors import ModelLoadError, UnsupportedArchitectureError
+from llmchat.engine.jsonfile import read_json_object
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class ModelConfig:
             return None
         return self.sliding_window
 
-    def with_changes(self, **changes: Any) -> "ModelConfig":
+    def with_changes(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
 
 
@@ -104,14 +104,9 @@ _ARCH_TO_TYPE = {
 def load_hf_config(folder: Path) -> ModelConfig:
     """Read config.json from a model folder."""
     path = folder / "config.json"
-    if not path.is_file():
+    raw = read_json_object(path, ModelLoadError)
+    if raw is None:
         raise ModelLoadError(f"{folder} is not a model folder: config.json is missing")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ModelLoadError(f"{path} does not hold a JSON object")
     return from_hf_config(raw, source=str(path))
 
 

@@ -157,9 +157,7 @@ class Generator:
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) > self.cache.capacity:
-            raise ContextFullError(
-                f"the prompt has {len(ids)} tokens but the context holds {self.cache.capacity}"
-            )
+            raise ContextFullError(f"the prompt has {len(ids)} tokens but the context holds {self.cache.capacity}")
         began = time.perf_counter()
         reused = min(self.cache.common_prefix(ids), len(ids) - 1)  # the last token must run for logits
         self.cache.truncate(reused)
@@ -227,9 +225,7 @@ class Generator:
         ttft = (first_token_at - began) if generated else 0.0
         yield self._finished(reason, totals, prefill_seconds, decode_seconds, ttft, stops.text, generated, tail)
 
-    def _pick(
-        self, logits: torch.Tensor, sampler: Sampler, k: int, index: int, step_began: float
-    ) -> tuple[int, dict]:
+    def _pick(self, logits: torch.Tensor, sampler: Sampler, k: int, index: int, step_began: float) -> tuple[int, dict]:
         """Choose the next token and snapshot the top-k alternatives (one host sync per step)."""
         policy = sampler.policy_logits(logits)
         chosen = sampler.choose(policy)
@@ -244,12 +240,17 @@ class Generator:
         head, table = packed.tolist(), snapshot.T.tolist()
         token = int(head[0])
         top = tuple(
-            TopToken(int(i), self.token_text(int(i)), logit, prob, policy_prob)
-            for i, logit, prob, policy_prob in table
+            TopToken(int(i), self.token_text(int(i)), logit, prob, policy_prob) for i, logit, prob, policy_prob in table
         )
         event = dict(
-            token_id=token, index=index, logit=head[1], prob=head[2], policy_prob=head[3], rank=int(head[4]),
-            top=top, seconds=time.perf_counter() - step_began,
+            token_id=token,
+            index=index,
+            logit=head[1],
+            prob=head[2],
+            policy_prob=head[3],
+            rank=int(head[4]),
+            top=top,
+            seconds=time.perf_counter() - step_began,
         )
         return token, event
 

@@ -151,7 +151,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig, transposed: bool) -> None:
         super().__init__()
         self.intermediate = config.intermediate_size
-        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias, transposed=transposed)
+        self.gate_up = Linear(
+            config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias, transposed=transposed
+        )
         self.down = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias, transposed=transposed)
         if config.hidden_act not in ACTIVATIONS:
             raise ModelLoadError(f"unsupported hidden_act {config.hidden_act!r}")

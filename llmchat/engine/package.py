@@ -7,7 +7,6 @@ checked without loading the weights, so bad input fails fast with one clear line
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from llmchat.engine.chat_template import ChatTemplates, read_special_tokens
 from llmchat.engine.config import ModelConfig, load_hf_config
 from llmchat.engine.errors import ModelLoadError
+from llmchat.engine.jsonfile import read_json_object
 from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.tokenizer import Tokenizer
 from llmchat.engine.weights import safetensors_files
@@ -34,7 +34,7 @@ class GenerationDefaults:
     eos_token_ids: tuple[int, ...] = ()
 
     @classmethod
-    def from_dict(cls, gen: dict[str, Any]) -> "GenerationDefaults":
+    def from_dict(cls, gen: dict[str, Any]) -> GenerationDefaults:
         changes = {k: gen[k] for k in _SAMPLING_KEYS if gen.get(k) is not None}
         if gen.get("do_sample") is False:
             changes["temperature"] = 0.0
@@ -72,16 +72,6 @@ class ModelPackage:
         return tuple(dict.fromkeys(ids))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} does not hold a JSON object")
-    return data
-
-
 def resolve_path(path: str | Path) -> Path:
     """Check that `path` names a model folder and return it."""
     folder = Path(path).expanduser()
@@ -105,8 +95,8 @@ def open_package(path: str | Path) -> ModelPackage:
     config = load_hf_config(folder)
     weight_files = safetensors_files(folder)
     tokenizer = Tokenizer.from_folder(folder)
-    gen_path = folder / "generation_config.json"
-    generation = GenerationDefaults.from_dict(_read_json(gen_path)) if gen_path.is_file() else GenerationDefaults()
+    gen = read_json_object(folder / "generation_config.json", ModelLoadError)
+    generation = GenerationDefaults.from_dict(gen) if gen is not None else GenerationDefaults()
     return ModelPackage(
         path=folder,
         config=config,

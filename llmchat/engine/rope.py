@@ -79,9 +79,7 @@ def inverse_frequencies(
         return _yarn(rope, dim)
     if rope.type == "dynamic":
         length = max(seq_len or 0, max_position_embeddings)
-        base = rope.theta * ((rope.factor * length / max_position_embeddings) - (rope.factor - 1)) ** (
-            dim / (dim - 2)
-        )
+        base = rope.theta * ((rope.factor * length / max_position_embeddings) - (rope.factor - 1)) ** (dim / (dim - 2))
         return _base_inv_freq(base, dim), 1.0
     inv_freq = _base_inv_freq(rope.theta, dim)
     if rope.type == "linear":

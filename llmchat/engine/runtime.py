@@ -131,7 +131,14 @@ class LoadedModel:
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """float32 logits [len(ids), vocab] of a fresh forward pass (the chat's cache is untouched)."""
         ids = list(ids)
-        cache = KVCache(self.config.num_layers, self.config.num_kv_heads, self.config.head_dim, max(len(ids), 1), self.device, self.dtype)
+        cache = KVCache(
+            self.config.num_layers,
+            self.config.num_kv_heads,
+            self.config.head_dim,
+            max(len(ids), 1),
+            self.device,
+            self.dtype,
+        )
         if len(ids) > self.model.rotary.cos.shape[0]:
             self.model.setup_rotary(len(ids))
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)

@@ -49,9 +49,7 @@ class SamplingParams:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0):
-            raise ValueError(
-                f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}"
-            )
+            raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
@@ -81,9 +79,7 @@ class SamplingParams:
 # (no copy), else a new tensor; the caller's logits are never modified.
 
 
-def apply_repetition_penalty(
-    logits: torch.Tensor, seen: torch.Tensor, penalty: float
-) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """Make tokens already in the context less likely: divide positive logits, multiply negative."""
     if penalty == 1.0:
         return logits

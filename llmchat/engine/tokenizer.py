@@ -8,7 +8,6 @@ character, with the pieces adding up to exactly what a one-shot decode of all id
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import tokenizers
 
 from llmchat.engine.errors import TokenizerError
+from llmchat.engine.jsonfile import read_json_object
 
 _REPLACEMENT = "\ufffd"
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -59,19 +59,6 @@ def _show_bytes(data: bytes) -> str:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """An optional JSON object file: {} when absent, TokenizerError when unreadable."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TokenizerError(f"cannot read {path}: {_one_line(err)}") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"cannot read {path}: expected a JSON object")
-    return data
 
 
 def _token_string(value: Any, key: str, path: Path) -> str | None:
@@ -142,8 +129,8 @@ class Tokenizer:
             raise TokenizerError(f"cannot read {path}: {_one_line(err)}") from None
         config_path = folder / "tokenizer_config.json"
         map_path = folder / "special_tokens_map.json"
-        config = _read_json(config_path)
-        special_map = _read_json(map_path)
+        config = read_json_object(config_path, TokenizerError) or {}
+        special_map = read_json_object(map_path, TokenizerError) or {}
         tokens: dict[str, str | None] = {}
         for key in ("bos_token", "eos_token"):
             value = _token_string(config.get(key), key, config_path)
