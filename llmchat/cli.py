@@ -285,7 +285,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     config = package.config
     context = args.context or model_context_length(config)
     mem = estimate(config, dtype, context)
-    data = {
+    data: dict[str, Any] = {
         "path": str(package.path),
         "config": asdict(config),
         "parameters": parameter_count(config),

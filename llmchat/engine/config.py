@@ -144,10 +144,10 @@ def _rope_from(raw: dict[str, Any], max_pos: int) -> RopeConfig:
             f"unsupported rope scaling {rope_type!r}; supported: default, linear, dynamic, llama3, yarn"
         )
     factor = params.get("factor")
-    original = params.get("original_max_position_embeddings", raw.get("original_max_position_embeddings"))
+    original: int | None = params.get("original_max_position_embeddings", raw.get("original_max_position_embeddings"))
     if rope_type in ("llama3", "yarn") and original is None:
         original = max_pos
-    if rope_type == "yarn" and factor is None:
+    if rope_type == "yarn" and factor is None and original:
         factor = max_pos / original
     return RopeConfig(
         theta=float(theta),

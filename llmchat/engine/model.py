@@ -11,7 +11,7 @@ layout at load time (q/k/v and gate/up are fused into one matmul each, which dec
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from llmchat.engine.errors import ModelLoadError
 from llmchat.engine.kv_cache import KVCache
 from llmchat.engine.rope import RotaryEmbedding, apply_rotary
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
     "swish": F.silu,
     "gelu": F.gelu,
@@ -103,7 +103,7 @@ class Attention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim).transpose(0, 1)  # [heads, n, head_dim]
         k = k.view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
         v = v.view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         cache.write(self.layer, start, k, v)

@@ -26,6 +26,7 @@ def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
 
 def _llama3(rope: RopeConfig, inv_freq: torch.Tensor) -> torch.Tensor:
     old_len = rope.original_max_position_embeddings
+    assert old_len is not None, "config.py fills original_max_position_embeddings for llama3"
     low_wavelen = old_len / rope.low_freq_factor
     high_wavelen = old_len / rope.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -38,6 +39,7 @@ def _llama3(rope: RopeConfig, inv_freq: torch.Tensor) -> torch.Tensor:
 
 def _yarn(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
     base, factor, original = rope.theta, rope.factor, rope.original_max_position_embeddings
+    assert original is not None, "config.py fills original_max_position_embeddings for yarn"
 
     def correction_dim(rotations: float) -> float:
         return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))

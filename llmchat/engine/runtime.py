@@ -139,7 +139,7 @@ class LoadedModel:
             self.device,
             self.dtype,
         )
-        if len(ids) > self.model.rotary.cos.shape[0]:
+        if self.model.rotary is None or len(ids) > self.model.rotary.cos.shape[0]:
             self.model.setup_rotary(len(ids))
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
         return self.model(tokens, cache, 0).float()

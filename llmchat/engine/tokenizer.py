@@ -154,9 +154,9 @@ class Tokenizer:
             return self._backend.encode(text, add_special_tokens=False).ids
         if self._explicit_flags:
             ids = self._backend.encode(text, add_special_tokens=False).ids
-            if self._add_bos:
+            if self._add_bos and self.bos_token_id is not None:
                 ids.insert(0, self.bos_token_id)
-            if self._add_eos:
+            if self._add_eos and self.eos_token_id is not None:
                 ids.append(self.eos_token_id)
         else:
             ids = self._backend.encode(text, add_special_tokens=True).ids
