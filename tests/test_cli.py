@@ -226,3 +226,19 @@ def test_errors_never_show_a_traceback_end_to_end(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("llmchat: error: no such file or directory")
+
+
+def test_config_that_is_not_json(capsys: pytest.CaptureFixture[str], broken: Path) -> None:
+    (broken / "config.json").write_text("{ not json")
+    code, _, err = run_cli(capsys, "info", broken)
+    assert_one_line_error(code, err, "config.json")
+
+
+def test_missing_shard(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    sharded = build_tiny_model("llama", tmp_path / "sharded", sharded=True)
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    shards[-1].unlink()
+    capsys.readouterr()  # the build's progress bars
+    code, _, err = run_cli(capsys, "run", sharded, "--prompt", "hi")
+    assert_one_line_error(code, err, "missing", shards[-1].name)

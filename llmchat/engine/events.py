@@ -61,7 +61,7 @@ class TokenEvent:
     policy_prob: float
     rank: int  # 0 = the most likely token under the raw distribution
     top: tuple[TopToken, ...]
-    seconds: float  # wall time of this decode step
+    seconds: float  # wall time of this decode step (for the first token: since the request began)
     cache_tokens: int
     cache_bytes: int
 

@@ -222,7 +222,7 @@ class Generator:
             self.cache.append_tokens((token,))
         tail = "" if reason == "stop_string" else stops.feed(decoder.flush())[0] + stops.flush()
         decode_seconds = time.perf_counter() - decode_started if generated else 0.0
-        ttft = (first_token_at - began) if generated else 0.0
+        ttft = first_token_at - began
         yield self._finished(reason, totals, prefill_seconds, decode_seconds, ttft, stops.text, generated, tail)
 
     def _pick(self, logits: torch.Tensor, sampler: Sampler, k: int, index: int, step_began: float) -> tuple[int, dict]:
