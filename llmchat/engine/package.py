@@ -7,9 +7,12 @@ checked without loading the weights, so bad input fails fast with one clear line
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import torch
 
 from llmchat.engine.chat_template import ChatTemplates, read_special_tokens
 from llmchat.engine.config import ModelConfig, load_hf_config
@@ -17,7 +20,7 @@ from llmchat.engine.errors import ModelLoadError
 from llmchat.engine.jsonfile import read_json_object
 from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.tokenizer import Tokenizer
-from llmchat.engine.weights import safetensors_files
+from llmchat.engine.weights import SafetensorsWeights, safetensors_files
 
 # What a chat gets when neither the package nor the user says otherwise.
 DEFAULT_SAMPLING = SamplingParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05)
@@ -47,13 +50,21 @@ class GenerationDefaults:
         return cls(sampling, int(gen.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS), eos_ids)
 
 
+class WeightSource(Protocol):
+    """Where a package's tensors come from, under Hugging Face names, read one at a time."""
+
+    def tensor_names(self) -> set[str]: ...
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+
 @dataclass
 class ModelPackage:
     """Everything in a model folder except the weights' values."""
 
     path: Path
     config: ModelConfig
-    weight_files: list[Path]
+    weights: WeightSource
     tokenizer: Tokenizer
     templates: ChatTemplates | None
     special_tokens: dict[str, str]
@@ -93,14 +104,14 @@ def open_package(path: str | Path) -> ModelPackage:
     """Read and validate a model folder (the weights stay on disk)."""
     folder = resolve_path(path)
     config = load_hf_config(folder)
-    weight_files = safetensors_files(folder)
+    weights = SafetensorsWeights(safetensors_files(folder))
     tokenizer = Tokenizer.from_folder(folder)
     gen = read_json_object(folder / "generation_config.json", ModelLoadError)
     generation = GenerationDefaults.from_dict(gen) if gen is not None else GenerationDefaults()
     return ModelPackage(
         path=folder,
         config=config,
-        weight_files=weight_files,
+        weights=weights,
         tokenizer=tokenizer,
         templates=ChatTemplates.from_folder(folder),
         special_tokens=read_special_tokens(folder),

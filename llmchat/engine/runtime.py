@@ -23,7 +23,6 @@ from llmchat.engine.model import Transformer, build_transformer
 from llmchat.engine.package import ModelPackage, open_package
 from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.tokenizer import Tokenizer
-from llmchat.engine.weights import read_tensors, tensor_names
 
 _DTYPES = {
     "float32": torch.float32,
@@ -188,14 +187,14 @@ def load(
     dev = resolve_device(device)
     run_dtype = resolve_dtype(dtype, dev)
     config = package.config
-    if not config.tie_word_embeddings and "lm_head.weight" not in tensor_names(package.weight_files):
+    if not config.tie_word_embeddings and "lm_head.weight" not in package.weights.tensor_names():
         config = config.with_changes(tie_word_embeddings=True)  # no output matrix: it is the embedding
     if context_length is None:
         context_length = default_context_length(config, run_dtype, dev)
     if context_length < 1:
         raise ModelLoadError(f"context length must be at least 1, got {context_length}")
     model = build_transformer(
-        config, read_tensors(package.weight_files), device=dev, dtype=run_dtype, context_length=context_length
+        config, package.weights.tensors(), device=dev, dtype=run_dtype, context_length=context_length
     )
     cache = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, context_length, dev, run_dtype)
     info = LoadInfo(time.perf_counter() - began, dev, run_dtype, context_length)

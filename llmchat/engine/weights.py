@@ -44,26 +44,31 @@ def safetensors_files(folder: Path) -> list[Path]:
     raise ModelLoadError(f"{folder} has no weights (*.safetensors)")
 
 
-def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every tensor of the checkpoint, one at a time."""
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for name in handle.keys():
-                    yield name, handle.get_tensor(name)
-        except ModelLoadError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise ModelLoadError(f"{path.name} is corrupt or truncated: {exc}") from None
+class SafetensorsWeights:
+    """The tensors of a safetensors checkpoint (one file or shards), read lazily."""
 
+    def __init__(self, files: list[Path]) -> None:
+        self.files = files
 
-def tensor_names(files: list[Path]) -> dict[str, Path]:
-    """Map every tensor name to its file, reading only the headers."""
-    names: dict[str, Path] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                names.update((name, path) for name in handle.keys())
-        except Exception as exc:
-            raise ModelLoadError(f"{path.name} is corrupt or truncated: {exc}") from None
-    return names
+    def tensor_names(self) -> set[str]:
+        """Every tensor's name, from the headers only."""
+        names: set[str] = set()
+        for path in self.files:
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as handle:
+                    names.update(handle.keys())
+            except Exception as exc:
+                raise ModelLoadError(f"{path.name} is corrupt or truncated: {exc}") from None
+        return names
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) for every tensor of the checkpoint, one at a time."""
+        for path in self.files:
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as handle:
+                    for name in handle.keys():
+                        yield name, handle.get_tensor(name)
+            except ModelLoadError:
+                raise
+            except Exception as exc:  # safetensors raises its own error types for corrupt files
+                raise ModelLoadError(f"{path.name} is corrupt or truncated: {exc}") from None
