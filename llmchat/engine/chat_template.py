@@ -28,6 +28,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import jinja2.parser
 import jinja2.utils
@@ -156,6 +157,14 @@ def _build_environment(now: Clock) -> ImmutableSandboxedEnvironment:
     env.globals["dict"] = _TemplateDict()
     env.globals["namespace"] = _TemplateNamespace
     return env
+
+
+def template_variables(source: str) -> set[str]:
+    """The variables a template reads without defining them (empty if it does not parse)."""
+    try:
+        return set(jinja2.meta.find_undeclared_variables(_build_environment(datetime.now).parse(source)))
+    except jinja2.TemplateSyntaxError:
+        return set()
 
 
 def _template_line(exc: BaseException) -> int | None:

@@ -64,6 +64,9 @@ class TokenEvent:
     seconds: float  # wall time of this decode step (for the first token: since the request began)
     cache_tokens: int
     cache_bytes: int
+    # `text` routed by channel (reasoning models think inside <think>…</think>); markers dropped.
+    reasoning: str = ""
+    content: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,8 @@ class Finished:
     ttft_seconds: float  # request start to the first generated token
     text: str = ""  # the whole answer (cut before a stop string)
     tail: str = ""  # answer text not carried by any TokenEvent (held back until the end)
+    reasoning: str = ""  # the thinking part of `text` (reasoning models), markers dropped
+    content: str = ""  # the answer proper
     token_ids: tuple[int, ...] = field(default_factory=tuple)
     cache_tokens: int = 0
     cache_bytes: int = 0

@@ -7,6 +7,7 @@ checked between prefill chunks and between decode steps, so a stop takes effect 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from typing import Protocol
@@ -25,6 +26,7 @@ from llmchat.engine.events import (
 )
 from llmchat.engine.kv_cache import KVCache
 from llmchat.engine.model import Transformer
+from llmchat.engine.reasoning import ReasoningSplitter, Split, prompt_opens_reasoning
 from llmchat.engine.sampling import Sampler, SamplingParams
 from llmchat.engine.tokenizer import StreamDecoder, Tokenizer
 
@@ -86,6 +88,7 @@ class Generator:
         *,
         eos_token_ids: Sequence[int] = (),
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        reasoning_markers: tuple[str, str] | None = None,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be at least 1")
@@ -94,6 +97,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.prefill_chunk = prefill_chunk
+        self.reasoning_markers = reasoning_markers
         self.device = model.device
         self._step_ids = torch.zeros(1, dtype=torch.long, device=self.device)
         self._texts: dict[int, str] = {}
@@ -188,6 +192,8 @@ class Generator:
         sampler.observe(ids)
         decoder = StreamDecoder(self.tokenizer)
         stops = _StopStrings(stop_strings)
+        channels = self._splitter(ids)
+        reasoning, content = [], []
         generated: list[int] = []
         reason: FinishReason = "max_new_tokens"
         first_token_at = decode_started = time.perf_counter()
@@ -204,7 +210,17 @@ class Generator:
             self._step_ids.fill_(token)
             sampler.observe(self._step_ids)
             text, hit_stop = stops.feed(decoder.push(token))
-            yield TokenEvent(**event, text=text, cache_tokens=self.cache.length, cache_bytes=self.cache.used_bytes)
+            split = channels.feed(text) if channels else Split(content=text)
+            reasoning.append(split.reasoning)
+            content.append(split.content)
+            yield TokenEvent(
+                **event,
+                text=text,
+                cache_tokens=self.cache.length,
+                cache_bytes=self.cache.used_bytes,
+                reasoning=split.reasoning,
+                content=split.content,
+            )
             if hit_stop:
                 reason = "stop_string"
                 break
@@ -221,9 +237,24 @@ class Generator:
             logits = self.model(self._step_ids, self.cache, self.cache.length)[-1].float()
             self.cache.append_tokens((token,))
         tail = "" if reason == "stop_string" else stops.feed(decoder.flush())[0] + stops.flush()
+        if channels:
+            for split in (channels.feed(tail), channels.flush()):
+                reasoning.append(split.reasoning)
+                content.append(split.content)
+        else:
+            content.append(tail)
         decode_seconds = time.perf_counter() - decode_started if generated else 0.0
         ttft = first_token_at - began
-        yield self._finished(reason, totals, prefill_seconds, decode_seconds, ttft, stops.text, generated, tail)
+        done = self._finished(reason, totals, prefill_seconds, decode_seconds, ttft, stops.text, generated, tail)
+        yield dataclasses.replace(done, reasoning="".join(reasoning), content="".join(content))
+
+    def _splitter(self, prompt_ids: list[int]) -> ReasoningSplitter | None:
+        """A reasoning splitter for this answer, open already when the prompt ends inside <think>."""
+        if self.reasoning_markers is None:
+            return None
+        tail = self.tokenizer.decode(prompt_ids[-16:])
+        inside = prompt_opens_reasoning(tail, self.reasoning_markers)
+        return ReasoningSplitter(self.reasoning_markers, inside=inside)
 
     def _pick(self, logits: torch.Tensor, sampler: Sampler, k: int, index: int, step_began: float) -> tuple[int, dict]:
         """Choose the next token and snapshot the top-k alternatives (one host sync per step)."""

@@ -20,6 +20,7 @@ from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK, CancelFlag, Generator
 from llmchat.engine.kv_cache import KVCache
 from llmchat.engine.memory import MemoryEstimate, MemoryUsage, default_context_length, estimate, measure, module_bytes
 from llmchat.engine.model import Transformer, build_transformer
+from llmchat.engine.model_type import detect as detect_traits
 from llmchat.engine.package import ModelPackage, open_package
 from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.tokenizer import Tokenizer
@@ -76,8 +77,14 @@ class LoadedModel:
         self.model = model
         self.cache = cache
         self.info = info
+        self.traits = detect_traits(package.templates, package.tokenizer)
         self.generator = Generator(
-            model, cache, package.tokenizer, eos_token_ids=package.eos_token_ids, prefill_chunk=prefill_chunk
+            model,
+            cache,
+            package.tokenizer,
+            eos_token_ids=package.eos_token_ids,
+            prefill_chunk=prefill_chunk,
+            reasoning_markers=self.traits.reasoning_markers,
         )
         self._template: ChatTemplate | None = None
 
