@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmchat.cli_info import add_info_parsers
 from llmchat.engine.errors import LLMChatError
 from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK
 
@@ -269,53 +270,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# info
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from llmchat.engine.memory import estimate, model_context_length, parameter_count
-    from llmchat.engine.package import open_package
-    from llmchat.engine.runtime import resolve_device, resolve_dtype
-
-    package = open_package(args.model)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    config = package.config
-    context = args.context or model_context_length(config)
-    mem = estimate(config, dtype, context)
-    data: dict[str, Any] = {
-        "path": str(package.path),
-        "config": asdict(config),
-        "parameters": parameter_count(config),
-        "tokenizer_vocab": package.tokenizer.vocab_size,
-        "chat_templates": sorted(package.templates.templates) if package.templates else [],
-        "eos_token_ids": list(package.eos_token_ids),
-        "generation_defaults": asdict(package.generation.sampling)
-        | {"max_new_tokens": package.generation.max_new_tokens},
-        "memory": {"dtype": str(dtype).removeprefix("torch."), "context": context} | asdict(mem) | {"total": mem.total},
-    }
-    if args.json:
-        _print_json(data)
-    else:
-        c = config
-        gib = 1024**3
-        print(f"{package.name}  ({c.architecture}, {data['parameters'] / 1e6:.1f}M parameters)")
-        print(f"  layers {c.num_layers}, hidden {c.hidden_size}, heads {c.num_heads} (KV {c.num_kv_heads}), ", end="")
-        print(f"head_dim {c.head_dim}")
-        print(f"  vocab {c.vocab_size}, context {c.max_position_embeddings}, rope {c.rope.type} theta {c.rope.theta:g}")
-        if c.sliding_window:
-            print(f"  sliding window {c.sliding_window} on {sum(c.sliding_layers)} of {c.num_layers} layers")
-        print(f"  chat templates: {', '.join(data['chat_templates']) or 'none'}")
-        print(
-            f"  memory at {data['memory']['dtype']}, {context} tokens: weights {mem.weights / gib:.2f} GiB + "
-            f"KV cache {mem.kv_cache / gib:.2f} GiB + overhead {mem.overhead / gib:.2f} GiB = {mem.total / gib:.2f} GiB"
-        )
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,13 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("info", help="describe a model and its memory bill without loading weights")
-    p.add_argument("model")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--context", type=int, default=None)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_info)
+    add_info_parsers(sub)
     return parser
 
 

@@ -119,18 +119,6 @@ def test_bench_reports_the_documented_keys(capsys: pytest.CaptureFixture[str], f
     assert data["device"] == "cpu" and data["dtype"] == "float32"
 
 
-def test_info_predicts_memory(capsys: pytest.CaptureFixture[str], folder: Path) -> None:
-    import llmchat
-
-    code, out, _ = run_cli(capsys, "info", folder, "--json", "--device", "cpu", "--context", "64")
-    assert code == 0
-    data = json.loads(out)
-    model = llmchat.load(folder, device="cpu", dtype="float32", context_length=64)
-    assert data["memory"]["weights"] == model.weights_bytes()
-    assert data["memory"]["kv_cache"] == model.cache.nbytes
-    assert data["config"]["architecture"] == "qwen2"
-
-
 # --- bad input: one line, exit code 2 -----------------------------------------------------------
 
 
@@ -242,3 +230,27 @@ def test_missing_shard(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> No
     capsys.readouterr()  # the build's progress bars
     code, _, err = run_cli(capsys, "run", sharded, "--prompt", "hi")
     assert_one_line_error(code, err, "missing", shards[-1].name)
+
+
+def test_vram_bill_matches_the_loaded_tensors(capsys: pytest.CaptureFixture[str], folder: Path) -> None:
+    import llmchat
+
+    code, out, _ = run_cli(capsys, "vram", folder, "--device", "cpu", "--context", "64", "--context", "128", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert [row["context"] for row in data["estimates"]] == [64, 128]
+    model = llmchat.load(folder, device="cpu", dtype="float32", context_length=128)
+    row = data["estimates"][1]
+    assert row["weights"] == model.weights_bytes() and row["kv_cache"] == model.cache.nbytes
+    assert row["total"] >= row["weights"] + row["kv_cache"] + row["runtime"]
+    code, out, _ = run_cli(capsys, "vram", folder, "--device", "cpu", "--context", "64")
+    assert code == 0 and "peak" in out and "64" in out
+
+
+def test_info_reports_kind_format_and_templates(capsys: pytest.CaptureFixture[str], folder: Path) -> None:
+    code, out, _ = run_cli(capsys, "info", folder, "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["model_type"] == "chat" and data["format"] == "safetensors" and data["chat_templates"] == ["default"]
+    assert data["file_bytes"] == (folder / "model.safetensors").stat().st_size
+    assert data["special_tokens"]["eos_token"] == "<|im_end|>"

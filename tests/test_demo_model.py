@@ -115,3 +115,36 @@ def test_answer_is_english(answer: list[Any], reference: dict[str, Any]) -> None
     assert len(words) >= 2, f"answer too short: {text!r}"
     assert all(word.isascii() for word in words), f"answer is not plain English: {text!r}"
     assert "Paris" in text, f"the demo model should know the capital of France: {text!r}"
+
+
+def test_vram_prediction_within_15_percent_at_2k(folder: Path) -> None:
+    """The memory bill `llmchat vram` predicts is what a fresh process actually uses (peak RSS)."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmchat",
+            "vram",
+            str(folder),
+            "--device",
+            "cpu",
+            "--context",
+            "2048",
+            "--measure",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    measured = data["measured"]
+    assert measured["prefilled"] == 2048
+    assert abs(measured["error"]) <= 0.15, measured
+    estimate = data["estimates"][0]
+    assert measured["tensors"] == estimate["weights"] + estimate["kv_cache"]

@@ -57,7 +57,8 @@ QWEN3_LIKE = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     "{% if tools %}{{ tools | tojson }}{% endif %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% else %}<think>\n{% endif %}"
     "{% endif %}"
 )
 
@@ -93,7 +94,9 @@ def test_model_kinds(folder: Path, tmp_path: Path) -> None:
 
 
 def test_generation_keeps_thinking_apart(folder: Path, tmp_path: Path) -> None:
-    model = llmchat.load(_with_template(folder, tmp_path, QWEN3_LIKE), device="cpu", dtype="float32", context_length=128)
+    model = llmchat.load(
+        _with_template(folder, tmp_path, QWEN3_LIKE), device="cpu", dtype="float32", context_length=128
+    )
     assert model.traits.reasoning
     text = model.template.render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
     events = list(

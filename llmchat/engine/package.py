@@ -69,6 +69,9 @@ class ModelPackage:
     templates: ChatTemplates | None
     special_tokens: dict[str, str]
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    format: str = "safetensors"  # safetensors | gguf
+    quantization: str = "none"  # what the file stores: none, or e.g. "Q4_1", "gptq 4-bit"
+    size_bytes: int = 0  # bytes of the weight files on disk
 
     @property
     def name(self) -> str:
@@ -104,7 +107,8 @@ def open_package(path: str | Path) -> ModelPackage:
     """Read and validate a model folder (the weights stay on disk)."""
     folder = resolve_path(path)
     config = load_hf_config(folder)
-    weights = SafetensorsWeights(safetensors_files(folder))
+    files = safetensors_files(folder)
+    weights = SafetensorsWeights(files)
     tokenizer = Tokenizer.from_folder(folder)
     gen = read_json_object(folder / "generation_config.json", ModelLoadError)
     generation = GenerationDefaults.from_dict(gen) if gen is not None else GenerationDefaults()
@@ -112,6 +116,7 @@ def open_package(path: str | Path) -> ModelPackage:
         path=folder,
         config=config,
         weights=weights,
+        size_bytes=sum(f.stat().st_size for f in files),
         tokenizer=tokenizer,
         templates=ChatTemplates.from_folder(folder),
         special_tokens=read_special_tokens(folder),

@@ -128,7 +128,13 @@ class LoadedModel:
         return module_bytes(self.model)
 
     def memory_estimate(self) -> MemoryEstimate:
-        return estimate(self.config, self.dtype, self.context_length)
+        return estimate(
+            self.config,
+            self.dtype,
+            self.context_length,
+            prefill_chunk=self.generator.prefill_chunk,
+            device_type=self.device.type,
+        )
 
     def memory_usage(self) -> MemoryUsage:
         return measure(self.device, self.weights_bytes() + self.cache.nbytes)

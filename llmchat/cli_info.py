@@ -1,0 +1,181 @@
+"""`llmchat info` (what a model is) and `llmchat vram` (what it will cost, and what it does cost)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import asdict
+from typing import Any
+
+from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK
+
+MiB = 1024**2
+VRAM_CONTEXTS = (2048, 8192, 32768)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def describe(package: Any, traits: Any) -> dict[str, Any]:
+    """Everything `info` reports, as plain data."""
+    from llmchat.engine.memory import model_context_length, parameter_count
+
+    config = package.config
+    return {
+        "name": package.name,
+        "path": str(package.path),
+        "architecture": config.architecture,
+        "parameters": parameter_count(config),
+        "format": package.format,
+        "quantization": package.quantization,
+        "file_bytes": package.size_bytes,
+        "context_length": model_context_length(config),
+        "model_type": traits.kind,
+        "capabilities": traits.labels,
+        "template_variables": list(traits.template_variables),
+        "chat_templates": sorted(package.templates.templates) if package.templates else [],
+        "special_tokens": package.special_tokens,
+        "eos_token_ids": list(package.eos_token_ids),
+        "tokenizer_vocab": package.tokenizer.vocab_size,
+        "generation_defaults": asdict(package.generation.sampling)
+        | {"max_new_tokens": package.generation.max_new_tokens},
+        "config": asdict(config),
+    }
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from llmchat.engine.model_type import detect
+    from llmchat.engine.package import open_package
+
+    package = open_package(args.model)
+    data = describe(package, detect(package.templates, package.tokenizer))
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False))
+        return 0
+    c = package.config
+    rope = f"rope {c.rope.type}, theta {c.rope.theta:g}" + (f", factor {c.rope.factor:g}" if c.rope.factor != 1 else "")
+    window = f", sliding window {c.sliding_window} on {sum(c.sliding_layers)} layers" if c.sliding_window else ""
+    lines = [
+        f"{data['name']}: {c.architecture}, {data['parameters'] / 1e6:.1f}M parameters, {data['model_type']} model"
+        + (f" ({', '.join(data['capabilities'])})" if data["capabilities"] else ""),
+        f"  file        {data['format']}, {data['quantization']}, {data['file_bytes'] / MiB:.1f} MiB",
+        f"  shape       {c.num_layers} layers, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
+        f"heads {c.num_heads} (KV {c.num_kv_heads}), head_dim {c.head_dim}",
+        f"  context     {data['context_length']} tokens, {rope}{window}",
+        f"  vocab       {c.vocab_size} (tokenizer {data['tokenizer_vocab']}), eos ids {data['eos_token_ids']}",
+        f"  special     {', '.join(f'{k}={v!r}' for k, v in data['special_tokens'].items()) or 'none'}",
+        f"  templates   {', '.join(data['chat_templates']) or 'none'}"
+        + (f"; variables: {', '.join(data['template_variables'])}" if data["template_variables"] else ""),
+        "  defaults    " + ", ".join(f"{k} {v}" for k, v in data["generation_defaults"].items() if v is not None),
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _contexts(args: argparse.Namespace, model_max: int) -> list[int]:
+    if args.context:
+        return sorted(set(args.context))
+    return sorted({n for n in VRAM_CONTEXTS if n < model_max} | {model_max})
+
+
+def _measure(args: argparse.Namespace, context: int) -> dict[str, Any]:
+    """Load the model with a `context`-token cache, prefill it full, and read the memory used."""
+    import torch
+
+    from llmchat.engine import SamplingParams, load
+    from llmchat.engine.events import Finished
+    from llmchat.engine.memory import peak_rss_bytes, rss_bytes
+
+    model = load(
+        args.model, device=args.device, dtype=args.dtype, context_length=context, prefill_chunk=args.prefill_chunk
+    )
+    rng = random.Random(0)
+    prompt = [rng.randrange(model.tokenizer.vocab_size) for _ in range(context)]
+    *_, done = model.generate(prompt, sampling=SamplingParams(temperature=0), max_new_tokens=1, stop_on_eos=False)
+    assert isinstance(done, Finished)
+    tensors = model.weights_bytes() + model.cache.nbytes
+    if model.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(model.device)
+        return {"kind": "VRAM", "peak": peak, "tensors": tensors, "prefilled": done.prefilled_tokens}
+    return {
+        "kind": "RAM",
+        "peak": peak_rss_bytes(),
+        "now": rss_bytes(),
+        "tensors": tensors,
+        "prefilled": done.prefilled_tokens,
+    }
+
+
+def cmd_vram(args: argparse.Namespace) -> int:
+    from llmchat.engine.memory import estimate, model_context_length
+    from llmchat.engine.package import open_package
+    from llmchat.engine.runtime import resolve_device, resolve_dtype
+
+    package = open_package(args.model)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    kv_dtype = resolve_dtype(args.kv_dtype, device) if args.kv_dtype else dtype
+    rows = []
+    for context in _contexts(args, model_context_length(package.config)):
+        bill = estimate(
+            package.config, dtype, context, kv_dtype=kv_dtype, prefill_chunk=args.prefill_chunk, device_type=device.type
+        )
+        rows.append({"context": context} | asdict(bill) | {"total": bill.total})
+    result: dict[str, Any] = {
+        "model": str(package.path),
+        "device": str(device),
+        "dtype": _dtype_name(dtype),
+        "kv_dtype": _dtype_name(kv_dtype),
+        "estimates": rows,
+    }
+    if args.measure:
+        measured = _measure(args, rows[0]["context"])
+        predicted = rows[0]["total"]
+        measured["predicted_total"] = predicted
+        measured["error"] = round((predicted - measured["peak"]) / measured["peak"], 4)
+        result["measured"] = measured
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{package.name} on {device}, weights {result['dtype']}, KV cache {result['kv_dtype']} (MiB)")
+    header = f"{'context':>8} {'weights':>9} {'KV cache':>9} {'activations':>12} {'runtime':>8} {'peak':>9}"
+    print(header)
+    for row in rows:
+        print(
+            f"{row['context']:>8} {row['weights'] / MiB:>9.1f} {row['kv_cache'] / MiB:>9.1f} "
+            f"{row['activations'] / MiB:>12.1f} {row['runtime'] / MiB:>8.1f} {row['total'] / MiB:>9.1f}"
+        )
+    if any(row["kv_cache_windowed"] < row["kv_cache"] for row in rows):
+        print(
+            "(sliding-window layers could hold less KV: "
+            + ", ".join(f"{row['context']}: {row['kv_cache_windowed'] / MiB:.1f}" for row in rows)
+            + " MiB; llmchat keeps every position)"
+        )
+    if args.measure:
+        m = result["measured"]
+        print(
+            f"measured at {rows[0]['context']} tokens: peak {m['kind']} {m['peak'] / MiB:.1f} MiB "
+            f"(tensors {m['tensors'] / MiB:.1f} MiB) vs predicted {m['predicted_total'] / MiB:.1f} MiB: "
+            f"{m['error'] * 100:+.1f}%"
+        )
+    return 0
+
+
+def add_info_parsers(sub: Any) -> None:
+    p = sub.add_parser("info", help="describe a model without loading its weights")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("vram", help="the memory bill of a model: weights, KV cache, activations, runtime")
+    p.add_argument("model")
+    p.add_argument("--context", type=int, action="append", help="context length (repeatable; default: a few)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="dtype the weights run in")
+    p.add_argument("--kv-dtype", default=None, help="dtype of the KV cache (default: the weights')")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
+    p.add_argument("--measure", action="store_true", help="load, prefill the first context, compare with the bill")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_vram)
