@@ -33,6 +33,9 @@ class RopeConfig:
     mscale_all_dim: float | None = None
     truncate: bool = True  # yarn: round the correction range to whole dimensions
     partial_rotary_factor: float = 1.0
+    # Per-frequency divisors stored with the weights (GGUF's `rope_freqs` tensor, which is how
+    # llama.cpp ships llama3 scaling): inv_freq_i / freq_factors[i].
+    freq_factors: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,7 @@ def _rope_from(raw: dict[str, Any], max_pos: int) -> RopeConfig:
         mscale_all_dim=params.get("mscale_all_dim"),
         truncate=bool(params.get("truncate", True)),
         partial_rotary_factor=float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))),
+        freq_factors=tuple(float(f) for f in raw["rope_freq_factors"]) if raw.get("rope_freq_factors") else None,
     )
 
 

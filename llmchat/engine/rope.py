@@ -13,6 +13,7 @@ import math
 import torch
 
 from llmchat.engine.config import RopeConfig
+from llmchat.engine.errors import ModelLoadError
 
 
 def rotary_dim(rope: RopeConfig, head_dim: int) -> int:
@@ -88,6 +89,10 @@ def inverse_frequencies(
         inv_freq = inv_freq / rope.factor
     elif rope.type == "llama3":
         inv_freq = _llama3(rope, inv_freq)
+    if rope.freq_factors is not None:
+        if len(rope.freq_factors) != inv_freq.numel():
+            raise ModelLoadError(f"rope_freqs has {len(rope.freq_factors)} factors for {inv_freq.numel()} frequencies")
+        inv_freq = inv_freq / torch.tensor(rope.freq_factors, dtype=torch.float32)
     return inv_freq, 1.0
 
 
