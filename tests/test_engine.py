@@ -226,6 +226,28 @@ def test_stream_concatenates_to_the_decoded_answer(model: llmchat.LoadedModel) -
     assert streamed == model.tokenizer.decode(list(done.token_ids)) == done.text
 
 
+def test_live_sampling_changes_the_policy_from_the_next_token(model: llmchat.LoadedModel) -> None:
+    """A knob turned mid-answer (the TUI's keys) applies from the next token on, not the whole answer."""
+    greedy = llmchat.SamplingParams(temperature=0.0)
+    free = llmchat.SamplingParams(temperature=1.0, seed=5)
+    asked: list[int] = []
+
+    def live() -> llmchat.SamplingParams:
+        asked.append(1)
+        return greedy if len(asked) <= 3 else free
+
+    events = list(
+        model.generate(_prompt(10), sampling=greedy, max_new_tokens=8, stop_on_eos=False, live_sampling=live)
+    )
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    assert len(asked) == len(tokens) == 8
+    # Greedy puts all policy mass on the chosen token; plain temperature 1 leaves the raw distribution.
+    assert [e.policy_prob for e in tokens[:3]] == [1.0, 1.0, 1.0]
+    for event in tokens[3:]:
+        assert event.policy_prob == pytest.approx(event.prob, rel=1e-4)
+        assert event.policy_prob < 1.0
+
+
 def test_seeded_sampling_reproduces(folder: Path) -> None:
     runs = []
     for _ in range(2):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import torch
@@ -155,8 +155,13 @@ class Generator:
         stop_strings: Sequence[str] = (),
         cancel: CancelFlag | None = None,
         top_k: int = 5,
+        live_sampling: Callable[[], SamplingParams] | None = None,
     ) -> Iterator[GenerationEvent]:
-        """Stream events for one request; the last one is always `Finished`."""
+        """Stream events for one request; the last one is always `Finished`.
+
+        `live_sampling`, when given, is asked before every token for the policy to use, so a UI can
+        change temperature/top-k/top-p while an answer streams (effective from the next token).
+        """
         ids = [int(i) for i in prompt_ids]
         if not ids:
             raise ValueError("the prompt is empty")
@@ -188,7 +193,7 @@ class Generator:
             cache_bytes=self.cache.used_bytes,
         )
 
-        sampler = Sampler(sampling, logits.shape[-1], self.device)
+        sampler = Sampler(sampling, logits.shape[-1], self.device, live=live_sampling is not None)
         sampler.observe(ids)
         decoder = StreamDecoder(self.tokenizer)
         stops = _StopStrings(stop_strings)
@@ -200,6 +205,8 @@ class Generator:
         step_began = began
         k = max(1, min(top_k, logits.shape[-1]))
         while True:
+            if live_sampling is not None and (wanted := live_sampling()) is not sampler.params:
+                sampler.update(wanted)
             token, event = self._pick(logits, sampler, k, len(generated), step_began)
             if not generated:
                 first_token_at = decode_started = time.perf_counter()

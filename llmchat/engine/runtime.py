@@ -6,7 +6,7 @@ This is what `llmchat.load()` returns and what the CLI and the TUI's worker use.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +166,7 @@ class LoadedModel:
         stop_strings: Sequence[str] = (),
         cancel: CancelFlag | None = None,
         top_k: int = 5,
+        live_sampling: Callable[[], SamplingParams] | None = None,
     ) -> Iterator[GenerationEvent]:
         """Stream events for one request, reusing whatever prefix the KV cache already holds."""
         return self.generator.generate(
@@ -176,6 +177,7 @@ class LoadedModel:
             stop_strings=stop_strings,
             cancel=cancel,
             top_k=top_k,
+            live_sampling=live_sampling,
         )
 
     def reset(self) -> None:

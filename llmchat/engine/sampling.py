@@ -152,9 +152,14 @@ def _mark_seen(mask: torch.Tensor, token_ids: torch.Tensor | Sequence[int]) -> N
 class Sampler:
     """Holds params, the RNG and a penalty mask; one per generation."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self, params: SamplingParams, vocab_size: int, device: torch.device | str = "cpu", *, live: bool = False
+    ):
         self.params = params
         self.vocab_size = vocab_size
+        # A live sampler may have its params changed mid-answer, so it tracks the context even
+        # while the repetition penalty is off: turning the penalty on then sees the whole context.
+        self._track_context = live
         self._seen_all = _seen_mask(vocab_size, device)
         self._seen = self._seen_all[:vocab_size]
         # Own generator, seeded once: reproducible with a seed, and the global RNG is left alone.
@@ -166,8 +171,14 @@ class Sampler:
 
     def observe(self, token_ids: torch.Tensor | Sequence[int]) -> None:
         """Add ids to the context the repetition penalty sees (the prompt once, then each token)."""
-        if self.params.repetition_penalty != 1.0:
+        if self._track_context or self.params.repetition_penalty != 1.0:
             _mark_seen(self._seen_all, token_ids)
+
+    def update(self, params: SamplingParams) -> None:
+        """Switch the policy for the next token (a user turned a knob mid-answer); the RNG stays."""
+        if params.seed != self.params.seed and params.seed is not None:
+            self._generator.manual_seed(params.seed)
+        self.params = params
 
     def policy_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits after penalty → temperature → top-k → top-p → min-p, -inf where cut.
