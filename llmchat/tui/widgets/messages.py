@@ -1,0 +1,131 @@
+"""The chat transcript: user messages, streaming assistant answers, and their stats lines.
+
+An assistant answer streams through `Markdown.get_stream()`, which appends fragments to the
+document instead of re-parsing the whole chat per token. Reasoning (`<think>` content) streams
+into its own Markdown inside a collapsible block, apart from the answer.
+"""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.widgets import Collapsible, Markdown, Static
+from textual.widgets.markdown import MarkdownStream
+
+from llmchat.engine import Finished, TokenEvent
+from llmchat.tui.widgets.format import printable
+
+_REASONS = {
+    "eos": "end of answer",
+    "stop_string": "stop string",
+    "max_new_tokens": "token limit",
+    "context_full": "context full",
+    "cancelled": "stopped",
+}
+
+
+def stats_line(done: Finished) -> str:
+    """`42 tokens · TTFT 0.21 s · 31.0 tok/s · end of answer`."""
+    parts = [f"{done.generated_tokens} tokens", f"TTFT {done.ttft_seconds:.2f} s"]
+    if done.generated_tokens > 1:
+        parts.append(f"{done.decode_tokens_per_second:.1f} tok/s")
+    if done.reused_tokens:
+        parts.append(f"{done.reused_tokens} cached + {done.prefilled_tokens} prefilled")
+    parts.append(_REASONS.get(done.reason, done.reason))
+    return " · ".join(parts)
+
+
+class UserMessage(Static):
+    """One user turn (plain text, never Markdown: what you typed is what you see)."""
+
+    def __init__(self, text: str, **kwargs: object) -> None:
+        super().__init__(text, markup=False, **kwargs)  # type: ignore[arg-type]
+        self.text = text
+        self.border_title = "you"
+
+
+class AssistantMessage(Vertical):
+    """One answer: an optional reasoning block, the Markdown answer, a stats line."""
+
+    def __init__(self, title: str = "assistant", **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.border_title = title
+        self.reasoning_text = ""
+        self.content_text = ""
+        self.tokens: list[TokenEvent] = []
+        self.finished: Finished | None = None
+        self._content_stream: MarkdownStream | None = None
+        self._reasoning_stream: MarkdownStream | None = None
+
+    def compose(self) -> ComposeResult:
+        with Collapsible(title="reasoning", collapsed=True, classes="reasoning"):
+            yield Markdown(classes="reasoning-text")
+        yield Markdown(classes="content")
+        yield Static("", classes="stats")
+
+    def on_mount(self) -> None:
+        self.query_one(".reasoning", Collapsible).display = False
+
+    async def append(self, reasoning: str, content: str, tokens: list[TokenEvent]) -> None:
+        """Stream new text in; each Markdown widget gets one fragment per UI frame at most."""
+        self.tokens.extend(tokens)
+        if reasoning:
+            if self._reasoning_stream is None:
+                self.query_one(".reasoning", Collapsible).display = True
+                self._reasoning_stream = Markdown.get_stream(self.query_one(".reasoning-text", Markdown))
+            self.reasoning_text += reasoning
+            await self._reasoning_stream.write(printable(reasoning))
+        if content:
+            if self._content_stream is None:
+                self._content_stream = Markdown.get_stream(self.query_one(".content", Markdown))
+            self.content_text += content
+            await self._content_stream.write(printable(content))
+
+    async def finish(self, done: Finished) -> None:
+        """Close the streams and show the stats line (a stopped answer stays, marked as stopped)."""
+        self.finished = done
+        for stream in (self._reasoning_stream, self._content_stream):
+            if stream is not None:
+                await stream.stop()
+        self._reasoning_stream = self._content_stream = None
+        self.query_one(".stats", Static).update(stats_line(done))
+        if done.reason == "cancelled":
+            self.add_class("stopped")
+
+    async def set_text(self, reasoning: str, content: str, stats: str = "") -> None:
+        """Show a finished answer at once (a resumed conversation)."""
+        self.reasoning_text, self.content_text = reasoning, content
+        if reasoning:
+            self.query_one(".reasoning", Collapsible).display = True
+            await self.query_one(".reasoning-text", Markdown).update(printable(reasoning))
+        await self.query_one(".content", Markdown).update(printable(content))
+        self.query_one(".stats", Static).update(stats)
+
+    def fail(self, message: str) -> None:
+        self.add_class("failed")
+        self.query_one(".stats", Static).update(f"error: {message}")
+
+
+class ChatView(VerticalScroll):
+    """The transcript; follows the newest text unless the user scrolled up to read."""
+
+    def on_mount(self) -> None:
+        self.anchor()
+
+    async def add_user(self, text: str) -> UserMessage:
+        message = UserMessage(text, classes="message user")
+        await self.mount(message)
+        return message
+
+    async def add_assistant(self, title: str = "assistant") -> AssistantMessage:
+        message = AssistantMessage(title, classes="message assistant")
+        await self.mount(message)
+        return message
+
+    async def add_note(self, text: str, *, error: bool = False) -> Static:
+        note = Static(text, markup=False, classes="note error" if error else "note")
+        await self.mount(note)
+        return note
+
+    async def clear(self) -> None:
+        await self.remove_children()

@@ -1,0 +1,156 @@
+"""Side panels: the KV cache, the memory bill, and the top-k candidates of a token.
+
+Each panel keeps the numbers it shows as plain attributes (tests read them) and renders them as
+Rich text. They are fed from engine events by the app; none of them touches a tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from textual.widgets import Static
+
+from llmchat.engine import TokenEvent
+from llmchat.engine.memory import MemoryEstimate, MemoryUsage
+from llmchat.tui.widgets.format import bar, human_bytes, visible_token
+
+BAR_WIDTH = 22
+
+
+class Panel(Static):
+    """A bordered side panel whose Rich styles may name theme colours (`$accent`, `$error`...)."""
+
+    DEFAULT_CLASSES = "panel"
+
+    def themed(self, spec: str) -> str:
+        """Resolve `$name` words of a Rich style against the current theme (Rich has no variables)."""
+        variables = self.app.theme_variables if self.is_attached else {}
+        words = [variables.get(w[1:], "") if w.startswith("$") else w for w in spec.split()]
+        return " ".join(w for w in words if w)
+
+
+@dataclass
+class CacheState:
+    """What the KV-cache panel shows."""
+
+    tokens: int = 0
+    capacity: int = 0
+    bytes_used: int = 0
+    bytes_capacity: int = 0
+    reused: int = 0  # tokens the last turn took from the cache
+    prefilled: int = 0  # tokens the last turn pushed through the model
+
+
+class KVCachePanel(Panel):
+    """Tokens cached / capacity, bytes, a fill bar, reuse of the last turn."""
+
+    BORDER_TITLE = "KV cache"
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.state = CacheState()
+
+    def show(self, state: CacheState) -> None:
+        self.state = state
+        self.update(self._render_state())
+
+    def _render_state(self) -> RenderableType:
+        s = self.state
+        share = s.tokens / s.capacity if s.capacity else 0.0
+        lines = Text()
+        lines.append(f"{s.tokens:,}", style="bold")
+        lines.append(f" / {s.capacity:,} tokens  ")
+        lines.append(f"{share:.0%}\n", style="bold")
+        lines.append(bar(share, BAR_WIDTH), style=self.themed("$accent" if share < 0.9 else "$error"))
+        lines.append("\n")
+        lines.append(f"{human_bytes(s.bytes_used)} of {human_bytes(s.bytes_capacity)}\n")
+        lines.append("last turn: ", style="dim")
+        lines.append(f"{s.reused:,} reused", style=self.themed("$success"))
+        lines.append(" · ", style="dim")
+        lines.append(f"{s.prefilled:,} prefilled")
+        return lines
+
+
+class MemoryPanel(Panel):
+    """The memory bill: predicted by the memory math next to what is measured now."""
+
+    BORDER_TITLE = "Memory"
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.predicted: MemoryEstimate | None = None
+        self.measured: MemoryUsage | None = None
+
+    def show(self, predicted: MemoryEstimate | None, measured: MemoryUsage | None) -> None:
+        self.predicted, self.measured = predicted, measured
+        self.update(self._render_state())
+
+    def _render_state(self) -> RenderableType:
+        table = Table.grid(padding=(0, 1))
+        table.add_column(style="dim")
+        table.add_column(justify="right")
+        p, m = self.predicted, self.measured
+        if p is not None:
+            table.add_row("weights", human_bytes(p.weights))
+            table.add_row("KV cache", human_bytes(p.kv_cache))
+            table.add_row("overhead", human_bytes(p.overhead))
+            table.add_row("predicted", Text(human_bytes(p.total), style="bold"))
+        if m is not None:
+            table.add_row(f"{m.kind} now", Text(human_bytes(m.used), style="bold"))
+            table.add_row(f"{m.kind} peak", human_bytes(m.peak))
+            table.add_row("tensors", human_bytes(m.tensors))
+        if p is None and m is None:
+            return Text("no model loaded", style="dim")
+        return table
+
+
+class TopKPanel(Panel):
+    """The k most likely candidates for one token: raw probability and probability under the policy."""
+
+    BORDER_TITLE = "Top-k"
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.event: TokenEvent | None = None
+
+    def show(self, event: TokenEvent | None, *, title: str = "latest token") -> None:
+        self.event = event
+        self.border_subtitle = title
+        self.update(self._render_state())
+
+    def _render_state(self) -> RenderableType:
+        event = self.event
+        if event is None:
+            return Text("no token yet", style="dim")
+        table = Table.grid(padding=(0, 1))
+        table.add_column(width=1)
+        table.add_column(width=9, no_wrap=True, overflow="ellipsis")
+        table.add_column(width=6, justify="right")
+        table.add_column(width=6)
+        table.add_column(width=6, justify="right")
+        table.add_column(width=6)
+        for top in event.top:
+            chosen = top.token_id == event.token_id
+            mark = Text("▶", style=self.themed("bold $accent")) if chosen else Text(" ")
+            token = Text(visible_token(top.text), style="bold" if chosen else "")
+            raw_bar = Text(bar(top.prob, 5), style=self.themed("$secondary"))
+            if top.policy_prob > 0:
+                policy_pct = Text(f"{top.policy_prob:.1%}")
+                policy_bar = Text(bar(top.policy_prob, 5), style=self.themed("$accent"))
+            else:
+                policy_pct, policy_bar = Text("cut", style="dim"), Text("")
+            table.add_row(mark, token, Text(f"{top.prob:.1%}", style="dim"), raw_bar, policy_pct, policy_bar)
+        if all(top.token_id != event.token_id for top in event.top):  # sampled from outside the top k
+            table.add_row(
+                Text("▶", style=self.themed("bold $accent")),
+                Text(visible_token(event.text)),
+                Text(f"{event.prob:.1%}", style="dim"),
+                Text(f"#{event.rank + 1}", style="dim"),
+                Text(f"{event.policy_prob:.1%}"),
+                Text(""),
+            )
+        legend = Text("  token      raw p         policy p", style="dim")
+        return Group(legend, table)

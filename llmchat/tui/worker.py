@@ -1,0 +1,125 @@
+"""The bridge between the engine (worker thread) and the UI thread.
+
+The engine yields one event per token; the UI must not redraw per token or rendering would cap
+the token rate. `Coalescer` folds events into `Batch`es: at most one per `interval` seconds, plus
+one at once for every event that changes the phase (prefill done, finished). `run_generation`
+drives a generation in the calling (worker) thread and hands each batch to `post`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from llmchat.engine import Finished, PrefillDone, PrefillProgress, TokenEvent
+from llmchat.engine.events import GenerationEvent
+
+# ≈25 UI updates per second at most: smooth to the eye, negligible next to a decode step.
+DEFAULT_INTERVAL = 0.04
+
+
+@dataclass
+class Batch:
+    """Everything that happened since the previous batch."""
+
+    tokens: list[TokenEvent] = field(default_factory=list)
+    reasoning: str = ""  # new thinking text (reasoning models)
+    content: str = ""  # new answer text
+    prefill: PrefillProgress | PrefillDone | None = None  # the latest prefill event, if any
+    finished: Finished | None = None
+
+    @property
+    def last_token(self) -> TokenEvent | None:
+        return self.tokens[-1] if self.tokens else None
+
+    def __bool__(self) -> bool:
+        return bool(self.tokens or self.prefill or self.finished)
+
+
+class Coalescer:
+    """Folds a stream of generation events into batches, flushed by time or by phase change."""
+
+    def __init__(self, interval: float = DEFAULT_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._batch = Batch()
+        self._reasoning: list[str] = []
+        self._content: list[str] = []
+        self._last_flush = -float("inf")
+        self._streamed_reasoning = self._streamed_content = 0  # characters handed out so far
+
+    def add(self, event: GenerationEvent) -> Batch | None:
+        """Take one event; return a batch when it is time to show one."""
+        urgent = False
+        if isinstance(event, TokenEvent):
+            self._batch.tokens.append(event)
+            self._reasoning.append(event.reasoning)
+            self._content.append(event.content)
+            self._streamed_reasoning += len(event.reasoning)
+            self._streamed_content += len(event.content)
+        elif isinstance(event, Finished):
+            self._batch.finished = event
+            # Text the engine held back to the end (a split character, a stop-string prefix, an
+            # unfinished reasoning marker) is in Finished's totals but in no TokenEvent.
+            self._reasoning.append(_rest(event.reasoning, self._streamed_reasoning))
+            self._content.append(_rest(event.content, self._streamed_content))
+            urgent = True
+        else:
+            self._batch.prefill = event
+            urgent = isinstance(event, PrefillDone)
+        if urgent or self._clock() - self._last_flush >= self.interval:
+            return self.flush()
+        return None
+
+    def flush(self) -> Batch | None:
+        """Hand over whatever is pending (None when nothing is)."""
+        if not self._batch:
+            return None
+        batch = self._batch
+        batch.reasoning, batch.content = "".join(self._reasoning), "".join(self._content)
+        self._batch, self._reasoning, self._content = Batch(), [], []
+        self._last_flush = self._clock()
+        return batch
+
+
+def _rest(total: str, streamed: int) -> str:
+    return total[streamed:]
+
+
+def run_generation(
+    events: Iterable[GenerationEvent],
+    post: Callable[[Batch], object],
+    *,
+    interval: float = DEFAULT_INTERVAL,
+) -> Finished | None:
+    """Drive a generation to its end, posting coalesced batches; returns the `Finished` event."""
+    coalescer = Coalescer(interval)
+    finished: Finished | None = None
+    for event in events:
+        if isinstance(event, Finished):
+            finished = event
+        batch = coalescer.add(event)
+        if batch is not None:
+            post(batch)
+    rest = coalescer.flush()
+    if rest is not None:
+        post(rest)
+    return finished
+
+
+class StopFlag:
+    """The cancel flag the engine checks between steps (a thin threading.Event)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()

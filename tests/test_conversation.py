@@ -1,0 +1,245 @@
+"""The conversation tree: branches from regenerate and edit, switching, the path and what the template sees."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from llmchat.chat.conversation import (
+    CONVERSATION_ID,
+    TITLE_LIMIT,
+    Conversation,
+    ConversationError,
+    ConversationFormatError,
+    Message,
+    answer_stats,
+    make_title,
+    new_conversation_id,
+    token_record,
+)
+from llmchat.engine.events import Finished, TokenEvent, TopToken
+
+
+def two_turns(system: str = "") -> Conversation:
+    conv = Conversation(system=system, model={"name": "tiny"})
+    conv.add_user("Hello there")
+    conv.add_assistant("Hi!")
+    conv.add_user("What is 2+2?")
+    conv.add_assistant("4")
+    return conv
+
+
+def contents(conv: Conversation) -> list[str]:
+    return [m.content for m in conv.path()]
+
+
+def test_path_follows_parents_and_counts_turns() -> None:
+    conv = two_turns()
+    assert contents(conv) == ["Hello there", "Hi!", "What is 2+2?", "4"]
+    assert [m.role for m in conv.path()] == ["user", "assistant", "user", "assistant"]
+    path = conv.path()
+    assert path[0].parent is None and all(b.parent == a.id for a, b in zip(path, path[1:]))
+    assert conv.current == path[-1].id
+    assert conv.turns == 2
+    assert conv.title == "Hello there"
+
+
+def test_regenerate_adds_a_sibling_answer_and_keeps_the_old_one() -> None:
+    conv = two_turns()
+    old = conv.path()[-1]
+    new = conv.regenerate()
+    assert new.role == "assistant" and new.content == "" and new.parent == old.parent
+    assert conv.current == new.id
+    assert [m.id for m in conv.branch_siblings(old.id)] == [old.id, new.id]
+    assert conv.sibling_position(new.id) == (1, 2)
+    conv.append(new.id, "Four", reasoning="2+2 is 4")
+    conv.append(new.id, ".")
+    assert contents(conv) == ["Hello there", "Hi!", "What is 2+2?", "Four."]
+    assert conv.get(new.id).reasoning == "2+2 is 4"
+    assert conv.get(old.id).content == "4"  # the first answer is still there
+    # The prompt for the new answer stops before it.
+    assert conv.chat_messages(before=new.id)[-1] == {"role": "user", "content": "What is 2+2?"}
+
+
+def test_regenerate_after_a_user_message_answers_it() -> None:
+    conv = Conversation()
+    user = conv.add_user("ping")
+    answer = conv.regenerate()
+    assert answer.parent == user.id and answer.role == "assistant"
+    with pytest.raises(ConversationError, match="no message"):
+        Conversation().regenerate()
+
+
+def test_edit_user_makes_a_new_branch() -> None:
+    conv = two_turns()
+    question = conv.path()[2]
+    edited = conv.edit_user(question.id, "What is 3+3?")
+    assert edited.parent == question.parent and edited.role == "user"
+    assert contents(conv) == ["Hello there", "Hi!", "What is 3+3?"]
+    conv.add_assistant("6")
+    assert contents(conv) == ["Hello there", "Hi!", "What is 3+3?", "6"]
+    assert [m.content for m in conv.branch_siblings(edited.id)] == ["What is 2+2?", "What is 3+3?"]
+    # Back to the old question: the branch under it comes back whole.
+    conv.select(question.id)
+    assert contents(conv) == ["Hello there", "Hi!", "What is 2+2?", "4"]
+    with pytest.raises(ConversationError, match="not a user message"):
+        conv.edit_user(conv.path()[1].id, "changed answer")
+
+
+def test_select_goes_to_the_most_recent_leaf_below() -> None:
+    conv = two_turns()
+    first_user, first_answer, question, answer = conv.path()
+    retry = conv.regenerate()
+    conv.append(retry.id, "four")
+    # Continue on the old answer's branch: its leaf is now the newest of the whole tree.
+    conv.select(answer.id)
+    assert conv.current == answer.id
+    conv.add_user("Thanks")
+    thanks_answer = conv.add_assistant("You're welcome")
+    conv.select(retry.id)
+    assert contents(conv)[-1] == "four"
+    assert conv.select(first_user.id).id == thanks_answer.id
+    assert contents(conv) == ["Hello there", "Hi!", "What is 2+2?", "4", "Thanks", "You're welcome"]
+    assert conv.turns == 3
+    with pytest.raises(ConversationError, match="no message"):
+        conv.select("nope")
+
+
+def test_switch_branch_steps_through_siblings_and_wraps() -> None:
+    conv = two_turns()
+    a = conv.path()[-1]
+    b = conv.regenerate()
+    c = conv.regenerate()
+    assert [m.id for m in conv.branch_siblings(a.id)] == [a.id, b.id, c.id]
+    assert conv.switch_branch(c.id, +1).id == a.id
+    assert conv.switch_branch(a.id, -1).id == c.id
+    assert conv.switch_branch(a.id, +1).id == b.id
+    assert conv.current == b.id
+
+
+def test_chat_messages_with_and_without_system_prompt() -> None:
+    plain = two_turns()
+    assert plain.chat_messages() == [
+        {"role": "user", "content": "Hello there"},
+        {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    with_system = two_turns(system="Answer briefly.")
+    messages = with_system.chat_messages()
+    assert messages[0] == {"role": "system", "content": "Answer briefly."}
+    assert messages[1:] == plain.chat_messages()
+
+
+def test_chat_messages_leave_reasoning_out_and_keep_tool_calls() -> None:
+    conv = Conversation()
+    conv.add_user("weather?")
+    call = [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]
+    conv.add_assistant("", reasoning="I should call the tool", tool_calls=call)
+    conv.add_tool('{"temp": 3}')
+    conv.add_assistant("It is 3 degrees.", reasoning="the tool said 3")
+    messages = conv.chat_messages()
+    assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert messages[1] == {"role": "assistant", "content": "", "tool_calls": call}
+    assert messages[3] == {"role": "assistant", "content": "It is 3 degrees."}
+    assert all("reasoning" not in m and "think" not in m["content"] for m in messages)
+
+
+def test_title_comes_from_the_first_user_message_only() -> None:
+    conv = Conversation()
+    long_text = "Please   explain\nin detail " + "how rotary position embeddings work " * 5
+    conv.add_user(long_text)
+    assert conv.title == make_title(long_text)
+    assert len(conv.title) <= TITLE_LIMIT and conv.title.endswith("…")
+    assert conv.title.startswith("Please explain in detail how rotary")
+    conv.add_assistant("...")
+    conv.add_user("another question")
+    assert conv.title.startswith("Please explain")
+    assert make_title("  short\n question ") == "short question"
+
+
+def test_message_ids_stay_unique() -> None:
+    conv = two_turns()
+    for _ in range(3):
+        conv.regenerate()
+    conv.edit_user(conv.path()[0].id, "Hello again")
+    # A loaded conversation whose ids have gaps must not hand out an id twice.
+    loaded = Conversation.from_dict(
+        Conversation(
+            messages=[Message("m2", None, "user", "a"), Message("m3", "m2", "assistant", "b")], current="m3"
+        ).to_dict()
+    )
+    loaded.add_user("c")
+    loaded.add_assistant("d")
+    for c in (conv, loaded):
+        ids = [m.id for m in c.messages]
+        assert len(ids) == len(set(ids))
+
+
+def test_updated_moves_forward_on_changes() -> None:
+    conv = Conversation(created="2020-01-01T00:00:00.000+00:00")
+    assert conv.updated == conv.created
+    conv.add_user("hi")
+    assert conv.updated > conv.created
+
+
+def test_conversation_ids_are_filename_safe_and_distinct() -> None:
+    ids = {new_conversation_id() for _ in range(200)}
+    assert len(ids) == 200
+    assert all(CONVERSATION_ID.fullmatch(i) for i in ids)
+    with pytest.raises(ConversationFormatError, match="not valid"):
+        Conversation(id="../escape")
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda d: d["messages"].append({"id": "m1", "parent": None, "role": "user", "content": "x"}), "twice"),
+        (lambda d: d["messages"][0].update(parent="m9"), "not an earlier message"),
+        (lambda d: d["messages"][0].update(role="wizard"), "unknown role"),
+        (lambda d: d["messages"][0].update(content=5), "'content' must be a string"),
+        (lambda d: d["messages"][1].update(tokens=[1, 2]), "list of objects"),
+        (lambda d: d.update(current="m99"), "current message"),
+        (lambda d: d.update(messages={}), "'messages' must be a list"),
+        (lambda d: d.update(updated="yesterday"), "ISO 8601"),
+        (lambda d: d.pop("system"), "no 'system'"),
+    ],
+)
+def test_schema_errors_name_the_problem(change, needle: str) -> None:
+    data = two_turns().to_dict()
+    change(data)
+    with pytest.raises(ConversationFormatError, match=needle):
+        Conversation.from_dict(data)
+
+
+def test_records_from_engine_events() -> None:
+    top = (TopToken(7, "Paris", 12.5, 0.8, 0.9), TopToken(3, "Lyon", 10.0, 0.1, 0.1))
+    event = TokenEvent(
+        token_id=7, text="Paris", index=0, logit=12.5, prob=0.8, policy_prob=0.9, rank=0, top=top,
+        seconds=0.1, cache_tokens=10, cache_bytes=100,
+    )  # fmt: skip
+    record = token_record(event)
+    assert record == {
+        "id": event.token_id,
+        "text": event.text,
+        "prob": event.prob,
+        "rank": event.rank,
+        "top": [[t.token_id, t.text, t.logit, t.prob] for t in top],
+    }
+    done = Finished(
+        reason="eos", prompt_tokens=20, reused_tokens=5, prefilled_tokens=15, generated_tokens=11,
+        prefill_seconds=0.5, decode_seconds=2.0, ttft_seconds=0.6,
+    )  # fmt: skip
+    stats = answer_stats(done)
+    assert stats["tokens"] == 11 and stats["finish_reason"] == "eos"
+    assert stats["prefill_tok_s"] == pytest.approx(done.prefill_tokens_per_second, abs=0.01)
+    assert stats["decode_tok_s"] == pytest.approx(done.decode_tokens_per_second, abs=0.01)
+
+
+def test_chat_layer_loads_without_torch() -> None:
+    code = "import sys, llmchat.chat, llmchat.chat.transcript, llmchat.cli_chats; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -1,0 +1,222 @@
+"""Conversation files: round trip, atomic writes, and files we cannot read left exactly as they are."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from llmchat.chat.conversation import Conversation
+from llmchat.chat.store import FORMAT, VERSION, ConversationStore, StoreError
+
+
+def rich_conversation(title_text: str = "Tell me about café Ünïcode", updated: str | None = None) -> Conversation:
+    """Every optional field set, several branches, non-ASCII text."""
+    conv = Conversation(model={"name": "tiny-qwen", "path": "/models/tiny", "format": "safetensors"})
+    conv.sampling = {"temperature": 0.7, "top_k": 40, "seed": 1}
+    conv.system = "You are terse."
+    conv.add_user(title_text)
+    answer = conv.add_assistant()
+    conv.append(answer.id, "Café ", reasoning="<the user wants> ")
+    conv.append(answer.id, "au lait ☕", reasoning="a drink")
+    conv.update(
+        answer.id,
+        stats={"tokens": 2, "ttft_s": 0.05, "prefill_tok_s": 900.0, "decode_tok_s": 40.0, "finish_reason": "eos"},
+        tokens=[
+            {"id": 5, "text": "Café", "prob": 0.5, "rank": 0, "top": [[5, "Café", 3.0, 0.5], [9, "Tea", 2.0, 0.2]]},
+            {"id": 6, "text": " au lait ☕", "prob": 0.9, "rank": 0, "top": [[6, " au lait ☕", 5.0, 0.9]]},
+        ],
+    )
+    conv.regenerate()
+    conv.append(conv.current or "", "Espresso")
+    conv.add_user("weather?")
+    conv.add_assistant("", tool_calls=[{"type": "function", "function": {"name": "w", "arguments": {}}}])
+    conv.add_tool("sunny")
+    conv.add_assistant("Sunny.")
+    if updated:
+        conv.updated = updated
+    return conv
+
+
+def tmp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".json"))
+
+
+def test_round_trip_keeps_everything(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path / "conversations")
+    conv = rich_conversation()
+    path = store.save(conv)
+    assert path == tmp_path / "conversations" / f"{conv.id}.json"
+    loaded = store.load(conv.id)
+    assert loaded == conv
+    assert loaded.to_dict() == conv.to_dict()
+    assert [m.content for m in loaded.path()] == [m.content for m in conv.path()]
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert list(data)[:2] == ["format", "version"]
+    assert data["format"] == FORMAT and data["version"] == VERSION
+    assert set(data) == {
+        "format", "version", "id", "title", "created", "updated", "model", "sampling", "system", "messages", "current",
+    }  # fmt: skip
+    assert data["current"] == conv.current and len(data["messages"]) == len(conv.messages)
+    assert "Ünïcode" in path.read_text(encoding="utf-8")  # stored as text, not \u escapes
+
+
+def test_save_leaves_no_temp_files_and_replaces_the_old_version(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    conv = rich_conversation()
+    store.save(conv)
+    conv.add_user("one more")
+    store.save(conv)
+    assert tmp_files(tmp_path) == []
+    assert [p.name for p in tmp_path.iterdir()] == [f"{conv.id}.json"]
+    assert store.load(conv.id).path()[-1].content == "one more"
+
+
+def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    conv = rich_conversation()
+    path = store.save(conv)
+    before = path.read_bytes()
+    # Not JSON-serializable, and deep enough that part of the file is already written when it fails.
+    conv.update(conv.current or "", stats={"tokens": 1, "bad": object()})
+    with pytest.raises(StoreError, match="cannot save"):
+        store.save(conv)
+    assert path.read_bytes() == before
+    assert tmp_files(tmp_path) == []
+
+
+BAD_FILES = {
+    "corrupt": (b'{"format": "llmchat.conversation", "version": 1, "id": ', "not valid JSON"),
+    "newer": (None, "written by a newer llmchat (version 2)"),
+    "foreign": (b'{"format": "someone.else", "version": 1}', "not an llmchat conversation"),
+    "schema": (None, "'messages' must be a list"),
+    "list": (b"[1, 2, 3]", "not a JSON object"),
+    "binary": (b"\xff\xfe\x00garbage", "cannot read"),
+}
+
+
+def write_bad_files(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, (content, _) in BAD_FILES.items():
+        if content is None:
+            data = {"format": FORMAT, **rich_conversation().to_dict(), "id": name}
+            data["version"] = VERSION + 1 if name == "newer" else VERSION
+            if name == "schema":
+                data["messages"] = "oops"
+            content = json.dumps(data).encode()
+        paths[name] = folder / f"{name}.json"
+        paths[name].write_bytes(content)
+    return paths
+
+
+def test_unreadable_files_are_listed_with_reasons_and_never_touched(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    good = rich_conversation()
+    store.save(good)
+    bad = write_bad_files(tmp_path)
+    snapshot = {name: path.read_bytes() for name, path in bad.items()}
+
+    listing = store.list()
+    assert [s.id for s in listing.conversations] == [good.id]
+    reasons = {u.path.stem: u.reason for u in listing.unreadable}
+    assert set(reasons) == set(BAD_FILES)
+    for name, (_, needle) in BAD_FILES.items():
+        assert needle in reasons[name], (name, reasons[name])
+
+    # Saving over, deleting, renaming or loading any of them is refused with the reason.
+    for name in BAD_FILES:
+        clash = rich_conversation()
+        clash.id = name
+        with pytest.raises(StoreError, match="will not overwrite"):
+            store.save(clash)
+        with pytest.raises(StoreError, match="will not delete"):
+            store.delete(name)
+        with pytest.raises(StoreError, match=re.escape(BAD_FILES[name][1])):
+            store.rename(name, "new title")
+    assert {name: path.read_bytes() for name, path in bad.items()} == snapshot
+    assert tmp_files(tmp_path) == []
+
+
+def test_file_whose_id_differs_from_its_name_is_unreadable(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    conv = rich_conversation()
+    store.save(conv)
+    moved = tmp_path / "copy.json"
+    (tmp_path / f"{conv.id}.json").rename(moved)
+    listing = store.list()
+    assert listing.conversations == []
+    assert [(u.path, "does not match the file name" in u.reason) for u in listing.unreadable] == [(moved, True)]
+
+
+def test_list_is_newest_first_and_last_is_the_newest(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    old = rich_conversation("old chat", updated="2024-01-01T10:00:00.000+00:00")
+    new = rich_conversation("new chat", updated="2024-03-01T10:00:00.000+00:00")
+    mid = rich_conversation("middle chat", updated="2024-02-01T12:00:00+02:00")
+    for conv in (old, new, mid):
+        store.save(conv)
+    listing = store.list()
+    assert [s.title for s in listing.conversations] == ["new chat", "middle chat", "old chat"]
+    summary = listing.conversations[0]
+    assert (summary.id, summary.model, summary.updated, summary.turns) == (new.id, "tiny-qwen", new.updated, 2)
+    last = store.last()
+    assert last is not None and last.id == new.id
+    assert store.load("last") == new
+    assert store.resolve("last") == new.id
+
+
+def test_empty_or_missing_folder(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path / "not-yet")
+    assert store.list().conversations == [] and store.list().unreadable == []
+    assert store.last() is None
+    with pytest.raises(StoreError, match="no conversations"):
+        store.load("last")
+    with pytest.raises(StoreError, match="no conversation 'abc'"):
+        store.load("abc")
+    with pytest.raises(StoreError, match="not a conversation id"):
+        store.load("../etc/passwd")
+
+
+def test_search_title_and_content_ignoring_case(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    coffee = rich_conversation("About COFFEE")
+    tea = rich_conversation("About tea")
+    tea.update(tea.messages[1].id, content="Matcha is a powder")  # the first answer, not on the current branch
+    for conv in (coffee, tea):
+        store.save(conv)
+    assert [s.id for s in store.search("coffee")] == [coffee.id]
+    assert [s.id for s in store.search("MATCHA")] == [tea.id]
+    assert {s.id for s in store.search("sunny")} == {coffee.id, tea.id}
+    assert store.search("nowhere to be found") == []
+
+
+def test_rename_changes_the_title_but_not_the_order(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    conv = rich_conversation(updated="2024-01-01T00:00:00.000+00:00")
+    store.save(conv)
+    store.rename(conv.id, "  Coffee\n notes ")
+    loaded = store.load(conv.id)
+    assert loaded.title == "Coffee notes"
+    assert loaded.updated == conv.updated
+    with pytest.raises(StoreError, match="empty"):
+        store.rename(conv.id, "   ")
+
+
+def test_delete(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path)
+    keep, drop = rich_conversation("keep"), rich_conversation("drop")
+    store.save(keep)
+    store.save(drop)
+    assert store.delete(drop.id).title == "drop"
+    assert not (tmp_path / f"{drop.id}.json").exists()
+    assert [s.id for s in store.list().conversations] == [keep.id]
+    with pytest.raises(StoreError, match="no conversation"):
+        store.delete(drop.id)
+
+
+def test_default_folder_follows_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMCHAT_DATA_DIR", str(tmp_path))
+    assert ConversationStore.default().directory == tmp_path / "conversations"
