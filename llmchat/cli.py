@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from llmchat.cli_info import add_info_parsers
+from llmchat.cli_models import add_models_parsers, cmd_chat
 from llmchat.engine.errors import LLMChatError
 from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK
+from llmchat.models import resolve_model
 
 EXIT_USAGE = 2
 
@@ -50,7 +52,7 @@ def _print_json(data: Any) -> None:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model folder (Hugging Face layout: config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("model", nargs="?", default=None, help="registered name, demo, or path (default: the default)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--context", type=int, default=None, help="context length (default: the model's, memory-capped)")
@@ -76,7 +78,11 @@ def _load(args: argparse.Namespace):  # -> LoadedModel (imported lazily: torch i
     if args.threads:
         torch.set_num_threads(args.threads)
     return load(
-        args.model, device=args.device, dtype=args.dtype, context_length=args.context, prefill_chunk=args.prefill_chunk
+        resolve_model(args.model),
+        device=args.device,
+        dtype=args.dtype,
+        context_length=args.context,
+        prefill_chunk=args.prefill_chunk,
     )
 
 
@@ -153,13 +159,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from llmchat.engine.package import resolve_path
-    from llmchat.engine.tokenizer import Tokenizer
+    from llmchat.engine.package import open_tokenizer
 
     if (args.text is None) == (args.file is None):
         raise CLIError("give the text either as an argument or with --file (one of them)")
-    text = args.text if args.text is not None else _read_text_file(args.file)
-    tokenizer = Tokenizer.from_folder(resolve_path(args.model))
+    text = args.text
+    if args.file is not None:  # the exact bytes: no newline translation, "\r\n" stays two characters
+        try:
+            text = Path(args.file).expanduser().read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise CLIError(f"no such file: {args.file}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CLIError(f"cannot read {args.file}: {exc}") from None
+    tokenizer = open_tokenizer(resolve_model(args.model))
     ids = tokenizer.encode(text, add_special_tokens=args.special)
     tokens = tokenizer.token_texts(ids)
     if args.json:
@@ -190,7 +202,7 @@ def cmd_template(args: argparse.Namespace) -> int:
     from llmchat.engine.errors import TemplateError
     from llmchat.engine.package import resolve_path
 
-    folder = resolve_path(args.model)
+    folder = resolve_path(resolve_model(args.model))
     messages = _read_json_file(args.messages)
     if not isinstance(messages, list):
         raise CLIError(f"{args.messages} must hold a JSON list of messages")
@@ -274,6 +286,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmchat", description="Chat with local LLMs and watch inference happen.")
+    parser.add_argument(
+        "--model", dest="chat_model", metavar="MODEL", default=None, help="model for the chat screen (name or path)"
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        metavar="ID",
+        help="reopen a saved conversation (default: last)",
+    )
+    chat = parser.add_argument_group("chat screen sampling (change them live with the keys)")
+    chat.add_argument("--temperature", dest="chat_temperature", type=float, default=None, help="0 = greedy")
+    chat.add_argument("--top-p", dest="chat_top_p", type=float, default=None)
+    chat.add_argument("--top-k", dest="chat_top_k", type=int, default=None)
+    chat.add_argument("--seed", dest="chat_seed", type=int, default=None)
+    parser.set_defaults(func=cmd_chat)  # bare `llmchat` opens the chat
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="answer one prompt, streaming the text")
@@ -288,9 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("tokenize", help="show the token ids of a text")
-    p.add_argument("model", help="model folder (only the tokenizer files are read)")
+    p.add_argument("model", help="model folder or .gguf file (only the tokenizer is read)")
     p.add_argument("text", nargs="?", default=None)
-    p.add_argument("--file", default=None, help="read the text from a file")
+    p.add_argument("--file", default=None, metavar="INPUT", help="read the text from a file (exact UTF-8 bytes)")
     p.add_argument("--special", action="store_true", help="add the special tokens the tokenizer adds (BOS...)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tokenize)
@@ -315,17 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     add_info_parsers(sub)
+    add_models_parsers(sub)
+    from llmchat.cli_chats import add_chats_parsers  # stdlib only: `chats` needs no torch
+
+    add_chats_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-    if func is None:
-        parser.print_help()
-        print("\nThe chat screen (TUI) is not built yet; use the subcommands above.", file=sys.stderr)
-        return 0
+    func: Callable[[argparse.Namespace], int] = args.func  # bare `llmchat` gets cmd_chat
     try:
         return func(args)
     except LLMChatError as exc:

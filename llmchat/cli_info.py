@@ -9,6 +9,7 @@ from dataclasses import asdict
 from typing import Any
 
 from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK
+from llmchat.models import resolve_model
 
 MiB = 1024**2
 VRAM_CONTEXTS = (2048, 8192, 32768)
@@ -49,7 +50,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from llmchat.engine.model_type import detect
     from llmchat.engine.package import open_package
 
-    package = open_package(args.model)
+    package = open_package(resolve_model(args.model))
     data = describe(package, detect(package.templates, package.tokenizer))
     if args.json:
         print(json.dumps(data, ensure_ascii=False))
@@ -89,7 +90,11 @@ def _measure(args: argparse.Namespace, context: int) -> dict[str, Any]:
     from llmchat.engine.memory import peak_rss_bytes, rss_bytes
 
     model = load(
-        args.model, device=args.device, dtype=args.dtype, context_length=context, prefill_chunk=args.prefill_chunk
+        resolve_model(args.model),
+        device=args.device,
+        dtype=args.dtype,
+        context_length=context,
+        prefill_chunk=args.prefill_chunk,
     )
     rng = random.Random(0)
     prompt = [rng.randrange(model.tokenizer.vocab_size) for _ in range(context)]
@@ -108,12 +113,24 @@ def _measure(args: argparse.Namespace, context: int) -> dict[str, Any]:
     }
 
 
+def _stored_weights(package: Any) -> dict[str, Any]:
+    """What the file holds, by tensor type (GGUF: the quant types), next to what loading makes of it."""
+    file = getattr(package.weights, "file", None)
+    by_type: dict[str, int] = file.tensor_bytes_by_type() if file is not None else {}
+    return {
+        "format": package.format,
+        "quantization": package.quantization,
+        "bytes": sum(by_type.values()) or package.size_bytes,
+        "bytes_by_type": by_type,
+    }
+
+
 def cmd_vram(args: argparse.Namespace) -> int:
     from llmchat.engine.memory import estimate, model_context_length
     from llmchat.engine.package import open_package
     from llmchat.engine.runtime import resolve_device, resolve_dtype
 
-    package = open_package(args.model)
+    package = open_package(resolve_model(args.model))
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     kv_dtype = resolve_dtype(args.kv_dtype, device) if args.kv_dtype else dtype
@@ -128,6 +145,7 @@ def cmd_vram(args: argparse.Namespace) -> int:
         "device": str(device),
         "dtype": _dtype_name(dtype),
         "kv_dtype": _dtype_name(kv_dtype),
+        "stored": _stored_weights(package),
         "estimates": rows,
     }
     if args.measure:
@@ -139,6 +157,13 @@ def cmd_vram(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
+    stored = result["stored"]
+    if stored["bytes_by_type"]:
+        types = ", ".join(f"{t} {n / MiB:.1f}" for t, n in stored["bytes_by_type"].items())
+        print(
+            f"file: {stored['format']} {stored['quantization']}, tensors {stored['bytes'] / MiB:.1f} MiB ({types}); "
+            f"dequantized to {result['dtype']} at load"
+        )
     print(f"{package.name} on {device}, weights {result['dtype']}, KV cache {result['kv_dtype']} (MiB)")
     header = f"{'context':>8} {'weights':>9} {'KV cache':>9} {'activations':>12} {'runtime':>8} {'peak':>9}"
     print(header)
@@ -165,12 +190,12 @@ def cmd_vram(args: argparse.Namespace) -> int:
 
 def add_info_parsers(sub: Any) -> None:
     p = sub.add_parser("info", help="describe a model without loading its weights")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", default=None, help="registered name, demo, or path (default: the default)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("vram", help="the memory bill of a model: weights, KV cache, activations, runtime")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", default=None, help="registered name, demo, or path (default: the default)")
     p.add_argument("--context", type=int, action="append", help="context length (repeatable; default: a few)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="dtype the weights run in")

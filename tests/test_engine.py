@@ -236,9 +236,7 @@ def test_live_sampling_changes_the_policy_from_the_next_token(model: llmchat.Loa
         asked.append(1)
         return greedy if len(asked) <= 3 else free
 
-    events = list(
-        model.generate(_prompt(10), sampling=greedy, max_new_tokens=8, stop_on_eos=False, live_sampling=live)
-    )
+    events = list(model.generate(_prompt(10), sampling=greedy, max_new_tokens=8, stop_on_eos=False, live_sampling=live))
     tokens = [e for e in events if isinstance(e, TokenEvent)]
     assert len(asked) == len(tokens) == 8
     # Greedy puts all policy mass on the chosen token; plain temperature 1 leaves the raw distribution.

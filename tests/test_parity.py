@@ -3,6 +3,8 @@
 For every kind in `tiny_models.KINDS`, in both config.json styles (and two sharded folders): the
 logits of a 40-token input agree within `TOL`, 20 greedy tokens are those of transformers'
 `generate`, and reusing the KV cache of a previous turn gives the answer a fresh prefill gives.
+Then the details those miss: Gemma's half-precision rounding, LongRoPE's switch from short to long
+factors with a KV cache (chunked prefill, rewinding), config normalization and its errors.
 
 llmchat is imported by a fixture so that the tiny-model self-check runs without the engine.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -19,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 from tokenizers import Tokenizer
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from tests.tiny_models import CONFIG_STYLES, IM_END, KINDS
@@ -207,3 +210,197 @@ def test_prefix_reuse_matches_fresh_prefill(
     diff = abs(first.logit - expected_last[first.token_id].item())
     assert first.token_id == int(expected_last.argmax()), f"{label}: cached prefill picked another token"
     assert diff <= TOL, f"{label}: cached-prefill logit differs from a full forward by {diff:.3g} > {TOL}"
+
+
+# --- Gemma in half precision --------------------------------------------------------------------
+# Gemma multiplies the normalized x by (1 + w) in float32 before casting, and rounds sqrt(hidden) to
+# the model's dtype before scaling embeddings (hidden 48: sqrt is inexact). Either done the Llama
+# way moves about a third of the bfloat16 logits by one unit in the last place: mean |diff| ≈ 0.017.
+HALF_MEAN_TOL = 1e-3
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+def test_gemma_bfloat16_rounds_like_transformers(kind: str, tiny_model: TinyModelFactory, api: ModuleType) -> None:
+    folder = tiny_model(kind)
+    ids = _random_ids(LOGITS_LEN, _vocab_size(folder), seed=1)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    expected = _hf_logits(reference, ids).float()
+    got = api.load(folder, device="cpu", dtype="bfloat16").logits(ids)
+    diff = (got - expected).abs().mean().item()
+    assert diff <= HALF_MEAN_TOL, f"{kind} (bfloat16): mean |logit diff| {diff:.3g} > {HALF_MEAN_TOL}"
+
+
+# --- LongRoPE and the KV cache --------------------------------------------------------------------
+# transformers' Phi-3 recomputes the whole sequence with the long factors the first time it grows
+# past original_max_position_embeddings (24 here), so a cached prefix never mixes the two sets.
+
+
+def test_longrope_chunked_prefill_matches_one_pass(
+    tiny_model: TinyModelFactory, api: ModuleType, events: ModuleType
+) -> None:
+    """A 30-token prompt prefilled 8 tokens at a time (short factors until the chunk that passes 24)
+    answers like transformers, which prefills it in one pass with the long factors."""
+    folder = tiny_model("phi3-longrope")
+    prompt = _random_ids(30, _vocab_size(folder), seed=5)
+    expected = _hf_greedy(_hf_model(folder), prompt)
+    model = api.load(folder, device="cpu", dtype="float32", prefill_chunk=8)
+    assert _tokens(events, _greedy(api, model, prompt, NEW_TOKENS)) == expected
+
+
+def test_longrope_rewind_below_original_length_matches_fresh(
+    tiny_model: TinyModelFactory, api: ModuleType, events: ModuleType
+) -> None:
+    """After a turn that went past 24 positions (long factors), a turn that rewinds to 18 tokens
+    reuses the cached prefix and still answers like a fresh model (short factors)."""
+    folder = tiny_model("phi3-longrope")
+    vocab = _vocab_size(folder)
+    model = api.load(folder, device="cpu", dtype="float32")
+    prompt1 = _random_ids(20, vocab, seed=6)
+    _greedy(api, model, prompt1, 8)  # the cache ends past 24: long factors
+    prompt2 = prompt1[:14] + _random_ids(4, vocab, seed=7)
+    turn2 = _greedy(api, model, prompt2, 6)
+    assert _prefill_done(events, turn2).reused_tokens == 14
+    fresh = _greedy(api, api.load(folder, device="cpu", dtype="float32"), prompt2, 6)
+    assert _tokens(events, turn2) == _tokens(events, fresh)
+    first = next(e for e in turn2 if isinstance(e, events.TokenEvent))
+    expected_last = _hf_logits(_hf_model(folder), prompt2)[-1]
+    assert abs(first.logit - expected_last[first.token_id].item()) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["phi3-longrope", "llama-dynamic"])
+def test_chunks_told_the_request_length_match_one_pass(
+    kind: str, tiny_model: TinyModelFactory, api: ModuleType
+) -> None:
+    """Forward passes given `rope_length` (the length a chunked prefill reaches) rotate with the
+    RoPE of the whole sequence (LongRoPE's long factors, dynamic NTK's base for 40 positions), so
+    8-token chunks give the logits of transformers' single 40-token pass."""
+    folder = tiny_model(kind)
+    ids = _random_ids(LOGITS_LEN, _vocab_size(folder), seed=1)
+    expected = _hf_logits(_hf_model(folder), ids)
+    loaded = api.load(folder, device="cpu", dtype="float32")
+    rows = []
+    with torch.inference_mode():
+        for begin in range(0, LOGITS_LEN, 8):
+            chunk = ids[begin : begin + 8]
+            rows.append(loaded.model(torch.tensor(chunk), loaded.cache, begin, rope_length=LOGITS_LEN))
+            loaded.cache.append_tokens(chunk)
+    diff = (torch.cat(rows).float() - expected).abs().max().item()
+    assert diff <= TOL, f"{kind}: chunked max |logit diff| {diff:.3g} > {TOL}"
+
+
+# --- configs ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine_config() -> ModuleType:
+    """`llmchat.engine.config`."""
+    return importlib.import_module("llmchat.engine.config")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_config_styles_normalize_the_same(kind: str, tiny_model: TinyModelFactory, engine_config: ModuleType) -> None:
+    """Old- and new-style config.json of one model give one ModelConfig."""
+    new, old = (engine_config.load_hf_config(tiny_model(kind, style)) for style in CONFIG_STYLES)
+    assert new == old
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_parameter_count_matches_transformers(kind: str, tiny_model: TinyModelFactory) -> None:
+    """The memory math counts the parameters transformers builds (tied matrices once)."""
+    config = importlib.import_module("llmchat.engine.config").load_hf_config(tiny_model(kind))
+    count = importlib.import_module("llmchat.engine.memory").parameter_count(config)
+    assert count == sum(p.numel() for p in _hf_model(tiny_model(kind)).parameters())
+
+
+_MINIMAL = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 7,
+    "num_attention_heads": 4,
+    "vocab_size": 300,
+}
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3_text", "phi3"])
+def test_absent_keys_take_transformers_defaults(model_type: str, engine_config: ModuleType) -> None:
+    """A config.json that leaves keys out (as GGUF-derived ones may) means transformers' defaults."""
+    reference = AutoConfig.for_model(model_type, **_MINIMAL)
+    config = engine_config.from_hf_config({"model_type": model_type, **_MINIMAL})
+    head_dim = getattr(reference, "head_dim", None) or reference.hidden_size // reference.num_attention_heads
+    assert config.head_dim == head_dim
+    assert config.max_position_embeddings == reference.max_position_embeddings
+    assert config.rms_norm_eps == reference.rms_norm_eps
+    assert config.tie_word_embeddings == reference.tie_word_embeddings
+    assert config.final_softcap == getattr(reference, "final_logit_softcapping", None)
+    window = getattr(reference, "sliding_window", None)
+    assert config.sliding_window == window
+    types = getattr(reference, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * 7
+    assert config.sliding_layers == tuple(t == "sliding_attention" for t in types)
+    if model_type.startswith("gemma"):
+        assert config.attn_scale == reference.query_pre_attn_scalar**-0.5
+        assert config.hidden_act == reference.hidden_activation
+    if model_type == "gemma2":
+        assert config.attn_softcap == reference.attn_logit_softcapping
+    if model_type == "gemma3_text":
+        assert config.rope.theta == reference.rope_parameters["full_attention"]["rope_theta"]
+        assert config.local_rope.theta == reference.rope_parameters["sliding_attention"]["rope_theta"]
+
+
+def _edited_config(folder: Path, tmp_path: Path, **changes: Any) -> tuple[dict[str, Any], str]:
+    raw = {**json.loads((folder / "config.json").read_text()), **changes}
+    return raw, str(tmp_path / "config.json")
+
+
+def test_multimodal_gemma3_is_refused_by_name(
+    tiny_model: TinyModelFactory, tmp_path: Path, engine_config: ModuleType
+) -> None:
+    errors = importlib.import_module("llmchat.engine.errors")
+    raw, source = _edited_config(tiny_model("gemma3"), tmp_path, architectures=["Gemma3ForConditionalGeneration"])
+    with pytest.raises(errors.UnsupportedArchitectureError) as info:
+        engine_config.from_hf_config(raw, source=source)
+    message = str(info.value)
+    assert source in message and "Gemma3ForConditionalGeneration" in message and "Gemma3ForCausalLM" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("kind", "changes", "named"),
+    [
+        ("gemma2", {"use_bidirectional_attention": True}, "bidirectional"),
+        ("gemma3", {"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]}, "chunked_attention"),
+        ("gemma3", {"layer_types": ["full_attention"]}, "layer_types"),
+        (
+            "phi3-longrope",
+            {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8}},
+            "long_factor",
+        ),
+        ("phi3", {"rope_parameters": {"rope_type": "su2", "rope_theta": 1e4}}, "su2"),
+    ],
+)
+def test_bad_configs_fail_with_one_line(
+    kind: str,
+    changes: dict[str, Any],
+    named: str,
+    tiny_model: TinyModelFactory,
+    tmp_path: Path,
+    engine_config: ModuleType,
+) -> None:
+    errors = importlib.import_module("llmchat.engine.errors")
+    raw, source = _edited_config(tiny_model(kind), tmp_path, **changes)
+    with pytest.raises(errors.ModelLoadError) as info:
+        engine_config.from_hf_config(raw, source=source)
+    message = str(info.value)
+    assert source in message and named in message and "\n" not in message
+
+
+def test_longrope_factor_count_is_checked_at_load(
+    tiny_model: TinyModelFactory, tmp_path: Path, api: ModuleType
+) -> None:
+    """Factor lists must have one entry per rotary frequency (head_dim 16: 8)."""
+    errors = importlib.import_module("llmchat.engine.errors")
+    folder = Path(shutil.copytree(tiny_model("phi3-longrope"), tmp_path / "m"))
+    raw = json.loads((folder / "config.json").read_text())
+    raw["rope_parameters"]["long_factor"] = [1.0] * 6
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(errors.ModelLoadError, match="longrope has 6 factors for 8 rotary frequencies"):
+        api.load(folder, device="cpu", dtype="float32")

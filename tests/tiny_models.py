@@ -33,6 +33,11 @@ KINDS = (
     "qwen2-sliding",
     "qwen3",
     "qwen2-yarn",
+    "gemma2",
+    "gemma3",
+    "gemma3-linear",
+    "phi3",
+    "phi3-longrope",
 )
 CONFIG_STYLES = ("new", "old")
 
@@ -71,6 +76,25 @@ _BASE: dict[str, Any] = {
 def _rope(theta: float, rope_type: str = "default", **params: Any) -> dict[str, Any]:
     return {"rope_type": rope_type, "rope_theta": theta, **params}
 
+
+# Gemma: hidden 48 (sqrt(48) is inexact in bfloat16, so the embedding scale's rounding shows) unlike
+# heads * head_dim = 64, head_dim set (the config default is 256), query_pre_attn_scalar unlike
+# head_dim so the attention scale is checked; window 8 < the tests' sequences. Gemma 3's three
+# layers slide, slide, attend fully (sliding_window_pattern 3), with RoPE bases 1e4 and 1e6.
+_GEMMA = {"hidden_size": 48, "num_hidden_layers": 3, "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 8}
+_GEMMA3_ROPE = {"sliding_attention": _rope(10000.0), "full_attention": _rope(1000000.0)}
+_PHI3 = {"pad_token_id": None}  # the config default (32000) is outside the tiny vocabulary
+# LongRoPE over 24 original positions (factor 128 / 24, so cos/sin are scaled too): a 40-token
+# forward uses the long factors, the greedy test (12 + 20 tokens) crosses from short to long
+# while decoding, and the prefix-reuse turns prefill at most 22 tokens (short) and cross while
+# decoding, identically in the cached and the fresh run.
+_LONGROPE = _rope(
+    10000.0,
+    "longrope",
+    short_factor=[1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 1.7, 2.0],
+    long_factor=[1.0, 1.3, 1.8, 2.5, 3.5, 5.0, 7.0, 9.0],
+    original_max_position_embeddings=24,
+)
 
 # model_type, config overrides (on top of _BASE) for each kind.
 _KIND_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -123,6 +147,35 @@ _KIND_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             "rope_parameters": _rope(10000.0, "yarn", factor=4.0, original_max_position_embeddings=32),
         },
     ),
+    # Caps that bite on these weights: attention scores reach about 4 (capped below 2), logits about
+    # 13 (capped below 8).
+    "gemma2": (
+        "gemma2",
+        {**_GEMMA, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 8.0, "rope_parameters": _rope(10000.0)},
+    ),
+    "gemma3": ("gemma3_text", {**_GEMMA, "sliding_window_pattern": 3, "rope_parameters": _GEMMA3_ROPE}),
+    # Linear scaling on the full-attention layer only, and a final soft-cap (off by default in Gemma 3).
+    "gemma3-linear": (
+        "gemma3_text",
+        {
+            **_GEMMA,
+            "sliding_window_pattern": 3,
+            "final_logit_softcapping": 8.0,
+            "rope_parameters": {**_GEMMA3_ROPE, "full_attention": _rope(1000000.0, "linear", factor=4.0)},
+        },
+    ),
+    # Half the head rotates (as in Phi-4-mini); a window of 8 on every layer (Phi-3-mini-4k has one).
+    "phi3": (
+        "phi3",
+        {
+            **_PHI3,
+            "sliding_window": 8,
+            "partial_rotary_factor": 0.5,
+            "rope_parameters": _rope(10000.0, partial_rotary_factor=0.5),
+        },
+    ),
+    # Phi3Config keeps the original length at the top level too, and that one wins in transformers.
+    "phi3-longrope": ("phi3", {**_PHI3, "original_max_position_embeddings": 24, "rope_parameters": _LONGROPE}),
 }
 
 
@@ -154,14 +207,16 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
     Attention and MLP outputs are doubled (and tied embeddings shrunk) so the residual stream is not
     dominated by the current token's embedding, which makes greedy decoding loop on one token.
+    Gemma's norms scale by (1 + w), so their w is drawn around 0 for the same effective scale.
     """
     gen = torch.Generator().manual_seed(seed)
     tied = model.config.tie_word_embeddings
+    norm_center = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=gen)
             if "norm" in name:
-                param.copy_(1.0 + 0.2 * noise)
+                param.copy_(norm_center + 0.2 * noise)
             elif name.endswith(".bias"):
                 param.copy_(0.2 * noise)
             elif "embed_tokens" in name:
@@ -173,25 +228,46 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(gain * noise * param.shape[1] ** -0.5)
 
 
+def _old_rope(rope: dict[str, Any], model_type: str) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) as pre-transformers-5 configs spell one rope parameter dict."""
+    rope = dict(rope)
+    theta = rope.pop("rope_theta")
+    rope_type = rope.pop("rope_type")
+    rope.pop("partial_rotary_factor", None)  # old configs keep it at the top level
+    if rope_type == "default":
+        return theta, None
+    if rope_type == "longrope" and model_type == "phi3":
+        return theta, {"type": "su", **rope}  # what the first long-context Phi-3 configs called it
+    if rope_type in ("llama3", "yarn") or model_type == "gemma3_text":  # Gemma 3 configs say rope_type
+        return theta, {"rope_type": rope_type, **rope}
+    return theta, {"type": rope_type, **rope}  # the pre-4.45 spelling for linear and dynamic scaling
+
+
 def _to_old_style(config: dict[str, Any]) -> dict[str, Any]:
     """Rewrite a transformers-5 config.json the way most published checkpoints spell it."""
     old = dict(config)
-    rope = dict(old.pop("rope_parameters"))
-    old["rope_theta"] = rope.pop("rope_theta")
-    rope_type = rope.pop("rope_type")
-    if rope_type == "default":
-        old["rope_scaling"] = None
-    elif rope_type in ("llama3", "yarn"):
-        old["rope_scaling"] = {"rope_type": rope_type, **rope}
-    else:  # the pre-4.45 spelling for linear and dynamic scaling
-        old["rope_scaling"] = {"type": rope_type, **rope}
+    rope = old.pop("rope_parameters")
+    model_type = old["model_type"]
+    if model_type == "gemma3_text":
+        # Gemma 3 (transformers 4.5x): global theta + scaling, a local base, a layer pattern.
+        old["rope_theta"], old["rope_scaling"] = _old_rope(rope["full_attention"], model_type)
+        old["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        old.pop("_sliding_window_pattern", None)
+    else:
+        old["rope_theta"], old["rope_scaling"] = _old_rope(rope, model_type)
     old["torch_dtype"] = old.pop("dtype")
-    if old["model_type"] in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3"):
         # Old Qwen configs carry no layer_types (derived from max_window_layers) and usually keep a
         # sliding_window number even when use_sliding_window is false, where it must be ignored.
         old.pop("layer_types")
         if not old["use_sliding_window"]:
             old["sliding_window"] = 8
+    if model_type in ("gemma2", "gemma3_text"):
+        # Derived from the alternation (Gemma 2) or sliding_window_pattern (Gemma 3) instead;
+        # Gemma 2 configs also carry a `hidden_act` that transformers ignores.
+        old.pop("layer_types")
+        if model_type == "gemma2":
+            old["hidden_act"] = "gelu_pytorch_tanh"
     return old
 
 

@@ -26,7 +26,17 @@ _WHERE = {
     "load": "runtime",
     "SamplingParams": "sampling",
 }
-__all__ = sorted(_WHERE)
+__all__ = [
+    "Finished",
+    "LLMChatError",
+    "LoadedModel",
+    "PrefillDone",
+    "PrefillProgress",
+    "SamplingParams",
+    "TokenEvent",
+    "TopToken",
+    "load",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,13 +1,16 @@
 """ModelConfig: one normalized set of hyperparameters for every supported architecture.
 
-Architectures differ by data, not by code: biases, q/k norms, sliding windows, rope scaling are
-fields here, and `model.py` reads them. `from_hf_config` accepts both config.json styles found in
-the wild: the old one (top-level `rope_theta`, `rope_scaling`, `torch_dtype`) and the new one
-(`rope_parameters`, `dtype`).
+Architectures differ by data, not by code: biases, q/k norms, sliding windows, rope scaling,
+Gemma's norm offset and soft-capping are fields here, and `model.py` reads them. `from_hf_config`
+accepts both config.json styles found in the wild: the old one (top-level `rope_theta`,
+`rope_scaling`, `torch_dtype`) and the new one (`rope_parameters`, `dtype`), and fills in the
+defaults transformers' config classes would when a key is absent.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,20 +18,22 @@ from typing import Any
 from llmchat.engine.errors import ModelLoadError, UnsupportedArchitectureError
 from llmchat.engine.jsonfile import read_json_object
 
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
+
 
 @dataclass(frozen=True)
 class RopeConfig:
     """Rotary position embedding: base frequency and an optional scaling variant."""
 
     theta: float = 10000.0
-    type: str = "default"  # default | linear | dynamic | llama3 | yarn
+    type: str = "default"  # one of ROPE_TYPES
     factor: float = 1.0
     original_max_position_embeddings: int | None = None
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
     beta_fast: float = 32.0  # yarn
     beta_slow: float = 1.0  # yarn
-    attention_factor: float | None = None  # yarn: scale applied to cos/sin
+    attention_factor: float | None = None  # yarn, longrope: scale applied to cos/sin
     mscale: float | None = None  # yarn (DeepSeek style): derives attention_factor
     mscale_all_dim: float | None = None
     truncate: bool = True  # yarn: round the correction range to whole dimensions
@@ -36,13 +41,16 @@ class RopeConfig:
     # Per-frequency divisors stored with the weights (GGUF's `rope_freqs` tensor, which is how
     # llama.cpp ships llama3 scaling): inv_freq_i / freq_factors[i].
     freq_factors: tuple[float, ...] | None = None
+    # longrope (Phi-3): per-frequency divisors for sequences within / beyond the original length.
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything the Transformer needs to know about a checkpoint."""
 
-    architecture: str  # family name: llama, mistral, qwen2, qwen3
+    architecture: str  # family name: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -58,12 +66,21 @@ class ModelConfig:
     qkv_bias: bool = False  # bias on q/k/v projections
     o_bias: bool = False  # bias on the attention output projection
     mlp_bias: bool = False
-    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] = ()  # per layer: does it use the sliding window?
     dtype: str | None = None  # dtype the checkpoint was published in
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Gemma: norms scale by (norm_offset + weight) instead of weight, computed in float32.
+    norm_offset: float = 0.0
+    embed_scale: float | None = None  # Gemma: token embeddings are multiplied by sqrt(hidden_size)
+    sandwich_norms: bool = False  # Gemma 2/3: a norm after attention and after the MLP as well
+    attn_scale: float | None = None  # softmax scale of attention; None means head_dim ** -0.5
+    attn_softcap: float | None = None  # Gemma 2: scores -> tanh(scores / c) * c before the mask
+    final_softcap: float | None = None  # Gemma 2: the same on the output logits
+    # Gemma 3: sliding layers rotate with their own (local) RoPE; None means every layer uses `rope`.
+    local_rope: RopeConfig | None = None
 
     @property
     def q_size(self) -> int:
@@ -79,29 +96,99 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def uses_local_rope(self, layer: int) -> bool:
+        """Whether a layer rotates with `local_rope` (Gemma 3's sliding layers) instead of `rope`."""
+        return self.local_rope is not None and self.sliding_layers[layer]
+
     def with_changes(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
 
 
-# model_type → (family, q/k/v bias, o bias, q/k norm, honours sliding_window)
-_FAMILIES: dict[str, tuple[str, bool | None, bool | None, bool, str]] = {
-    "llama": ("llama", None, None, False, "never"),
-    "mistral": ("mistral", False, False, False, "all"),
-    "qwen2": ("qwen2", True, False, False, "use_sliding_window"),
-    "qwen3": ("qwen3", None, None, True, "use_sliding_window"),
+@dataclass(frozen=True)
+class _Family:
+    """What a model_type fixes that its config.json does not say."""
+
+    name: str
+    qkv_bias: bool | None = None  # None: the config's `attention_bias` decides
+    o_bias: bool | None = None
+    qk_norm: bool = False
+    # Which layers honour `sliding_window`: never | all | use_sliding_window (Qwen: a flag plus
+    # max_window_layers) | pattern (Gemma: `layer_types`, else every `window_pattern`-th layer is full).
+    sliding: str = "never"
+    window_pattern: int = 0
+    window_pattern_key: str | None = None  # config key that may override window_pattern
+    gemma: bool = False  # (1 + w) norms, scaled embeddings, sandwich norms, query_pre_attn_scalar
+    local_rope: bool = False  # Gemma 3: sliding layers have a RoPE of their own
+    rope_aliases: Mapping[str, str] = field(default_factory=dict)  # legacy rope type names
+    # transformers' config-class defaults for keys a config.json may leave out
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+_GEMMA_DEFAULTS = {
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+    "tie_word_embeddings": True,
 }
-SUPPORTED_ARCHITECTURES = (
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-)
+_FAMILIES: dict[str, _Family] = {
+    "llama": _Family("llama"),
+    "mistral": _Family("mistral", qkv_bias=False, o_bias=False, sliding="all"),
+    "qwen2": _Family("qwen2", qkv_bias=True, o_bias=False, sliding="use_sliding_window"),
+    "qwen3": _Family("qwen3", qk_norm=True, sliding="use_sliding_window"),
+    "gemma2": _Family(
+        "gemma2",
+        sliding="pattern",
+        window_pattern=2,
+        gemma=True,
+        defaults={
+            **_GEMMA_DEFAULTS,
+            "max_position_embeddings": 8192,
+            "final_logit_softcapping": 30.0,
+            "attn_logit_softcapping": 50.0,
+        },
+    ),
+    "gemma3_text": _Family(
+        "gemma3",
+        qk_norm=True,
+        sliding="pattern",
+        window_pattern=6,
+        window_pattern_key="sliding_window_pattern",
+        gemma=True,
+        local_rope=True,
+        defaults={
+            **_GEMMA_DEFAULTS,
+            "max_position_embeddings": 131072,
+            "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10_000.0,
+        },
+    ),
+    "phi3": _Family(
+        "phi3",
+        qkv_bias=False,
+        o_bias=False,
+        sliding="all",
+        rope_aliases={"su": "longrope", "yarn": "longrope"},  # what early Phi-3 configs called it
+        defaults={"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "original_max_position_embeddings": 4096},
+    ),
+}
 _ARCH_TO_TYPE = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "Phi3ForCausalLM": "phi3",
 }
+SUPPORTED_ARCHITECTURES = tuple(_ARCH_TO_TYPE)
+_UNSUPPORTED_HINTS = {
+    "Gemma3ForConditionalGeneration": (
+        "multimodal Gemma 3 (vision + text) is not supported; text-only Gemma3ForCausalLM checkpoints "
+        "(e.g. gemma-3-1b) are"
+    ),
+}
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def load_hf_config(folder: Path) -> ModelConfig:
@@ -113,7 +200,7 @@ def load_hf_config(folder: Path) -> ModelConfig:
     return from_hf_config(raw, source=str(path))
 
 
-def _model_type(raw: dict[str, Any]) -> str:
+def _model_type(raw: dict[str, Any], source: str) -> str:
     archs = raw.get("architectures") or []
     for arch in archs:
         if arch in _ARCH_TO_TYPE:
@@ -121,9 +208,12 @@ def _model_type(raw: dict[str, Any]) -> str:
     model_type = raw.get("model_type")
     if model_type in _FAMILIES and not archs:
         return model_type
+    for arch in archs:
+        if arch in _UNSUPPORTED_HINTS:
+            raise UnsupportedArchitectureError(f"{source}: {arch}: {_UNSUPPORTED_HINTS[arch]}")
     named = ", ".join(archs) if archs else f"model_type {model_type!r}"
     raise UnsupportedArchitectureError(
-        f"unsupported architecture {named}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        f"{source}: unsupported architecture {named}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
     )
 
 
@@ -133,27 +223,46 @@ def _require(raw: dict[str, Any], key: str, source: str) -> Any:
     return raw[key]
 
 
-def _rope_from(raw: dict[str, Any], max_pos: int) -> RopeConfig:
-    """Merge the old style (rope_theta + rope_scaling) and the new one (rope_parameters)."""
-    params: dict[str, Any] = {}
-    if raw.get("rope_scaling"):
-        params.update(raw["rope_scaling"])
-    if raw.get("rope_parameters"):
-        params.update(raw["rope_parameters"])
-    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+def _rope_parameters(raw: dict[str, Any], family: _Family) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The rope parameters of full-attention layers and, where the family has one, of sliding layers.
+
+    Old style: top-level `rope_theta` + `rope_scaling` (+ Gemma 3's `rope_local_base_freq`). New
+    style: `rope_parameters`, nested per layer type for Gemma 3. Scaling applies to full layers only.
+    """
+    scaling = dict(raw.get("rope_scaling") or {})
+    given = raw.get("rope_parameters") or {}
+    nested = any(key in given for key in _LAYER_TYPES)
+    full = {**scaling, **((given.get("full_attention") or {}) if nested else given)}
+    full.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    if not family.local_rope:
+        return full, None
+    local = dict(given.get("sliding_attention") or {}) if nested else {}
+    local.setdefault("rope_theta", raw.get("rope_local_base_freq", 10000.0))
+    return full, local
+
+
+def _rope_from(params: dict[str, Any], raw: dict[str, Any], max_pos: int, family: _Family, source: str) -> RopeConfig:
+    """A RopeConfig from one (merged) rope parameter dict, with transformers' defaults."""
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-    if rope_type not in ("default", "linear", "dynamic", "llama3", "yarn"):
-        raise ModelLoadError(
-            f"unsupported rope scaling {rope_type!r}; supported: default, linear, dynamic, llama3, yarn"
-        )
+    rope_type = family.rope_aliases.get(rope_type, rope_type)
+    if rope_type not in ROPE_TYPES:
+        raise ModelLoadError(f"{source}: unsupported rope scaling {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
     factor = params.get("factor")
-    original: int | None = params.get("original_max_position_embeddings", raw.get("original_max_position_embeddings"))
-    if rope_type in ("llama3", "yarn") and original is None:
-        original = max_pos
+    original: int | None = params.get("original_max_position_embeddings")
+    if rope_type in ("llama3", "yarn", "longrope"):
+        # transformers gives a top-level original_max_position_embeddings priority (Phi-3 keeps it there).
+        original = raw.get("original_max_position_embeddings") or original or max_pos
     if rope_type == "yarn" and factor is None and original:
         factor = max_pos / original
+    short_factor = long_factor = None
+    if rope_type == "longrope":
+        short_factor, long_factor = params.get("short_factor"), params.get("long_factor")
+        if not isinstance(short_factor, list) or not isinstance(long_factor, list):
+            raise ModelLoadError(f"{source}: longrope scaling needs short_factor and long_factor lists")
+        if factor is None:  # Phi-3 states the stretch as max_position_embeddings / original length
+            factor = max_pos / original if original else 1.0
     return RopeConfig(
-        theta=float(theta),
+        theta=float(params["rope_theta"]),
         type=rope_type,
         factor=float(factor if factor is not None else 1.0),
         original_max_position_embeddings=int(original) if original is not None else None,
@@ -167,26 +276,66 @@ def _rope_from(raw: dict[str, Any], max_pos: int) -> RopeConfig:
         truncate=bool(params.get("truncate", True)),
         partial_rotary_factor=float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))),
         freq_factors=tuple(float(f) for f in raw["rope_freq_factors"]) if raw.get("rope_freq_factors") else None,
+        short_factor=tuple(float(f) for f in short_factor) if short_factor is not None else None,
+        long_factor=tuple(float(f) for f in long_factor) if long_factor is not None else None,
     )
 
 
-def _sliding(raw: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, tuple[bool, ...]]:
+def _layer_types(raw: dict[str, Any], num_layers: int, source: str) -> tuple[bool, ...] | None:
+    """Per layer: sliding or not, from `layer_types` (None when the config has none)."""
+    layer_types = raw.get("layer_types")
+    if not layer_types:
+        return None
+    if len(layer_types) != num_layers:
+        raise ModelLoadError(f"{source}: layer_types has {len(layer_types)} entries for {num_layers} layers")
+    unknown = sorted(set(layer_types) - set(_LAYER_TYPES))
+    if unknown:
+        raise ModelLoadError(f"{source}: unsupported layer type(s) {', '.join(map(repr, unknown))} in layer_types")
+    return tuple(t == "sliding_attention" for t in layer_types)
+
+
+def _sliding(raw: dict[str, Any], family: _Family, num_layers: int, source: str) -> tuple[int | None, tuple[bool, ...]]:
     """Which layers slide, and over how many tokens."""
-    rule = _FAMILIES[model_type][4]
+    rule = family.sliding
     window = raw.get("sliding_window")
+    if rule == "pattern":
+        # Gemma: the layer types also pick the RoPE (Gemma 3), so they count even without a window.
+        # Old configs have no layer_types: Gemma 2 alternates (even layers slide), Gemma 3 makes
+        # every `sliding_window_pattern`-th layer full.
+        key = family.window_pattern_key
+        pattern = int(raw.get(key) or family.window_pattern) if key else family.window_pattern
+        types = _layer_types(raw, num_layers, source) or tuple(bool((i + 1) % pattern) for i in range(num_layers))
+        return (int(window) if window else None), types
     if rule == "never" or window is None:
         return None, (False,) * num_layers
     if rule == "use_sliding_window" and not raw.get("use_sliding_window", False):
         return None, (False,) * num_layers
-    layer_types = raw.get("layer_types")
-    if layer_types:
-        if len(layer_types) != num_layers:
-            raise ModelLoadError(f"layer_types has {len(layer_types)} entries for {num_layers} layers")
-        return int(window), tuple(t == "sliding_attention" for t in layer_types)
+    given = _layer_types(raw, num_layers, source)
+    if given is not None:
+        return int(window), given
     if rule == "use_sliding_window":
         first = int(raw.get("max_window_layers", num_layers))
         return int(window), tuple(i >= first for i in range(num_layers))
     return int(window), (True,) * num_layers
+
+
+def _gemma_switches(raw: dict[str, Any], family: _Family, hidden: int, source: str) -> dict[str, Any]:
+    """ModelConfig fields that make the shared layer a Gemma layer."""
+    if not family.gemma:
+        return {}
+    if raw.get("use_bidirectional_attention"):
+        raise ModelLoadError(f"{source}: bidirectional attention (an embedding model) is not supported")
+    final_cap = raw.get("final_logit_softcapping")
+    # transformers' Gemma 3 attention never passes `attn_logit_softcapping` on, so it is ignored here too.
+    attn_cap = raw.get("attn_logit_softcapping") if family.name == "gemma2" else None
+    return {
+        "norm_offset": 1.0,
+        "embed_scale": math.sqrt(hidden),
+        "sandwich_norms": True,
+        "attn_scale": float(raw["query_pre_attn_scalar"]) ** -0.5,
+        "attn_softcap": float(attn_cap) if attn_cap else None,
+        "final_softcap": float(final_cap) if final_cap else None,
+    }
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
@@ -199,8 +348,9 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
 
 def from_hf_config(raw: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
     """Normalize a parsed Hugging Face config.json."""
-    model_type = _model_type(raw)
-    family, qkv_bias, o_bias, qk_norm, _ = _FAMILIES[model_type]
+    model_type = _model_type(raw, source)
+    family = _FAMILIES[model_type]
+    raw = {**family.defaults, **raw}
     hidden = int(_require(raw, "hidden_size", source))
     heads = int(_require(raw, "num_attention_heads", source))
     kv_heads = int(raw.get("num_key_value_heads") or heads)
@@ -212,9 +362,12 @@ def from_hf_config(raw: dict[str, Any], *, source: str = "config.json") -> Model
     head_dim = int(raw.get("head_dim") or hidden // heads)
     max_pos = int(raw.get("max_position_embeddings") or 2048)
     attention_bias = bool(raw.get("attention_bias", False))
-    window, sliding_layers = _sliding(raw, model_type, layers)
+    window, sliding_layers = _sliding(raw, family, layers, source)
+    full_rope, local_rope = _rope_parameters(raw, family)
+    # Gemma's MLP reads `hidden_activation` (its `hidden_act` is a leftover that transformers ignores).
+    activation = raw.get("hidden_activation") or "gelu_pytorch_tanh" if family.gemma else raw.get("hidden_act", "silu")
     return ModelConfig(
-        architecture=family,
+        architecture=family.name,
         vocab_size=int(_require(raw, "vocab_size", source)),
         hidden_size=hidden,
         intermediate_size=int(_require(raw, "intermediate_size", source)),
@@ -224,16 +377,18 @@ def from_hf_config(raw: dict[str, Any], *, source: str = "config.json") -> Model
         head_dim=head_dim,
         max_position_embeddings=max_pos,
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-        hidden_act=str(raw.get("hidden_act", "silu")),
-        rope=_rope_from(raw, max_pos),
+        hidden_act=str(activation),
+        rope=_rope_from(full_rope, raw, max_pos, family, source),
+        local_rope=_rope_from(local_rope, raw, max_pos, family, source) if local_rope is not None else None,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        qkv_bias=attention_bias if qkv_bias is None else qkv_bias,
-        o_bias=attention_bias if o_bias is None else o_bias,
+        qkv_bias=attention_bias if family.qkv_bias is None else family.qkv_bias,
+        o_bias=attention_bias if family.o_bias is None else family.o_bias,
         mlp_bias=bool(raw.get("mlp_bias", False)) if model_type == "llama" else False,
-        qk_norm=qk_norm,
+        qk_norm=family.qk_norm,
         sliding_window=window,
         sliding_layers=sliding_layers,
         dtype=raw.get("dtype") or raw.get("torch_dtype"),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_ids(raw.get("eos_token_id")),
+        **_gemma_switches(raw, family, hidden, source),
     )

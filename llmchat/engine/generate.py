@@ -127,7 +127,9 @@ class Generator:
             began = time.perf_counter()
             is_last = position + len(chunk) == len(ids)
             tokens = torch.tensor(chunk, dtype=torch.long, device=self.device)
-            out = self.model(tokens, self.cache, position, last_only=True)
+            # rope_length: scalings that depend on the length (longrope, dynamic NTK) see the whole
+            # prompt in every chunk, as one unchunked pass would.
+            out = self.model(tokens, self.cache, position, last_only=True, rope_length=len(ids))
             if is_last:
                 logits = out[-1].float()
             self._sync()

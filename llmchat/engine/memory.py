@@ -39,7 +39,7 @@ def parameter_count(config: ModelConfig) -> int:
     attn = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
     attn += (c.q_size + 2 * c.kv_size) * c.qkv_bias + c.hidden_size * c.o_bias + 2 * c.head_dim * c.qk_norm
     mlp = 3 * c.hidden_size * c.intermediate_size + (2 * c.intermediate_size + c.hidden_size) * c.mlp_bias
-    per_layer = attn + mlp + 2 * c.hidden_size
+    per_layer = attn + mlp + (4 if c.sandwich_norms else 2) * c.hidden_size  # Gemma norms each branch twice
     embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
     return c.num_layers * per_layer + embeddings + c.hidden_size
 

@@ -1,16 +1,19 @@
 """The Transformer: one decoder-only model class for every supported architecture.
 
 The parts, in the order a token meets them:
-  token embedding → N × [RMSNorm → attention (fused QKV, optional q/k norm, RoPE, GQA, KV cache,
-  optional sliding window) → residual add → RMSNorm → gated MLP → residual add] → final RMSNorm →
-  output projection (logits).
+  token embedding (× a scale for Gemma) → N × [RMSNorm → attention (fused QKV, optional q/k norm,
+  RoPE, GQA, KV cache, optional sliding window, optional score soft-capping) → (Gemma: RMSNorm) →
+  residual add → RMSNorm → gated MLP → (Gemma: RMSNorm) → residual add] → final RMSNorm →
+  output projection (logits, optionally soft-capped).
 Architectures differ only through ModelConfig fields; checkpoint names are mapped to this one
-layout at load time (q/k/v and gate/up are fused into one matmul each, which decoding likes).
+layout at load time (q/k/v and gate/up are fused into one matmul each, which decoding likes;
+Phi-3 ships them fused already).
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -21,6 +24,11 @@ from llmchat.engine.config import ModelConfig
 from llmchat.engine.errors import ModelLoadError
 from llmchat.engine.kv_cache import KVCache
 from llmchat.engine.rope import RotaryEmbedding, apply_rotary
+
+RECOMPUTE_CHUNK = 512  # positions per pass when a cached prefix is re-run (see Transformer._match_longrope)
+
+# cos/sin rows of one forward pass, per rotary embedding (Gemma 3: full layers', sliding layers')
+RopeTables = list[tuple[torch.Tensor, torch.Tensor]]
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -81,8 +89,40 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class OffsetRMSNorm(nn.Module):
+    """Gemma's RMSNorm: x / rms(x) * (offset + w), all in float32, cast back at the end.
+
+    Llama casts the normalized x back before multiplying by the weight; Gemma multiplies first.
+    The two round differently in half precision, so this is its own class rather than a weight
+    with the offset folded in at load time.
+    """
+
+    def __init__(self, dim: int, eps: float, offset: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * (self.offset + self.weight.float())).to(dtype)
+
+
+def make_norm(config: ModelConfig, dim: int) -> RMSNorm | OffsetRMSNorm:
+    """The architecture's RMSNorm over `dim` features."""
+    if config.norm_offset:
+        return OffsetRMSNorm(dim, config.rms_norm_eps, config.norm_offset)
+    return RMSNorm(dim, config.rms_norm_eps)
+
+
 class Attention(nn.Module):
-    """Multi-head attention with grouped KV heads, RoPE and a KV cache."""
+    """Multi-head attention with grouped KV heads, RoPE and a KV cache.
+
+    Layers with soft-capped scores (Gemma 2) take the plain path of `capped_attention`, since the
+    fused SDPA kernel cannot transform scores between the product and the softmax.
+    """
 
     def __init__(self, config: ModelConfig, layer: int, transposed: bool) -> None:
         super().__init__()
@@ -92,8 +132,10 @@ class Attention(nn.Module):
         self.splits = (config.q_size, config.kv_size, config.kv_size)
         self.qkv = Linear(config.hidden_size, sum(self.splits), bias=config.qkv_bias, transposed=transposed)
         self.o = Linear(config.q_size, config.hidden_size, bias=config.o_bias, transposed=transposed)
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        self.scale = config.attn_scale  # None: SDPA's default head_dim ** -0.5
+        self.softcap = config.attn_softcap
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int
@@ -109,7 +151,10 @@ class Attention(nn.Module):
         cache.write(self.layer, start, k, v)
         end = start + n
         keys, values = cache.view(self.layer, end)
-        out = grouped_attention(q, keys, values, start, self.window)
+        if self.softcap is None:
+            out = grouped_attention(q, keys, values, start, self.window, self.scale)
+        else:
+            out = capped_attention(q, keys, values, start, self.window, self.scale, self.softcap)
         return self.o(out.transpose(0, 1).reshape(n, self.num_heads * self.head_dim))
 
 
@@ -130,7 +175,12 @@ def attention_mask(start: int, n: int, window: int | None, device: torch.device)
 
 
 def grouped_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, window: int | None
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    start: int,
+    window: int | None,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """Causal scaled dot-product attention; each KV head serves a group of query heads.
 
@@ -140,9 +190,39 @@ def grouped_attention(
     """
     n = q.shape[1]
     if start == 0 and window is None and n > 1:
-        return F.scaled_dot_product_attention(q[None], keys[None], values[None], is_causal=True, enable_gqa=True)[0]
+        return F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], is_causal=True, scale=scale, enable_gqa=True
+        )[0]
     mask = attention_mask(start, n, window, q.device)
-    return F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask, enable_gqa=True)[0]
+    return F.scaled_dot_product_attention(
+        q[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=True
+    )[0]
+
+
+def capped_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    start: int,
+    window: int | None,
+    scale: float | None,
+    softcap: float,
+) -> torch.Tensor:
+    """Causal attention whose scores are soft-capped, tanh(s / c) * c, before mask and softmax.
+
+    The order of transformers' eager Gemma 2 path: scale, cap, mask, float32 softmax. Query heads
+    are grouped per KV head ([kv_heads, group * n, head_dim]) so the cache is read as it is.
+    """
+    heads, n, head_dim = q.shape
+    kv_heads, end = keys.shape[0], keys.shape[1]
+    grouped = q.reshape(kv_heads, heads // kv_heads * n, head_dim)
+    scores = grouped @ keys.transpose(1, 2)
+    scores.mul_(head_dim**-0.5 if scale is None else scale).div_(softcap).tanh_().mul_(softcap)  # in place: no copies
+    mask = attention_mask(start, n, window, q.device)
+    if mask is not None:
+        scores.view(kv_heads, -1, n, end).masked_fill_(~mask, float("-inf"))
+    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ values).view(heads, n, head_dim)
 
 
 class MLP(nn.Module):
@@ -165,20 +245,31 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual connection."""
+    """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual connection.
+
+    With sandwich norms (Gemma 2/3) each branch's output is normed again before the residual add.
+    """
 
     def __init__(self, config: ModelConfig, layer: int, transposed: bool) -> None:
         super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn_norm = make_norm(config, config.hidden_size)
         self.attn = Attention(config, layer, transposed)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp_norm = make_norm(config, config.hidden_size)
         self.mlp = MLP(config, transposed)
+        self.attn_post_norm = make_norm(config, config.hidden_size) if config.sandwich_norms else None
+        self.mlp_post_norm = make_norm(config, config.hidden_size) if config.sandwich_norms else None
+        self.rope_index = int(config.uses_local_rope(layer))  # which of the rotary tables it uses
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int
-    ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: torch.Tensor, rope: RopeTables, cache: KVCache, start: int) -> torch.Tensor:
+        cos, sin = rope[self.rope_index]
+        h = self.attn(self.attn_norm(x), cos, sin, cache, start)
+        if self.attn_post_norm is not None:
+            h = self.attn_post_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.mlp_post_norm is not None:
+            h = self.mlp_post_norm(h)
+        return x + h
 
 
 class Transformer(nn.Module):
@@ -191,8 +282,16 @@ class Transformer(nn.Module):
         # Tied models store the shared matrix once, in the output projection.
         self.embed = None if config.tie_word_embeddings else nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i, transposed) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary: RotaryEmbedding | None = None
+        self.norm = make_norm(config, config.hidden_size)
+        self.rotary: RotaryEmbedding | None = None  # every layer's, or Gemma 3's full-attention layers'
+        self.local_rotary: RotaryEmbedding | None = None  # Gemma 3's sliding layers'
+        # Gemma scales embeddings by sqrt(hidden) rounded to float32, then to the model's dtype the
+        # way transformers does; a CPU scalar tensor multiplies tensors on any device.
+        self.embed_scale = (
+            torch.tensor(config.embed_scale, dtype=torch.float32, device="cpu") if config.embed_scale else None
+        )
+        self.final_softcap = config.final_softcap
+        self._longrope_caches: weakref.WeakSet[KVCache] = weakref.WeakSet()  # caches holding long-factor K/V
 
     @property
     def device(self) -> torch.device:
@@ -206,26 +305,74 @@ class Transformer(nn.Module):
         """Precompute cos/sin for positions [0, length) on the model's device and dtype."""
         c = self.config
         self.rotary = RotaryEmbedding(c.rope, c.head_dim, c.max_position_embeddings, length, self.device, self.dtype)
+        if c.local_rope is not None:
+            self.local_rotary = RotaryEmbedding(
+                c.local_rope, c.head_dim, c.max_position_embeddings, length, self.device, self.dtype
+            )
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embedding: rows of the embedding matrix (columns of the tied output matrix)."""
-        if self.embed is None:
-            return self.lm_head.columns(ids)
-        return self.embed(ids)
+        x = self.lm_head.columns(ids) if self.embed is None else self.embed(ids)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale.to(x.dtype)
+        return x
 
-    def forward(self, ids: torch.Tensor, cache: KVCache, start: int, *, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, cache: KVCache, start: int, *, last_only: bool = False, rope_length: int = 0
+    ) -> torch.Tensor:
         """Run tokens `ids` [n] at positions [start, start+n), writing their K/V into `cache`.
 
+        `rope_length`, when larger than start + n, is the length the sequence reaches in this
+        request (a chunked prefill's total): the length-dependent RoPE variants (dynamic, longrope)
+        then choose as transformers does over the request in one pass.
         Returns logits [n, vocab] (or [1, vocab] with last_only) in the model's dtype.
         """
         assert self.rotary is not None, "setup_rotary() first"
-        cos, sin = self.rotary.tables(start, start + ids.shape[0])
-        x = self.embed_tokens(ids)
-        for block in self.layers:
-            x = block(x, cos, sin, cache, start)
+        length = max(start + ids.shape[0], rope_length)
+        if self.rotary.long_after is not None:
+            self._match_longrope(cache, start, length)
+        x = self._decoder(ids, cache, start, length)
         if last_only:
             x = x[-1:]
-        return self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    def _decoder(self, ids: torch.Tensor, cache: KVCache, start: int, length: int) -> torch.Tensor:
+        """Hidden states after the last layer for `ids` at positions [start, start+n)."""
+        assert self.rotary is not None
+        end = start + ids.shape[0]
+        tables = [self.rotary.tables(start, end, length)]
+        if self.local_rotary is not None:
+            tables.append(self.local_rotary.tables(start, end, length))
+        x = self.embed_tokens(ids)
+        for block in self.layers:
+            x = block(x, tables, cache, start)
+        return x
+
+    def _match_longrope(self, cache: KVCache, start: int, length: int) -> None:
+        """Re-run the cached prefix when this pass switches LongRoPE between short and long factors.
+
+        transformers' Phi-3 drops its cache and recomputes the whole sequence the first time it
+        grows past original_max_position_embeddings (`prepare_inputs_for_generation`), so every
+        position is computed with the factors the sequence's current length selects. The same
+        holds here, in both directions (rewinding below the original length after a long turn
+        recomputes with the short factors), which keeps a reused prefix equal to a fresh prefill.
+        The prefix ids come from `cache.tokens`; it is re-run in chunks to bound attention memory.
+        """
+        assert self.rotary is not None and self.rotary.long_after is not None
+        long = length > self.rotary.long_after
+        if start > 0 and long != (cache in self._longrope_caches):
+            prefix = cache.tokens[:start]
+            assert len(prefix) == start, "the cache must record the ids of its positions"
+            for begin in range(0, start, RECOMPUTE_CHUNK):
+                chunk = torch.tensor(prefix[begin : begin + RECOMPUTE_CHUNK], dtype=torch.long, device=self.device)
+                self._decoder(chunk, cache, begin, length)
+        if long:
+            self._longrope_caches.add(cache)
+        else:
+            self._longrope_caches.discard(cache)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,11 +398,21 @@ _LAYER_NAMES = {
     "mlp.up_proj.bias": ("mlp.gate_up.bias", 1),
     "mlp.down_proj.weight": ("mlp.down.weight", None),
     "mlp.down_proj.bias": ("mlp.down.bias", None),
+    # Phi-3 stores q/k/v and gate/up fused already, in the order the engine fuses them.
+    "self_attn.qkv_proj.weight": ("attn.qkv.weight", None),
+    "mlp.gate_up_proj.weight": ("mlp.gate_up.weight", None),
+}
+# With sandwich norms (Gemma 2/3), post_attention_layernorm norms the attention output and the
+# MLP's input norm is pre_feedforward_layernorm.
+_SANDWICH_NAMES = {
+    "post_attention_layernorm.weight": ("attn_post_norm.weight", None),
+    "pre_feedforward_layernorm.weight": ("mlp_norm.weight", None),
+    "post_feedforward_layernorm.weight": ("mlp_post_norm.weight", None),
 }
 _FUSED_PARTS = {"attn.qkv": 3, "mlp.gate_up": 2}
 
 
-def internal_name(name: str, tied: bool) -> tuple[str, int | None] | None:
+def internal_name(name: str, tied: bool, sandwich_norms: bool = False) -> tuple[str, int | None] | None:
     """(internal name, part index within a fused tensor) for a checkpoint tensor; None to skip."""
     if name == "model.embed_tokens.weight":
         return ("lm_head.weight" if tied else "embed.weight"), None
@@ -264,8 +421,9 @@ def internal_name(name: str, tied: bool) -> tuple[str, int | None] | None:
     if name == "model.norm.weight":
         return "norm.weight", None
     match = _LAYER.match(name)
-    if match and match.group(2) in _LAYER_NAMES:
-        target, part = _LAYER_NAMES[match.group(2)]
+    names = {**_LAYER_NAMES, **_SANDWICH_NAMES} if sandwich_norms else _LAYER_NAMES
+    if match and match.group(2) in names:
+        target, part = names[match.group(2)]
         return f"layers.{match.group(1)}.{target}", part
     if name.endswith("rotary_emb.inv_freq"):
         return None
@@ -294,7 +452,7 @@ def build_transformer(
     state: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[int, torch.Tensor]] = {}
     for name, tensor in tensors:
-        mapped = internal_name(name, config.tie_word_embeddings)
+        mapped = internal_name(name, config.tie_word_embeddings, config.sandwich_norms)
         if mapped is None:
             continue
         target, part = mapped

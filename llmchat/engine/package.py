@@ -1,4 +1,4 @@
-"""Finding and reading a model package: a Hugging Face model folder.
+"""Finding and reading a model package: a Hugging Face model folder (or a GGUF file, see gguf.py).
 
 A package is config.json + safetensors weights + tokenizer.json/tokenizer_config.json, optionally
 a chat template file and generation_config.json. Reading a package checks everything that can be
@@ -16,11 +16,14 @@ import torch
 
 from llmchat.engine.chat_template import ChatTemplates, read_special_tokens
 from llmchat.engine.config import ModelConfig, load_hf_config
-from llmchat.engine.errors import ModelLoadError
+from llmchat.engine.errors import ModelLoadError, TokenizerError
+from llmchat.engine.gguf_metadata import read_gguf_metadata
+from llmchat.engine.gguf_vocab import tokenizer_from_gguf
 from llmchat.engine.jsonfile import read_json_object
+from llmchat.engine.quantized import open_safetensors
 from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.tokenizer import Tokenizer
-from llmchat.engine.weights import SafetensorsWeights, safetensors_files
+from llmchat.engine.weights import safetensors_files
 
 # What a chat gets when neither the package nor the user says otherwise.
 DEFAULT_SAMPLING = SamplingParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05)
@@ -75,7 +78,7 @@ class ModelPackage:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.path.stem if self.format == "gguf" else self.path.name
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -87,13 +90,13 @@ class ModelPackage:
 
 
 def resolve_path(path: str | Path) -> Path:
-    """Check that `path` names a model folder and return it."""
+    """Check that `path` names a model folder or a GGUF file and return it."""
     folder = Path(path).expanduser()
     if not folder.exists():
         raise ModelLoadError(f"no such file or directory: {folder}")
     if folder.is_file():
         if folder.suffix == ".gguf":
-            raise ModelLoadError(f"{folder}: GGUF files are not supported yet; pass a Hugging Face model folder")
+            return folder
         if folder.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
             raise ModelLoadError(
                 f"{folder} is a pickle checkpoint; llmchat refuses to load pickles because unpickling can run "
@@ -104,11 +107,15 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def open_package(path: str | Path) -> ModelPackage:
-    """Read and validate a model folder (the weights stay on disk)."""
+    """Read and validate a model folder or GGUF file (the weights stay on disk)."""
     folder = resolve_path(path)
+    if folder.is_file():  # resolve_path only lets GGUF files through
+        from llmchat.engine.gguf import open_gguf_package  # gguf.py builds on this module
+
+        return open_gguf_package(folder)
     config = load_hf_config(folder)
     files = safetensors_files(folder)
-    weights = SafetensorsWeights(files)
+    weights, quantization = open_safetensors(folder, files)  # refuses unsupported quantization formats
     tokenizer = Tokenizer.from_folder(folder)
     gen = read_json_object(folder / "generation_config.json", ModelLoadError)
     generation = GenerationDefaults.from_dict(gen) if gen is not None else GenerationDefaults()
@@ -116,9 +123,21 @@ def open_package(path: str | Path) -> ModelPackage:
         path=folder,
         config=config,
         weights=weights,
+        quantization=quantization,
         size_bytes=sum(f.stat().st_size for f in files),
         tokenizer=tokenizer,
         templates=ChatTemplates.from_folder(folder),
         special_tokens=read_special_tokens(folder),
         generation=generation,
     )
+
+
+def open_tokenizer(path: str | Path) -> Tokenizer:
+    """Only the tokenizer of a model: a model folder's tokenizer.json, or a GGUF file's vocabulary
+    (reading just the GGUF header, never the weights)."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        return Tokenizer.from_folder(target)
+    if not target.exists():
+        raise TokenizerError(f"no such file or directory: {target}")
+    return tokenizer_from_gguf(read_gguf_metadata(target, TokenizerError), str(target))

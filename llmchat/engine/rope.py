@@ -3,7 +3,9 @@
 RoPE rotates each (x_i, x_{i+d/2}) pair of a query/key by an angle position * inv_freq_i. The
 scaling variants only change inv_freq (and, for YaRN, a constant on cos/sin): `linear` stretches
 positions, `dynamic` (NTK) raises the base once the sequence outgrows the trained length, `llama3`
-rescales low frequencies smoothly, `yarn` blends interpolation and extrapolation per frequency.
+rescales low frequencies smoothly, `yarn` blends interpolation and extrapolation per frequency,
+`longrope` (Phi-3) divides each frequency by a per-frequency factor, one set for sequences within
+the original training length and one for longer ones.
 """
 
 from __future__ import annotations
@@ -70,16 +72,34 @@ def _yarn(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
     return inv_freq, float(attention)
 
 
+def _longrope(rope: RopeConfig, dim: int, seq_len: int | None) -> tuple[torch.Tensor, float]:
+    """transformers' `_compute_longrope_parameters`: long factors once seq_len passes the original length."""
+    original = rope.original_max_position_embeddings
+    assert original is not None and rope.short_factor is not None and rope.long_factor is not None
+    factors = rope.long_factor if seq_len and seq_len > original else rope.short_factor
+    if len(factors) != dim // 2:
+        raise ModelLoadError(f"longrope has {len(factors)} factors for {dim // 2} rotary frequencies")
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    inv_freq = 1.0 / (torch.tensor(factors, dtype=torch.float32) * rope.theta**exponents)
+    attention = rope.attention_factor
+    if attention is None:
+        attention = 1.0 if rope.factor <= 1.0 else math.sqrt(1 + math.log(rope.factor) / math.log(original))
+    return inv_freq, float(attention)
+
+
 def inverse_frequencies(
     rope: RopeConfig, head_dim: int, max_position_embeddings: int, seq_len: int | None = None
 ) -> tuple[torch.Tensor, float]:
     """inv_freq [rotary_dim/2] (float32) and the cos/sin scale for a sequence of `seq_len` tokens.
 
-    Only `dynamic` depends on seq_len: past the trained length its base grows with the sequence.
+    Only `dynamic` and `longrope` depend on seq_len: past the trained length the dynamic base grows
+    with the sequence, and longrope switches from its short factors to its long ones.
     """
     dim = rotary_dim(rope, head_dim)
     if rope.type == "yarn":
         return _yarn(rope, dim)
+    if rope.type == "longrope":
+        return _longrope(rope, dim, seq_len)
     if rope.type == "dynamic":
         length = max(seq_len or 0, max_position_embeddings)
         base = rope.theta * ((rope.factor * length / max_position_embeddings) - (rope.factor - 1)) ** (dim / (dim - 2))
@@ -106,8 +126,13 @@ def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float) -> tu
 class RotaryEmbedding:
     """Precomputed cos/sin for every position up to the context length.
 
-    For `dynamic` scaling past the trained length, the rows a forward pass needs are computed
-    from the frequencies of its longest position, which is what transformers does.
+    Two variants depend on the length of the sequence; like transformers (`dynamic_rope_update`),
+    a forward pass chooses by the length its sequence reaches (its last position + 1):
+    - `dynamic` past the trained length: the rows come from the frequencies of that length.
+    - `longrope`: a sequence longer than `original_max_position_embeddings` uses the long factors,
+      a shorter one the short factors. Both tables are precomputed, so choosing is one comparison.
+      Keeping the KV cache consistent when a sequence crosses that length is the model's job
+      (`Transformer._match_longrope`).
     """
 
     def __init__(
@@ -123,14 +148,32 @@ class RotaryEmbedding:
         self.head_dim = head_dim
         self.max_position_embeddings = max_position_embeddings
         self.device, self.dtype = device, dtype
-        inv_freq, scale = inverse_frequencies(rope, head_dim, max_position_embeddings)
-        cos, sin = cos_sin(inv_freq, torch.arange(length), scale)
-        self.cos, self.sin = cos.to(device, dtype), sin.to(device, dtype)
+        self.cos, self.sin = self._table(inverse_frequencies(rope, head_dim, max_position_embeddings), length)
+        self.dynamic = rope.type == "dynamic"
+        # longrope: passes ending after this many positions use the long table
+        self.long_after: int | None = None
+        if rope.type == "longrope":
+            assert rope.original_max_position_embeddings is not None, "config.py fills it for longrope"
+            self.long_after = rope.original_max_position_embeddings
+            long = inverse_frequencies(rope, head_dim, max_position_embeddings, self.long_after + 1)
+            self.long_cos, self.long_sin = self._table(long, length)
 
-    def tables(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin rows for positions [start, end)."""
-        if self.rope.type == "dynamic" and end > self.max_position_embeddings:
-            inv_freq, scale = inverse_frequencies(self.rope, self.head_dim, self.max_position_embeddings, end)
+    @property
+    def length(self) -> int:
+        """Positions the tables cover."""
+        return self.cos.shape[0]
+
+    def _table(self, freqs: tuple[torch.Tensor, float], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = cos_sin(freqs[0], torch.arange(length), freqs[1])
+        return cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
+
+    def tables(self, start: int, end: int, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin rows for positions [start, end) of a sequence `length` long (default: end)."""
+        length = max(length, end)
+        if self.long_after is not None and length > self.long_after:
+            return self.long_cos[start:end], self.long_sin[start:end]
+        if self.dynamic and length > self.max_position_embeddings:
+            inv_freq, scale = inverse_frequencies(self.rope, self.head_dim, self.max_position_embeddings, length)
             cos, sin = cos_sin(inv_freq, torch.arange(start, end), scale)
             return cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
         return self.cos[start:end], self.sin[start:end]

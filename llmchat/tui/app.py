@@ -90,6 +90,7 @@ class LLMChatApp(App[None]):
         store: ConversationStore | None = None,
         conversation: Conversation | None = None,
         sampling: SamplingParams | None = None,
+        sampling_overrides: dict[str, Any] | None = None,
         device: str = "auto",
         dtype: str = "auto",
         context_length: int | None = None,
@@ -105,6 +106,7 @@ class LLMChatApp(App[None]):
             except (TypeError, ValueError):
                 sampling = None
         self.sampling = sampling  # None until the model's defaults are known
+        self._sampling_overrides = sampling_overrides or {}  # from the command line, over any defaults
         self.generating = False
         self.stop_flag = StopFlag()
         self._load_options: dict[str, Any] = {"device": device, "dtype": dtype, "context_length": context_length}
@@ -181,8 +183,12 @@ class LLMChatApp(App[None]):
     async def on_model_loaded(self, message: ModelLoaded) -> None:
         model = self.model = message.model
         self._chat_tokens = ChatTokens(model.tokenizer)
-        if self.sampling is None:
-            self.sampling = model.default_sampling
+        try:
+            base = self.sampling or model.default_sampling
+            self.sampling = base.replace(**self._sampling_overrides)
+        except ValueError as err:
+            self.sampling = self.sampling or model.default_sampling
+            self.notify(str(err), title="Sampling option ignored", severity="warning")
         quant = model.package.quantization
         precision = str(model.dtype).removeprefix("torch.") + (f" · {quant}" if quant != "none" else "")
         self.conversation.model = {"name": model.package.name, "path": str(model.package.path)}
@@ -257,7 +263,10 @@ class LLMChatApp(App[None]):
         batch, answer = message.batch, self._answer
         if answer is None or self._answer_id is None:
             return
-        if batch.prefill is not None and not isinstance(batch.prefill, PrefillDone):
+        if isinstance(batch.prefill, PrefillDone):
+            done = batch.prefill
+            self._refresh_cache_panel(done.cache_tokens, done.cache_bytes, done.reused_tokens, done.prefilled_tokens)
+        elif batch.prefill is not None:
             progress = batch.prefill
             self._status(activity=f"prefill {progress.done_tokens}/{progress.total_tokens}")
             self._refresh_cache_panel(progress.cache_tokens, progress.cache_bytes)

@@ -1,0 +1,152 @@
+"""`llmchat models list|add|remove|default|pull`, and bare `llmchat` (the chat screen)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from typing import Any
+
+from llmchat.models import (
+    DEMO_NAME,
+    ModelEntry,
+    add_model,
+    ensure_demo,
+    list_models,
+    load_registry,
+    pull_hf,
+    remove_model,
+    resolve_model,
+    set_default,
+)
+
+MiB = 1024**2
+
+
+def _size(size_bytes: int | None) -> str:
+    if size_bytes is None:
+        return "?"
+    return f"{size_bytes / MiB / 1024:.2f} GiB" if size_bytes >= 1024 * MiB else f"{size_bytes / MiB:.1f} MiB"
+
+
+def _print_table(entries: list[ModelEntry]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # pipes and files get whole lines, not an 80-column wrap
+        console = Console(width=10_000)
+    table = Table("", "name", "type", "arch", "format", "quant", "size", "path", box=None, caption="* = default")
+    for e in entries:
+        problem = f"  [red]({e.problem})[/red]" if e.problem else ""
+        table.add_row(
+            "*" if e.default else "",
+            e.name,
+            e.type or "?",
+            e.architecture or "?",
+            e.format,
+            e.quantization or "?",
+            _size(e.size_bytes),
+            str(e.path) + problem,
+        )
+    console.print(table)
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    entries = list_models()
+    if args.json:
+        print(json.dumps([asdict(e) | {"path": str(e.path)} for e in entries], ensure_ascii=False))
+    elif not entries:
+        print("no models yet: `llmchat models pull demo`, `llmchat models add PATH` or `llmchat models pull ORG/NAME`")
+    else:
+        _print_table(entries)
+    return 0
+
+
+def cmd_models_add(args: argparse.Namespace) -> int:
+    name, path = add_model(args.path, args.name)
+    default = " (the default)" if load_registry().default == name else ""
+    print(f"added {name}{default}: {path}")
+    return 0
+
+
+def cmd_models_remove(args: argparse.Namespace) -> int:
+    path = remove_model(args.name)
+    print(f"removed {args.name} from the list; its files are still at {path}")
+    return 0
+
+
+def cmd_models_default(args: argparse.Namespace) -> int:
+    path = set_default(args.name)
+    print(f"default model: {args.name} ({path})")
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    if args.source == DEMO_NAME:
+        load_registry().require_writable()
+        result = ensure_demo()
+        name = DEMO_NAME
+    else:
+        result = pull_hf(args.source, args.name)
+        name = args.name or args.source
+    if result.pulled:
+        print(f"pulled {name}: {result.path}")
+    else:
+        print(f"{name} is already there, nothing to do: {result.path}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Bare `llmchat`: open the chat screen on the chosen (or default, or demo) model.
+
+    `--resume [ID|last]` reopens a saved conversation on the model it was held with (unless
+    `--model` names another one), with its sampling settings.
+    """
+    from llmchat.chat.store import ConversationStore
+
+    store = ConversationStore.default()
+    conversation = None
+    spec = getattr(args, "chat_model", None)
+    if args.resume is not None:
+        conversation = store.load(store.resolve(args.resume))
+        saved_path = conversation.model.get("path")
+        if spec is None and saved_path:
+            spec = saved_path
+    path = resolve_model(spec)
+    from llmchat.tui.app import run_app
+
+    overrides = {
+        knob: value
+        for knob in ("temperature", "top_p", "top_k", "seed")
+        if (value := getattr(args, f"chat_{knob}", None)) is not None
+    }
+    run_app(path, store=store, conversation=conversation, sampling_overrides=overrides)
+    return 0
+
+
+def add_models_parsers(sub: Any) -> None:
+    p = sub.add_parser("models", help="list, add, remove and pull models; choose the default")
+    actions = p.add_subparsers(dest="models_action", metavar="ACTION", required=True)
+
+    a = actions.add_parser("list", help="the registered models: name, type, architecture, format, size, path")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_models_list)
+
+    a = actions.add_parser("add", help="register a model folder or .gguf file (checked first)")
+    a.add_argument("path")
+    a.add_argument("--name", default=None, help="name to use it by (default: the folder or file name)")
+    a.set_defaults(func=cmd_models_add)
+
+    a = actions.add_parser("remove", help="forget a model (its files stay)")
+    a.add_argument("name")
+    a.set_defaults(func=cmd_models_remove)
+
+    a = actions.add_parser("default", help="the model used when none is named")
+    a.add_argument("name")
+    a.set_defaults(func=cmd_models_default)
+
+    a = actions.add_parser("pull", help=f"download the demo model ({DEMO_NAME}) or a Hugging Face repo (ORG/NAME)")
+    a.add_argument("source", metavar="demo|ORG/NAME")
+    a.add_argument("--name", default=None, help="name for a Hugging Face model (default: ORG/NAME)")
+    a.set_defaults(func=cmd_models_pull)

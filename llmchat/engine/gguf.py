@@ -1,0 +1,457 @@
+"""GGUF model files (llama.cpp's single-file format) as model packages.
+
+A GGUF file carries the hyperparameters and the tokenizer as key/value metadata and the weights as
+(often block-quantized) tensors under llama.cpp's names. Opening one turns the metadata into the
+Hugging Face config.json the rest of the engine already understands, and serves the tensors under
+Hugging Face names, dequantized to float32 one at a time, with llama.cpp's conversion-time changes
+undone (the Q/K row permutation of the llama family, the +1 folded into Gemma's norm weights). The
+file is checked when it is opened: magic, version, architecture, every tensor's type and name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, LlamaFileType
+from gguf.quants import dequantize, quant_shape_to_byte_shape
+
+from llmchat.engine.chat_template import ChatTemplates
+from llmchat.engine.config import ModelConfig, from_hf_config
+from llmchat.engine.errors import ModelLoadError
+from llmchat.engine.gguf_vocab import end_of_generation_ids, tokenizer_from_gguf
+from llmchat.engine.package import GenerationDefaults, ModelPackage
+
+GGUF_MAGIC = b"GGUF"
+READABLE_VERSIONS = (2, 3)
+
+# GGUF `general.architecture` → the Hugging Face class the same weights load as.
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",  # Mistral checkpoints are converted as llama too
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+SUPPORTED_TYPES = frozenset(
+    GGMLQuantizationType[name]
+    for name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+)
+
+# Tensor names: llama.cpp (gguf-py's TENSOR_NAMES) → Hugging Face, per layer without the .weight/.bias.
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Gemma 2/3 normalize before and after both attention and MLP: llama.cpp's ffn_norm is the norm
+# in front of the MLP there, and the norm after attention has a name of its own.
+_GEMMA_BLOCK_NAMES = _BLOCK_NAMES | {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# Phi-3 keeps its fused projections: attn_qkv is q|k|v, ffn_up is gate|up.
+_PHI3_BLOCK_NAMES = _BLOCK_NAMES | {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
+_LAYER_NAMES = {"gemma2": _GEMMA_BLOCK_NAMES, "gemma3": _GEMMA_BLOCK_NAMES, "phi3": _PHI3_BLOCK_NAMES}
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Tensors that are hyperparameters, not weights: they go into the config.
+_CONFIG_TENSORS = frozenset({"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
+_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
+
+# Where llama.cpp puts the sliding-window layers (set_swa_pattern): all but every n-th layer.
+_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # these scale queries by hidden/heads, not head_dim
+_GEMMA_LOCAL_ROPE_BASE = 10000.0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def hf_tensor_name(name: str, architecture: str) -> str | None:
+    """The Hugging Face name of a GGUF tensor; None for unknown names."""
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    match = _BLOCK.match(name)
+    if match is None:
+        return None
+    layer, part, kind = match.groups()
+    hf_part = _LAYER_NAMES.get(architecture, _BLOCK_NAMES).get(part)
+    return None if hf_part is None else f"model.layers.{layer}.{hf_part}.{kind}"
+
+
+def unpermute_rows(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's conversion of Q/K rows from the half-split rotary layout to the interleaved one.
+
+    convert_hf_to_gguf.py stores `w.reshape(heads, 2, rows // heads // 2, *rest).swapaxes(1, 2)`;
+    this is its inverse, for weights [rows, cols] and biases [rows] alike.
+    """
+    shape = tensor.shape
+    half = shape[0] // heads // 2
+    return tensor.reshape(heads, half, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in the file and how it is stored."""
+
+    name: str
+    type: GGMLQuantizationType
+    shape: tuple[int, ...]  # torch order (GGUF lists the fastest-varying dimension first)
+    n_elements: int
+    n_bytes: int
+    offset: int  # absolute, in bytes
+
+
+class GGUFFile:
+    """One GGUF file, opened and checked: metadata, tensor index, and dequantized tensors on demand.
+
+    Tensor data is read with plain file reads, one tensor at a time, so a loaded model does not keep
+    the file resident (a memory map would stay counted against the process).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        self._check_header()
+        self.metadata, self.tensor_info = self._read_index()
+        self.architecture = str(self.metadata.get("general.architecture", ""))
+        if self.architecture not in HF_ARCHITECTURES:
+            raise ModelLoadError(
+                f"{self.path}: unsupported GGUF architecture {self.architecture!r}; "
+                f"supported: {', '.join(HF_ARCHITECTURES)}"
+            )
+        self._check_tensors()
+
+    def _check_header(self) -> None:
+        if not self.path.is_file():
+            raise ModelLoadError(f"no such file: {self.path}")
+        with self.path.open("rb") as handle:
+            head = handle.read(8)
+        if head[:4] != GGUF_MAGIC:
+            raise ModelLoadError(f"{self.path} is not a GGUF file (it does not start with the bytes 'GGUF')")
+        if len(head) < 8:
+            raise ModelLoadError(f"{self.path} is a truncated or corrupt GGUF file: it ends inside the header")
+        version = int.from_bytes(head[4:8], "little")
+        if int.from_bytes(head[4:8], "big") in READABLE_VERSIONS:
+            raise ModelLoadError(f"{self.path} is a big-endian GGUF file, which llmchat cannot read")
+        if version not in READABLE_VERSIONS:
+            raise ModelLoadError(f"{self.path}: GGUF version {version} is not supported (only versions 2 and 3)")
+
+    def _read_index(self) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+        """Metadata and tensor index, through gguf-py's reader (which only touches the header)."""
+        try:
+            reader = GGUFReader(self.path)
+        except Exception as exc:  # the reader fails on short reads with ValueError, IndexError, KeyError ...
+            raise ModelLoadError(f"{self.path} is a truncated or corrupt GGUF file: {_one_line(exc)}") from None
+        metadata = {key: field.contents() for key, field in reader.fields.items()}
+        tensors = {
+            t.name: TensorInfo(
+                name=t.name,
+                type=t.tensor_type,
+                shape=tuple(int(d) for d in reversed(t.shape.tolist())),
+                n_elements=int(t.n_elements),
+                n_bytes=int(t.n_bytes),
+                offset=int(t.data_offset),
+            )
+            for t in reader.tensors
+        }
+        return metadata, tensors
+
+    def _check_tensors(self) -> None:
+        """Fail before any weight is read: every tensor must have a known name and a readable type."""
+        for name, info in self.tensor_info.items():
+            if info.type not in SUPPORTED_TYPES:
+                supported = ", ".join(t.name for t in sorted(SUPPORTED_TYPES))
+                raise ModelLoadError(
+                    f"{self.path}: tensor {name!r} is stored as {info.type.name}, which llmchat cannot "
+                    f"dequantize; supported types: {supported}"
+                )
+            if name not in _CONFIG_TENSORS and hf_tensor_name(name, self.architecture) is None:
+                raise ModelLoadError(
+                    f"{self.path}: unexpected tensor {name!r} for GGUF architecture {self.architecture!r}"
+                )
+
+    @property
+    def vocab_only(self) -> bool:
+        """A tokenizer-only file (llama.cpp's --vocab-only): metadata but no weights."""
+        return not self.tensor_info
+
+    # -- tensors -------------------------------------------------------------------------------
+
+    def read_tensor(self, name: str) -> torch.Tensor:
+        """One tensor as stored (llama.cpp's layout), dequantized to float32, in torch dim order."""
+        info = self.tensor_info[name]
+        buffer = bytearray(info.n_bytes)
+        with self.path.open("rb") as handle:
+            handle.seek(info.offset)
+            read = handle.readinto(buffer)
+        if read != info.n_bytes:
+            raise ModelLoadError(f"{self.path} is truncated: tensor {name!r} ends past the end of the file")
+        raw = np.frombuffer(buffer, dtype=np.uint8).reshape(quant_shape_to_byte_shape(info.shape, info.type))
+        values = dequantize(raw, info.type)
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(info.shape)
+
+    def tensor_bytes_by_type(self) -> dict[str, int]:
+        """Bytes on disk per storage type, e.g. {"Q4_1": 72_000_000, "F32": 140_000}."""
+        totals: Counter[str] = Counter()
+        for info in self.tensor_info.values():
+            totals[info.type.name] += info.n_bytes
+        return dict(totals)
+
+    def quantization(self) -> str:
+        """What the file stores, e.g. "Q4_K_M": llama.cpp's file type, else the type most weights use."""
+        file_type = self.metadata.get("general.file_type")
+        try:
+            name = LlamaFileType(file_type).name if isinstance(file_type, int) else "GUESSED"
+        except ValueError:  # a file type newer than gguf-py
+            name = "GUESSED"
+        if name != "GUESSED":
+            return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+        counts: Counter[str] = Counter()
+        for info in self.tensor_info.values():
+            if len(info.shape) >= 2:
+                counts[info.type.name] += info.n_elements
+        return counts.most_common(1)[0][0] if counts else "none"
+
+    # -- config ----------------------------------------------------------------------------------
+
+    def _key(self, name: str, default: Any = None) -> Any:
+        """`{architecture}.{name}` from the metadata."""
+        return self.metadata.get(f"{self.architecture}.{name}", default)
+
+    def _per_model(self, name: str) -> Any:
+        """A hyperparameter that GGUF may store per layer; llmchat needs one value for all layers."""
+        value = self._key(name)
+        if isinstance(value, list):
+            if len(set(value)) != 1:
+                raise ModelLoadError(f"{self.path}: {self.architecture}.{name} differs between layers: not supported")
+            value = value[0]
+        return value
+
+    def _config_tensor(self, name: str) -> list[float] | None:
+        return self.read_tensor(name).tolist() if name in self.tensor_info else None
+
+    def hf_config(self) -> dict[str, Any]:
+        """A Hugging Face config.json dict equivalent to the metadata (keys absent from it are left out)."""
+        arch = self.architecture
+        hidden = self._key("embedding_length")
+        heads = self._per_model("attention.head_count")
+        head_dim = self._key("attention.key_length") or (hidden // heads if hidden and heads else None)
+        raw: dict[str, Any] = {
+            "architectures": [HF_ARCHITECTURES[arch]],
+            "model_type": arch,
+            "hidden_size": hidden,
+            "intermediate_size": self._per_model("feed_forward_length"),
+            "num_hidden_layers": self._key("block_count"),
+            "num_attention_heads": heads,
+            "num_key_value_heads": self._per_model("attention.head_count_kv"),
+            "head_dim": head_dim,
+            "max_position_embeddings": self._key("context_length"),
+            "rms_norm_eps": self._key("attention.layer_norm_rms_epsilon"),
+            "rope_theta": self._key("rope.freq_base", 10000.0),
+            "vocab_size": self._vocab_size(),
+            # Tied: an embedding but no output matrix (a vocab-only file has neither).
+            "tie_word_embeddings": "token_embd.weight" in self.tensor_info and "output.weight" not in self.tensor_info,
+            "attention_bias": "blk.0.attn_q.bias" in self.tensor_info or "blk.0.attn_output.bias" in self.tensor_info,
+            "mlp_bias": "blk.0.ffn_down.bias" in self.tensor_info,
+        }
+        rope_dims = self._key("rope.dimension_count")
+        if rope_dims and head_dim and rope_dims != head_dim:
+            raw["partial_rotary_factor"] = rope_dims / head_dim
+        raw.update(self._rope_scaling())
+        raw.update(self._token_ids())
+        if arch in ("gemma2", "gemma3"):
+            raw.update(self._gemma_config(hidden, heads, head_dim))
+        elif arch == "phi3":
+            window = self._key("attention.sliding_window")
+            raw["sliding_window"] = window or None  # Phi-4 writes 0 for "no window"
+        return {key: value for key, value in raw.items() if value is not None}
+
+    def _vocab_size(self) -> int | None:
+        """Rows of the embedding (what the model computes logits for), else what the metadata says."""
+        embedding = self.tensor_info.get("token_embd.weight")
+        if embedding is not None:
+            return embedding.shape[0]
+        tokens = self.metadata.get("tokenizer.ggml.tokens")
+        return self._key("vocab_size") or (len(tokens) if tokens else None)
+
+    def _rope_scaling(self) -> dict[str, Any]:
+        """rope_scaling (old config.json style) and rope_freq_factors from keys and config tensors."""
+        raw: dict[str, Any] = {}
+        kind = self._key("rope.scaling.type")
+        factor = self._key("rope.scaling.factor")
+        original = self._key("rope.scaling.original_context_length")
+        if kind == "linear" and factor:
+            raw["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+        elif kind == "yarn":
+            params = {
+                "rope_type": "yarn",
+                "factor": factor,
+                "original_max_position_embeddings": original,
+                "beta_fast": self._key("rope.scaling.yarn_beta_fast"),
+                "beta_slow": self._key("rope.scaling.yarn_beta_slow"),
+                "attention_factor": self._key("rope.scaling.yarn_attn_factor"),
+            }
+            raw["rope_scaling"] = {key: value for key, value in params.items() if value is not None}
+        elif kind not in (None, "none", "linear", "longrope"):
+            raise ModelLoadError(f"{self.path}: unsupported rope scaling type {kind!r}")
+        long_factor = self._config_tensor("rope_factors_long.weight")
+        short_factor = self._config_tensor("rope_factors_short.weight")
+        if long_factor is not None and short_factor is not None:
+            raw["rope_scaling"] = {"rope_type": "longrope", "long_factor": long_factor, "short_factor": short_factor}
+        if original is not None:
+            raw["original_max_position_embeddings"] = original
+        # llama3 scaling ships as per-frequency divisors (rope_freqs) instead of its parameters.
+        raw["rope_freq_factors"] = self._config_tensor("rope_freqs.weight")
+        return raw
+
+    def _token_ids(self) -> dict[str, Any]:
+        """bos and the ids that end generation: EOS plus llama.cpp's end-of-turn/-message tokens."""
+        eos = [self.metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("eos", "eot", "eom")]
+        eos_ids = list(dict.fromkeys(int(i) for i in eos if i is not None))
+        return {
+            "bos_token_id": self.metadata.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": eos_ids or None,
+        }
+
+    def _gemma_config(self, hidden: int | None, heads: int | None, head_dim: int | None) -> dict[str, Any]:
+        """Soft-capping, sliding-window layout, local RoPE base and query scale, as llama.cpp reads them."""
+        arch = self.architecture
+        layers = int(self._key("block_count") or 0)
+        window = self._key("attention.sliding_window")
+        pattern = self._key("attention.sliding_window_pattern", _SWA_PATTERN[arch])
+        if isinstance(pattern, list):
+            sliding = [bool(p) for p in pattern]
+        else:
+            sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(layers)]
+        if not window:
+            window, sliding = None, [False] * layers
+        scalar = hidden // heads if layers == _GEMMA_27B_LAYERS[arch] and hidden and heads else head_dim
+        return {
+            "hidden_act": "gelu_pytorch_tanh",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "attn_logit_softcapping": self._key("attn_logit_softcapping"),
+            "final_logit_softcapping": self._key("final_logit_softcapping"),
+            "query_pre_attn_scalar": scalar,
+            "sliding_window": window,
+            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+            "rope_local_base_freq": self._key("rope.freq_base_swa", _GEMMA_LOCAL_ROPE_BASE)
+            if arch == "gemma3"
+            else None,
+        }
+
+    def model_config(self) -> ModelConfig:
+        """The normalized config; a vocab-only file gets placeholder zeros for the missing shape."""
+        raw = self.hf_config()
+        if self.vocab_only:
+            for key, placeholder in (
+                ("hidden_size", 0),
+                ("intermediate_size", 0),
+                ("num_hidden_layers", 0),
+                ("num_attention_heads", 1),
+            ):
+                raw.setdefault(key, placeholder)
+        return from_hf_config(raw, source=str(self.path))
+
+    # -- chat ------------------------------------------------------------------------------------
+
+    def chat_templates(self) -> ChatTemplates | None:
+        """`tokenizer.chat_template` as "default" and `tokenizer.chat_template.NAME` as NAME."""
+        templates: dict[str, str] = {}
+        prefix = "tokenizer.chat_template."
+        for key, value in self.metadata.items():
+            if not isinstance(value, str):
+                continue
+            if key == "tokenizer.chat_template":
+                templates["default"] = value
+            elif key.startswith(prefix):
+                templates[key.removeprefix(prefix)] = value
+        return ChatTemplates(templates) if templates else None
+
+    def special_tokens(self) -> dict[str, str]:
+        """bos/eos/unk/pad token strings (what chat templates see as bos_token etc.)."""
+        tokens = self.metadata.get("tokenizer.ggml.tokens") or []
+        found: dict[str, str] = {}
+        for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+            token_id = self.metadata.get(f"tokenizer.ggml.{key}_token_id")
+            if isinstance(token_id, int) and 0 <= token_id < len(tokens):
+                found[f"{name}_token"] = tokens[token_id]
+        return found
+
+
+class GGUFWeights:
+    """A GGUF file's weights under Hugging Face names, dequantized to float32 one tensor at a time."""
+
+    def __init__(self, file: GGUFFile, config: ModelConfig) -> None:
+        self.file = file
+        self.heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
+        self.names = {
+            name: hf
+            for name in file.tensor_info
+            if name not in _CONFIG_TENSORS and (hf := hf_tensor_name(name, file.architecture)) is not None
+        }
+
+    def _require_weights(self) -> None:
+        if self.file.vocab_only:
+            raise ModelLoadError(f"{self.file.path}: vocab-only GGUF has no weights; it can only tokenize")
+
+    def tensor_names(self) -> set[str]:
+        self._require_weights()
+        return set(self.names.values())
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        self._require_weights()
+        for name, hf_name in self.names.items():
+            yield hf_name, self._to_hf(hf_name, self.file.read_tensor(name))
+
+    def _to_hf(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Undo what convert_hf_to_gguf.py changed in the values."""
+        arch = self.file.architecture
+        if arch == "llama":
+            projection = hf_name.rsplit(".", 2)[-2]
+            if projection in self.heads:
+                return unpermute_rows(tensor, self.heads[projection])
+        elif arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
+            return tensor - 1.0  # Gemma's RMSNorm scales by 1 + w; llama.cpp stores 1 + w
+        return tensor
+
+
+def open_gguf_package(path: str | Path) -> ModelPackage:
+    """Read and check a GGUF file (the weights stay on disk)."""
+    file = GGUFFile(path)
+    config = file.model_config()
+    source = str(file.path)
+    # GGUF carries no sampling defaults; it stops where llama.cpp stops (EOS, EOT, <|im_end|> ...).
+    generation = GenerationDefaults(eos_token_ids=tuple(end_of_generation_ids(file.metadata, source)))
+    return ModelPackage(
+        path=file.path,
+        config=config,
+        weights=GGUFWeights(file, config),
+        tokenizer=tokenizer_from_gguf(file.metadata, source),
+        templates=file.chat_templates(),
+        special_tokens=file.special_tokens(),
+        generation=generation,
+        format="gguf",
+        quantization=file.quantization(),
+        size_bytes=file.path.stat().st_size,
+    )

@@ -1,0 +1,425 @@
+"""GGUF files: tiny models exported the way llama.cpp converts them load with the HF folder's logits,
+quantized tensors dequantize exactly as gguf-py does, and bad files fail with one clear line.
+
+The demo test compares llmchat on the real SmolLM2 Q4_1 GGUF with llmchat and transformers on the
+float32 folder transformers built from that same file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from safetensors.torch import load_file, save_file
+
+import llmchat
+from llmchat.engine.errors import ModelLoadError
+from llmchat.engine.gguf import SUPPORTED_TYPES, GGUFFile
+from llmchat.engine.package import open_package
+from tests.gguf_export import export_gguf, write_typed_tensors
+from tests.tiny_models import BOS, CHATML_TEMPLATE, IM_END
+
+TinyModelFactory = Callable[..., Path]
+TOL = 1e-4
+NEW_TOKENS = 20
+PARITY_KINDS = (
+    "llama",
+    "llama3-rope",
+    "llama-tied",
+    "llama-bias",
+    "llama-headdim",
+    "llama-linear",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "gemma3-linear",
+    "phi3",
+    "phi3-longrope",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny matmuls run fastest on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tiny_model: TinyModelFactory, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`hf_folder(kind)` -> the tiny folder, made expressible in GGUF.
+
+    GGUF has no key for Gemma's query_pre_attn_scalar: llama.cpp scales queries by head_dim (by
+    hidden/heads for the 27B models), as every Gemma 2/3 checkpoint but the 27B ones is configured.
+    The tiny Gemmas use another value, so their GGUF twins are made from a copy that uses head_dim.
+    """
+    root = tmp_path_factory.mktemp("gguf-folders")
+
+    def get(kind: str) -> Path:
+        folder = tiny_model(kind)
+        if not kind.startswith("gemma"):
+            return folder
+        copy = root / kind
+        if not copy.exists():
+            shutil.copytree(folder, copy)
+            config = json.loads((copy / "config.json").read_text())
+            config["query_pre_attn_scalar"] = config["head_dim"]
+            (copy / "config.json").write_text(json.dumps(config))
+        return copy
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def gguf_files(hf_folder: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`gguf_files(kind, qtype=F32, **export_options)` -> a GGUF exported from `hf_folder(kind)`, cached."""
+    root = tmp_path_factory.mktemp("gguf")
+    made: dict[str, Path] = {}
+
+    def get(kind: str, qtype: Q = Q.F32, **options: Any) -> Path:
+        name = "-".join([kind, qtype.name, *(f"{k}={v}" for k, v in sorted(options.items()))])
+        if name not in made:
+            made[name] = export_gguf(hf_folder(kind), root / f"{name}.gguf", qtype=qtype, **options)
+        return made[name]
+
+    return get
+
+
+def _ids(vocab: int, n: int = 40, seed: int = 0) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _greedy(model: Any, prompt: list[int], n: int) -> list[int]:
+    from llmchat.engine.events import TokenEvent
+
+    model.reset()
+    events = model.generate(prompt, sampling=llmchat.SamplingParams(temperature=0), max_new_tokens=n, stop_on_eos=False)
+    return [e.token_id for e in events if isinstance(e, TokenEvent)]
+
+
+# --- parity with the Hugging Face folder ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", PARITY_KINDS)
+def test_f32_gguf_gives_the_folders_logits_and_tokens(
+    kind: str, hf_folder: Callable[[str], Path], gguf_files: Callable[..., Path]
+) -> None:
+    folder, path = hf_folder(kind), gguf_files(kind)
+    ours = llmchat.load(path, device="cpu", dtype="float32")
+    reference = llmchat.load(folder, device="cpu", dtype="float32")
+    ids = _ids(reference.config.vocab_size)
+    diff = (ours.logits(ids) - reference.logits(ids)).abs().max().item()
+    assert diff <= TOL, f"{kind}: GGUF logits differ from the folder's by {diff:.2e}"
+    prompt = ids[:12]
+    assert _greedy(ours, prompt, NEW_TOKENS) == _greedy(reference, prompt, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3-rope", "qwen3"])
+def test_metadata_becomes_the_folders_config(kind: str, tiny_model: TinyModelFactory, gguf_files: Callable) -> None:
+    folder = tiny_model(kind)
+    config = json.loads((folder / "config.json").read_text())
+    raw = GGUFFile(gguf_files(kind)).hf_config()
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        assert raw[key] == config[key], key
+    assert raw["num_key_value_heads"] == config["num_key_value_heads"]
+    assert raw["max_position_embeddings"] == config["max_position_embeddings"]
+    assert raw["rope_theta"] == config["rope_parameters"]["rope_theta"]
+    assert raw["rms_norm_eps"] == pytest.approx(config["rms_norm_eps"], rel=1e-6)  # stored as float32
+    assert raw["tie_word_embeddings"] == config.get("tie_word_embeddings", False)
+    assert raw["architectures"] == config["architectures"]
+    ours = open_package(gguf_files(kind)).config
+    theirs = open_package(folder).config
+    assert ours.rope.theta == theirs.rope.theta and ours.head_dim == theirs.head_dim
+    if kind == "llama3-rope":
+        # llama3 scaling arrives as rope_freqs divisors; together they give the folder's frequencies.
+        from llmchat.engine.rope import inverse_frequencies
+
+        assert ours.rope.freq_factors is not None and ours.rope.type == "default"
+        mine, _ = inverse_frequencies(ours.rope, ours.head_dim, ours.max_position_embeddings)
+        folder_freqs, _ = inverse_frequencies(theirs.rope, theirs.head_dim, theirs.max_position_embeddings)
+        torch.testing.assert_close(mine, folder_freqs, rtol=1e-6, atol=0)
+
+
+def _as_float32(config: Any) -> Any:
+    """The config with the values GGUF stores as float32 rounded, and without the EOS list.
+
+    GGUF keeps one EOS id (the tokenizer's) where config.json may list several.
+    """
+    rope = config.rope
+    factors = {
+        name: tuple(float(np.float32(f)) for f in getattr(rope, name))
+        for name in ("short_factor", "long_factor")
+        if getattr(rope, name) is not None
+    }
+    return config.with_changes(
+        rms_norm_eps=float(np.float32(config.rms_norm_eps)),
+        rope=dataclasses.replace(rope, **factors),
+        eos_token_ids=(),
+        dtype=None,
+    )
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gemma2", "gemma3", "gemma3-linear", "phi3", "phi3-longrope"])
+def test_gguf_config_equals_the_folders(kind: str, hf_folder: Callable[[str], Path], gguf_files: Callable) -> None:
+    """Sliding-window layout, local RoPE, soft-caps, partial rotary, longrope: all survive the trip."""
+    ours = open_package(gguf_files(kind)).config
+    theirs = open_package(hf_folder(kind)).config
+    assert _as_float32(ours) == _as_float32(theirs)
+
+
+def _roundtrip_folder(folder: Path, out: Path, qtype: Q) -> Path:
+    """A copy of `folder` whose matrices hold what quantizing them to `qtype` leaves of them.
+
+    Quantization works row by row, so quantizing the HF matrix equals quantizing the converter's
+    Q/K-permuted one and permuting back: this is the model the GGUF holds, built without llmchat.
+    """
+    shutil.copytree(folder, out)
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    for path in out.glob("*.safetensors"):
+        tensors = load_file(str(path))
+        for name, tensor in tensors.items():
+            if tensor.ndim == 2 and tensor.shape[-1] % block == 0:
+                values = gguf.quants.dequantize(gguf.quants.quantize(tensor.numpy(), qtype), qtype)
+                tensors[name] = torch.from_numpy(np.ascontiguousarray(values))
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "qtype"),
+    [("llama", Q.Q8_0), ("llama-bias", Q.Q4_1), ("qwen3", Q.Q5_0)],
+    ids=["llama-Q8_0", "llama-bias-Q4_1", "qwen3-Q5_0"],
+)
+def test_quantized_gguf_is_the_folder_with_quantized_weights(
+    kind: str, qtype: Q, tiny_model: TinyModelFactory, gguf_files: Callable, tmp_path: Path
+) -> None:
+    path = gguf_files(kind, qtype)
+    package = open_package(path)
+    assert package.quantization == qtype.name
+    reference = llmchat.load(_roundtrip_folder(tiny_model(kind), tmp_path / "rt", qtype), device="cpu", dtype="float32")
+    ours = llmchat.load(path, device="cpu", dtype="float32")
+    ids = _ids(reference.config.vocab_size)
+    diff = (ours.logits(ids) - reference.logits(ids)).abs().max().item()
+    assert diff <= TOL, f"{kind} {qtype.name}: logits differ by {diff:.2e}"
+    plain = llmchat.load(tiny_model(kind), device="cpu", dtype="float32")
+    assert (plain.logits(ids) - ours.logits(ids)).abs().max().item() > 1e-3, "the weights were not quantized"
+
+
+def test_tensors_dequantize_like_gguf_py(gguf_files: Callable, tmp_path: Path) -> None:
+    """Every supported type (K-quants included, as random blocks) reads back as gguf-py dequantizes it."""
+    types_ = sorted(SUPPORTED_TYPES)
+    path = write_typed_tensors(tmp_path / "types.gguf", types_)
+    ours = GGUFFile(path)
+    reader = gguf.GGUFReader(path)
+    assert len(reader.tensors) == len(types_)
+    for info in reader.tensors:
+        with np.errstate(all="ignore"):  # random bytes make NaN/inf scales
+            expected = torch.from_numpy(np.array(gguf.quants.dequantize(info.data, info.tensor_type)))
+            got = ours.read_tensor(info.name)
+        assert got.dtype == torch.float32 and got.shape == (2, 256), info.tensor_type.name
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True, msg=info.tensor_type.name)
+    # The served weights of a Q4_1 export: un-permuted llama tensors aside, exactly gguf-py's values.
+    q41 = gguf.GGUFReader(gguf_files("llama", Q.Q4_1))
+    down = next(t for t in q41.tensors if t.name == "blk.1.ffn_down.weight")
+    served = dict(open_package(gguf_files("llama", Q.Q4_1)).weights.tensors())
+    expected = torch.from_numpy(gguf.quants.dequantize(down.data, down.tensor_type))
+    assert torch.equal(served["model.layers.1.mlp.down_proj.weight"], expected)
+
+
+def test_package_describes_the_file(gguf_files: Callable) -> None:
+    path = gguf_files("llama", Q.Q8_0)
+    package = open_package(path)
+    assert package.format == "gguf" and package.name == path.stem and package.path == path
+    assert package.size_bytes == path.stat().st_size
+    assert package.templates is not None and package.templates.templates == {"default": CHATML_TEMPLATE}
+    assert package.special_tokens["bos_token"] == BOS and package.special_tokens["eos_token"] == IM_END
+    assert package.tokenizer.eos_token_id in package.eos_token_ids
+    by_type = GGUFFile(path).tensor_bytes_by_type()
+    reader = gguf.GGUFReader(path)
+    expected: dict[str, int] = {}
+    for info in reader.tensors:
+        block, size = gguf.GGML_QUANT_SIZES[info.tensor_type]
+        expected[info.tensor_type.name] = expected.get(info.tensor_type.name, 0) + info.n_elements // block * size
+    assert by_type == expected and set(by_type) == {"Q8_0", "F32"}
+    assert sum(by_type.values()) < package.size_bytes
+
+
+# --- bad files --------------------------------------------------------------------------------------
+
+
+def _load_error(path: Path) -> str:
+    with pytest.raises(ModelLoadError) as caught:
+        llmchat.load(path, device="cpu", dtype="float32")
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message, message
+    return message
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.02, 6])
+def test_truncated_gguf(keep: float, gguf_files: Callable, tmp_path: Path) -> None:
+    data = gguf_files("llama").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: int(len(data) * keep) if keep < 1 else int(keep)])
+    assert "truncated" in _load_error(cut)
+
+
+def test_not_a_gguf_file(tiny_model: TinyModelFactory, tmp_path: Path) -> None:
+    fake = tmp_path / "model.gguf"
+    shutil.copy(tiny_model("llama") / "model.safetensors", fake)
+    assert "not a GGUF file" in _load_error(fake)
+
+
+def test_unsupported_gguf_version(gguf_files: Callable, tmp_path: Path) -> None:
+    data = bytearray(gguf_files("llama").read_bytes())
+    data[4:8] = (7).to_bytes(4, "little")
+    future = tmp_path / "future.gguf"
+    future.write_bytes(bytes(data))
+    assert "GGUF version 7 is not supported" in _load_error(future)
+
+
+def test_unsupported_architecture(gguf_files: Callable) -> None:
+    message = _load_error(gguf_files("llama", architecture="mamba"))
+    assert "'mamba'" in message and "llama" in message and "qwen3" in message
+
+
+def test_unsupported_tensor_type(gguf_files: Callable) -> None:
+    path = gguf_files("llama", raw_types={"blk.1.attn_v.weight": Q.IQ2_XXS})
+    message = _load_error(path)
+    assert "IQ2_XXS" in message and "blk.1.attn_v.weight" in message
+
+
+def test_vocab_only_gguf_opens_but_does_not_load(gguf_files: Callable) -> None:
+    path = gguf_files("qwen2", vocab_only=True)
+    package = open_package(path)
+    assert package.templates is not None and package.tokenizer.decode(package.tokenizer.encode("the fox")) == "the fox"
+    assert package.config.vocab_size == package.tokenizer.vocab_size
+    assert "vocab-only GGUF has no weights" in _load_error(path)
+
+
+def _assert_one_line_error(code: int, stderr: str, path: Path) -> None:
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmchat: error: "), stderr
+    assert path.name in lines[0]
+
+
+def test_cli_reports_a_truncated_gguf_in_one_line(gguf_files: Callable, tmp_path: Path) -> None:
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(gguf_files("llama").read_bytes()[:1000])
+    result = subprocess.run(
+        [sys.executable, "-m", "llmchat", "run", str(path), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    _assert_one_line_error(result.returncode, result.stderr, path)
+
+
+@pytest.mark.parametrize("case", ["mamba", "iq2_xxs", "vocab-only"])
+def test_cli_reports_bad_gguf_in_one_line(case: str, gguf_files: Callable, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmchat.cli import main
+
+    if case == "mamba":
+        path = gguf_files("llama", architecture="mamba")
+    elif case == "iq2_xxs":
+        path = gguf_files("llama", raw_types={"blk.1.attn_v.weight": Q.IQ2_XXS})
+    else:
+        path = gguf_files("qwen2", vocab_only=True)
+    code = main(["run", str(path), "--prompt", "hi", "--device", "cpu"])
+    _assert_one_line_error(code, capsys.readouterr().err, path)
+
+
+# --- the real demo model ----------------------------------------------------------------------------
+
+PROMPTS = {"english": "What is the capital of France?", "chinese": "法国的首都是哪里？"}
+DEMO_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def demo_folder() -> Path:
+    from tests.demo_model import DemoModelUnavailable, demo_hf_folder
+
+    try:
+        return demo_hf_folder()
+    except DemoModelUnavailable as error:
+        pytest.skip(f"demo model unavailable: {error}")
+
+
+@pytest.fixture(scope="module")
+def demo_models(demo_gguf: Path, demo_folder: Path) -> tuple[Any, Any]:
+    """llmchat on the GGUF and on the float32 folder transformers made from it."""
+    return (
+        llmchat.load(demo_gguf, device="cpu", dtype="float32", context_length=256),
+        llmchat.load(demo_folder, device="cpu", dtype="float32", context_length=256),
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_reference(demo_folder: Path) -> dict[str, dict[str, Any]]:
+    """Transformers on the folder: each prompt's ids and its greedy continuation."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(demo_folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(demo_folder, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # exactly DEMO_TOKENS tokens
+    result = {}
+    for name, prompt in PROMPTS.items():
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        tensor = torch.tensor([ids])
+        with torch.inference_mode():
+            out = model.generate(
+                tensor,
+                attention_mask=torch.ones_like(tensor),
+                do_sample=False,
+                max_new_tokens=DEMO_TOKENS,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        result[name] = {"text": text, "ids": ids, "greedy": out[0, len(ids) :].tolist()}
+    return result
+
+
+@pytest.mark.slow
+def test_demo_gguf_logits_match_the_folder(demo_models: tuple[Any, Any], demo_reference: dict) -> None:
+    ours, folder = demo_models
+    assert ours.package.quantization == "Q4_1" and ours.config.vocab_size == folder.config.vocab_size
+    for name, reference in demo_reference.items():
+        ids = reference["ids"]
+        diff = (ours.logits(ids) - folder.logits(ids)).abs().max().item()
+        assert diff <= TOL, f"{name}: GGUF logits differ from the folder's by {diff:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_demo_gguf_greedy_matches_transformers(name: str, demo_models: tuple[Any, Any], demo_reference: dict) -> None:
+    ours, _ = demo_models
+    reference = demo_reference[name]
+    assert len(reference["greedy"]) == DEMO_TOKENS
+    assert _greedy(ours, reference["ids"], DEMO_TOKENS) == reference["greedy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_demo_gguf_renders_and_tokenizes_like_transformers(
+    name: str, demo_models: tuple[Any, Any], demo_reference: dict
+) -> None:
+    ours, _ = demo_models
+    reference = demo_reference[name]
+    text = ours.template.render([{"role": "user", "content": PROMPTS[name]}], add_generation_prompt=True)
+    assert text == reference["text"]
+    assert ours.tokenizer.encode(text) == reference["ids"]

@@ -1,0 +1,89 @@
+"""The installed `llmchat` in a real terminal (tmux): keys reach the app, the demo model answers.
+
+Drives `llmchat --model <demo gguf>` with `tmux send-keys` and reads the screen with
+`capture-pane`, so it proves what Pilot cannot: the key bindings arrive through a terminal
+multiplexer, the app starts from its console script, and it quits leaving the conversation saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SESSION = "llmchat-test"
+
+
+def _tmux(*args: str) -> str:
+    result = subprocess.run(["tmux", *args], capture_output=True, text=True, timeout=30)
+    return result.stdout
+
+
+def _screen() -> str:
+    return _tmux("capture-pane", "-p", "-t", SESSION)
+
+
+def _wait_for(condition: Callable[[str], bool], what: str, seconds: float = 180.0) -> str:
+    deadline = time.monotonic() + seconds
+    screen = ""
+    while time.monotonic() < deadline:
+        screen = _screen()
+        if condition(screen):
+            return screen
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}; the screen shows:\n{screen}")
+
+
+@pytest.fixture()
+def terminal(llmchat_dirs: dict[str, Path]) -> Iterator[Path]:
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed")
+    script = Path(sys.executable).with_name("llmchat")
+    if not script.exists():
+        pytest.skip("the llmchat console script is not installed in this environment")
+    subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k.startswith("LLMCHAT_")}
+    exports = " ".join(f"{k}={v}" for k, v in env.items())
+    _tmux("new-session", "-d", "-s", SESSION, "-x", "150", "-y", "45", "bash", "--norc", "--noprofile")
+    _tmux("send-keys", "-t", SESSION, f"export {exports} TERM=tmux-256color", "Enter")
+    yield script
+    subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
+
+
+def test_chat_in_tmux_answers_shows_panels_takes_keys_and_saves(
+    terminal: Path, demo_gguf: Path, llmchat_dirs: dict[str, Path]
+) -> None:
+    _tmux("send-keys", "-t", SESSION, f"{terminal} --model {demo_gguf} --temperature 0", "Enter")
+    _wait_for(lambda s: "ctx 0/" in s, "the model to load")
+
+    _tmux("send-keys", "-t", SESSION, "-l", "What is the capital of France?")
+    _tmux("send-keys", "-t", SESSION, "Enter")
+    screen = _wait_for(lambda s: "tok/s" in s and "Paris" in s, "the answer with its stats")
+
+    # The KV-cache panel shows numbers (tokens of a capacity), the top-k panel its candidates.
+    kv = re.search(r"(\d[\d,]*) / (\d[\d,]*) tokens", screen)
+    assert kv is not None and int(kv.group(1).replace(",", "")) > 0, screen
+    assert "Top-k" in screen and re.search(r"\d+\.\d%", screen), screen
+
+    assert "temp greedy" in screen, screen  # --temperature 0
+    _tmux("send-keys", "-t", SESSION, "F3")  # temperature up
+    _wait_for(lambda s: "temp 0.10" in s, "the temperature to change")
+
+    _tmux("send-keys", "-t", SESSION, "C-q")
+    _wait_for(lambda s: "Top-k" not in s, "the app to quit", seconds=30)
+
+    files = list((llmchat_dirs["data"] / "conversations").glob("*.json"))
+    assert len(files) == 1, files
+    saved = json.loads(files[0].read_text(encoding="utf-8"))
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
+    assert "Paris" in saved["messages"][1]["content"]
