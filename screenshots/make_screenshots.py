@@ -17,15 +17,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SIZE = (150, 44)
-QUESTION = "What is the capital of France? Answer in two sentences."
+QUESTION = "What is the capital of France? Tell me three things to see there."
+# The model's own defaults (temperature 0.7, top-k 40, top-p 0.95, min-p 0.05), seeded: greedy decoding
+# of a 135M model falls into a loop, and a screenshot should show a typical answer.
+SAMPLING = {"temperature": 0.7, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "seed": 11}
 
 
-async def _until(pilot: object, condition: object, seconds: float = 120.0) -> None:
+async def _until(pilot: object, condition: object, what: str, seconds: float = 600.0) -> None:
     for _ in range(int(seconds / 0.05)):
         if condition():  # type: ignore[operator]
             return
         await pilot.pause(0.05)  # type: ignore[attr-defined]
-    raise SystemExit("timed out waiting for the app")
+    raise SystemExit(f"timed out waiting for {what}")
 
 
 async def shoot(model: Path, data_dir: Path) -> list[Path]:
@@ -37,19 +40,19 @@ async def shoot(model: Path, data_dir: Path) -> list[Path]:
 
     written: list[Path] = []
     store = ConversationStore(data_dir / "conversations")
-    app = LLMChatApp(model, store=store, sampling=SamplingParams(temperature=0.0))
+    app = LLMChatApp(model, store=store, sampling=SamplingParams(**SAMPLING))
     async with app.run_test(size=SIZE) as pilot:
-        await _until(pilot, lambda: app.model is not None)
+        await _until(pilot, lambda: app.model is not None, "the model to load")
         app.query_one(PromptInput).text = QUESTION
         await pilot.press("enter")
 
         def answering() -> bool:
             answers = app.query(AssistantMessage)
-            return bool(answers) and len(answers.last().tokens) >= 10
+            return bool(answers) and (len(answers.last().tokens) >= 12 or not app.generating)
 
-        await _until(pilot, answering)
+        await _until(pilot, answering, "the first tokens")
         written.append(Path(app.save_screenshot(filename="main-mid-answer.svg", path=str(HERE))))
-        await _until(pilot, lambda: not app.generating)
+        await _until(pilot, lambda: not app.generating, "the answer")
         await pilot.pause(0.5)
         written.append(Path(app.save_screenshot(filename="panels.svg", path=str(HERE))))
         app.theme = "textual-light"

@@ -117,11 +117,15 @@ def test_answer_is_english(answer: list[Any], reference: dict[str, Any]) -> None
     assert "Paris" in text, f"the demo model should know the capital of France: {text!r}"
 
 
-def test_vram_prediction_within_15_percent_at_2k(folder: Path) -> None:
-    """The memory bill `llmchat vram` predicts is what a fresh process actually uses (peak RSS)."""
+@pytest.mark.parametrize("source", ["folder", "gguf"])
+def test_vram_prediction_within_15_percent_at_2k(source: str, request: pytest.FixtureRequest) -> None:
+    """The memory bill `llmchat vram` predicts is what a fresh process actually uses (peak RSS),
+    for the float32 folder and for the Q4_1 GGUF (dequantized at load)."""
     import json
     import subprocess
     import sys
+
+    model = request.getfixturevalue("folder" if source == "folder" else "demo_gguf")
 
     result = subprocess.run(
         [
@@ -129,7 +133,7 @@ def test_vram_prediction_within_15_percent_at_2k(folder: Path) -> None:
             "-m",
             "llmchat",
             "vram",
-            str(folder),
+            str(model),
             "--device",
             "cpu",
             "--context",
