@@ -208,10 +208,16 @@ def cmd_template(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.messages} must hold a JSON list of messages")
     tools = _read_json_file(args.tools) if args.tools else None
     variables = dict(_parse_var(v) for v in args.var or ())
-    templates = ChatTemplates.from_folder(folder)
+    if folder.is_file():  # a GGUF file: templates and special tokens come from its metadata
+        from llmchat.engine.gguf import GGUFFile
+
+        gguf = GGUFFile(folder)
+        templates, special_tokens = gguf.chat_templates(), gguf.special_tokens()
+    else:
+        templates, special_tokens = ChatTemplates.from_folder(folder), read_special_tokens(folder)
     if templates is None:
         raise TemplateError(f"{folder} has no chat template")
-    template = templates.get(args.name, tools=bool(tools), special_tokens=read_special_tokens(folder))
+    template = templates.get(args.name, tools=bool(tools), special_tokens=special_tokens)
     text = template.render(messages, add_generation_prompt=not args.no_generation_prompt, tools=tools, **variables)
     if args.json:
         _print_json({"text": text, "template": template.name})

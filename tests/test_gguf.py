@@ -7,6 +7,7 @@ float32 folder transformers built from that same file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -423,3 +424,21 @@ def test_demo_gguf_renders_and_tokenizes_like_transformers(
     text = ours.template.render([{"role": "user", "content": PROMPTS[name]}], add_generation_prompt=True)
     assert text == reference["text"]
     assert ours.tokenizer.encode(text) == reference["ids"]
+
+
+def test_template_command_renders_a_gguf_like_its_folder(
+    hf_folder: Callable[[str], Path], gguf_files: Callable[..., Path], tmp_path: Path
+) -> None:
+    """`llmchat template FILE.gguf` reads the template from the metadata: same text as the folder's."""
+    from llmchat.cli import main
+
+    messages = tmp_path / "messages.json"
+    messages.write_text(json.dumps([{"role": "user", "content": "Hi there"}]), encoding="utf-8")
+    outputs = []
+    for model in (hf_folder("qwen2"), gguf_files("qwen2")):
+        out = tmp_path / f"{model.name}.json"
+        with open(out, "w", encoding="utf-8") as sink, contextlib.redirect_stdout(sink):
+            assert main(["template", str(model), "--messages", str(messages), "--json"]) == 0
+        outputs.append(json.loads(out.read_text(encoding="utf-8"))["text"])
+    assert outputs[0] == outputs[1]
+    assert "Hi there" in outputs[1] and outputs[1].endswith("<|im_start|>assistant\n")
