@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", dest="chat_top_p", type=float, default=None)
     chat.add_argument("--top-k", dest="chat_top_k", type=int, default=None)
     chat.add_argument("--seed", dest="chat_seed", type=int, default=None)
+    chat.add_argument(
+        "--max-new-tokens", dest="chat_max_new_tokens", type=int, default=None, help="answer length limit"
+    )
     parser.set_defaults(func=cmd_chat)  # bare `llmchat` opens the chat
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 

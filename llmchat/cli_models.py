@@ -104,14 +104,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     `--model` names another one), with its sampling settings.
     """
     from llmchat.chat.store import ConversationStore
+    from llmchat.settings import load_settings
 
+    settings, problems = load_settings()
     store = ConversationStore.default()
     conversation = None
-    spec = getattr(args, "chat_model", None)
+    explicit = getattr(args, "chat_model", None)
+    spec = explicit or settings.model
     if args.resume is not None:
         conversation = store.load(store.resolve(args.resume))
         saved_path = conversation.model.get("path")
-        if spec is None and saved_path:
+        if explicit is None and saved_path:
             spec = saved_path
     path = resolve_model(spec)
     from llmchat.tui.app import run_app
@@ -121,7 +124,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
         for knob in ("temperature", "top_p", "top_k", "seed")
         if (value := getattr(args, f"chat_{knob}", None)) is not None
     }
-    run_app(path, store=store, conversation=conversation, sampling_overrides=overrides)
+    run_app(
+        path,
+        store=store,
+        conversation=conversation,
+        sampling_overrides=overrides,
+        max_new_tokens=getattr(args, "chat_max_new_tokens", None),
+        settings=settings,
+        settings_problems=problems,
+    )
     return 0
 
 

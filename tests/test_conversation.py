@@ -224,9 +224,10 @@ def test_records_from_engine_events() -> None:
     assert record == {
         "id": event.token_id,
         "text": event.text,
-        "prob": event.prob,
-        "rank": event.rank,
-        "top": [[t.token_id, t.text, t.logit, t.prob] for t in top],
+        "prob": 0.8,
+        "policy_prob": 0.9,
+        "rank": 0,
+        "top": [[7, "Paris", 12.5, 0.8, 0.9], [3, "Lyon", 10.0, 0.1, 0.1]],
     }
     done = Finished(
         reason="eos", prompt_tokens=20, reused_tokens=5, prefilled_tokens=15, generated_tokens=11,

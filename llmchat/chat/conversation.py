@@ -372,8 +372,9 @@ def token_record(event: Any) -> dict[str, Any]:
         "id": event.token_id,
         "text": event.text,
         "prob": event.prob,
+        "policy_prob": event.policy_prob,
         "rank": event.rank,
-        "top": [[t.token_id, t.text, t.logit, t.prob] for t in event.top],
+        "top": [[t.token_id, t.text, t.logit, t.prob, t.policy_prob] for t in event.top],
     }
 
 

@@ -8,29 +8,41 @@ between steps.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from textual import on, work
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
+from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer
 
 from llmchat.chat.conversation import Conversation, answer_stats, token_record
 from llmchat.chat.store import ConversationStore
 from llmchat.engine import Finished, LLMChatError, LoadedModel, PrefillDone, SamplingParams
 from llmchat.engine.prompt import ChatTokens
+from llmchat.engine.tool_calls import split_tool_calls
+from llmchat.settings import ACTION_KEYS, Settings, SettingsError, key_map, update_settings
+from llmchat.tui.screens import ConversationsScreen, HelpScreen, ModelsScreen, SystemPromptScreen
+from llmchat.tui.themes import apply_theme, register_themes
 from llmchat.tui.widgets.messages import AssistantMessage, ChatView
 from llmchat.tui.widgets.panels import CacheState, KVCachePanel, MemoryPanel, TopKPanel
 from llmchat.tui.widgets.prompt import PromptInput
 from llmchat.tui.widgets.status import StatusBar
+from llmchat.tui.widgets.tokens import token_events
 from llmchat.tui.worker import Batch, StopFlag, run_generation
 
 TOP_K_SHOWN = 8  # candidates kept per token for the top-k panel and the saved conversation
 NARROW = 100  # columns below which the side panels hide themselves
+PANEL_INTERVAL = 0.25  # seconds between panel repaints while tokens stream
+GIL_SWITCH_INTERVAL = 0.001  # seconds; see on_mount
 
 # Steps of the sampling keys.
 TEMPERATURE_STEP, TOP_P_STEP = 0.1, 0.05
@@ -57,6 +69,76 @@ class GenerationFailed(Message):
     error: str
 
 
+# settings.ACTION_KEYS id → the action string it runs (the ids are what settings.toml rebinds).
+ACTIONS = {
+    "stop": "stop",
+    "new_chat": "new_chat",
+    "temperature_down": "temperature(-1)",
+    "temperature_up": "temperature(1)",
+    "top_p_down": "top_p(-1)",
+    "top_p_up": "top_p(1)",
+    "top_k_down": "top_k(-1)",
+    "top_k_up": "top_k(1)",
+    "regenerate": "regenerate",
+    "edit_last": "edit_last",
+    "branch_previous": "branch(-1)",
+    "branch_next": "branch(1)",
+    "token_previous": "token(-1)",
+    "token_next": "token(1)",
+    "toggle_panels": "toggle_panels",
+    "conversations": "conversations",
+    "models": "models",
+    "system_prompt": "system_prompt",
+    "theme": "next_theme",
+    "help": "help",
+    "quit": "quit",
+}
+# The footer has room for the everyday keys; every key is on the help screen (F1) and in Ctrl+P.
+IN_FOOTER = {"stop", "temperature_down", "temperature_up", "top_p_down", "top_p_up", "top_k_down", "top_k_up",
+             "regenerate", "conversations", "help", "quit"}  # fmt: skip
+# The chat's actions step aside while a dialog (conversations, help…) is open; quit never does.
+_CHAT_ACTIONS = {ACTIONS[a].split("(")[0] for a in ACTION_KEYS if a != "quit"} | {"select_token"}
+COMMAND_TITLES = {
+    "temperature_down": "Temperature down",
+    "temperature_up": "Temperature up",
+    "top_p_down": "Top-p down",
+    "top_p_up": "Top-p up",
+    "top_k_down": "Top-k down",
+    "top_k_up": "Top-k up",
+    "branch_previous": "Previous branch",
+    "branch_next": "Next branch",
+    "token_previous": "Previous token",
+    "token_next": "Next token",
+    "edit_last": "Edit the last message",
+    "regenerate": "Regenerate the last answer",
+    "toggle_panels": "Toggle the side panels",
+    "conversations": "Conversations",
+    "models": "Models",
+    "system_prompt": "System prompt",
+    "theme": "Next theme",
+    "help": "Keys",
+    "stop": "Stop the answer (or cancel an edit)",
+    "new_chat": "New chat",
+    "quit": "Quit",
+}
+INPUT_KEYS = [
+    ("enter", "Send the message"),
+    ("shift+enter / ^j", "New line in the message"),
+    ("↑ / ↓", "Earlier prompts (input empty)"),
+    ("^p", "Command palette: every action"),
+    ("click a token", "Its alternatives in the top-k panel"),
+]
+COMMAND_HELP = {
+    "temperature_up": "Hotter sampling from the next token on",
+    "regenerate": "A new answer beside the old one (a branch)",
+    "edit_last": "Resend the last prompt, edited, as a branch",
+    "token_previous": "Inspect an earlier token's alternatives in the top-k panel",
+    "conversations": "Open, search, rename or delete saved conversations",
+    "models": "Load another model",
+    "theme": "Cycle the themes; the choice is saved",
+}
+
+
 def _step_top_k(current: int, direction: int) -> int:
     steps = list(TOP_K_STEPS)
     if current not in steps:
@@ -71,16 +153,8 @@ class LLMChatApp(App[None]):
     TITLE = "llmchat"
     CSS_PATH = Path(__file__).with_name("app.tcss")
     BINDINGS = [
-        Binding("escape", "stop", "Stop", priority=True),
-        Binding("ctrl+n", "new_chat", "New chat", priority=True),
-        Binding("f2", "temperature(-1)", "Temp−", priority=True),
-        Binding("f3", "temperature(1)", "Temp+", priority=True),
-        Binding("f4", "top_p(-1)", "Top-p−", priority=True),
-        Binding("f5", "top_p(1)", "Top-p+", priority=True),
-        Binding("f6", "top_k(-1)", "Top-k−", priority=True),
-        Binding("f7", "top_k(1)", "Top-k+", priority=True),
-        Binding("ctrl+t", "toggle_panels", "Panels", priority=True),
-        Binding("ctrl+q", "quit", "Quit", priority=True),
+        Binding(key, ACTIONS[action], label, id=action, priority=True, show=action in IN_FOOTER)
+        for action, (key, label) in ACTION_KEYS.items()
     ]
 
     def __init__(
@@ -94,8 +168,19 @@ class LLMChatApp(App[None]):
         device: str = "auto",
         dtype: str = "auto",
         context_length: int | None = None,
+        max_new_tokens: int | None = None,
+        settings: Settings | None = None,
+        settings_problems: list[str] | None = None,
     ) -> None:
         super().__init__()
+        self.settings = settings or Settings()
+        self._problems = list(settings_problems or [])
+        self._problems += register_themes(self)
+        problem = apply_theme(self, self.settings.theme)
+        if problem:
+            self._problems.append(problem)
+        if self.settings.keys:  # only the user's changes: the rest keep their order in the footer
+            self.set_keymap(self.settings.keys)
         self.model_path = Path(model_path) if model_path is not None else None
         self.store = store
         self.conversation = conversation or Conversation()
@@ -106,13 +191,19 @@ class LLMChatApp(App[None]):
             except (TypeError, ValueError):
                 sampling = None
         self.sampling = sampling  # None until the model's defaults are known
-        self._sampling_overrides = sampling_overrides or {}  # from the command line, over any defaults
+        # settings.toml's sampling, then the command line's, over the model's defaults
+        self._sampling_overrides = {**self.settings.sampling, **(sampling_overrides or {})}
         self.generating = False
         self.stop_flag = StopFlag()
         self._load_options: dict[str, Any] = {"device": device, "dtype": dtype, "context_length": context_length}
         self._answer: AssistantMessage | None = None
         self._answer_id: str | None = None
-        self._panels_wanted = True
+        self._panels_wanted = self.settings.panels
+        self._editing: str | None = None  # id of the user message being edited (Ctrl+E)
+        self._token_answer: AssistantMessage | None = None  # the answer whose token strip is open
+        self._panels_shown_at = 0.0
+        self._selected_token: int | None = None  # an earlier token picked for the top-k panel
+        self.max_new_tokens = max_new_tokens  # None: the model's generation config decides
 
     # --- layout -----------------------------------------------------------------------------------
 
@@ -129,29 +220,67 @@ class LLMChatApp(App[None]):
         yield Footer()
 
     async def on_mount(self) -> None:
+        # The decode loop needs the GIL back after every kernel; while the UI thread runs Python
+        # (a repaint), the default 5 ms switch interval would stall it once per kernel.
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.query_one(PromptInput).focus()
         self.query_one(KVCachePanel).show(CacheState())
         self.query_one(MemoryPanel).show(None, None)
         self.query_one(TopKPanel).show(None)
+        self._apply_panel_visibility()
         self._status(activity="loading model…" if self.model_path else "no model")
         if self.model_path is not None:
             self.load_model(self.model_path)
         await self._show_conversation()
+        for problem in self._problems:
+            self.notify(problem, title="Settings", severity="warning", timeout=10)
+        self._report_unreadable_conversations()
+
+    def _report_unreadable_conversations(self) -> None:
+        if self.store is None:
+            return
+        try:
+            unreadable = self.store.list().unreadable
+        except (LLMChatError, OSError) as err:
+            self.notify(str(err), title="Conversations", severity="warning")
+            return
+        if unreadable:
+            names = ", ".join(u.path.name for u in unreadable[:3]) + (" …" if len(unreadable) > 3 else "")
+            self.notify(
+                f"{len(unreadable)} conversation file(s) could not be read and are left untouched: {names}. "
+                "Ctrl+O lists them with the reason.",
+                title="Conversations",
+                severity="warning",
+                timeout=10,
+            )
 
     async def _show_conversation(self) -> None:
-        """Draw the current branch of the conversation (a resumed one, or an empty new one)."""
+        """Draw the current branch of the conversation (a resumed one, a switched branch, a new one)."""
         chat = self.query_one(ChatView)
         await chat.clear()
+        self._token_answer = None
         prompt = self.query_one(PromptInput)
-        for message in self.conversation.path():
+        conversation = self.conversation
+        name = conversation.model.get("name", "assistant")
+        for message in conversation.path():
+            branch = conversation.sibling_position(message.id)
             if message.role == "user":
-                await chat.add_user(message.content)
-                prompt.prompt_history.append(message.content)
+                await chat.add_user(message.content, message.id, branch)
+                if message.content not in prompt.prompt_history:
+                    prompt.prompt_history.append(message.content)
             elif message.role == "assistant":
-                view = await chat.add_assistant(self.conversation.model.get("name", "assistant"))
+                view = await chat.add_assistant(name, message.id, branch)
+                view.tokens = token_events(message.tokens)
                 stats = message.stats or {}
                 line = " · ".join(f"{k} {v}" for k, v in stats.items() if k in ("tokens", "decode_tok_s"))
                 await view.set_text(message.reasoning or "", message.content, line)
+                if message.tool_calls:
+                    await view.show_tool_calls(message.tool_calls)
+        chat.scroll_end(animate=False)
+
+    def on_unmount(self) -> None:
+        sys.setswitchinterval(self._switch_interval)
 
     def on_resize(self) -> None:
         self._apply_panel_visibility()
@@ -218,17 +347,26 @@ class LLMChatApp(App[None]):
             self.notify("The model is not loaded yet.", severity="warning")
             return
         event.input.remember(event.text)
-        chat = self.query_one(ChatView)
-        self.conversation.add_user(event.text)
-        await chat.add_user(event.text)
+        if self._editing is not None:  # the edited prompt goes in as a new branch beside the old one
+            self.conversation.edit_user(self._editing, event.text)
+            self._editing = None
+        else:
+            self.conversation.add_user(event.text)
+        await self._answer_current()
+
+    async def _answer_current(self) -> None:
+        """Add an empty answer after the current message, draw the branch, and generate into it."""
+        assert self.model is not None
         answer = self.conversation.add_assistant()
+        await self._show_conversation()
         self._answer_id = answer.id
-        self._answer = await chat.add_assistant(self.model.package.name)
+        self._answer = self.query(AssistantMessage).last()
         self._save()
         self._start_generation(self.conversation.chat_messages(before=answer.id))
 
     def _start_generation(self, messages: list[dict[str, Any]]) -> None:
         self.generating = True
+        self._selected_token = None
         self.stop_flag.clear()
         self._status(activity="prefill…")
         self.generate(messages)
@@ -250,6 +388,7 @@ class LLMChatApp(App[None]):
                 live_sampling=live,
                 cancel=self.stop_flag,
                 top_k=TOP_K_SHOWN,
+                max_new_tokens=self.max_new_tokens,
             )
             done = run_generation(events, lambda batch: self.post_message(GenerationUpdate(batch)))
             if done is not None:
@@ -274,8 +413,13 @@ class LLMChatApp(App[None]):
             await answer.append(batch.reasoning, batch.content, batch.tokens)
             self.conversation.append(self._answer_id, content=batch.content, reasoning=batch.reasoning)
         last = batch.last_token
-        if last is not None:
-            self.query_one(TopKPanel).show(last, title=f"token {last.index + 1}")
+        # The panels follow the tokens at a few frames a second: every repaint takes the GIL from
+        # the decode loop, and the text already moves at the coalescer's rate.
+        now = time.monotonic()
+        if last is not None and (now - self._panels_shown_at >= PANEL_INTERVAL or batch.finished is not None):
+            self._panels_shown_at = now
+            if self._selected_token is None:
+                self.query_one(TopKPanel).show(last, title=f"token {last.index + 1}")
             self._refresh_cache_panel(last.cache_tokens, last.cache_bytes)
             self._status(activity="generating…")
         if batch.finished is not None:
@@ -290,6 +434,11 @@ class LLMChatApp(App[None]):
             stats=answer_stats(done),
             tokens=[token_record(t) for t in answer.tokens],
         )
+        content, calls = split_tool_calls(self.conversation.get(answer_id).content)
+        if calls:  # the call moves out of the text into its own JSON block (and the saved message)
+            self.conversation.update(answer_id, content=content, tool_calls=calls)
+            await answer.set_content(content)
+            await answer.show_tool_calls(calls)
         self.generating = False
         self._refresh_cache_panel(done.cache_tokens, done.cache_bytes, done.reused_tokens, done.prefilled_tokens)
         self._refresh_memory_panel()
@@ -345,17 +494,210 @@ class LLMChatApp(App[None]):
 
     # --- actions -------------------------------------------------------------------------------------
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """While a dialog is open its own keys win: the chat's actions (but quit) step aside."""
+        return not (isinstance(self.screen, ModalScreen) and action in _CHAT_ACTIONS)
+
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        """Every action in the command palette (Ctrl+P), with its key."""
+        yield from super().get_system_commands(screen)
+        keys = key_map(self.settings)
+        for action, (_, label) in ACTION_KEYS.items():
+            if action == "quit":
+                continue  # Textual lists quit already
+            title = f"{COMMAND_TITLES.get(action, label)} ({keys[action]})"
+            yield SystemCommand(title, COMMAND_HELP.get(action, label), self._palette_callback(ACTIONS[action]))
+
+    def _palette_callback(self, action: str) -> Any:
+        async def run() -> None:
+            await self.run_action(action)
+
+        return run
+
+    def _busy(self, what: str) -> bool:
+        """True (and say so) when an answer is streaming: the conversation must not change under it."""
+        if self.generating:
+            self.notify(f"An answer is still streaming — Esc stops it before you {what}.", severity="warning")
+        return self.generating
+
     def action_stop(self) -> None:
         if self.generating:
             self.stop_flag.set()
+        elif self._editing is not None:
+            self._editing = None
+            self.query_one(PromptInput).text = ""
+            self._status(activity="")
+        elif self._token_answer is not None:
+            self.call_later(self._close_token_strip)
 
     async def action_new_chat(self) -> None:
-        if self.generating:
-            self.notify("An answer is still streaming — Esc stops it first.", severity="warning")
+        if self._busy("start a new chat"):
             return
         self.conversation = Conversation(model=dict(self.conversation.model))
+        self._editing = None
         await self.query_one(ChatView).clear()
         self.query_one(TopKPanel).show(None)
+
+    async def action_regenerate(self) -> None:
+        """A new answer to the last prompt, kept beside the old one (switch with the branch keys)."""
+        if self._busy("regenerate") or self.model is None:
+            return
+        path = self.conversation.path()
+        if not path:
+            self.notify("Nothing to regenerate yet.", severity="warning")
+            return
+        if path[-1].role == "assistant":  # answer its prompt again: the new answer is a sibling
+            self.conversation.current = path[-1].parent
+        await self._answer_current()
+
+    def action_edit_last(self) -> None:
+        """Put the last prompt back in the input; Enter sends it as a new branch, Esc cancels."""
+        if self._busy("edit"):
+            return
+        users = [m for m in self.conversation.path() if m.role == "user"]
+        if not users:
+            self.notify("No message to edit yet.", severity="warning")
+            return
+        self._editing = users[-1].id
+        prompt = self.query_one(PromptInput)
+        prompt.text = users[-1].content
+        prompt.focus()
+        self._status(activity="editing: Enter resends as a new branch, Esc cancels")
+
+    async def action_branch(self, step: int) -> None:
+        """Show the previous/next branch at the newest message that has alternatives."""
+        if self._busy("switch branches"):
+            return
+        branched = [m for m in self.conversation.path() if self.conversation.sibling_position(m.id)[1] > 1]
+        if not branched:
+            self.notify("This conversation has no other branch (Ctrl+R regenerates, Ctrl+E edits).")
+            return
+        self.conversation.switch_branch(branched[-1].id, step)
+        await self._show_conversation()
+        self._save()
+
+    async def action_token(self, step: int) -> None:
+        """Move the token cursor through an answer; the top-k panel shows that step."""
+        answer = self._token_answer
+        if answer is None:
+            answers = [a for a in self.query(AssistantMessage) if a.tokens]
+            if not answers:
+                self.notify("No answer with tokens to inspect yet.")
+                return
+            answer = answers[-1]
+            index = len(answer.tokens) - 1
+        else:
+            current = self._selected_token if self._selected_token is not None else len(answer.tokens) - 1
+            index = min(max(current + step, 0), len(answer.tokens) - 1)
+        await self._select(answer, index)
+
+    async def action_select_token(self, message_id: str, index: int) -> None:
+        """A chip (or an answer's `tokens` link) was clicked."""
+        for answer in self.query(AssistantMessage):
+            if answer.message_id == message_id and answer.tokens:
+                await self._select(answer, min(max(index, 0), len(answer.tokens) - 1))
+                return
+
+    async def _select(self, answer: AssistantMessage, index: int) -> None:
+        if self._token_answer is not None and self._token_answer is not answer:
+            await self._token_answer.hide_tokens()
+        self._token_answer, self._selected_token = answer, index
+        await answer.show_tokens(index)
+        token = answer.tokens[index]
+        self.query_one(TopKPanel).show(token, title=f"token {index + 1}/{len(answer.tokens)}")
+
+    async def _close_token_strip(self) -> None:
+        if self._token_answer is not None:
+            await self._token_answer.hide_tokens()
+        self._token_answer = self._selected_token = None
+
+    def action_conversations(self) -> None:
+        if self.store is None:
+            self.notify("Conversations are not saved in this session.", severity="warning")
+            return
+        self.push_screen(ConversationsScreen(self.store, current_id=self.conversation.id), self._open_conversation)
+
+    async def _open_conversation(self, conversation_id: str | None) -> None:
+        if conversation_id is None or conversation_id == self.conversation.id or self.store is None:
+            return
+        if self._busy("open another conversation"):
+            return
+        try:
+            conversation = self.store.load(conversation_id)
+        except LLMChatError as err:
+            self.notify(str(err), title="Cannot open", severity="error", timeout=10)
+            return
+        self.conversation, self._editing = conversation, None
+        if conversation.sampling:  # opening restores the conversation's sampling…
+            with contextlib.suppress(TypeError, ValueError):
+                self.sampling = SamplingParams(**conversation.sampling)
+        await self._show_conversation()
+        self._status()
+        saved = conversation.model.get("path")  # …and its model, when it was another one
+        if saved and self.model_path is not None and Path(saved) != self.model_path and Path(saved).exists():
+            self._switch_model(Path(saved))
+
+    def on_conversations_screen_renamed(self, message: ConversationsScreen.Renamed) -> None:
+        if message.conversation_id == self.conversation.id:
+            self.conversation.title = message.title
+
+    def action_models(self) -> None:
+        from llmchat.models import list_models
+
+        try:
+            entries = list_models()
+        except LLMChatError as err:
+            self.notify(str(err), title="Models", severity="error")
+            entries = []
+        self.push_screen(ModelsScreen(entries, current=self.model_path), self._chosen_model)
+
+    def _chosen_model(self, path: Path | None) -> None:
+        if path is not None and path != self.model_path and not self._busy("change the model"):
+            self._switch_model(path)
+
+    def _switch_model(self, path: Path) -> None:
+        self.model_path, self.model = path, None
+        self._status(activity="loading model…", model=path.name)
+        self.load_model(path)
+
+    def action_system_prompt(self) -> None:
+        self.push_screen(SystemPromptScreen(self.conversation.system), self._set_system_prompt)
+
+    def _set_system_prompt(self, text: str | None) -> None:
+        if text is None or text == self.conversation.system:
+            return
+        self.conversation.system = text
+        self.conversation.touch()
+        self.notify("System prompt set: it applies from the next message." if text else "System prompt removed.")
+        self._save()
+
+    def action_next_theme(self) -> None:
+        """Cycle through the themes (ours first); the choice is saved in settings.toml."""
+        ours = sorted(name for name in self.available_themes if name.startswith("llmchat"))
+        names = ours + sorted(name for name in self.available_themes if name not in ours)
+        current = names.index(self.theme) if self.theme in names else -1
+        self.theme = names[(current + 1) % len(names)]
+        self._persist(theme=self.theme)
+        self.notify(f"Theme: {self.theme}", timeout=2)
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.help_rows()))
+
+    def help_rows(self) -> list[tuple[str, str]]:
+        """Every chat action with the key it has now (rebound ones included), then the input's keys."""
+        keys = key_map(self.settings)
+        rows = [
+            (" / ".join(self.get_key_display(Binding(k, "")) for k in keys[action].split(",")),
+             COMMAND_TITLES.get(action, label))
+            for action, (_, label) in ACTION_KEYS.items()
+        ]  # fmt: skip
+        return rows + INPUT_KEYS
+
+    def _persist(self, **changes: Any) -> None:
+        try:
+            self.settings = update_settings(**changes)
+        except SettingsError as err:
+            self.notify(str(err), title="Settings not saved", severity="warning", timeout=10)
 
     def _set_sampling(self, **changes: Any) -> None:
         if self.sampling is None:
@@ -384,6 +726,7 @@ class LLMChatApp(App[None]):
     def action_toggle_panels(self) -> None:
         self._panels_wanted = not self._panels_wanted
         self._apply_panel_visibility()
+        self._persist(panels=self._panels_wanted)
 
 
 def _sampling_dict(params: SamplingParams) -> dict[str, Any]:
@@ -398,5 +741,9 @@ def _sampling_dict(params: SamplingParams) -> dict[str, Any]:
 
 def run_app(model_path: Path | str | None, **options: Any) -> None:
     """Open the chat on a model (the CLI's entry point into the TUI)."""
+    from llmchat.settings import load_settings
+
     store = options.pop("store", None) or ConversationStore.default()
+    if "settings" not in options:
+        options["settings"], options["settings_problems"] = load_settings()
     LLMChatApp(model_path, store=store, **options).run()

@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from llmchat.engine import Finished, PrefillDone, PrefillProgress, TokenEvent
 from llmchat.engine.events import GenerationEvent
 
-# ≈25 UI updates per second at most: smooth to the eye, negligible next to a decode step.
-DEFAULT_INTERVAL = 0.04
+# 10 UI updates per second at most. Each one costs the UI thread a Markdown re-parse, a layout and
+# a repaint (~10-40 ms of Python), and all that time the decode loop waits for the GIL between
+# kernels; measured on the demo model (benchmarks/tui_speed.py), 25/s cost a third of the token
+# rate, 10/s still reads as smooth streaming.
+DEFAULT_INTERVAL = 0.1
 
 
 @dataclass

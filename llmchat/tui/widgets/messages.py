@@ -7,13 +7,20 @@ into its own Markdown inside a collapsible block, apart from the answer.
 
 from __future__ import annotations
 
+from typing import Any
+
+from rich.style import Style
+from rich.syntax import Syntax
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Collapsible, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 from llmchat.engine import Finished, TokenEvent
+from llmchat.engine.tool_calls import tool_calls_json
 from llmchat.tui.widgets.format import printable
+from llmchat.tui.widgets.tokens import TokenStrip
 
 _REASONS = {
     "eos": "end of answer",
@@ -35,21 +42,38 @@ def stats_line(done: Finished) -> str:
     return " · ".join(parts)
 
 
+def branch_title(name: str, position: tuple[int, int] | None) -> str:
+    """`assistant ‹2/3›` when the message has siblings (regenerated answers, edited prompts)."""
+    if position is None or position[1] < 2:
+        return name
+    return f"{name} ‹{position[0] + 1}/{position[1]}›"
+
+
 class UserMessage(Static):
     """One user turn (plain text, never Markdown: what you typed is what you see)."""
 
-    def __init__(self, text: str, **kwargs: object) -> None:
+    def __init__(
+        self, text: str, message_id: str | None = None, branch: tuple[int, int] | None = None, **kwargs: object
+    ) -> None:
         super().__init__(text, markup=False, **kwargs)  # type: ignore[arg-type]
         self.text = text
-        self.border_title = "you"
+        self.message_id = message_id
+        self.border_title = branch_title("you", branch)
 
 
 class AssistantMessage(Vertical):
     """One answer: an optional reasoning block, the Markdown answer, a stats line."""
 
-    def __init__(self, title: str = "assistant", **kwargs: object) -> None:
+    def __init__(
+        self,
+        title: str = "assistant",
+        message_id: str | None = None,
+        branch: tuple[int, int] | None = None,
+        **kwargs: object,
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.border_title = title
+        self.message_id = message_id
+        self.border_title = branch_title(title, branch)
         self.reasoning_text = ""
         self.content_text = ""
         self.tokens: list[TokenEvent] = []
@@ -88,7 +112,7 @@ class AssistantMessage(Vertical):
             if stream is not None:
                 await stream.stop()
         self._reasoning_stream = self._content_stream = None
-        self.query_one(".stats", Static).update(stats_line(done))
+        self.show_stats(stats_line(done))
         if done.reason == "cancelled":
             self.add_class("stopped")
 
@@ -99,11 +123,45 @@ class AssistantMessage(Vertical):
             self.query_one(".reasoning", Collapsible).display = True
             await self.query_one(".reasoning-text", Markdown).update(printable(reasoning))
         await self.query_one(".content", Markdown).update(printable(content))
-        self.query_one(".stats", Static).update(stats)
+        self.show_stats(stats)
+
+    async def set_content(self, content: str) -> None:
+        """Replace the answer text (a finished answer whose tool calls moved into their own block)."""
+        self.content_text = content
+        await self.query_one(".content", Markdown).update(printable(content))
+
+    def show_stats(self, line: str) -> None:
+        """The stats line, with a clickable `tokens` link that opens the token strip."""
+        text = Text(line)
+        if self.tokens and self.message_id is not None:
+            text.append(" · ")
+            link = f"app.select_token('{self.message_id}', {len(self.tokens) - 1})"
+            text.append("tokens ▸", Style(underline=True, meta={"@click": link}))
+        self.query_one(".stats", Static).update(text)
+
+    async def show_tool_calls(self, calls: list[dict[str, Any]]) -> None:
+        """Tool calls the model asked for, as JSON in their own block."""
+        block = Static(Syntax(tool_calls_json(calls), "json", background_color="default"), classes="tool-calls")
+        block.border_title = "tool call" if len(calls) == 1 else f"{len(calls)} tool calls"
+        await self.mount(block, before=self.query_one(".stats"))
+
+    async def show_tokens(self, selected: int) -> TokenStrip:
+        """Open (or move) the token strip under this answer with `selected` highlighted."""
+        strips = self.query(TokenStrip)
+        if strips:
+            strip = strips.first()
+        else:
+            strip = TokenStrip(self.message_id or "", classes="token-strip")
+            await self.mount(strip)
+        strip.show(self.tokens, selected)
+        return strip
+
+    async def hide_tokens(self) -> None:
+        await self.query(TokenStrip).remove()
 
     def fail(self, message: str) -> None:
         self.add_class("failed")
-        self.query_one(".stats", Static).update(f"error: {message}")
+        self.query_one(".stats", Static).update(Text(f"error: {message}"))
 
 
 class ChatView(VerticalScroll):
@@ -112,13 +170,17 @@ class ChatView(VerticalScroll):
     def on_mount(self) -> None:
         self.anchor()
 
-    async def add_user(self, text: str) -> UserMessage:
-        message = UserMessage(text, classes="message user")
+    async def add_user(
+        self, text: str, message_id: str | None = None, branch: tuple[int, int] | None = None
+    ) -> UserMessage:
+        message = UserMessage(text, message_id, branch, classes="message user")
         await self.mount(message)
         return message
 
-    async def add_assistant(self, title: str = "assistant") -> AssistantMessage:
-        message = AssistantMessage(title, classes="message assistant")
+    async def add_assistant(
+        self, title: str = "assistant", message_id: str | None = None, branch: tuple[int, int] | None = None
+    ) -> AssistantMessage:
+        message = AssistantMessage(title, message_id, branch, classes="message assistant")
         await self.mount(message)
         return message
 

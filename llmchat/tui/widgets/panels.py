@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rich.console import Group, RenderableType
+from rich.cells import set_cell_size
+from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 from textual.widgets import Static
@@ -55,7 +56,7 @@ class KVCachePanel(Panel):
 
     def show(self, state: CacheState) -> None:
         self.state = state
-        self.update(self._render_state())
+        self.update(self._render_state(), layout=False)  # fixed size: no screen reflow
 
     def _render_state(self) -> RenderableType:
         s = self.state
@@ -86,7 +87,7 @@ class MemoryPanel(Panel):
 
     def show(self, predicted: MemoryEstimate | None, measured: MemoryUsage | None) -> None:
         self.predicted, self.measured = predicted, measured
-        self.update(self._render_state())
+        self.update(self._render_state(), layout=False)  # fixed size: no screen reflow
 
     def _render_state(self) -> RenderableType:
         table = Table.grid(padding=(0, 1))
@@ -119,38 +120,34 @@ class TopKPanel(Panel):
     def show(self, event: TokenEvent | None, *, title: str = "latest token") -> None:
         self.event = event
         self.border_subtitle = title
-        self.update(self._render_state())
+        self.update(self._render_state(), layout=False)  # fixed size: no screen reflow
 
     def _render_state(self) -> RenderableType:
+        # Plain Text lines with fixed cell widths: a rich Table measured its columns on every
+        # repaint, which cost ~20 ms of the UI thread per token shown.
         event = self.event
         if event is None:
             return Text("no token yet", style="dim")
-        table = Table.grid(padding=(0, 1))
-        table.add_column(width=1)
-        table.add_column(width=9, no_wrap=True, overflow="ellipsis")
-        table.add_column(width=6, justify="right")
-        table.add_column(width=6)
-        table.add_column(width=6, justify="right")
-        table.add_column(width=6)
+        mark_style = self.themed("bold $accent")
+        raw_style, policy_style = self.themed("$secondary"), self.themed("$accent")
+        out = Text("  token      raw p        policy p\n", style="dim")
         for top in event.top:
             chosen = top.token_id == event.token_id
-            mark = Text("▶", style=self.themed("bold $accent")) if chosen else Text(" ")
-            token = Text(visible_token(top.text), style="bold" if chosen else "")
-            raw_bar = Text(bar(top.prob, 5), style=self.themed("$secondary"))
+            out.append("▶ " if chosen else "  ", style=mark_style)
+            out.append(set_cell_size(visible_token(top.text), 9), style="bold" if chosen else "")
+            out.append(f" {top.prob:>6.1%} ", style="dim")
+            out.append(bar(top.prob, 5), style=raw_style)
             if top.policy_prob > 0:
-                policy_pct = Text(f"{top.policy_prob:.1%}")
-                policy_bar = Text(bar(top.policy_prob, 5), style=self.themed("$accent"))
+                out.append(f" {top.policy_prob:>6.1%} ")
+                out.append(bar(top.policy_prob, 5), style=policy_style)
             else:
-                policy_pct, policy_bar = Text("cut", style="dim"), Text("")
-            table.add_row(mark, token, Text(f"{top.prob:.1%}", style="dim"), raw_bar, policy_pct, policy_bar)
+                out.append("    cut", style="dim")
+            out.append("\n")
         if all(top.token_id != event.token_id for top in event.top):  # sampled from outside the top k
-            table.add_row(
-                Text("▶", style=self.themed("bold $accent")),
-                Text(visible_token(event.text)),
-                Text(f"{event.prob:.1%}", style="dim"),
-                Text(f"#{event.rank + 1}", style="dim"),
-                Text(f"{event.policy_prob:.1%}"),
-                Text(""),
-            )
-        legend = Text("  token      raw p         policy p", style="dim")
-        return Group(legend, table)
+            out.append("▶ ", style=mark_style)
+            out.append(set_cell_size(visible_token(event.text), 9))
+            out.append(f" {event.prob:>6.1%} ", style="dim")
+            out.append(f"#{event.rank + 1:<4}", style="dim")
+            out.append(f" {event.policy_prob:>6.1%}\n")
+        out.rstrip()
+        return out

@@ -30,8 +30,10 @@ class StatusBar(Static):
         self.state = StatusState()
 
     def change(self, **changes: Any) -> None:
-        self.state = replace(self.state, **changes)
-        self.update(self.line())
+        state = replace(self.state, **changes)
+        if state != self.state:
+            self.state = state
+            self.update(self.line(), layout=False)  # one fixed line: never reflow the screen for it
 
     def line(self) -> str:
         s = self.state

@@ -1,0 +1,182 @@
+"""Decode speed inside the chat TUI against the bare engine, measured side by side in one run.
+
+The TUI must not slow the model down: rendering is coalesced to ≈25 frames a second and the
+worker thread owns the model. This script answers the same greedy prompt three ways, one after
+the other, in one process:
+
+1. `engine`: `LoadedModel.generate()` drained in a loop (what `llmchat bench` times),
+2. `tui-headless`: the real app under Textual's headless driver (layout and rendering run, no
+   terminal output), prompt typed and sent with Pilot,
+3. optionally `tui-tmux` (`--tmux`): the installed `llmchat` in a real terminal (tmux), reading the
+   stats line the app prints under the answer.
+
+and prints decode tok/s of each with the ratio to the engine. It also checks that the input stays
+responsive while an answer streams: it types into the prompt mid-answer and reports how long the
+keystrokes took to show up.
+
+    python benchmarks/tui_speed.py                     # demo model
+    python benchmarks/tui_speed.py --model PATH --tmux --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TYPED = "hello"  # typed into the input mid-answer
+PROMPT = "Write a long story about a dragon who learns to bake bread. Use many details."
+
+
+def engine_run(model: Any, max_new_tokens: int, top_k: int) -> dict[str, float]:
+    from llmchat.engine import SamplingParams
+
+    model.reset()
+    ids = model.tokenizer.encode(
+        model.template.render([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    )
+    *_, done = model.generate(ids, sampling=SamplingParams(temperature=0), max_new_tokens=max_new_tokens, top_k=top_k)
+    return {"tokens": done.generated_tokens, "decode_tok_s": done.decode_tokens_per_second}
+
+
+async def tui_run(path: Path, max_new_tokens: int, store_dir: Path) -> dict[str, float]:
+    from textual import events
+
+    from llmchat.chat.store import ConversationStore
+    from llmchat.engine import SamplingParams
+    from llmchat.tui.app import LLMChatApp
+    from llmchat.tui.widgets.messages import AssistantMessage
+    from llmchat.tui.widgets.prompt import PromptInput
+
+    app = LLMChatApp(
+        path,
+        store=ConversationStore(store_dir),
+        sampling=SamplingParams(temperature=0),
+        max_new_tokens=max_new_tokens,
+    )
+    async with app.run_test(size=(160, 48)) as pilot:
+        while app.model is None:
+            await asyncio.sleep(0.05)
+        prompt = app.query_one(PromptInput)
+        prompt.text = PROMPT
+        await pilot.press("enter")
+        # Mid-answer, type into the input and time how long the keystrokes take to land. Keys are
+        # posted as the terminal driver posts them (Pilot's press() waits for an idle CPU, which a
+        # running model never gives it).
+        while not app.query(AssistantMessage) or len(app.query(AssistantMessage).last().tokens) < 20:
+            await asyncio.sleep(0.01)
+        prompt.text = ""
+        latencies = []
+        for char in TYPED:
+            before = prompt.text
+            started = time.perf_counter()
+            app.post_message(events.Key(char, char))
+            while prompt.text == before and time.perf_counter() - started < 5:
+                await asyncio.sleep(0.005)
+            latencies.append(time.perf_counter() - started)
+            await asyncio.sleep(0.2)  # a brisk typist
+        landed = prompt.text == TYPED
+        while app.generating:
+            await asyncio.sleep(0.05)
+        done = app.query(AssistantMessage).last().finished
+        assert done is not None
+        return {
+            "tokens": done.generated_tokens,
+            "decode_tok_s": done.decode_tokens_per_second,
+            "typing_ms_per_key": sum(latencies) / max(len(latencies), 1) * 1000,
+            "typing_ms_worst": max(latencies, default=0) * 1000,
+            "typed_text_landed": landed,
+        }
+
+
+def tmux_run(path: Path, max_new_tokens: int, home: Path) -> dict[str, float]:
+    """The installed app in a real terminal; the stats line under the answer has its tok/s."""
+    exe = shutil.which("llmchat") or str(Path(sys.executable).with_name("llmchat"))
+    env = f"LLMCHAT_CONFIG_DIR={home}/config LLMCHAT_DATA_DIR={home}/data LLMCHAT_CACHE_DIR={home}/cache"
+    session = "llmchat-speed"
+    command = f"env {env} {exe} --model {path} --temperature 0 --max-new-tokens {max_new_tokens}"
+    subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "48", command], check=True)
+    try:
+        pane = ""
+        for _ in range(600):
+            pane = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+            if "ctx" in pane and "loading" not in pane:
+                break
+            time.sleep(0.1)
+        subprocess.run(["tmux", "send-keys", "-t", session, "-l", PROMPT], check=True)
+        subprocess.run(["tmux", "send-keys", "-t", session, "Enter"], check=True)
+        for _ in range(1200):
+            pane = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+            match = re.search(r"(\d+) tokens · TTFT [\d.]+ s · ([\d.]+) tok/s", pane)
+            if match:
+                return {"tokens": int(match.group(1)), "decode_tok_s": float(match.group(2))}
+            time.sleep(0.1)
+        raise RuntimeError("no stats line in the tmux pane:\n" + pane)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="model folder or .gguf (default: the demo model)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
+    parser.add_argument("--tmux", action="store_true", help="also run the installed app inside tmux")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    import llmchat
+    from llmchat.tui.app import TOP_K_SHOWN
+
+    path = args.model
+    if path is None:
+        from llmchat.models import ensure_demo
+
+        path = ensure_demo().path
+    model = llmchat.load(path)
+    engine_run(model, 8, TOP_K_SHOWN)  # warm-up
+    results: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {"engine": [], "tui-headless": []}
+    if args.tmux:
+        runs["tui-tmux"] = []
+    # Interleaved, best of `--repeat`: this machine's speed drifts by ±20% over minutes.
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeat):
+            runs["engine"].append(engine_run(model, args.max_new_tokens, TOP_K_SHOWN))
+            runs["tui-headless"].append(asyncio.run(tui_run(path, args.max_new_tokens, Path(tmp) / f"store{i}")))
+            if args.tmux:
+                runs["tui-tmux"].append(tmux_run(path, args.max_new_tokens, Path(tmp) / f"home{i}"))
+    for name, measured in runs.items():
+        results[name] = max(measured, key=lambda r: r["decode_tok_s"])
+    base = results["engine"]["decode_tok_s"]
+    for result in results.values():
+        result["ratio_to_engine"] = round(result["decode_tok_s"] / base, 3)
+    if args.json:
+        print(json.dumps({"model": str(path), "results": results}, indent=2))
+    else:
+        print(f"model: {path}")
+        for name, result in results.items():
+            extra = ""
+            if "typing_ms_per_key" in result:
+                extra = f"  typing {result['typing_ms_per_key']:.1f} ms/key, landed={result['typed_text_landed']}"
+            print(
+                f"{name:<13} {result['tokens']:>4} tokens  {result['decode_tok_s']:6.1f} tok/s"
+                f"  ×{result['ratio_to_engine']:.2f}{extra}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
