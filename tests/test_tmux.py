@@ -79,11 +79,31 @@ def test_chat_in_tmux_answers_shows_panels_takes_keys_and_saves(
     _tmux("send-keys", "-t", SESSION, "F3")  # temperature up
     _wait_for(lambda s: "temp 0.10" in s, "the temperature to change")
 
+    # The inspection and branch keys arrive through tmux too.
+    _tmux("send-keys", "-t", SESSION, "F8")  # the last answer's tokens: the top-k panel follows the cursor
+    _wait_for(lambda s: re.search(r"token \d+/\d+", s) is not None, "the token cursor")
+    _tmux("send-keys", "-t", SESSION, "C-r")  # regenerate: a second answer beside the first
+    _tmux("send-keys", "-t", SESSION, "C-c")  # Ctrl+C never quits mid-answer
+    _wait_for(lambda s: "‹2/2›" in s and "tok/s" in s, "the regenerated answer")
+    _tmux("send-keys", "-t", SESSION, "M-Left")  # back to the first branch
+    _wait_for(lambda s: "‹1/2›" in s, "the first branch")
+    _tmux("send-keys", "-t", SESSION, "F1")
+    _wait_for(lambda s: "Temperature up" in s, "the help screen")
+    _tmux("send-keys", "-t", SESSION, "Escape")
+    _wait_for(lambda s: "Temperature up" not in s, "the help screen to close")
+    _tmux("send-keys", "-t", SESSION, "C-o")
+    _wait_for(lambda s: "Search titles" in s and "What is the capital" in s, "the conversations screen")
+    _tmux("send-keys", "-t", SESSION, "Escape")
+    _wait_for(lambda s: "Search titles" not in s, "the conversations screen to close")
+
     _tmux("send-keys", "-t", SESSION, "C-q")
     _wait_for(lambda s: "Top-k" not in s, "the app to quit", seconds=30)
 
     files = list((llmchat_dirs["data"] / "conversations").glob("*.json"))
     assert len(files) == 1, files
     saved = json.loads(files[0].read_text(encoding="utf-8"))
-    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
-    assert "Paris" in saved["messages"][1]["content"]
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant", "assistant"]
+    first, second = saved["messages"][1:]
+    assert first["parent"] == second["parent"]  # siblings: the regenerated answer is a branch
+    assert "Paris" in first["content"]
+    assert saved["current"] == first["id"]  # Alt+Left showed the first branch, and that was saved

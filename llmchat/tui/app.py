@@ -32,7 +32,7 @@ from llmchat.engine.tool_calls import split_tool_calls
 from llmchat.settings import ACTION_KEYS, Settings, SettingsError, key_map, update_settings
 from llmchat.tui.screens import ConversationsScreen, HelpScreen, ModelsScreen, SystemPromptScreen
 from llmchat.tui.themes import apply_theme, register_themes
-from llmchat.tui.widgets.messages import AssistantMessage, ChatView
+from llmchat.tui.widgets.messages import AssistantMessage, ChatView, saved_stats_line
 from llmchat.tui.widgets.panels import CacheState, KVCachePanel, MemoryPanel, TopKPanel
 from llmchat.tui.widgets.prompt import PromptInput
 from llmchat.tui.widgets.status import StatusBar
@@ -272,8 +272,7 @@ class LLMChatApp(App[None]):
             elif message.role == "assistant":
                 view = await chat.add_assistant(name, message.id, branch)
                 view.tokens = token_events(message.tokens)
-                stats = message.stats or {}
-                line = " · ".join(f"{k} {v}" for k, v in stats.items() if k in ("tokens", "decode_tok_s"))
+                line = saved_stats_line(message.stats or {})
                 await view.set_text(message.reasoning or "", message.content, line)
                 if message.tool_calls:
                     await view.show_tool_calls(message.tool_calls)

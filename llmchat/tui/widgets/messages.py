@@ -49,6 +49,30 @@ def branch_title(name: str, position: tuple[int, int] | None) -> str:
     return f"{name} ‹{position[0] + 1}/{position[1]}›"
 
 
+def saved_stats_line(stats: dict[str, Any]) -> str:
+    """The stats line of a saved answer, from the numbers the conversation file keeps."""
+    try:
+        return _saved_stats_line(stats)
+    except (TypeError, ValueError, KeyError):  # a hand-edited file: show what it says, not a traceback
+        return " · ".join(f"{key} {value}" for key, value in stats.items())
+
+
+def _saved_stats_line(stats: dict[str, Any]) -> str:
+    parts = []
+    if "tokens" in stats:
+        parts.append(f"{stats['tokens']} tokens")
+    if "ttft_s" in stats:
+        parts.append(f"TTFT {stats['ttft_s']:.2f} s")
+    if stats.get("tokens", 0) > 1 and "decode_tok_s" in stats:
+        parts.append(f"{stats['decode_tok_s']:.1f} tok/s")
+    if stats.get("reused_tokens"):
+        prefilled = stats.get("prompt_tokens", 0) - stats["reused_tokens"]
+        parts.append(f"{stats['reused_tokens']} cached + {prefilled} prefilled")
+    if "finish_reason" in stats:
+        parts.append(_REASONS.get(stats["finish_reason"], str(stats["finish_reason"])))
+    return " · ".join(parts)
+
+
 class UserMessage(Static):
     """One user turn (plain text, never Markdown: what you typed is what you see)."""
 
