@@ -54,8 +54,17 @@ async def shoot(model: Path, data_dir: Path) -> list[Path]:
         written.append(Path(app.save_screenshot(filename="main-mid-answer.svg", path=str(HERE))))
         await _until(pilot, lambda: not app.generating, "the answer")
         await pilot.pause(0.5)
+        await pilot.press("f8", *["f8"] * 6)  # the token cursor, 7 tokens back: the top-k panel follows
+        await pilot.pause(0.5)
         written.append(Path(app.save_screenshot(filename="panels.svg", path=str(HERE))))
-        app.theme = "textual-light"
+        await pilot.press("escape", "ctrl+o")
+        await pilot.pause(0.5)
+        written.append(Path(app.save_screenshot(filename="conversations.svg", path=str(HERE))))
+        await pilot.press("escape", "f1")
+        await pilot.pause(0.5)
+        written.append(Path(app.save_screenshot(filename="help.svg", path=str(HERE))))
+        await pilot.press("escape")
+        app.theme = "llmchat-light"
         await pilot.pause(0.5)
         written.append(Path(app.save_screenshot(filename="light-theme.svg", path=str(HERE))))
     return written
@@ -67,6 +76,7 @@ def main() -> int:
     model = resolve_model("demo")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["LLMCHAT_DATA_DIR"] = tmp
+        os.environ["LLMCHAT_CONFIG_DIR"] = tmp  # shipped themes and default settings only
         for path in asyncio.run(shoot(model, Path(tmp))):
             print(path.relative_to(HERE.parent))
     return 0

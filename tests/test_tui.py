@@ -238,3 +238,19 @@ def test_coalescer_batches_by_time_and_flushes_phase_changes(folder: Path) -> No
     posted: list[Batch] = []
     finished = run_generation(iter(events), posted.append, interval=0.0)
     assert finished is done and sum(len(b.tokens) for b in posted) == 30
+
+
+async def test_the_command_palette_reaches_every_action(tmp_path: Path) -> None:
+    """Ctrl+P lists each action with its key, and running one from there acts like the key."""
+    from llmchat.settings import ACTION_KEYS
+
+    app = LLMChatApp(None, store=ConversationStore(tmp_path / "c"), sampling=SamplingParams(temperature=0.5))
+    async with app.run_test(size=SIZE) as pilot:
+        commands = {c.title: c for c in app.get_system_commands(app.screen)}
+        for action, (key, _) in ACTION_KEYS.items():
+            if action != "quit":
+                assert any(title.endswith(f"({key})") for title in commands), action
+        await commands["Temperature up (f3)"].callback()
+        await pilot.pause()
+        assert app.sampling is not None and app.sampling.temperature == pytest.approx(0.6)
+        assert "temp 0.60" in app.query_one(StatusBar).line()
