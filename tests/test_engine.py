@@ -290,3 +290,14 @@ def test_bfloat16_runs_the_other_weight_layout_and_agrees(folder: Path) -> None:
     assert (reference - half).abs().max().item() < 0.5
     agree = (reference.argmax(-1) == half.argmax(-1)).float().mean().item()
     assert agree > 0.9
+
+
+def test_load_reports_progress_per_tensor(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    import llmchat
+    from llmchat.engine.package import open_package
+
+    folder = tiny_model("llama")
+    seen: list[tuple[int, int]] = []
+    llmchat.load(folder, device="cpu", dtype="float32", context_length=32, progress=lambda d, t: seen.append((d, t)))
+    total = len(open_package(folder).weights.tensor_names())
+    assert seen == [(i, total) for i in range(1, total + 1)]

@@ -56,6 +56,7 @@ def saved_conversation() -> Conversation:
     )
     conversation.add_user("Show me a loop over two cities in Python.")
     conversation.add_assistant(CODE, stats={"tokens": 28, "decode_tok_s": 30.4})
+    conversation.updated = "2026-11-25T10:05:00+00:00"  # adding messages touched it
     return conversation
 
 

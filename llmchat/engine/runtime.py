@@ -185,6 +185,14 @@ class LoadedModel:
         self.cache.truncate(0)
 
 
+def _counted(
+    tensors: Iterator[tuple[str, torch.Tensor]], total: int, progress: Callable[[int, int], object]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for done, item in enumerate(tensors, start=1):
+        yield item
+        progress(done, total)
+
+
 def load(
     path: str | Path,
     device: str | torch.device = "auto",
@@ -192,10 +200,12 @@ def load(
     *,
     context_length: int | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+    progress: Callable[[int, int], object] | None = None,
 ) -> LoadedModel:
     """Load a model folder onto a device, with a KV cache for `context_length` tokens.
 
     context_length defaults to the model's own, capped by a memory budget (see memory.py).
+    `progress(done, total)` is called after each checkpoint tensor is read (a UI's progress bar).
     """
     began = time.perf_counter()
     package = open_package(path)
@@ -208,9 +218,10 @@ def load(
         context_length = default_context_length(config, run_dtype, dev)
     if context_length < 1:
         raise ModelLoadError(f"context length must be at least 1, got {context_length}")
-    model = build_transformer(
-        config, package.weights.tensors(), device=dev, dtype=run_dtype, context_length=context_length
-    )
+    tensors = package.weights.tensors()
+    if progress is not None:
+        tensors = _counted(tensors, len(package.weights.tensor_names()), progress)
+    model = build_transformer(config, tensors, device=dev, dtype=run_dtype, context_length=context_length)
     cache = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, context_length, dev, run_dtype)
     info = LoadInfo(time.perf_counter() - began, dev, run_dtype, context_length)
     return LoadedModel(package, model, cache, info, prefill_chunk)

@@ -55,6 +55,12 @@ class ModelLoaded(Message):
 
 
 @dataclass
+class ModelProgress(Message):
+    done: int
+    total: int
+
+
+@dataclass
 class ModelFailed(Message):
     error: str
 
@@ -234,7 +240,7 @@ class LLMChatApp(App[None]):
             self.load_model(self.model_path)
         await self._show_conversation()
         for problem in self._problems:
-            self.notify(problem, title="Settings", severity="warning", timeout=10)
+            self.notify(problem, title="Settings", severity="warning", timeout=10, markup=False)
         self._report_unreadable_conversations()
 
     def _report_unreadable_conversations(self) -> None:
@@ -243,7 +249,7 @@ class LLMChatApp(App[None]):
         try:
             unreadable = self.store.list().unreadable
         except (LLMChatError, OSError) as err:
-            self.notify(str(err), title="Conversations", severity="warning")
+            self.notify(str(err), title="Conversations", severity="warning", markup=False)
             return
         if unreadable:
             names = ", ".join(u.path.name for u in unreadable[:3]) + (" …" if len(unreadable) > 3 else "")
@@ -253,13 +259,15 @@ class LLMChatApp(App[None]):
                 title="Conversations",
                 severity="warning",
                 timeout=10,
+                markup=False,
             )
 
     async def _show_conversation(self) -> None:
         """Draw the current branch of the conversation (a resumed one, a switched branch, a new one)."""
         chat = self.query_one(ChatView)
         await chat.clear()
-        self._token_answer = None
+        self._token_answer = self._selected_token = None
+        self.query_one(TopKPanel).show(None)
         prompt = self.query_one(PromptInput)
         conversation = self.conversation
         name = conversation.model.get("name", "assistant")
@@ -298,8 +306,16 @@ class LLMChatApp(App[None]):
     def load_model(self, path: Path) -> None:
         from llmchat.engine import load
 
+        shown = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.monotonic()
+            if now - shown[0] >= PANEL_INTERVAL or done == total:
+                shown[0] = now
+                self.post_message(ModelProgress(done, total))
+
         try:
-            model = load(path, **self._load_options)
+            model = load(path, progress=progress, **self._load_options)
         except LLMChatError as err:
             self.post_message(ModelFailed(str(err)))
             return
@@ -316,7 +332,7 @@ class LLMChatApp(App[None]):
             self.sampling = base.replace(**self._sampling_overrides)
         except ValueError as err:
             self.sampling = self.sampling or model.default_sampling
-            self.notify(str(err), title="Sampling option ignored", severity="warning")
+            self.notify(str(err), title="Sampling option ignored", severity="warning", markup=False)
         quant = model.package.quantization
         precision = str(model.dtype).removeprefix("torch.") + (f" · {quant}" if quant != "none" else "")
         self.conversation.model = {"name": model.package.name, "path": str(model.package.path)}
@@ -330,10 +346,14 @@ class LLMChatApp(App[None]):
         self._refresh_cache_panel(0, 0)
         self._refresh_memory_panel()
 
+    def on_model_progress(self, message: ModelProgress) -> None:
+        share = message.done / message.total if message.total else 1.0
+        self._status(activity=f"loading model… {share:.0%} ({message.done}/{message.total} tensors)")
+
     async def on_model_failed(self, message: ModelFailed) -> None:
         self._status(activity="no model")
         await self.query_one(ChatView).add_note(f"Could not load the model: {message.error}", error=True)
-        self.notify(message.error, title="Model not loaded", severity="error", timeout=10)
+        self.notify(message.error, title="Model not loaded", severity="error", timeout=10, markup=False)
 
     # --- sending and streaming -----------------------------------------------------------------------
 
@@ -450,7 +470,7 @@ class LLMChatApp(App[None]):
         if self._answer is not None:
             self._answer.fail(message.error)
         self._status(activity="error")
-        self.notify(message.error, title="Generation failed", severity="error", timeout=10)
+        self.notify(message.error, title="Generation failed", severity="error", timeout=10, markup=False)
         self._save()
 
     # --- panels --------------------------------------------------------------------------------------
@@ -489,7 +509,7 @@ class LLMChatApp(App[None]):
         try:
             self.store.save(self.conversation)
         except LLMChatError as err:
-            self.notify(str(err), title="Conversation not saved", severity="error", timeout=10)
+            self.notify(str(err), title="Conversation not saved", severity="error", timeout=10, markup=False)
 
     # --- actions -------------------------------------------------------------------------------------
 
@@ -523,23 +543,31 @@ class LLMChatApp(App[None]):
         if self.generating:
             self.stop_flag.set()
         elif self._editing is not None:
+            self._cancel_edit()
+        elif self._token_answer is not None:
+            self.call_later(self._close_token_strip)
+
+    def _cancel_edit(self) -> None:
+        if self._editing is not None:
             self._editing = None
             self.query_one(PromptInput).text = ""
             self._status(activity="")
-        elif self._token_answer is not None:
-            self.call_later(self._close_token_strip)
 
     async def action_new_chat(self) -> None:
         if self._busy("start a new chat"):
             return
         self.conversation = Conversation(model=dict(self.conversation.model))
         self._editing = None
+        self._token_answer = self._selected_token = None  # its answer goes with the old chat
         await self.query_one(ChatView).clear()
         self.query_one(TopKPanel).show(None)
 
     async def action_regenerate(self) -> None:
         """A new answer to the last prompt, kept beside the old one (switch with the branch keys)."""
-        if self._busy("regenerate") or self.model is None:
+        if self._busy("regenerate"):
+            return
+        if self.model is None:
+            self.notify("The model is not loaded yet.", severity="warning")
             return
         path = self.conversation.path()
         if not path:
@@ -571,6 +599,7 @@ class LLMChatApp(App[None]):
         if not branched:
             self.notify("This conversation has no other branch (Ctrl+R regenerates, Ctrl+E edits).")
             return
+        self._cancel_edit()
         self.conversation.switch_branch(branched[-1].id, step)
         await self._show_conversation()
         self._save()
@@ -624,9 +653,10 @@ class LLMChatApp(App[None]):
         try:
             conversation = self.store.load(conversation_id)
         except LLMChatError as err:
-            self.notify(str(err), title="Cannot open", severity="error", timeout=10)
+            self.notify(str(err), title="Cannot open", severity="error", timeout=10, markup=False)
             return
-        self.conversation, self._editing = conversation, None
+        self.conversation = conversation
+        self._cancel_edit()
         if conversation.sampling:  # opening restores the conversation's sampling…
             with contextlib.suppress(TypeError, ValueError):
                 self.sampling = SamplingParams(**conversation.sampling)
@@ -646,7 +676,7 @@ class LLMChatApp(App[None]):
         try:
             entries = list_models()
         except LLMChatError as err:
-            self.notify(str(err), title="Models", severity="error")
+            self.notify(str(err), title="Models", severity="error", markup=False)
             entries = []
         self.push_screen(ModelsScreen(entries, current=self.model_path), self._chosen_model)
 
@@ -696,7 +726,7 @@ class LLMChatApp(App[None]):
         try:
             self.settings = update_settings(**changes)
         except SettingsError as err:
-            self.notify(str(err), title="Settings not saved", severity="warning", timeout=10)
+            self.notify(str(err), title="Settings not saved", severity="warning", timeout=10, markup=False)
 
     def _set_sampling(self, **changes: Any) -> None:
         if self.sampling is None:
@@ -704,7 +734,7 @@ class LLMChatApp(App[None]):
         try:
             self.sampling = self.sampling.replace(**changes)
         except ValueError as err:
-            self.notify(str(err), severity="warning")
+            self.notify(str(err), severity="warning", markup=False)
             return
         self._status()
 

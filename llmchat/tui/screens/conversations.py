@@ -137,7 +137,7 @@ class ConversationsScreen(Dialog[str | None]):
         try:
             listing = self.store.list()
         except OSError as err:
-            self.notify(f"cannot read {self.store.directory}: {err.strerror or err}", severity="error")
+            self.notify(f"cannot read {self.store.directory}: {err.strerror or err}", severity="error", markup=False)
             return
         self._total = len(listing.conversations)
         self.unreadable = listing.unreadable
@@ -151,7 +151,7 @@ class ConversationsScreen(Dialog[str | None]):
         try:
             rows = self.store.search(text) if text else self.store.list().conversations
         except OSError as err:
-            self.notify(f"cannot read {self.store.directory}: {err.strerror or err}", severity="error")
+            self.notify(f"cannot read {self.store.directory}: {err.strerror or err}", severity="error", markup=False)
             return
         self._show(rows, keep=self.selected_id)
 
@@ -248,7 +248,7 @@ class ConversationsScreen(Dialog[str | None]):
             try:
                 conversation = self.store.rename(selected.id, title)
             except StoreError as err:
-                self.notify(str(err), severity="error")
+                self.notify(str(err), severity="error", markup=False)
                 return
             self.post_message(self.Renamed(conversation.id, conversation.title))
             self.reload(keep=selected.id)
@@ -271,7 +271,7 @@ class ConversationsScreen(Dialog[str | None]):
         try:
             conversation = self.store.deletable(selected.id)
         except StoreError as err:
-            self.notify(str(err), severity="error")
+            self.notify(str(err), severity="error", markup=False)
             self.reload()
             return
         row = self.query_one(DataTable).cursor_row
@@ -282,7 +282,7 @@ class ConversationsScreen(Dialog[str | None]):
             try:
                 self.store.delete(conversation.id)
             except StoreError as err:
-                self.notify(str(err), severity="error")
+                self.notify(str(err), severity="error", markup=False)
                 return
             self.post_message(self.Deleted(conversation.id))
             self.reload(row=row)

@@ -105,7 +105,9 @@ class ModelsScreen(Dialog[Path | None]):
         event.stop()
         entry = self.entries[event.cursor_row]
         if entry.problem:
-            self.notify(f"{entry.name}: {entry.problem}", title="Cannot load this model", severity="error")
+            self.notify(
+                f"{entry.name}: {entry.problem}", title="Cannot load this model", severity="error", markup=False
+            )
             return
         self.dismiss(entry.path)
 
@@ -117,7 +119,7 @@ class ModelsScreen(Dialog[Path | None]):
             return
         path = Path(text).expanduser()
         if not path.exists():
-            self.notify(f"no such file or folder: {path}", severity="error")
+            self.notify(f"no such file or folder: {path}", severity="error", markup=False)
             return
         self.dismiss(path)
 
