@@ -17,7 +17,7 @@ from llmchat.tui.widgets.messages import AssistantMessage
 from llmchat.tui.widgets.panels import KVCachePanel, TopKPanel
 from llmchat.tui.widgets.prompt import PromptInput
 from llmchat.tui.widgets.status import StatusBar
-from llmchat.tui.worker import Batch, Coalescer, run_generation
+from llmchat.tui.worker import Batch, Coalescer, FrameBudget, run_generation
 
 GREEDY = SamplingParams(temperature=0)
 SIZE = (140, 40)
@@ -238,6 +238,47 @@ def test_coalescer_batches_by_time_and_flushes_phase_changes(folder: Path) -> No
     posted: list[Batch] = []
     finished = run_generation(iter(events), posted.append, interval=0.0)
     assert finished is done and sum(len(b.tokens) for b in posted) == 30
+
+    # A callable interval is read at every event: the budget can change it mid-answer.
+    interval = [0.0]
+    coalescer = Coalescer(interval=lambda: interval[0], clock=lambda: now[0])
+    sizes = []
+    for i, event in enumerate(events):
+        interval[0] = 0.0 if i < 10 else 5.0
+        batch = coalescer.add(event)
+        if batch is not None:
+            sizes.append(len(batch.tokens))
+    # Ten events flush one by one at interval 0; at 5 s the frozen clock holds the rest for Finished.
+    assert len(sizes) == 11 and sum(sizes) == 30
+
+
+def test_frame_budget_spaces_frames_when_the_ui_thread_is_busy() -> None:
+    """Above its CPU share the interval grows (to the cap), well below it shrinks (to the floor)."""
+    wall, cpu = [0.0], [0.0]
+    budget = FrameBudget(share=0.05, fastest=0.1, slowest=0.5, clock=lambda: wall[0], cpu=lambda: cpu[0])
+
+    def frame(seconds: float, busy: float) -> float:
+        wall[0] += seconds
+        cpu[0] += seconds * busy
+        return budget.observe()
+
+    assert budget.observe() == 0.0 and budget.interval == 0.1  # first call only sets the baseline
+    assert frame(1.0, 0.20) == pytest.approx(0.20)
+    assert budget.interval == pytest.approx(0.125)
+    for _ in range(20):
+        frame(1.0, 0.20)
+    assert budget.interval == 0.5  # clamped at the slowest rate
+    frame(1.0, 0.04)  # under the share but not under half of it: hold
+    assert budget.interval == 0.5
+    frame(1.0, 0.01)
+    assert budget.interval == pytest.approx(0.4)
+    for _ in range(20):
+        frame(1.0, 0.0)
+    assert budget.interval == 0.1  # never faster than the fastest rate
+    for _ in range(3):
+        frame(1.0, 0.5)
+    budget.restart()
+    assert budget.interval == 0.1 and budget.observe() == 0.0
 
 
 async def test_the_command_palette_reaches_every_action(tmp_path: Path) -> None:

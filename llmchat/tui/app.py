@@ -37,7 +37,7 @@ from llmchat.tui.widgets.panels import CacheState, KVCachePanel, MemoryPanel, To
 from llmchat.tui.widgets.prompt import PromptInput
 from llmchat.tui.widgets.status import StatusBar
 from llmchat.tui.widgets.tokens import token_events
-from llmchat.tui.worker import Batch, StopFlag, run_generation
+from llmchat.tui.worker import Batch, FrameBudget, StopFlag, run_generation
 
 TOP_K_SHOWN = 8  # candidates kept per token for the top-k panel and the saved conversation
 NARROW = 100  # columns below which the side panels hide themselves
@@ -208,6 +208,7 @@ class LLMChatApp(App[None]):
         self._editing: str | None = None  # id of the user message being edited (Ctrl+E)
         self._token_answer: AssistantMessage | None = None  # the answer whose token strip is open
         self._panels_shown_at = 0.0
+        self.frames = FrameBudget()  # how often the worker may hand a batch over
         self._selected_token: int | None = None  # an earlier token picked for the top-k panel
         self.max_new_tokens = max_new_tokens  # None: the model's generation config decides
 
@@ -385,6 +386,7 @@ class LLMChatApp(App[None]):
 
     def _start_generation(self, messages: list[dict[str, Any]]) -> None:
         self.generating = True
+        self.frames.restart()
         self._selected_token = None
         self.stop_flag.clear()
         self._status(activity="prefill…")
@@ -409,7 +411,11 @@ class LLMChatApp(App[None]):
                 top_k=TOP_K_SHOWN,
                 max_new_tokens=self.max_new_tokens,
             )
-            done = run_generation(events, lambda batch: self.post_message(GenerationUpdate(batch)))
+            done = run_generation(
+                events,
+                lambda batch: self.post_message(GenerationUpdate(batch)),
+                interval=lambda: self.frames.interval,
+            )
             if done is not None:
                 self._chat_tokens.generated(done.text, done.token_ids)
         except LLMChatError as err:
@@ -421,6 +427,7 @@ class LLMChatApp(App[None]):
         batch, answer = message.batch, self._answer
         if answer is None or self._answer_id is None:
             return
+        self.frames.observe()
         if isinstance(batch.prefill, PrefillDone):
             done = batch.prefill
             self._refresh_cache_panel(done.cache_tokens, done.cache_bytes, done.reused_tokens, done.prefilled_tokens)
@@ -435,7 +442,8 @@ class LLMChatApp(App[None]):
         # The panels follow the tokens at a few frames a second: every repaint takes the GIL from
         # the decode loop, and the text already moves at the coalescer's rate.
         now = time.monotonic()
-        if last is not None and (now - self._panels_shown_at >= PANEL_INTERVAL or batch.finished is not None):
+        panel_interval = max(PANEL_INTERVAL, 2.5 * self.frames.interval)
+        if last is not None and (now - self._panels_shown_at >= panel_interval or batch.finished is not None):
             self._panels_shown_at = now
             if self._selected_token is None:
                 self.query_one(TopKPanel).show(last, title=f"token {last.index + 1}")

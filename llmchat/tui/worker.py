@@ -17,9 +17,9 @@ from llmchat.engine import Finished, PrefillDone, PrefillProgress, TokenEvent
 from llmchat.engine.events import GenerationEvent
 
 # 10 UI updates per second at most. Each one costs the UI thread a Markdown re-parse, a layout and
-# a repaint (~10-40 ms of Python), and all that time the decode loop waits for the GIL between
+# a repaint (~10-15 ms of Python), and all that time the decode loop waits for the GIL between
 # kernels; measured on the demo model (benchmarks/tui_speed.py), 25/s cost a third of the token
-# rate, 10/s still reads as smooth streaming.
+# rate. `FrameBudget` spaces frames further when the UI thread still takes too much.
 DEFAULT_INTERVAL = 0.1
 
 
@@ -41,11 +41,55 @@ class Batch:
         return bool(self.tokens or self.prefill or self.finished)
 
 
+class FrameBudget:
+    """Spaces UI frames so the UI thread stays under `share` of one core while tokens stream.
+
+    The app calls `observe()` on the UI thread once per frame; the CPU time that thread used since
+    the previous call (handling the batch, layout, repaint) over the wall time is its share. Above
+    the budget the interval grows by a quarter, well under it shrinks back, within [fastest, slowest].
+    The worker reads `interval` before each flush.
+    """
+
+    def __init__(
+        self,
+        share: float = 0.05,
+        fastest: float = DEFAULT_INTERVAL,
+        slowest: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+        cpu: Callable[[], float] = time.thread_time,
+    ) -> None:
+        self.share, self.fastest, self.slowest = share, fastest, slowest
+        self._clock, self._cpu = clock, cpu
+        self.interval = fastest
+        self._last: tuple[float, float] | None = None
+
+    def restart(self) -> None:
+        """A new answer: start from the fastest rate again."""
+        self.interval, self._last = self.fastest, None
+
+    def observe(self) -> float:
+        """Account for the UI thread's work since the last call; returns the share it used."""
+        now, used = self._clock(), self._cpu()
+        busy = 0.0
+        if self._last is not None:
+            busy = (used - self._last[1]) / max(now - self._last[0], 1e-6)
+            if busy > self.share:
+                self.interval = min(self.interval * 1.25, self.slowest)
+            elif busy < self.share / 2:
+                self.interval = max(self.interval / 1.25, self.fastest)
+        self._last = (now, used)
+        return busy
+
+
 class Coalescer:
     """Folds a stream of generation events into batches, flushed by time or by phase change."""
 
-    def __init__(self, interval: float = DEFAULT_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
-        self.interval = interval
+    def __init__(
+        self,
+        interval: float | Callable[[], float] = DEFAULT_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval = interval  # seconds, or a function giving the current value
         self._clock = clock
         self._batch = Batch()
         self._reasoning: list[str] = []
@@ -72,7 +116,8 @@ class Coalescer:
         else:
             self._batch.prefill = event
             urgent = isinstance(event, PrefillDone)
-        if urgent or self._clock() - self._last_flush >= self.interval:
+        interval = self.interval() if callable(self.interval) else self.interval
+        if urgent or self._clock() - self._last_flush >= interval:
             return self.flush()
         return None
 
@@ -95,7 +140,7 @@ def run_generation(
     events: Iterable[GenerationEvent],
     post: Callable[[Batch], object],
     *,
-    interval: float = DEFAULT_INTERVAL,
+    interval: float | Callable[[], float] = DEFAULT_INTERVAL,
 ) -> Finished | None:
     """Drive a generation to its end, posting coalesced batches; returns the `Finished` event."""
     coalescer = Coalescer(interval)
