@@ -63,7 +63,7 @@ def terminal(llmchat_dirs: dict[str, Path]) -> Iterator[Path]:
 def test_chat_in_tmux_answers_shows_panels_takes_keys_and_saves(
     terminal: Path, demo_gguf: Path, llmchat_dirs: dict[str, Path]
 ) -> None:
-    _tmux("send-keys", "-t", SESSION, f"{terminal} --model {demo_gguf} --temperature 0", "Enter")
+    _tmux("send-keys", "-t", SESSION, f"{terminal} --model {demo_gguf} --temperature 0 --max-new-tokens 200", "Enter")
     _wait_for(lambda s: "ctx 0/" in s, "the model to load")
 
     _tmux("send-keys", "-t", SESSION, "-l", "What is the capital of France?")
@@ -84,7 +84,9 @@ def test_chat_in_tmux_answers_shows_panels_takes_keys_and_saves(
     _wait_for(lambda s: re.search(r"token \d+/\d+", s) is not None, "the token cursor")
     _tmux("send-keys", "-t", SESSION, "C-r")  # regenerate: a second answer beside the first
     _tmux("send-keys", "-t", SESSION, "C-c")  # Ctrl+C never quits mid-answer
-    _wait_for(lambda s: "‹2/2›" in s and "tok/s" in s, "the regenerated answer")
+    # The answer's own stats line (not the status bar's tok/s) says the regenerated answer finished;
+    # branch keys wait for that.
+    _wait_for(lambda s: "‹2/2›" in s and "TTFT" in s, "the regenerated answer")
     _tmux("send-keys", "-t", SESSION, "M-Left")  # back to the first branch
     _wait_for(lambda s: "‹1/2›" in s, "the first branch")
     _tmux("send-keys", "-t", SESSION, "F1")
