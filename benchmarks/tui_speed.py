@@ -1,13 +1,14 @@
 """Decode speed inside the chat TUI against the bare engine, measured side by side in one run.
 
-The TUI must not slow the model down: rendering is coalesced to ≈25 frames a second and the
-worker thread owns the model. This script answers the same greedy prompt three ways, one after
-the other, in one process:
+The TUI must not slow the model down: rendering is coalesced to at most 10 frames a second (fewer
+when the UI thread is busy) and the worker thread owns the model. This script answers the same
+greedy prompt several ways, one after the other, in one process:
 
 1. `engine`: `LoadedModel.generate()` drained in a loop (what `llmchat bench` times),
 2. `tui-headless`: the real app under Textual's headless driver (layout and rendering run, no
-   terminal output), prompt typed and sent with Pilot,
-3. optionally `tui-tmux` (`--tmux`): the installed `llmchat` in a real terminal (tmux), reading the
+   terminal output), prompt sent with Pilot,
+3. `tui-typing`: the same, with keys typed into the prompt while the answer streams,
+4. optionally `tui-tmux` (`--tmux`): the installed `llmchat` in a real terminal (tmux), reading the
    stats line the app prints under the answer.
 
 and prints decode tok/s of each with the ratio to the engine. It also checks that the input stays
@@ -50,7 +51,7 @@ def engine_run(model: Any, max_new_tokens: int, top_k: int) -> dict[str, float]:
     return {"tokens": done.generated_tokens, "decode_tok_s": done.decode_tokens_per_second}
 
 
-async def tui_run(path: Path, max_new_tokens: int, store_dir: Path) -> dict[str, float]:
+async def tui_run(path: Path, max_new_tokens: int, store_dir: Path, typing: bool) -> dict[str, Any]:
     from textual import events
 
     from llmchat.chat.store import ConversationStore
@@ -74,11 +75,11 @@ async def tui_run(path: Path, max_new_tokens: int, store_dir: Path) -> dict[str,
         # Mid-answer, type into the input and time how long the keystrokes take to land. Keys are
         # posted as the terminal driver posts them (Pilot's press() waits for an idle CPU, which a
         # running model never gives it).
-        while not app.query(AssistantMessage) or len(app.query(AssistantMessage).last().tokens) < 20:
+        latencies: list[float] = []
+        while typing and (not app.query(AssistantMessage) or len(app.query(AssistantMessage).last().tokens) < 20):
             await asyncio.sleep(0.01)
         prompt.text = ""
-        latencies = []
-        for char in TYPED:
+        for char in TYPED if typing else "":
             before = prompt.text
             started = time.perf_counter()
             app.post_message(events.Key(char, char))
@@ -87,17 +88,17 @@ async def tui_run(path: Path, max_new_tokens: int, store_dir: Path) -> dict[str,
             latencies.append(time.perf_counter() - started)
             await asyncio.sleep(0.2)  # a brisk typist
         landed = prompt.text == TYPED
+        await asyncio.sleep(0.2)  # the answer may not have begun yet when nothing is typed
         while app.generating:
             await asyncio.sleep(0.05)
         done = app.query(AssistantMessage).last().finished
         assert done is not None
-        return {
-            "tokens": done.generated_tokens,
-            "decode_tok_s": done.decode_tokens_per_second,
-            "typing_ms_per_key": sum(latencies) / max(len(latencies), 1) * 1000,
-            "typing_ms_worst": max(latencies, default=0) * 1000,
-            "typed_text_landed": landed,
-        }
+        result: dict[str, Any] = {"tokens": done.generated_tokens, "decode_tok_s": done.decode_tokens_per_second}
+        if typing:
+            result["typing_ms_per_key"] = sum(latencies) / max(len(latencies), 1) * 1000
+            result["typing_ms_worst"] = max(latencies, default=0) * 1000
+            result["typed_text_landed"] = landed
+        return result
 
 
 def tmux_run(path: Path, max_new_tokens: int, home: Path) -> dict[str, float]:
@@ -148,14 +149,16 @@ def main() -> int:
     model = llmchat.load(path)
     engine_run(model, 8, TOP_K_SHOWN)  # warm-up
     results: dict[str, dict[str, Any]] = {}
-    runs: dict[str, list[dict[str, Any]]] = {"engine": [], "tui-headless": []}
+    runs: dict[str, list[dict[str, Any]]] = {"engine": [], "tui-headless": [], "tui-typing": []}
     if args.tmux:
         runs["tui-tmux"] = []
     # Interleaved, best of `--repeat`: this machine's speed drifts by ±20% over minutes.
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):
             runs["engine"].append(engine_run(model, args.max_new_tokens, TOP_K_SHOWN))
-            runs["tui-headless"].append(asyncio.run(tui_run(path, args.max_new_tokens, Path(tmp) / f"store{i}")))
+            store = Path(tmp) / f"store{i}"
+            runs["tui-headless"].append(asyncio.run(tui_run(path, args.max_new_tokens, store, typing=False)))
+            runs["tui-typing"].append(asyncio.run(tui_run(path, args.max_new_tokens, store, typing=True)))
             if args.tmux:
                 runs["tui-tmux"].append(tmux_run(path, args.max_new_tokens, Path(tmp) / f"home{i}"))
     for name, measured in runs.items():

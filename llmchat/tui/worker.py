@@ -44,6 +44,12 @@ class Batch:
 class FrameBudget:
     """Spaces UI frames so the UI thread stays under `share` of one core while tokens stream.
 
+    Why: on a 2-core CPU the UI thread's work lands on a core one of torch's threads is using, and
+    a decode step waits for its slowest thread, so the token rate lost is about twice the UI's CPU
+    share (benchmarks/tui_speed.py: 3% held decode at 0.89-0.96 of the bare engine, 5% at 0.85-0.91).
+    A frame costs 15-35 ms (Markdown append, layout as the answer grows, repaint), so on such a
+    machine frames settle near the slowest rate; on a fast one they stay at the fastest.
+
     The app calls `observe()` on the UI thread once per frame; the CPU time that thread used since
     the previous call (handling the batch, layout, repaint) over the wall time is its share. Above
     the budget the interval grows by a quarter, well under it shrinks back, within [fastest, slowest].
@@ -52,7 +58,7 @@ class FrameBudget:
 
     def __init__(
         self,
-        share: float = 0.05,
+        share: float = 0.03,
         fastest: float = DEFAULT_INTERVAL,
         slowest: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
