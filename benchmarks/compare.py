@@ -1,9 +1,14 @@
-"""llmchat against transformers (fp32, bf16) on one model folder: prefill, decode and time to first token.
+"""llmchat against llama-cpp-python and transformers (fp32, bf16): prefill, decode, TTFT, and decode
+speed as the context grows — side by side in one run, on one machine.
 
-Every engine runs in its own fresh subprocess (llmchat through `python -m llmchat bench`, transformers
-through this script's hidden `--worker` mode), one after the other, with the same thread count,
-prompt length and number of greedy tokens. A failing engine shows its error in the table and the
-others still run. See benchmarks/README.md.
+llmchat and llama-cpp-python run the GGUF file (default: the demo model, SmolLM2-135M-Instruct Q4_1);
+transformers runs the float32 Hugging Face folder made from that same file (tests/demo_model.py).
+`llmchat-dequantized` is llmchat on the same GGUF with `--dequantize` (float32 weights), the
+reference the packed path is checked against. Every engine runs in its own fresh subprocess, one
+after the other, with the same thread count, prompt length and number of greedy tokens; a failing
+or missing engine (llama-cpp-python is the optional `bench` extra) shows its error in the table and
+the others still run. With --contexts each engine also decodes at those context lengths and an SVG
+chart of decode tok/s against context length is written. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-ENGINES = ("llmchat", "llmchat-fp32", "llmchat-bf16", "transformers-fp32", "transformers-bf16")
-DEFAULT_ENGINES = ("llmchat", "transformers-fp32", "transformers-bf16")
+ENGINES = ("llmchat", "llmchat-dequantized", "llama-cpp-python", "transformers-fp32", "transformers-bf16")
+DEFAULT_ENGINES = ENGINES
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+CONTEXT_GEN_TOKENS = 32  # tokens decoded at each context length of a sweep
 
 
 @dataclass
@@ -38,6 +44,7 @@ class Result:
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None
+    contexts: list[dict[str, Any]] | None = None  # decode tok/s per context length (--contexts)
     error: str | None = None
 
 
@@ -59,6 +66,63 @@ def _timed_greedy(model: Any, prompt: Any, gen_tokens: int, cache_kw: str) -> tu
         token = logits[:, -1].argmax(-1, keepdim=True)
     end = time.perf_counter()
     return first - start, end - first
+
+
+def _context_row(context: int, timings: tuple[float, float]) -> dict[str, Any]:
+    prefill, decode = timings
+    return {
+        "context_tokens": context,
+        "decode_tok_s": round((CONTEXT_GEN_TOKENS - 1) / decode, 2),
+        "prefill_tok_s": round(context / prefill, 2),
+    }
+
+
+def run_llama_cpp_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """llama-cpp-python on the GGUF: greedy generate(), timed at the first token and at the last."""
+    import resource
+
+    from llama_cpp import Llama
+
+    needed = max([args.prompt_tokens + args.gen_tokens, *(n + CONTEXT_GEN_TOKENS for n in args.context_list)])
+    llm = Llama(
+        model_path=str(args.gguf),
+        n_ctx=needed + 8,
+        n_batch=512,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        verbose=False,
+    )
+    rng = random.Random(args.seed)
+    first_id = 256  # past the byte/control tokens of the usual vocabularies
+
+    def prompt(length: int) -> list[int]:
+        return [rng.randrange(first_id, llm.n_vocab()) for _ in range(length)]
+
+    def timed(tokens: list[int], gen_tokens: int) -> tuple[float, float]:
+        llm.reset()
+        start = time.perf_counter()
+        first = start
+        for count, _ in enumerate(llm.generate(tokens, top_k=1, temp=0.0, reset=True), start=1):
+            if count == 1:
+                first = time.perf_counter()
+            if count >= gen_tokens:
+                break
+        return first - start, time.perf_counter() - first
+
+    timed(prompt(min(32, args.prompt_tokens)), 4)  # warm-up
+    runs = [timed(prompt(args.prompt_tokens), args.gen_tokens) for _ in range(args.repeat)]
+    sweep = [_context_row(n, timed(prompt(n), CONTEXT_GEN_TOKENS)) for n in args.context_list]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "prefill_tok_s": round(max(args.prompt_tokens / prefill for prefill, _ in runs), 2),
+        "decode_tok_s": round(max((args.gen_tokens - 1) / decode for _, decode in runs), 2),
+        "ttft_s": round(min(prefill for prefill, _ in runs), 4),
+        "peak_memory_bytes": peak * 1024,
+        "device": "cpu",
+        "dtype": "gguf",
+        "threads": args.threads,
+        "contexts": sweep or None,
+    }
 
 
 def run_transformers_worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,8 +147,12 @@ def run_transformers_worker(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         _timed_greedy(model, prompt(min(32, args.prompt_tokens)), 4, cache_kw)  # warm-up
         runs = [_timed_greedy(model, prompt(args.prompt_tokens), args.gen_tokens, cache_kw) for _ in range(args.repeat)]
+        sweep = [
+            _context_row(n, _timed_greedy(model, prompt(n), CONTEXT_GEN_TOKENS, cache_kw)) for n in args.context_list
+        ]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
+        "contexts": sweep or None,
         "prefill_tok_s": round(max(args.prompt_tokens / prefill for prefill, _ in runs), 2),
         "decode_tok_s": round(max((args.gen_tokens - 1) / decode for _, decode in runs), 2),
         "ttft_s": round(min(prefill for prefill, _ in runs), 4),
@@ -106,15 +174,19 @@ def _last_line(text: str) -> str:
 
 def _run_engine(engine: str, args: argparse.Namespace) -> Result:
     """Run one engine in a fresh subprocess and parse the JSON it prints last."""
-    kind, _, short_dtype = engine.partition("-")
+    kind, _, variant = engine.partition("-")
     sizes = ["--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens)]
     common = [*sizes, "--repeat", str(args.repeat), "--seed", str(args.seed), "--threads", str(args.threads)]
+    sweep = ["--contexts", ",".join(map(str, args.context_list))] if args.context_list else []
     if kind == "llmchat":
-        command = [sys.executable, "-m", "llmchat", "bench", str(args.model), "--device", "cpu", *common, "--json"]
-        if short_dtype:
-            command += ["--dtype", DTYPES[short_dtype]]
+        command = [sys.executable, "-m", "llmchat", "bench", str(args.gguf), "--device", "cpu", *common, "--json"]
+        command += ["--dequantize"] if variant == "dequantized" else []
+        command += [*sweep, "--context-gen-tokens", str(CONTEXT_GEN_TOKENS)] if sweep else []
+    elif kind == "llama":
+        command = [sys.executable, __file__, "--worker", "llama-cpp", "--gguf", str(args.gguf), *common, *sweep]
     else:
-        command = [sys.executable, __file__, "--worker", DTYPES[short_dtype], "--model", str(args.model), *common]
+        worker = DTYPES[variant]
+        command = [sys.executable, __file__, "--worker", worker, "--model", str(args.model), *common, *sweep]
     try:
         proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -127,6 +199,8 @@ def _run_engine(engine: str, args: argparse.Namespace) -> Result:
     except ValueError:
         return Result(engine, error=f"no JSON in its output: {_last_line(proc.stdout)!r}")
     fields = {key: data.get(key) for key in Result.__dataclass_fields__ if key not in ("engine", "error")}
+    if fields.get("dtype") and "weights" in data and kind == "llmchat":
+        fields["dtype"] = "packed" if data["weights"] != "float" else fields["dtype"]
     return Result(engine, **fields)
 
 
@@ -145,13 +219,16 @@ def _ratio(value: float | None, base: float | None) -> float | None:
 
 
 def _rows(results: list[Result]) -> list[dict[str, Any]]:
-    """Results as dicts, with the two ratio columns filled in."""
+    """Results as dicts, with the ratio columns filled in."""
     by_name = {r.engine: r for r in results if r.error is None}
+    llama = by_name.get("llama-cpp-python")
     fp32_decode = getattr(by_name.get("transformers-fp32"), "decode_tok_s", None)
     bf16_prefill = getattr(by_name.get("transformers-bf16"), "prefill_tok_s", None)
     return [
         {
             **asdict(r),
+            "decode_vs_llama_cpp": _ratio(r.decode_tok_s, getattr(llama, "decode_tok_s", None)),
+            "prefill_vs_llama_cpp": _ratio(r.prefill_tok_s, getattr(llama, "prefill_tok_s", None)),
             "decode_vs_transformers_fp32": _ratio(r.decode_tok_s, fp32_decode),
             "prefill_vs_transformers_bf16": _ratio(r.prefill_tok_s, bf16_prefill),
         }
@@ -164,38 +241,100 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
         return "–" if value is None else f"{value:.{digits}f}{suffix}"
 
     lines = [
-        "| engine | prefill tok/s | decode tok/s | TTFT s | ratio vs transformers fp32 decode "
-        "| ratio vs transformers bf16 prefill |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| engine | prefill tok/s | decode tok/s | TTFT s | decode × llama.cpp | prefill × llama.cpp "
+        "| decode × transformers fp32 | prefill × transformers bf16 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         name = row["engine"] + (f" ({row['dtype']})" if row["dtype"] else "")
         if row["error"]:
             error = row["error"].replace("|", "\\|")
-            lines.append(f"| {name} | error: {error} | – | – | – | – |")
+            lines.append(f"| {name} | error: {error} | – | – | – | – | – | – |")
             continue
         lines.append(
             f"| {name} | {num(row['prefill_tok_s'], 1)} | {num(row['decode_tok_s'], 1)} "
-            f"| {num(row['ttft_s'], 3)} | {num(row['decode_vs_transformers_fp32'], 2, 'x')} "
+            f"| {num(row['ttft_s'], 3)} | {num(row['decode_vs_llama_cpp'], 2, 'x')} "
+            f"| {num(row['prefill_vs_llama_cpp'], 2, 'x')} | {num(row['decode_vs_transformers_fp32'], 2, 'x')} "
             f"| {num(row['prefill_vs_transformers_bf16'], 2, 'x')} |"
         )
+    sweeps = [row for row in rows if row.get("contexts")]
+    if sweeps:
+        contexts = [c["context_tokens"] for c in sweeps[0]["contexts"]]
+        lines += ["", "| decode tok/s at context | " + " | ".join(map(str, contexts)) + " |"]
+        lines.append("|---|" + "---:|" * len(contexts))
+        for row in sweeps:
+            values = {c["context_tokens"]: c["decode_tok_s"] for c in row["contexts"]}
+            lines.append(f"| {row['engine']} | " + " | ".join(num(values.get(n), 1) for n in contexts) + " |")
     return "\n".join(lines)
+
+
+COLORS = ("#e4572e", "#29335c", "#17bebb", "#ffc914", "#76b041", "#9c6ade")
+
+
+def _svg_chart(rows: list[dict[str, Any]], title: str) -> str:
+    """Decode tok/s against context length, one line per engine, as a standalone SVG."""
+    series = [(row["engine"], [(c["context_tokens"], c["decode_tok_s"]) for c in row["contexts"]]) for row in rows]
+    series = [(name, points) for name, points in series if points]
+    width, height, left, right, top, bottom = 720, 420, 70, 190, 50, 60
+    xs = sorted({x for _, points in series for x, _ in points})
+    top_y = max(y for _, points in series for _, y in points) * 1.1
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(x: float) -> float:  # contexts are spread evenly by rank: 256 ... 4096 read well
+        return left + plot_w * (xs.index(x) / max(len(xs) - 1, 1))
+
+    def py(y: float) -> float:
+        return top + plot_h * (1 - y / top_y)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{left}" y="28" font-size="15" font-weight="bold">{title}</text>',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>',
+        f'<text x="{left + plot_w / 2}" y="{height - 18}" text-anchor="middle">context length (tokens)</text>',
+        f'<text x="18" y="{top + plot_h / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 18 {top + plot_h / 2})">decode tok/s</text>',
+    ]
+    for x in xs:
+        out.append(f'<text x="{px(x):.1f}" y="{top + plot_h + 18}" text-anchor="middle">{x}</text>')
+    for i in range(6):
+        y = top_y * i / 5
+        out.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{left + plot_w}" y2="{py(y):.1f}" stroke="#eee"/>')
+        out.append(f'<text x="{left - 8}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.0f}</text>')
+    for index, (name, points) in enumerate(series):
+        color = COLORS[index % len(COLORS)]
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2.5"/>')
+        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{color}"/>' for x, y in points]
+        legend_y = top + 10 + 22 * index
+        out.append(
+            f'<line x1="{width - right + 20}" y1="{legend_y}" x2="{width - right + 44}" y2="{legend_y}" '
+            f'stroke="{color}" stroke-width="2.5"/>'
+        )
+        out.append(f'<text x="{width - right + 50}" y="{legend_y + 4}">{name}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--model", type=Path, default=None, help="Hugging Face model folder (default: the demo model)")
+    parser.add_argument("--gguf", type=Path, default=None, help="GGUF for llmchat and llama.cpp (default: demo)")
+    parser.add_argument("--model", type=Path, default=None, help="HF folder for transformers (default: the demo's)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per engine; the best is reported")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="default: torch's default")
     parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=f"comma-separated, from {ENGINES}")
+    parser.add_argument("--contexts", default="", help="decode-speed sweep, e.g. 256,1024,2048,4096")
+    parser.add_argument("--chart", type=Path, default=None, help="SVG of the sweep (default: next to --json output)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per engine")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the Markdown table")
-    parser.add_argument("--worker", choices=sorted(DTYPES.values()), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[*sorted(DTYPES.values()), "llama-cpp"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.engines = [name.strip() for name in args.engines.split(",") if name.strip()]
     unknown = sorted(set(args.engines) - set(ENGINES))
@@ -203,30 +342,48 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown engines {unknown}; choose from {ENGINES}")
     if args.prompt_tokens < 1 or args.gen_tokens < 2 or args.repeat < 1:
         parser.error("--prompt-tokens must be >= 1, --gen-tokens >= 2, --repeat >= 1")
+    try:
+        args.context_list = sorted({int(n) for n in args.contexts.split(",") if n.strip()})
+    except ValueError:
+        parser.error("--contexts takes comma-separated token counts")
     return args
+
+
+def _demo_paths(args: argparse.Namespace) -> str | None:
+    """Fill in the demo GGUF and its float32 folder where no paths were given; an error or None."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from tests.demo_model import DemoModelUnavailable, demo_gguf_file, demo_hf_folder
+
+    try:
+        if args.gguf is None:
+            args.gguf = demo_gguf_file()
+        if args.model is None and any(e.startswith("transformers") for e in args.engines):
+            args.model = demo_hf_folder()
+    except DemoModelUnavailable as error:
+        return f"the demo model is unavailable ({error}); pass --gguf PATH and --model PATH"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.worker == "llama-cpp":
+        print(json.dumps(run_llama_cpp_worker(args)))
+        return 0
     if args.worker:
         print(json.dumps(run_transformers_worker(args)))
         return 0
-    if args.model is None:
-        sys.path.insert(0, str(REPO_ROOT))
-        from tests.demo_model import DemoModelUnavailable, demo_hf_folder
-
-        try:
-            args.model = demo_hf_folder()
-        except DemoModelUnavailable as error:
-            print(f"compare.py: the demo model is unavailable ({error}); pass --model PATH", file=sys.stderr)
-            return 2
-    if not (args.model / "config.json").is_file():
+    problem = _demo_paths(args)
+    if problem:
+        print(f"compare.py: {problem}", file=sys.stderr)
+        return 2
+    if args.model is not None and not (args.model / "config.json").is_file():
         print(f"compare.py: {args.model} is not a Hugging Face model folder (no config.json)", file=sys.stderr)
         return 2
     import torch
-    import transformers
 
     header = {
+        "date": time.strftime("%Y-%m-%d"),
+        "gguf": str(args.gguf),
         "model": str(args.model),
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
@@ -235,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": args.threads,
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": _version("transformers"),
+        "llama_cpp_python": _version("llama_cpp"),
     }
     if not args.json:
         for key, value in header.items():
@@ -246,6 +404,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {engine} ...", file=sys.stderr, flush=True)
         results.append(_run_engine(engine, args))
     rows = _rows(results)
+    if args.context_list and any(row.get("contexts") for row in rows):
+        chart = args.chart or REPO_ROOT / "benchmarks" / "decode_vs_context.svg"
+        title = f"Decode speed vs context — {Path(args.gguf).name}, {header['cpu']}, {args.threads} threads"
+        chart.write_text(_svg_chart([r for r in rows if r.get("contexts")], title), encoding="utf-8")
+        print(f"chart: {chart}", file=sys.stderr)
     if args.json:
         print(json.dumps({**header, "results": rows}, indent=2))
     else:
@@ -254,6 +417,16 @@ def main(argv: list[str] | None = None) -> int:
         if mismatched:
             print(f"\nwarning: {mismatched} did not run with {args.threads} threads")
     return 0
+
+
+def _version(module: str) -> str | None:
+    from importlib import metadata
+
+    names = {"llama_cpp": "llama-cpp-python"}
+    try:
+        return metadata.version(names.get(module, module))
+    except metadata.PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmchat.cli_bench import add_bench_options, cmd_bench
 from llmchat.cli_info import add_info_parsers
 from llmchat.cli_models import add_models_parsers, cmd_chat
 from llmchat.engine.errors import LLMChatError
@@ -58,6 +58,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=None, help="context length (default: the model's, memory-capped)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="tokens per prefill chunk")
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="dequantize a GGUF's quantized weights to float at load (the exact reference; slower)",
+    )
 
 
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -83,6 +88,7 @@ def _load(args: argparse.Namespace):  # -> LoadedModel (imported lazily: torch i
         dtype=args.dtype,
         context_length=args.context,
         prefill_chunk=args.prefill_chunk,
+        packed=False if args.dequantize else None,
     )
 
 
@@ -230,60 +236,36 @@ def cmd_template(args: argparse.Namespace) -> int:
 # bench
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from llmchat.engine.perplexity import perplexity
 
-    from llmchat.engine import SamplingParams
-    from llmchat.engine.events import Finished
-    from llmchat.engine.memory import peak_rss_bytes
-
+    text = _read_text_file(args.file)
     model = _load(args)
-    needed = args.prompt_tokens + args.gen_tokens
-    if needed > model.context_length:
-        raise CLIError(
-            f"prompt + generated tokens ({needed}) exceed the context ({model.context_length}); use --context"
-        )
-    rng = random.Random(args.seed)
-    special = model.tokenizer.special_ids()
-    vocab = [i for i in range(min(model.tokenizer.vocab_size, model.config.vocab_size)) if i not in special]
-    greedy = SamplingParams(temperature=0)
-
-    def one_run(prompt_tokens: int, gen_tokens: int) -> Finished:
-        model.reset()
-        prompt = [rng.choice(vocab) for _ in range(prompt_tokens)]
-        *_, done = model.generate(prompt, sampling=greedy, max_new_tokens=gen_tokens, stop_on_eos=False)
-        return done
-
-    one_run(min(32, args.prompt_tokens), 4)  # warm-up: first-call allocations and kernel selection
-    runs = [one_run(args.prompt_tokens, args.gen_tokens) for _ in range(args.repeat)]
-    best_prefill = max(r.prefill_tokens_per_second for r in runs)
-    best_decode = max(r.decode_tokens_per_second for r in runs)
-    device = model.device
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
-    result = {
+    ids = model.tokenizer.encode(text, add_special_tokens=True)
+    if args.max_tokens:
+        ids = ids[: args.max_tokens]
+    if len(ids) < 2:
+        raise CLIError(f"{args.file}: the text is shorter than 2 tokens")
+    result = perplexity(model.logits, ids, window=min(args.window, model.context_length))
+    data = {
         "model": str(model.package.path),
-        "architecture": model.config.architecture,
-        "prompt_tokens": args.prompt_tokens,
-        "gen_tokens": args.gen_tokens,
-        "prefill_tok_s": round(best_prefill, 2),
-        "decode_tok_s": round(best_decode, 2),
-        "ttft_s": round(min(r.ttft_seconds for r in runs), 4),
-        "peak_memory_bytes": peak,
-        "weights_bytes": model.weights_bytes(),
-        "kv_cache_bytes": model.cache.nbytes,
-        "load_s": round(model.info.seconds, 3),
-        "device": str(device),
+        "file": args.file,
+        "weights": model.info.packing,
         "dtype": str(model.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "repeat": args.repeat,
+        "perplexity": round(result.perplexity, 4),
+        "mean_nll": round(result.mean_nll, 6),
+        "scored_tokens": result.scored_tokens,
+        "windows": result.windows,
+        "window": args.window,
+        "seconds": round(result.seconds, 2),
     }
     if args.json:
-        _print_json(result)
+        _print_json(data)
     else:
-        width = max(len(k) for k in result)
-        for key, value in result.items():
-            print(f"{key:<{width}}  {value}")
+        print(
+            f"perplexity {result.perplexity:.4f} over {result.scored_tokens} tokens "
+            f"({result.windows} windows of {args.window}, {result.seconds:.1f} s); weights: {model.info.packing}"
+        )
     return 0
 
 
@@ -343,14 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_template)
 
-    p = sub.add_parser("bench", help="measure prefill and decode speed")
+    p = sub.add_parser("bench", help="measure prefill and decode speed (also per turn, per context length)")
     _add_model_options(p)
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--gen-tokens", type=int, default=128)
-    p.add_argument("--repeat", type=int, default=1, help="timed runs (the best is reported)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
+    add_bench_options(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file under a model (quality check)")
+    _add_model_options(p)
+    p.add_argument("--file", required=True, help="UTF-8 text to score")
+    p.add_argument("--window", type=int, default=512, help="tokens per scored window")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_perplexity)
 
     add_info_parsers(sub)
     add_models_parsers(sub)

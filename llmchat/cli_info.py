@@ -47,11 +47,17 @@ def describe(package: Any, traits: Any) -> dict[str, Any]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
     from llmchat.engine.model_type import detect
     from llmchat.engine.package import open_package
 
     package = open_package(resolve_model(args.model))
     data = describe(package, detect(package.templates, package.tokenizer))
+    plan = _packing_plan(package, torch.device("cpu"), torch.float32, dequantize=False)
+    data["cpu_weights"] = (
+        f"kept packed: {_packing_summary(plan, package.config)}" if plan else "float32 (nothing to keep packed)"
+    )
     if args.json:
         print(json.dumps(data, ensure_ascii=False))
         return 0
@@ -62,6 +68,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"{data['name']}: {c.architecture}, {data['parameters'] / 1e6:.1f}M parameters, {data['model_type']} model"
         + (f" ({', '.join(data['capabilities'])})" if data["capabilities"] else ""),
         f"  file        {data['format']}, {data['quantization']}, {data['file_bytes'] / MiB:.1f} MiB",
+        f"  on CPU      {data['cpu_weights']}",
         f"  shape       {c.num_layers} layers, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
         f"heads {c.num_heads} (KV {c.num_kv_heads}), head_dim {c.head_dim}",
         f"  context     {data['context_length']} tokens, {rope}{window}",
@@ -95,6 +102,7 @@ def _measure(args: argparse.Namespace, context: int) -> dict[str, Any]:
         dtype=args.dtype,
         context_length=context,
         prefill_chunk=args.prefill_chunk,
+        packed=False if args.dequantize else None,
     )
     rng = random.Random(0)
     prompt = [rng.randrange(model.tokenizer.vocab_size) for _ in range(context)]
@@ -125,6 +133,36 @@ def _stored_weights(package: Any) -> dict[str, Any]:
     }
 
 
+def _packing_plan(package: Any, device: Any, dtype: Any, dequantize: bool) -> dict[str, Any]:
+    """What `load` will keep packed for this package on this device (see engine/packed.py)."""
+    import torch
+
+    from llmchat.engine.model import packing_plan
+    from llmchat.engine.packed import packing_available
+
+    if dequantize or dtype != torch.float32 or not packing_available(device) or package.weights is None:
+        return {}
+    from llmchat.engine.errors import ModelLoadError
+
+    try:
+        quantized = package.weights.quantized_types()
+    except ModelLoadError:  # a vocab-only GGUF: no weights to pack
+        return {}
+    return packing_plan(quantized, package.config)
+
+
+def _packing_summary(plan: dict[str, Any], config: Any) -> str:
+    """The same words `load` reports (LoadInfo.packing), predicted from the plan."""
+    from llmchat.engine.memory import matrix_shapes
+    from llmchat.engine.packed import PackingReport, effective_layout
+
+    shapes = matrix_shapes(config)
+    report = PackingReport()
+    for target, (layout, sources) in plan.items():
+        report.add(sources, effective_layout(layout, *shapes[target]))
+    return report.summary()
+
+
 def cmd_vram(args: argparse.Namespace) -> int:
     from llmchat.engine.memory import estimate, model_context_length
     from llmchat.engine.package import open_package
@@ -133,11 +171,18 @@ def cmd_vram(args: argparse.Namespace) -> int:
     package = open_package(resolve_model(args.model))
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    plan = _packing_plan(package, device, dtype, args.dequantize)
     kv_dtype = resolve_dtype(args.kv_dtype, device) if args.kv_dtype else dtype
     rows = []
     for context in _contexts(args, model_context_length(package.config)):
         bill = estimate(
-            package.config, dtype, context, kv_dtype=kv_dtype, prefill_chunk=args.prefill_chunk, device_type=device.type
+            package.config,
+            dtype,
+            context,
+            kv_dtype=kv_dtype,
+            prefill_chunk=args.prefill_chunk,
+            device_type=device.type,
+            packed=plan,
         )
         rows.append({"context": context} | asdict(bill) | {"total": bill.total})
     result: dict[str, Any] = {
@@ -146,6 +191,7 @@ def cmd_vram(args: argparse.Namespace) -> int:
         "dtype": _dtype_name(dtype),
         "kv_dtype": _dtype_name(kv_dtype),
         "stored": _stored_weights(package),
+        "weights": _packing_summary(plan, package.config),
         "estimates": rows,
     }
     if args.measure:
@@ -160,10 +206,9 @@ def cmd_vram(args: argparse.Namespace) -> int:
     stored = result["stored"]
     if stored["bytes_by_type"]:
         types = ", ".join(f"{t} {n / MiB:.1f}" for t, n in stored["bytes_by_type"].items())
-        print(
-            f"file: {stored['format']} {stored['quantization']}, tensors {stored['bytes'] / MiB:.1f} MiB ({types}); "
-            f"dequantized to {result['dtype']} at load"
-        )
+        held = f"kept packed: {result['weights']}" if plan else f"dequantized to {result['dtype']} at load"
+        file = f"{stored['format']} {stored['quantization']}, tensors {stored['bytes'] / MiB:.1f} MiB ({types})"
+        print(f"file: {file}; {held}")
     print(f"{package.name} on {device}, weights {result['dtype']}, KV cache {result['kv_dtype']} (MiB)")
     header = f"{'context':>8} {'weights':>9} {'KV cache':>9} {'activations':>12} {'runtime':>8} {'peak':>9}"
     print(header)
@@ -202,5 +247,6 @@ def add_info_parsers(sub: Any) -> None:
     p.add_argument("--kv-dtype", default=None, help="dtype of the KV cache (default: the weights')")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
     p.add_argument("--measure", action="store_true", help="load, prefill the first context, compare with the bill")
+    p.add_argument("--dequantize", action="store_true", help="the bill with quantized weights dequantized at load")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_vram)

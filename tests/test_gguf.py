@@ -212,7 +212,7 @@ def test_quantized_gguf_is_the_folder_with_quantized_weights(
     package = open_package(path)
     assert package.quantization == qtype.name
     reference = llmchat.load(_roundtrip_folder(tiny_model(kind), tmp_path / "rt", qtype), device="cpu", dtype="float32")
-    ours = llmchat.load(path, device="cpu", dtype="float32")
+    ours = llmchat.load(path, device="cpu", dtype="float32", packed=False)  # the exact float reference
     ids = _ids(reference.config.vocab_size)
     diff = (ours.logits(ids) - reference.logits(ids)).abs().max().item()
     assert diff <= TOL, f"{kind} {qtype.name}: logits differ by {diff:.2e}"
@@ -347,6 +347,37 @@ def test_cli_reports_bad_gguf_in_one_line(case: str, gguf_files: Callable, capsy
 # --- the real demo model ----------------------------------------------------------------------------
 
 PROMPTS = {"english": "What is the capital of France?", "chinese": "法国的首都是哪里？"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "qtype", "layout"),
+    [("llama", Q.Q4_1, "int4"), ("qwen2", Q.Q4_0, "int4"), ("llama-tied", Q.Q8_0, "int8"), ("gemma3", Q.Q5_0, "int8")],
+)
+def test_quantized_gguf_stays_packed_on_cpu(kind: str, qtype: Q, layout: str, gguf_files: Callable) -> None:
+    """By default a quantized GGUF keeps its matrices packed: a fraction of the float bytes, and the
+    same model — logits within bfloat16 rounding of the dequantized float32 reference, same argmax."""
+    path = gguf_files(kind, qtype)
+    packed = llmchat.load(path, device="cpu", dtype="float32")
+    plain = llmchat.load(path, device="cpu", dtype="float32", packed=False)
+    assert f"{qtype.name} → {layout}" in packed.info.packing and plain.info.packing == "float"
+    from llmchat.engine.model import Linear, packing_plan
+    from llmchat.engine.packed import PackedLinear
+
+    # Every projection the file stores quantized is packed; the rest (tiny shapes the exporter
+    # kept as floats) and untied embeddings stay float.
+    plan = packing_plan(open_package(path).weights.quantized_types(), plain.config)
+    names = {n + ".weight" for n, m in packed.model.named_modules() if isinstance(m, PackedLinear)}
+    assert names and names == set(plan)
+    assert all(f"{n}.weight" not in plan for n, m in packed.model.named_modules() if isinstance(m, Linear))
+    assert packed.weights_bytes() < plain.weights_bytes()
+    ids = _ids(plain.config.vocab_size)
+    ours, reference = packed.logits(ids), plain.logits(ids)
+    assert (ours - reference).abs().max().item() < 0.03 * reference.abs().max().item()
+    agree = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    assert agree >= 0.9, f"argmax agrees on {agree:.0%} of positions"
+    assert _greedy(packed, ids[:8], 8)[:4] == _greedy(plain, ids[:8], 8)[:4]
+
+
 DEMO_TOKENS = 16
 
 
@@ -364,7 +395,7 @@ def demo_folder() -> Path:
 def demo_models(demo_gguf: Path, demo_folder: Path) -> tuple[Any, Any]:
     """llmchat on the GGUF and on the float32 folder transformers made from it."""
     return (
-        llmchat.load(demo_gguf, device="cpu", dtype="float32", context_length=256),
+        llmchat.load(demo_gguf, device="cpu", dtype="float32", context_length=256, packed=False),
         llmchat.load(demo_folder, device="cpu", dtype="float32", context_length=256),
     )
 

@@ -76,6 +76,7 @@ _GLOBAL_NAMES = {
 }
 # Tensors that are hyperparameters, not weights: they go into the config.
 _CONFIG_TENSORS = frozenset({"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"})
+_FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})  # stored as plain floats: nothing to keep packed
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 
 # Where llama.cpp puts the sliding-window layers (set_swa_pattern): all but every n-th layer.
@@ -418,6 +419,11 @@ class GGUFWeights:
     def tensor_names(self) -> set[str]:
         self._require_weights()
         return set(self.names.values())
+
+    def quantized_types(self) -> dict[str, str]:
+        self._require_weights()
+        kinds = {name: self.file.tensor_info[name].type.name for name in self.names}
+        return {hf: kinds[name] for name, hf in self.names.items() if kinds[name] not in _FLOAT_TYPES}
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         self._require_weights()

@@ -10,10 +10,12 @@ import os
 import resource
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from llmchat.engine.config import ModelConfig
+from llmchat.engine.packed import DEQUANTIZE_FROM_ROWS, packed_bytes
 
 GiB = 1024**3
 CPU_KV_BUDGET = 4 * GiB  # default cap on the KV cache on CPU, before the RAM share below
@@ -42,6 +44,28 @@ def parameter_count(config: ModelConfig) -> int:
     per_layer = attn + mlp + (4 if c.sandwich_norms else 2) * c.hidden_size  # Gemma norms each branch twice
     embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
     return c.num_layers * per_layer + embeddings + c.hidden_size
+
+
+def matrix_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """[out, in] of every projection, under the internal names packing plans use."""
+    c = config
+    shapes = {"lm_head.weight": (c.vocab_size, c.hidden_size)}
+    for i in range(c.num_layers):
+        shapes[f"layers.{i}.attn.qkv.weight"] = (c.q_size + 2 * c.kv_size, c.hidden_size)
+        shapes[f"layers.{i}.attn.o.weight"] = (c.hidden_size, c.q_size)
+        shapes[f"layers.{i}.mlp.gate_up.weight"] = (2 * c.intermediate_size, c.hidden_size)
+        shapes[f"layers.{i}.mlp.down.weight"] = (c.hidden_size, c.intermediate_size)
+    return shapes
+
+
+def weight_bytes(config: ModelConfig, dtype: torch.dtype, packed: dict[str, tuple[str, frozenset[str]]]) -> int:
+    """Bytes of the loaded weights: `dtype` floats, except the matrices a packing plan keeps packed."""
+    total = parameter_count(config) * dtype_bytes(dtype)
+    shapes = matrix_shapes(config)
+    for target, (layout, _) in packed.items():
+        out, inner = shapes[target]
+        total += packed_bytes(layout, out, inner) - out * inner * dtype_bytes(dtype)
+    return total
 
 
 def total_ram_bytes() -> int:
@@ -123,7 +147,9 @@ def estimate(
     kv_dtype: torch.dtype | None = None,
     prefill_chunk: int = 512,
     device_type: str = "cpu",
+    packed: dict[str, tuple[str, frozenset[str]]] | None = None,
 ) -> MemoryEstimate:
+    """The bill for a model loaded with `dtype` weights (and the matrices in `packed` packed)."""
     kv_per_token = kv_bytes_per_token(config, kv_dtype or dtype)
     per_layer = kv_per_token // config.num_layers
     windowed = sum(
@@ -136,11 +162,15 @@ def estimate(
         c.hidden_size * (c.q_size + 2 * c.kv_size),
         2 * c.hidden_size * c.intermediate_size,
     )
+    activations = activation_bytes(config, dtype, chunk, context_length)
+    if packed and chunk >= DEQUANTIZE_FROM_ROWS:  # a prefill chunk dequantizes one matrix at a time
+        shapes = matrix_shapes(config)
+        activations += max(shapes[t][0] * shapes[t][1] for t in packed if t != "lm_head.weight") * 4
     return MemoryEstimate(
-        weights=parameter_count(config) * dtype_bytes(dtype),
+        weights=weight_bytes(config, dtype, packed or {}),
         kv_cache=kv_per_token * context_length,
         kv_cache_windowed=windowed,
-        activations=activation_bytes(config, dtype, chunk, context_length),
+        activations=activations,
         runtime=CPU_RUNTIME_BYTES if device_type == "cpu" else 0,
         load_transient=2 * largest * dtype_bytes(dtype),
     )
@@ -200,3 +230,25 @@ def measure(device: torch.device, tensor_bytes: int) -> MemoryUsage:
             "VRAM", torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device), tensor_bytes
         )
     return MemoryUsage("RAM", rss_bytes(), peak_rss_bytes(), tensor_bytes)
+
+
+def release_freed_memory() -> None:
+    """Hand memory that Python/torch freed back to the OS (glibc keeps freed heap chunks otherwise).
+
+    Loading frees a float temporary per tensor (dequantized, fused, packed); glibc raises its mmap
+    threshold after such frees and then keeps every later one in the heap, which left the demo's
+    RSS 220 MB above its tensors. A no-op where glibc's malloc_trim is not available.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None

@@ -23,6 +23,7 @@ from torch import nn
 from llmchat.engine.config import ModelConfig
 from llmchat.engine.errors import ModelLoadError
 from llmchat.engine.kv_cache import KVCache
+from llmchat.engine.packed import PackedLinear, layout_for
 from llmchat.engine.rope import RotaryEmbedding, apply_rotary
 
 RECOMPUTE_CHUNK = 512  # positions per pass when a cached prefix is re-run (see Transformer._match_longrope)
@@ -69,6 +70,9 @@ class Linear(nn.Module):
         return self.weight.index_select(1, ids).t() if self.transposed else F.embedding(ids, self.weight)
 
 
+Projection = Linear | PackedLinear  # a matrix-vector product in float, or over packed quantized weights
+
+
 def transposed_layout(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether projections are stored [in, out] (see Linear)."""
     return device.type == "cpu" and dtype == torch.float32
@@ -83,6 +87,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused kernel; the same arithmetic as below
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -141,13 +147,12 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int
     ) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv(x).split(self.splits, dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim).transpose(0, 1)  # [heads, n, head_dim]
-        k = k.view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
-        v = v.view(n, self.num_kv_heads, self.head_dim).transpose(0, 1)
+        heads = self.qkv(x).view(n, -1, self.head_dim).transpose(0, 1)  # [q + k + v heads, n, head_dim]
+        qk, v = heads[: self.num_heads + self.num_kv_heads], heads[self.num_heads + self.num_kv_heads :]
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            qk = torch.cat((self.q_norm(qk[: self.num_heads]), self.k_norm(qk[self.num_heads :])))
+        qk = apply_rotary(qk, cos, sin)  # queries and keys rotate alike: one pass over both
+        q, k = qk[: self.num_heads], qk[self.num_heads :]
         cache.write(self.layer, start, k, v)
         end = start + n
         keys, values = cache.view(self.layer, end)
@@ -295,11 +300,12 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The float dtype everything between the matmuls runs in (packed matrices have their own)."""
+        return self.norm.weight.dtype
 
     def setup_rotary(self, length: int) -> None:
         """Precompute cos/sin for positions [0, length) on the model's device and dtype."""
@@ -430,6 +436,35 @@ def internal_name(name: str, tied: bool, sandwich_norms: bool = False) -> tuple[
     raise ModelLoadError(f"unexpected tensor {name!r} in the checkpoint (not part of this architecture)")
 
 
+def packing_plan(quantized: dict[str, str], config: ModelConfig) -> dict[str, tuple[str, frozenset[str]]]:
+    """Which internal matrices to keep packed, and how, from the checkpoint's quantized tensor types.
+
+    `quantized` maps checkpoint names to GGUF types (WeightSource.quantized_types); the plan maps
+    internal weight names to (layout, the types they come from). A fused matrix takes the layout
+    all its parts allow (see packed.layout_for); a matrix with a float part stays float.
+    """
+    sources: dict[str, set[str]] = {}
+    parts: dict[str, int] = {}  # quantized pieces seen per matrix
+    fused: set[str] = set()
+    for name, kind in quantized.items():
+        mapped = internal_name(name, config.tie_word_embeddings, config.sandwich_norms)
+        if mapped is not None and mapped[0].endswith(".weight"):
+            target, part = mapped
+            sources.setdefault(target, set()).add(kind)
+            parts[target] = parts.get(target, 0) + 1
+            if part is not None:
+                fused.add(target)
+    # a matrix fused from parts some of which are stored as floats stays float
+    partly_float = {t for t in fused if parts[t] < _FUSED_PARTS[".".join(t.split(".")[2:4])]}
+    plan: dict[str, tuple[str, frozenset[str]]] = {}
+    for target, kinds in sources.items():
+        needs_rows = config.tie_word_embeddings and target == "lm_head.weight"
+        layout = layout_for(kinds, needs_rows=needs_rows)
+        if layout is not None and target != "embed.weight" and target not in partly_float:
+            plan[target] = (layout, frozenset(kinds))
+    return plan
+
+
 def build_transformer(
     config: ModelConfig,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -437,13 +472,18 @@ def build_transformer(
     device: torch.device,
     dtype: torch.dtype,
     context_length: int,
+    packed: dict[str, tuple[str, frozenset[str]]] | None = None,
 ) -> Transformer:
     """Build the model from checkpoint tensors, casting each once to `dtype` on `device`.
 
     The module is created on the meta device and the loaded tensors are assigned in place, so no
     throwaway random initialization is ever allocated. Fused tensors (qkv, gate_up) are
     concatenated as their parts arrive; projection matrices get the layout `Linear` prefers.
+    Matrices named in `packed` (internal weight name -> (layout, source types), see `packing_plan`) become
+    PackedLinear as soon as they are complete, so the float copy of one matrix is the most that is
+    ever held besides the packed ones.
     """
+    packed = packed or {}
     transposed = transposed_layout(device, dtype)
     with torch.device("meta"):
         model = Transformer(config, transposed=transposed)
@@ -451,6 +491,7 @@ def build_transformer(
     projections = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Linear)}
     state: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[int, torch.Tensor]] = {}
+    packed_modules: dict[str, PackedLinear] = {}
     for name, tensor in tensors:
         mapped = internal_name(name, config.tie_word_embeddings, config.sandwich_norms)
         if mapped is None:
@@ -458,7 +499,7 @@ def build_transformer(
         target, part = mapped
         if target not in expected:
             raise ModelLoadError(f"tensor {name!r} does not fit this configuration")
-        tensor = tensor.to(device=device, dtype=dtype)
+        tensor = tensor.to(device=device, dtype=torch.float32 if target in packed else dtype)
         if part is not None:
             parts.setdefault(target, {})[part] = tensor
             count = _FUSED_PARTS[".".join(target.split(".")[2:4])]
@@ -466,6 +507,12 @@ def build_transformer(
                 continue
             pieces = parts.pop(target)
             tensor = torch.cat([pieces[i] for i in range(count)], dim=0)
+        if target in packed:
+            _check_shape(target, tensor, expected[target], transposed and target in projections)
+            layout, sources = packed[target]
+            packed_modules[target.removesuffix(".weight")] = PackedLinear(tensor, None, layout, sources)
+            state[target] = expected[target]  # stands in until the module is swapped below
+            continue
         state[target] = tensor.t().contiguous() if transposed and target in projections else tensor
     if parts:
         raise ModelLoadError(f"checkpoint is missing parts of {', '.join(sorted(parts))}")
@@ -477,6 +524,22 @@ def build_transformer(
             raise ModelLoadError(
                 f"tensor {key!r} has shape {tuple(tensor.shape)}, config expects {tuple(expected[key].shape)}"
             )
-    model.load_state_dict(state, strict=True, assign=True)
+    for module_name, module in packed_modules.items():
+        del state[f"{module_name}.weight"]
+        bias = state.pop(f"{module_name}.bias", None)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.float(), requires_grad=False)
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    left = [k for k in result.missing_keys if k.rsplit(".", 1)[0] not in packed_modules]
+    if left or result.unexpected_keys:
+        raise ModelLoadError(f"checkpoint does not fit the model: {(left or result.unexpected_keys)[0]!r}")
     model.setup_rotary(context_length)
     return model.eval().requires_grad_(False)
+
+
+def _check_shape(key: str, tensor: torch.Tensor, expected: torch.Tensor, transposed: bool) -> None:
+    shape = tuple(expected.shape)[::-1] if transposed else tuple(expected.shape)
+    if tuple(tensor.shape) != shape:
+        raise ModelLoadError(f"tensor {key!r} has shape {tuple(tensor.shape)}, config expects {shape}")

@@ -60,6 +60,13 @@ class WeightSource(Protocol):
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
 
+    def quantized_types(self) -> dict[str, str]:
+        """Names of the tensors stored block-quantized (GGUF), with their type, e.g. "Q4_1".
+
+        Those can be kept packed at load (see packed.py); float tensors are not listed.
+        """
+        ...
+
 
 @dataclass
 class ModelPackage:

@@ -357,6 +357,9 @@ class QuantizedWeights:
             parts[prefix] = present
         return names, parts
 
+    def quantized_types(self) -> dict[str, str]:
+        return {}  # dequantized as they stream past: float by the time they reach the model
+
     def tensor_names(self) -> set[str]:
         names, parts = self._layout()
         quantized = {f"{prefix}.{part}" for prefix, present in parts.items() for part in present}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,10 +18,19 @@ from llmchat.engine.errors import ModelLoadError, TemplateError
 from llmchat.engine.events import GenerationEvent
 from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK, CancelFlag, Generator
 from llmchat.engine.kv_cache import KVCache
-from llmchat.engine.memory import MemoryEstimate, MemoryUsage, default_context_length, estimate, measure, module_bytes
-from llmchat.engine.model import Transformer, build_transformer
+from llmchat.engine.memory import (
+    MemoryEstimate,
+    MemoryUsage,
+    default_context_length,
+    estimate,
+    measure,
+    module_bytes,
+    release_freed_memory,
+)
+from llmchat.engine.model import Transformer, build_transformer, packing_plan
 from llmchat.engine.model_type import detect as detect_traits
 from llmchat.engine.package import ModelPackage, open_package
+from llmchat.engine.packed import packing_available, packing_report
 from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.tokenizer import Tokenizer
 
@@ -67,6 +76,8 @@ class LoadInfo:
     device: torch.device
     dtype: torch.dtype
     context_length: int
+    packing: str = "float"  # how quantized checkpoint tensors are held (PackingReport.summary)
+    plan: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)  # what was packed (packing_plan)
 
 
 class LoadedModel:
@@ -134,6 +145,7 @@ class LoadedModel:
             self.context_length,
             prefill_chunk=self.generator.prefill_chunk,
             device_type=self.device.type,
+            packed=self.info.plan,
         )
 
     def memory_usage(self) -> MemoryUsage:
@@ -185,6 +197,15 @@ class LoadedModel:
         self.cache.truncate(0)
 
 
+def _trimming(tensors: Iterator[tuple[str, torch.Tensor]], every: int = 8) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass tensors through, giving freed load temporaries back to the OS every few (and at the end)."""
+    for i, item in enumerate(tensors, 1):
+        yield item
+        if i % every == 0:
+            release_freed_memory()
+    release_freed_memory()
+
+
 def _counted(
     tensors: Iterator[tuple[str, torch.Tensor]], total: int, progress: Callable[[int, int], object]
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -201,11 +222,14 @@ def load(
     context_length: int | None = None,
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     progress: Callable[[int, int], object] | None = None,
+    packed: bool | None = None,
 ) -> LoadedModel:
     """Load a model folder onto a device, with a KV cache for `context_length` tokens.
 
     context_length defaults to the model's own, capped by a memory budget (see memory.py).
     `progress(done, total)` is called after each checkpoint tensor is read (a UI's progress bar).
+    `packed`: keep a GGUF's quantized matrices packed (int4/int8, see packed.py) — the default on
+    CPU in float32; False dequantizes them to `dtype`, the exact float reference.
     """
     began = time.perf_counter()
     package = open_package(path)
@@ -218,10 +242,16 @@ def load(
         context_length = default_context_length(config, run_dtype, dev)
     if context_length < 1:
         raise ModelLoadError(f"context length must be at least 1, got {context_length}")
-    tensors = package.weights.tensors()
+    tensors = _trimming(package.weights.tensors())
     if progress is not None:
         tensors = _counted(tensors, len(package.weights.tensor_names()), progress)
-    model = build_transformer(config, tensors, device=dev, dtype=run_dtype, context_length=context_length)
+    if packed is None:
+        packed = run_dtype == torch.float32 and packing_available(dev)
+    elif packed and not packing_available(dev):
+        raise ModelLoadError(f"packed quantized weights need PyTorch's CPU int4/int8 kernels; not on {dev}")
+    plan = packing_plan(package.weights.quantized_types(), config) if packed else {}
+    model = build_transformer(config, tensors, device=dev, dtype=run_dtype, context_length=context_length, packed=plan)
+    packing = packing_report(model).summary()
     cache = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, context_length, dev, run_dtype)
-    info = LoadInfo(time.perf_counter() - began, dev, run_dtype, context_length)
+    info = LoadInfo(time.perf_counter() - began, dev, run_dtype, context_length, packing, plan)
     return LoadedModel(package, model, cache, info, prefill_chunk)

@@ -50,6 +50,9 @@ class SafetensorsWeights:
     def __init__(self, files: list[Path]) -> None:
         self.files = files
 
+    def quantized_types(self) -> dict[str, str]:
+        return {}  # safetensors folders hold float tensors (GPTQ/AWQ go through QuantizedWeights)
+
     def tensor_names(self) -> set[str]:
         """Every tensor's name, from the headers only."""
         names: set[str] = set()

@@ -1,0 +1,235 @@
+"""Quantized weights kept packed on CPU and multiplied by PyTorch's quantized matmul kernels.
+
+Why: decoding is bound by the bytes it reads per token. A GGUF's 4-bit matrices dequantized to
+float32 are 8x larger than in the file; kept packed, every token reads a fraction of that. The
+kernels take bfloat16 activations (the float32 variants are ~10x slower on CPU), so a packed
+layer rounds its input to bfloat16 and returns float32; everything between the matmuls (norms,
+RoPE, attention, the KV cache, the logits' softmax) stays in the model's float32.
+
+Two layouts, both PyTorch's:
+  int4  one code 0..15 per weight; each group of INT4_GROUP consecutive input columns of an output
+        row shares a (scale, zero): w = (q - 8) * scale + zero. `_convert_weight_to_int4pack_for_cpu`
+        packs the codes, `_weight_int4pack_mm_for_cpu` multiplies. The codes are also kept as
+        plain nibbles (half a byte more per weight; the kernel's tiling is opaque) so that a
+        prefill chunk can dequantize the matrix and run one float32 matmul, which is faster there.
+  int8  one code -127..127 per weight and one scale per output row: w = q * scale.
+        `_weight_int8pack_mm` multiplies.
+
+Which GGUF type goes where (`layout_for`): types of 4 bits or fewer per weight become int4 with
+groups of 32. For Q4_1 (w = d*q + m) that is exact up to rounding d and m + 8d to bfloat16:
+llama.cpp's quantizer gives each block's minimum code 0 and its maximum code 15, so the block's
+min/max recover m and d. Q4_0 (w = d*(q - 8)) is exact the same way through its symmetric form (the
+largest-magnitude weight has code 0). K-quants (Q2_K, Q3_K, Q4_K) are requantized per group of 32.
+Types of 5 to 8 bits (Q5_*, Q6_K, Q8_0) become int8 with a scale per row (requantized: 4-bit groups
+would lose their precision). Float tensors stay float. `llmchat info` reports the mapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT4_GROUP = 32
+ACTIVATION_DTYPE = torch.bfloat16
+# From this many rows (a prefill chunk) a float32 matmul over the matrix dequantized for the call
+# beats the packed kernels, which are built for the few rows of decoding (AVX2, 3072x576 matrix:
+# 512 rows 25 ms packed vs 15 ms dequantize + sgemm; 64 rows 2.9 ms vs 4.9 ms).
+DEQUANTIZE_FROM_ROWS = 128
+INT4_SOURCES = frozenset({"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K"})
+INT8_SOURCES = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"})
+
+
+def layout_for(source_types: Iterable[str], *, needs_rows: bool = False) -> str | None:
+    """The packed layout for a matrix made of tensors of these GGUF types; None keeps it float.
+
+    A fused matrix (q/k/v, gate/up) takes the wider layout any of its parts needs. `needs_rows`:
+    the matrix also serves as the token embedding (tied), which reads single rows; only int8's
+    per-row layout allows that.
+    """
+    types = set(source_types)
+    if not types or not types <= INT4_SOURCES | INT8_SOURCES:
+        return None
+    if needs_rows or types & INT8_SOURCES:
+        return "int8"
+    return "int4"
+
+
+def effective_layout(layout: str, out_features: int, in_features: int) -> str:
+    """The int4 kernel tiles 16 output rows and groups of 32 inputs; other shapes take int8."""
+    if layout == "int4" and (out_features % 16 or in_features % INT4_GROUP):
+        return "int8"
+    return layout
+
+
+def packed_bytes(layout: str, out_features: int, in_features: int) -> int:
+    """Bytes a PackedLinear holds for a matrix of this shape (bias aside)."""
+    weights = out_features * in_features
+    if effective_layout(layout, out_features, in_features) == "int8":
+        return weights + 2 * out_features  # codes, a bfloat16 scale per row
+    # kernel packing + plain nibbles, a bfloat16 (scale, zero) per group
+    return weights // 2 * 2 + out_features * (in_features // INT4_GROUP) * 4
+
+
+def int4_groups(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes [out, in] (int32, 0..15), scale and zero [out, in/group] (float32) for `weight` [out, in].
+
+    Each group gets the better of two fits: asymmetric min/max (scale = (max - min)/15, code 0 at
+    the min), and symmetric around code 8 with the largest-magnitude weight at code 0 (zero = 0).
+    Weights that came from Q4_1 or Q4_0 blocks are reproduced exactly by one of them.
+    """
+    out_features, in_features = weight.shape
+    w = weight.float().reshape(out_features, in_features // group, group)
+    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale_a = (high - low) / 15
+    codes_a = ((w - low) / torch.where(scale_a == 0, 1.0, scale_a)).round().clamp(0, 15)
+    zero_a = low + 8 * scale_a
+    extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True))
+    scale_b = extreme / -8
+    codes_b = (w / torch.where(scale_b == 0, 1.0, scale_b) + 8).round().clamp(0, 15)
+    error_a = ((codes_a - 8) * scale_a + zero_a - w).abs().amax(-1, keepdim=True)
+    error_b = ((codes_b - 8) * scale_b - w).abs().amax(-1, keepdim=True)
+    symmetric = error_b < error_a
+    codes = torch.where(symmetric, codes_b, codes_a).to(torch.int32).reshape(out_features, in_features)
+    scale = torch.where(symmetric, scale_b, scale_a).squeeze(-1)
+    zero = torch.where(symmetric, torch.zeros_like(zero_a), zero_a).squeeze(-1)
+    return codes, scale, zero
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes [out, in] (int8, -127..127) and one scale per output row for `weight` [out, in].
+
+    The scale is the kernel's bfloat16, rounded up (never clipping the largest weight), and the
+    codes are taken against that rounded scale: every weight within half a step.
+    """
+    w = weight.float()
+    exact = w.abs().amax(-1) / 127
+    scale = exact.to(ACTIVATION_DTYPE)
+    scale = torch.where(scale.float() < exact, (scale.float() * (1 + 2**-7)).to(ACTIVATION_DTYPE), scale)
+    divisor = torch.where(scale == 0, 1.0, scale.float())
+    codes = (w / divisor[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+ROW_BLOCK = 4096  # rows quantized at a time: bounds the float temporaries of a large matrix
+
+
+RowQuantizer = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+
+
+def _by_rows(quantize: RowQuantizer, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`quantize` over blocks of rows, results concatenated (row-wise functions only)."""
+    if weight.shape[0] <= ROW_BLOCK:
+        return quantize(weight)
+    blocks = [quantize(weight[i : i + ROW_BLOCK]) for i in range(0, weight.shape[0], ROW_BLOCK)]
+    return tuple(torch.cat(parts) for parts in zip(*blocks, strict=True))
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W packed as int4 groups or int8 rows (see the module docstring)."""
+
+    # buffers of the int4 layout
+    packed: torch.Tensor
+    nibbles: torch.Tensor
+    scale_zero: torch.Tensor
+    # buffers of the int8 layout
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str, sources: Iterable[str] = ()
+    ) -> None:
+        """`weight` [out, in] in float; it is packed here and not kept. `bias` is kept in float32.
+
+        Shapes the int4 kernel cannot tile take int8 instead (`effective_layout`). `sources` (the
+        checkpoint's types) is kept for the report.
+        """
+        super().__init__()
+        weight = weight.contiguous()
+        self.out_features, self.in_features = weight.shape
+        self.layout = layout = effective_layout(layout, self.out_features, self.in_features)
+        self.sources = tuple(sorted(set(sources)))
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        if layout == "int4":
+            codes, scale, zero = _by_rows(int4_groups, weight)
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+            nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)  # even column low
+            self.register_buffer("nibbles", nibbles)
+            # [in/group, out, 2]: the kernel's layout of the groups' (scale, zero)
+            scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(ACTIVATION_DTYPE).contiguous()
+            self.register_buffer("scale_zero", scale_zero)
+        elif layout == "int8":
+            codes8, scale8 = _by_rows(int8_rows, weight)
+            self.register_buffer("codes", codes8)
+            self.register_buffer("scales", scale8)
+        else:
+            raise ValueError(f"unknown packed layout {layout!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] >= DEQUANTIZE_FROM_ROWS:
+            return F.linear(x, self.dequantized().to(x.dtype), self.bias)
+        low = x.to(ACTIVATION_DTYPE)
+        if self.layout == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(low, self.packed, INT4_GROUP, self.scale_zero)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(low, self.codes, self.scales)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def columns(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of W for `ids` in float32: how a tied output matrix serves as the embedding (int8 only)."""
+        if self.layout != "int8":
+            raise RuntimeError("only an int8 matrix can serve as the token embedding")
+        return F.embedding(ids, self.codes).float() * F.embedding(ids, self.scales[:, None]).float()
+
+    def dequantized(self) -> torch.Tensor:
+        """W [out, in] in float32, from the same codes and (bfloat16) scales the kernels use."""
+        if self.layout == "int8":
+            return self.codes.float() * self.scales.float()[:, None]
+        out, groups = self.out_features, self.in_features // INT4_GROUP
+        codes = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1).view(out, groups, INT4_GROUP)
+        scale_zero = self.scale_zero.float()  # [groups, out, 2]
+        scale = scale_zero[..., 0].t().unsqueeze(-1)
+        zero = scale_zero[..., 1].t().unsqueeze(-1)
+        return ((codes.float() - 8) * scale + zero).view(out, self.in_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, layout={self.layout}"
+
+
+@dataclass
+class PackingReport:
+    """What `pack_model` did: matrices per (source types, layout), for `llmchat info`."""
+
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def add(self, sources: Iterable[str], layout: str) -> None:
+        key = ("+".join(sorted(set(sources))), layout)
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "float"
+        names = {"int4": f"int4 (groups of {INT4_GROUP})", "int8": "int8 (a scale per row)"}
+        return ", ".join(f"{src} → {names[layout]} ×{n}" for (src, layout), n in sorted(self.counts.items()))
+
+
+def packing_report(model: nn.Module) -> PackingReport:
+    """What a built model holds packed, by source types and layout."""
+    report = PackingReport()
+    for module in model.modules():
+        if isinstance(module, PackedLinear):
+            report.add(module.sources, module.layout)
+    return report
+
+
+def packing_available(device: torch.device) -> bool:
+    """The CPU kernels exist in this torch build (they came with PyTorch 2.5's CPU int4 path)."""
+    aten = torch.ops.aten
+    return device.type == "cpu" and all(
+        hasattr(aten, op)
+        for op in ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu", "_weight_int8pack_mm")
+    )
