@@ -19,6 +19,7 @@ from llmchat.cli_models import add_models_parsers, cmd_chat
 from llmchat.engine.errors import LLMChatError
 from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK
 from llmchat.models import resolve_model
+from llmchat.paths import cache_dir
 
 EXIT_USAGE = 2
 
@@ -89,6 +90,7 @@ def _load(args: argparse.Namespace):  # -> LoadedModel (imported lazily: torch i
         context_length=args.context,
         prefill_chunk=args.prefill_chunk,
         packed=False if args.dequantize else None,
+        cache_dir=cache_dir() / "packed",
     )
 
 

@@ -119,6 +119,54 @@ def test_bench_reports_the_documented_keys(capsys: pytest.CaptureFixture[str], f
     assert data["device"] == "cpu" and data["dtype"] == "float32"
 
 
+def test_bench_turns_reuse_the_cache_and_contexts_sweep(capsys: pytest.CaptureFixture[str], folder: Path) -> None:
+    """Each turn of the synthetic conversation prefills only its new tokens; the sweep decodes at
+    each context length asked for."""
+    args = ["--prompt-tokens", "8", "--gen-tokens", "4", "--turns", "3", "--turn-tokens", "6"]
+    code, out, _ = run_cli(capsys, "bench", folder, *args, "--contexts", "16,40", "--context-gen-tokens", "3", "--json")
+    assert code == 0
+    data = json.loads(out)
+    turns = data["turns"]
+    assert [t["turn"] for t in turns] == [1, 2, 3]
+    assert [t["prefilled_tokens"] for t in turns] == [6, 6, 6]  # the history came from the cache
+    assert [t["reused_tokens"] for t in turns] == [0, 9, 18]  # 6 prompt + 3 fed answer tokens a turn
+    assert all(t["ttft_s"] > 0 and t["decode_tok_s"] > 0 for t in turns)
+    assert [c["context_tokens"] for c in data["contexts"]] == [16, 40]
+    assert all(c["decode_tok_s"] > 0 for c in data["contexts"])
+    code, _, err = run_cli(capsys, "bench", folder, "--contexts", "16,x")
+    assert_one_line_error(code, err, "--contexts")
+
+
+def test_perplexity_of_a_text(capsys: pytest.CaptureFixture[str], folder: Path, tmp_path: Path) -> None:
+    """exp of the mean negative log-likelihood of every token after a window's first, from the logits."""
+    import math
+
+    import torch
+
+    import llmchat
+
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 6, encoding="utf-8")
+    code, out, _ = run_cli(capsys, "perplexity", folder, "--file", text, "--window", "16", "--json")
+    assert code == 0
+    data = json.loads(out)
+    model = llmchat.load(folder, device="cpu", dtype="float32")
+    ids = model.tokenizer.encode(text.read_text(), add_special_tokens=True)
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, 16):
+        chunk = ids[start : start + 16]
+        if len(chunk) < 2:
+            break
+        logprobs = torch.log_softmax(model.logits(chunk), dim=-1)
+        nll -= sum(logprobs[i, chunk[i + 1]].item() for i in range(len(chunk) - 1))
+        count += len(chunk) - 1
+    assert data["scored_tokens"] == count
+    assert data["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+    assert data["weights"] == "float"
+    code, _, err = run_cli(capsys, "perplexity", folder, "--file", tmp_path / "missing.txt")
+    assert_one_line_error(code, err, "no such file")
+
+
 # --- bad input: one line, exit code 2 -----------------------------------------------------------
 
 

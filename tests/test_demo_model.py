@@ -152,3 +152,35 @@ def test_vram_prediction_within_15_percent_at_2k(source: str, request: pytest.Fi
     assert abs(measured["error"]) <= 0.15, measured
     estimate = data["estimates"][0]
     assert measured["tensors"] == estimate["weights"] + estimate["kv_cache"]
+
+
+def _english_prose() -> Path:
+    """A few thousand words of real English that ship with the machine (a license text)."""
+    import sys
+    import sysconfig
+
+    candidates = [
+        Path("/usr/share/common-licenses/GPL-3"),
+        Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt",
+        Path(sys.base_prefix) / "LICENSE.txt",
+    ]
+    for path in candidates:
+        if path.is_file() and path.stat().st_size > 10_000:
+            return path
+    pytest.skip("no license text on this machine to score")
+
+
+def test_packed_weights_keep_perplexity_within_one_percent(demo_gguf: Path) -> None:
+    """The fast path (int4/int8 kernels, bfloat16 activations) against the same weights in float32."""
+    import llmchat
+    from llmchat.engine.perplexity import perplexity
+
+    ids = None
+    scores = {}
+    for packed in (True, False):
+        model = llmchat.load(demo_gguf, device="cpu", dtype="float32", context_length=512, packed=packed)
+        if ids is None:
+            ids = model.tokenizer.encode(_english_prose().read_text(encoding="utf-8"), add_special_tokens=True)[:2048]
+        scores[packed] = perplexity(model.logits, ids, window=512).perplexity
+    assert 2 < scores[False] < 200, scores  # a real model on real prose
+    assert abs(scores[True] / scores[False] - 1) < 0.01, scores

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -376,6 +377,33 @@ def test_quantized_gguf_stays_packed_on_cpu(kind: str, qtype: Q, layout: str, gg
     agree = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
     assert agree >= 0.9, f"argmax agrees on {agree:.0%} of positions"
     assert _greedy(packed, ids[:8], 8)[:4] == _greedy(plain, ids[:8], 8)[:4]
+
+
+def test_packed_models_load_from_the_cache_the_second_time(gguf_files: Callable, tmp_path: Path) -> None:
+    """The second load of a GGUF reads the packed model back (no packing) with identical logits; a
+    damaged cache file is dropped and rebuilt; a changed source file gets a new cache entry."""
+    path = tmp_path / "model.gguf"
+    shutil.copy(gguf_files("llama-bias", Q.Q4_1), path)
+    cache = tmp_path / "packed"
+    first = llmchat.load(path, device="cpu", dtype="float32", cache_dir=cache)
+    files = list(cache.glob("*.safetensors"))
+    assert not first.info.from_cache and len(files) == 1
+    second = llmchat.load(path, device="cpu", dtype="float32", cache_dir=cache)
+    assert second.info.from_cache and second.info.packing == first.info.packing
+    ids = _ids(first.config.vocab_size)
+    assert torch.equal(first.logits(ids), second.logits(ids))
+    assert _greedy(second, ids[:8], 6) == _greedy(first, ids[:8], 6)
+
+    files[0].write_bytes(files[0].read_bytes()[:1000])  # a crash mid-write, a full disk
+    third = llmchat.load(path, device="cpu", dtype="float32", cache_dir=cache)
+    assert not third.info.from_cache and torch.equal(third.logits(ids), first.logits(ids))
+    assert llmchat.load(path, device="cpu", dtype="float32", cache_dir=cache).info.from_cache
+
+    path.touch()  # a re-downloaded or edited file: its old cache entry no longer applies
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert not llmchat.load(path, device="cpu", dtype="float32", cache_dir=cache).info.from_cache
+    assert len(list(cache.glob("*.safetensors"))) == 2
+    assert not list(cache.glob(".tmp-*")), "no temporary files left behind"
 
 
 DEMO_TOKENS = 16

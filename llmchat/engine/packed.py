@@ -74,29 +74,45 @@ def packed_bytes(layout: str, out_features: int, in_features: int) -> int:
     return weights // 2 * 2 + out_features * (in_features // INT4_GROUP) * 4
 
 
-def int4_groups(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def int4_groups(
+    weight: torch.Tensor, group: int = INT4_GROUP, *, fit: str = "best"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes [out, in] (int32, 0..15), scale and zero [out, in/group] (float32) for `weight` [out, in].
 
-    Each group gets the better of two fits: asymmetric min/max (scale = (max - min)/15, code 0 at
-    the min), and symmetric around code 8 with the largest-magnitude weight at code 0 (zero = 0).
-    Weights that came from Q4_1 or Q4_0 blocks are reproduced exactly by one of them.
+    Two fits: "asymmetric" min/max (scale = (max - min)/15, code 0 at the min) reproduces Q4_1
+    blocks exactly; "symmetric" around code 8 with the largest-magnitude weight at code 0 (zero 0)
+    reproduces Q4_0 blocks. "best" takes, per group, whichever misses its weights by less.
     """
     out_features, in_features = weight.shape
     w = weight.float().reshape(out_features, in_features // group, group)
-    low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    scale_a = (high - low) / 15
-    codes_a = ((w - low) / torch.where(scale_a == 0, 1.0, scale_a)).round().clamp(0, 15)
-    zero_a = low + 8 * scale_a
-    extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True))
-    scale_b = extreme / -8
-    codes_b = (w / torch.where(scale_b == 0, 1.0, scale_b) + 8).round().clamp(0, 15)
-    error_a = ((codes_a - 8) * scale_a + zero_a - w).abs().amax(-1, keepdim=True)
-    error_b = ((codes_b - 8) * scale_b - w).abs().amax(-1, keepdim=True)
-    symmetric = error_b < error_a
-    codes = torch.where(symmetric, codes_b, codes_a).to(torch.int32).reshape(out_features, in_features)
-    scale = torch.where(symmetric, scale_b, scale_a).squeeze(-1)
-    zero = torch.where(symmetric, torch.zeros_like(zero_a), zero_a).squeeze(-1)
-    return codes, scale, zero
+    fits = []
+    if fit in ("asymmetric", "best"):
+        low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale_a = (high - low) / 15
+        codes_a = ((w - low) / torch.where(scale_a == 0, 1.0, scale_a)).round().clamp(0, 15)
+        fits.append((codes_a, scale_a, low + 8 * scale_a))
+    if fit in ("symmetric", "best"):
+        extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True))
+        scale_b = extreme / -8
+        codes_b = (w / torch.where(scale_b == 0, 1.0, scale_b) + 8).round().clamp(0, 15)
+        fits.append((codes_b, scale_b, torch.zeros_like(scale_b)))
+    if not fits:
+        raise ValueError(f"unknown int4 fit {fit!r}")
+    codes, scale, zero = fits[0]
+    if len(fits) == 2:
+        errors = [((c - 8) * s + z - w).abs().amax(-1, keepdim=True) for c, s, z in fits]
+        symmetric = errors[1] < errors[0]
+        codes, scale, zero = (torch.where(symmetric, b, a) for a, b in zip(fits[0], fits[1], strict=True))
+    return codes.to(torch.int32).reshape(out_features, in_features), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def _int4_fit(sources: tuple[str, ...]) -> str:
+    """The fit that reproduces these source types (both tried when they are mixed or unknown)."""
+    if sources == ("Q4_0",):
+        return "symmetric"
+    if sources and "Q4_0" not in sources:
+        return "asymmetric"  # Q4_1 exactly; K-quants' sub-blocks are min/max fits too
+    return "best"
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +170,8 @@ class PackedLinear(nn.Module):
         self.sources = tuple(sorted(set(sources)))
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         if layout == "int4":
-            codes, scale, zero = _by_rows(int4_groups, weight)
+            fit = _int4_fit(self.sources)
+            codes, scale, zero = _by_rows(lambda rows: int4_groups(rows, fit=fit), weight)
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
             nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)  # even column low
             self.register_buffer("nibbles", nibbles)
@@ -167,6 +184,24 @@ class PackedLinear(nn.Module):
             self.register_buffer("scales", scale8)
         else:
             raise ValueError(f"unknown packed layout {layout!r}")
+
+    @classmethod
+    def from_buffers(
+        cls, layout: str, out_features: int, in_features: int, sources: Iterable[str], buffers: dict[str, torch.Tensor]
+    ) -> PackedLinear:
+        """A layer from the buffers (and bias) a packed one saved (see packed_cache.py)."""
+        names = {"int4": ("packed", "nibbles", "scale_zero"), "int8": ("codes", "scales")}[layout]
+        if set(buffers) - {"bias"} != set(names):
+            raise ValueError(f"a {layout} layer needs {names}, got {sorted(buffers)}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.layout, layer.out_features, layer.in_features = layout, out_features, in_features
+        layer.sources = tuple(sources)
+        bias = buffers.get("bias")
+        layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        for name in names:
+            layer.register_buffer(name, buffers[name])
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] >= DEQUANTIZE_FROM_ROWS:

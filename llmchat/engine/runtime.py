@@ -31,6 +31,7 @@ from llmchat.engine.model import Transformer, build_transformer, packing_plan
 from llmchat.engine.model_type import detect as detect_traits
 from llmchat.engine.package import ModelPackage, open_package
 from llmchat.engine.packed import packing_available, packing_report
+from llmchat.engine.packed_cache import cache_file, restore, save
 from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.tokenizer import Tokenizer
 
@@ -78,6 +79,7 @@ class LoadInfo:
     context_length: int
     packing: str = "float"  # how quantized checkpoint tensors are held (PackingReport.summary)
     plan: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)  # what was packed (packing_plan)
+    from_cache: bool = False  # the packed model came from the cache_dir (no dequantizing or packing)
 
 
 class LoadedModel:
@@ -197,7 +199,7 @@ class LoadedModel:
         self.cache.truncate(0)
 
 
-def _trimming(tensors: Iterator[tuple[str, torch.Tensor]], every: int = 8) -> Iterator[tuple[str, torch.Tensor]]:
+def _trimming(tensors: Iterator[tuple[str, torch.Tensor]], every: int = 32) -> Iterator[tuple[str, torch.Tensor]]:
     """Pass tensors through, giving freed load temporaries back to the OS every few (and at the end)."""
     for i, item in enumerate(tensors, 1):
         yield item
@@ -223,6 +225,7 @@ def load(
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     progress: Callable[[int, int], object] | None = None,
     packed: bool | None = None,
+    cache_dir: Path | None = None,
 ) -> LoadedModel:
     """Load a model folder onto a device, with a KV cache for `context_length` tokens.
 
@@ -230,6 +233,7 @@ def load(
     `progress(done, total)` is called after each checkpoint tensor is read (a UI's progress bar).
     `packed`: keep a GGUF's quantized matrices packed (int4/int8, see packed.py) — the default on
     CPU in float32; False dequantizes them to `dtype`, the exact float reference.
+    `cache_dir`: keep packed models there, so the next load of the same file skips packing.
     """
     began = time.perf_counter()
     package = open_package(path)
@@ -250,8 +254,22 @@ def load(
     elif packed and not packing_available(dev):
         raise ModelLoadError(f"packed quantized weights need PyTorch's CPU int4/int8 kernels; not on {dev}")
     plan = packing_plan(package.weights.quantized_types(), config) if packed else {}
-    model = build_transformer(config, tensors, device=dev, dtype=run_dtype, context_length=context_length, packed=plan)
-    packing = packing_report(model).summary()
+    cached = cache_file(package.path, cache_dir, repr(sorted(plan.items()))) if plan and cache_dir else None
+    model = restore(config, cached, device=dev, dtype=run_dtype) if cached and cached.is_file() else None
+    from_cache = model is not None
+    if model is not None:
+        model.setup_rotary(context_length)
+        model.eval().requires_grad_(False)
+        if progress is not None:
+            progress(1, 1)
+    else:
+        model = build_transformer(
+            config, tensors, device=dev, dtype=run_dtype, context_length=context_length, packed=plan
+        )
+        if cached is not None:
+            save(model, cached)
     cache = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, context_length, dev, run_dtype)
-    info = LoadInfo(time.perf_counter() - began, dev, run_dtype, context_length, packing, plan)
+    packing = packing_report(model).summary()
+    seconds = time.perf_counter() - began
+    info = LoadInfo(seconds, dev, run_dtype, context_length, packing, plan, from_cache=from_cache)
     return LoadedModel(package, model, cache, info, prefill_chunk)

@@ -29,6 +29,7 @@ from llmchat.chat.store import ConversationStore
 from llmchat.engine import Finished, LLMChatError, LoadedModel, PrefillDone, SamplingParams
 from llmchat.engine.prompt import ChatTokens
 from llmchat.engine.tool_calls import split_tool_calls
+from llmchat.paths import cache_dir
 from llmchat.settings import ACTION_KEYS, Settings, SettingsError, key_map, update_settings
 from llmchat.tui.screens import ConversationsScreen, HelpScreen, ModelsScreen, SystemPromptScreen
 from llmchat.tui.themes import apply_theme, register_themes
@@ -201,7 +202,12 @@ class LLMChatApp(App[None]):
         self._sampling_overrides = {**self.settings.sampling, **(sampling_overrides or {})}
         self.generating = False
         self.stop_flag = StopFlag()
-        self._load_options: dict[str, Any] = {"device": device, "dtype": dtype, "context_length": context_length}
+        self._load_options: dict[str, Any] = {
+            "device": device,
+            "dtype": dtype,
+            "context_length": context_length,
+            "cache_dir": cache_dir() / "packed",  # packed GGUF models load from here the second time
+        }
         self._answer: AssistantMessage | None = None
         self._answer_id: str | None = None
         self._panels_wanted = self.settings.panels
