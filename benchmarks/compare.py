@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import platform
 import random
 import subprocess
@@ -271,13 +272,14 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
 COLORS = ("#e4572e", "#29335c", "#17bebb", "#ffc914", "#76b041", "#9c6ade")
 
 
-def _svg_chart(rows: list[dict[str, Any]], title: str) -> str:
+def _svg_chart(rows: list[dict[str, Any]], title: str, subtitle: str) -> str:
     """Decode tok/s against context length, one line per engine, as a standalone SVG."""
     series = [(row["engine"], [(c["context_tokens"], c["decode_tok_s"]) for c in row["contexts"]]) for row in rows]
     series = [(name, points) for name, points in series if points]
     width, height, left, right, top, bottom = 720, 420, 70, 190, 50, 60
     xs = sorted({x for _, points in series for x, _ in points})
-    top_y = max(y for _, points in series for _, y in points) * 1.1
+    step = 10 if max(y for _, points in series for _, y in points) <= 100 else 50
+    top_y = math.ceil(max(y for _, points in series for _, y in points) * 1.05 / step) * step
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def px(x: float) -> float:  # contexts are spread evenly by rank: 256 ... 4096 read well
@@ -290,7 +292,8 @@ def _svg_chart(rows: list[dict[str, Any]], title: str) -> str:
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'font-family="sans-serif" font-size="12">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{left}" y="28" font-size="15" font-weight="bold">{title}</text>',
+        f'<text x="{left}" y="22" font-size="15" font-weight="bold">{title}</text>',
+        f'<text x="{left}" y="40" fill="#555">{subtitle}</text>',
         f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>',
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>',
         f'<text x="{left + plot_w / 2}" y="{height - 18}" text-anchor="middle">context length (tokens)</text>',
@@ -299,8 +302,8 @@ def _svg_chart(rows: list[dict[str, Any]], title: str) -> str:
     ]
     for x in xs:
         out.append(f'<text x="{px(x):.1f}" y="{top + plot_h + 18}" text-anchor="middle">{x}</text>')
-    for i in range(6):
-        y = top_y * i / 5
+    for i in range(int(top_y // step) + 1):
+        y = i * step
         out.append(f'<line x1="{left}" y1="{py(y):.1f}" x2="{left + plot_w}" y2="{py(y):.1f}" stroke="#eee"/>')
         out.append(f'<text x="{left - 8}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.0f}</text>')
     for index, (name, points) in enumerate(series):
@@ -334,6 +337,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chart", type=Path, default=None, help="SVG of the sweep (default: next to --json output)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per engine")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the Markdown table")
+    parser.add_argument("--redraw", type=Path, default=None, help="redraw the chart from a --json output file")
     parser.add_argument("--worker", choices=[*sorted(DTYPES.values()), "llama-cpp"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.engines = [name.strip() for name in args.engines.split(",") if name.strip()]
@@ -366,6 +370,14 @@ def _demo_paths(args: argparse.Namespace) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.redraw:
+        saved = json.loads(args.redraw.read_text(encoding="utf-8"))
+        rows = [r for r in saved["results"] if r.get("contexts")]
+        title = f"Decode tok/s as the context grows — {Path(saved['gguf']).name}"
+        subtitle = f"{saved['date']}, {saved['cpu']} ({saved['cpu_capability']}), {saved['threads']} threads"
+        chart = args.chart or REPO_ROOT / "benchmarks" / "decode_vs_context.svg"
+        chart.write_text(_svg_chart(rows, title, subtitle), encoding="utf-8")
+        return 0
     if args.worker == "llama-cpp":
         print(json.dumps(run_llama_cpp_worker(args)))
         return 0
@@ -406,8 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = _rows(results)
     if args.context_list and any(row.get("contexts") for row in rows):
         chart = args.chart or REPO_ROOT / "benchmarks" / "decode_vs_context.svg"
-        title = f"Decode speed vs context — {Path(args.gguf).name}, {header['cpu']}, {args.threads} threads"
-        chart.write_text(_svg_chart([r for r in rows if r.get("contexts")], title), encoding="utf-8")
+        title = f"Decode tok/s as the context grows — {Path(args.gguf).name}"
+        subtitle = f"{header['date']}, {header['cpu']} ({header['cpu_capability']}), {args.threads} threads"
+        chart.write_text(_svg_chart([r for r in rows if r.get("contexts")], title, subtitle), encoding="utf-8")
         print(f"chart: {chart}", file=sys.stderr)
     if args.json:
         print(json.dumps({**header, "results": rows}, indent=2))
