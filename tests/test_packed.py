@@ -117,4 +117,8 @@ def test_layouts_by_source_type() -> None:
     report.add({"Q4_1"}, "int4")
     report.add({"Q4_1"}, "int4")
     report.add({"Q8_0"}, "int8")
-    assert report.summary() == "Q4_1 → int4 (groups of 32) ×2, Q8_0 → int8 (a scale per row) ×1"
+    report.add({"Q4_K"}, "int4")
+    assert report.summary() == (
+        "Q4_1 → int4 (groups of 32) ×2, Q4_K → int4 (groups of 32), requantized ×1, "
+        "Q8_0 → int8 (a scale per row), requantized ×1"
+    )

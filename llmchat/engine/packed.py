@@ -41,6 +41,7 @@ ACTIVATION_DTYPE = torch.bfloat16
 DEQUANTIZE_FROM_ROWS = 128
 INT4_SOURCES = frozenset({"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K"})
 INT8_SOURCES = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"})
+EXACT_INT4_SOURCES = frozenset({"Q4_0", "Q4_1"})  # their blocks are int4 groups of 32 already
 
 
 def layout_for(source_types: Iterable[str], *, needs_rows: bool = False) -> str | None:
@@ -237,7 +238,11 @@ class PackedLinear(nn.Module):
 
 @dataclass
 class PackingReport:
-    """What `pack_model` did: matrices per (source types, layout), for `llmchat info`."""
+    """What loading packed: matrices per (source types, layout), for `llmchat info` and the bench.
+
+    Only Q4_0/Q4_1 into int4 keeps the file's codes; every other mapping is a requantization,
+    and the summary says so.
+    """
 
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
 
@@ -249,7 +254,12 @@ class PackingReport:
         if not self.counts:
             return "float"
         names = {"int4": f"int4 (groups of {INT4_GROUP})", "int8": "int8 (a scale per row)"}
-        return ", ".join(f"{src} → {names[layout]} ×{n}" for (src, layout), n in sorted(self.counts.items()))
+
+        def how(sources: str, layout: str) -> str:
+            exact = layout == "int4" and set(sources.split("+")) <= EXACT_INT4_SOURCES
+            return names[layout] if exact else f"{names[layout]}, requantized"
+
+        return ", ".join(f"{src} → {how(src, layout)} ×{n}" for (src, layout), n in sorted(self.counts.items()))
 
 
 def packing_report(model: nn.Module) -> PackingReport:
