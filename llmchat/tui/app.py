@@ -341,6 +341,8 @@ class LLMChatApp(App[None]):
             self.sampling = self.sampling or model.default_sampling
             self.notify(str(err), title="Sampling option ignored", severity="warning", markup=False)
         quant = model.package.quantization
+        if quant != "none" and model.info.packing != "float":
+            quant += " packed"  # int4/int8 kernels (see `llmchat info`), not dequantized floats
         precision = str(model.dtype).removeprefix("torch.") + (f" · {quant}" if quant != "none" else "")
         self.conversation.model = {"name": model.package.name, "path": str(model.package.path)}
         self._status(
