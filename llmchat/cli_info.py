@@ -164,7 +164,7 @@ def _packing_summary(plan: dict[str, Any], config: Any) -> str:
 
 
 def cmd_vram(args: argparse.Namespace) -> int:
-    from llmchat.engine.memory import estimate, model_context_length
+    from llmchat.engine.memory import estimate, model_context_length, rss_bytes
     from llmchat.engine.package import open_package
     from llmchat.engine.runtime import resolve_device, resolve_dtype
 
@@ -172,6 +172,10 @@ def cmd_vram(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     plan = _packing_plan(package, device, dtype, args.dequantize)
+    # This process has imported torch and read the package (tokenizer, vocabulary) and holds no
+    # weights yet: its resident memory is the runtime a loaded model sits on (it differs between
+    # installs by tens of MB, which matters next to a 140 MB model).
+    runtime = rss_bytes() if device.type == "cpu" else None
     kv_dtype = resolve_dtype(args.kv_dtype, device) if args.kv_dtype else dtype
     rows = []
     for context in _contexts(args, model_context_length(package.config)):
@@ -183,6 +187,7 @@ def cmd_vram(args: argparse.Namespace) -> int:
             prefill_chunk=args.prefill_chunk,
             device_type=device.type,
             packed=plan,
+            runtime=runtime,
         )
         rows.append({"context": context} | asdict(bill) | {"total": bill.total})
     result: dict[str, Any] = {

@@ -148,8 +148,13 @@ def estimate(
     prefill_chunk: int = 512,
     device_type: str = "cpu",
     packed: dict[str, tuple[str, frozenset[str]]] | None = None,
+    runtime: int | None = None,
 ) -> MemoryEstimate:
-    """The bill for a model loaded with `dtype` weights (and the matrices in `packed` packed)."""
+    """The bill for a model loaded with `dtype` weights (and the matrices in `packed` packed).
+
+    `runtime`: the framework's resident memory when the caller knows it (a process that has
+    imported torch and read the package but loaded no weights measures itself); else a constant.
+    """
     kv_per_token = kv_bytes_per_token(config, kv_dtype or dtype)
     per_layer = kv_per_token // config.num_layers
     windowed = sum(
@@ -171,7 +176,7 @@ def estimate(
         kv_cache=kv_per_token * context_length,
         kv_cache_windowed=windowed,
         activations=activations,
-        runtime=CPU_RUNTIME_BYTES if device_type == "cpu" else 0,
+        runtime=(CPU_RUNTIME_BYTES if runtime is None else runtime) if device_type == "cpu" else 0,
         load_transient=2 * largest * dtype_bytes(dtype),
     )
 
