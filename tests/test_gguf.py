@@ -402,6 +402,11 @@ def test_packed_models_load_from_the_cache_the_second_time(gguf_files: Callable,
     path.touch()  # a re-downloaded or edited file: its old cache entry no longer applies
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert not llmchat.load(path, device="cpu", dtype="float32", cache_dir=cache).info.from_cache
+    assert len(list(cache.glob("*.safetensors"))) == 1  # the stale entry went when the new one came
+    other = tmp_path / "other" / "model.gguf"  # same file name elsewhere: its own entry, both kept
+    other.parent.mkdir()
+    shutil.copy(path, other)
+    assert not llmchat.load(other, device="cpu", dtype="float32", cache_dir=cache).info.from_cache
     assert len(list(cache.glob("*.safetensors"))) == 2
     assert not list(cache.glob(".tmp-*")), "no temporary files left behind"
 

@@ -6,7 +6,8 @@ built model (packed buffers and float parameters) plus, in its metadata, which m
 and how. Its name carries everything the bytes depend on: the source file (path, size, mtime),
 this cache format, the torch version and the CPU capability (the int4 kernel's packing differs
 between instruction sets). A file that does not match what the model expects is ignored and
-removed; writes go through a temporary file and a rename, so a crash leaves no half file.
+removed; writes go through a temporary file and a rename, so a crash leaves no half file. Saving
+an entry removes the older entries of the same source file (a model updated in place).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from llmchat.engine.packed import PackedLinear
 
 CACHE_FORMAT = 1
 _PLAN_KEY = "llmchat.packed"
+_SOURCE_KEY = "llmchat.source"
 
 
 def cache_file(source: Path, folder: Path, context: str = "") -> Path:
@@ -45,8 +47,11 @@ def cache_file(source: Path, folder: Path, context: str = "") -> Path:
     return folder / f"{source.stem}.{digest}.safetensors"
 
 
-def save(model: Transformer, path: Path) -> None:
-    """Write the model's state and its packing, atomically. Failures only cost the cache."""
+def save(model: Transformer, path: Path, source: Path) -> None:
+    """Write the model's state and its packing, atomically, and drop `source`'s older entries.
+
+    Failures only cost the cache.
+    """
     packed = {
         name: [module.layout, list(module.sources), module.out_features, module.in_features]
         for name, module in model.named_modules()
@@ -57,10 +62,24 @@ def save(model: Transformer, path: Path) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     os.close(handle)
     try:
-        save_file(state, temporary, metadata={_PLAN_KEY: json.dumps(packed)})
+        save_file(state, temporary, metadata={_PLAN_KEY: json.dumps(packed), _SOURCE_KEY: str(source.resolve())})
         os.replace(temporary, path)
     except OSError:
         Path(temporary).unlink(missing_ok=True)
+        return
+    for other in path.parent.glob(f"{source.stem}.*.safetensors"):
+        if other != path and _source_of(other) == str(source.resolve()):
+            other.unlink(missing_ok=True)
+
+
+def _source_of(path: Path) -> str | None:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get(_SOURCE_KEY)
+    except (OSError, SafetensorError):
+        return None
 
 
 def restore(config: ModelConfig, path: Path, *, device: torch.device, dtype: torch.dtype) -> Transformer | None:

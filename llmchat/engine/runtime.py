@@ -267,7 +267,7 @@ def load(
             config, tensors, device=dev, dtype=run_dtype, context_length=context_length, packed=plan
         )
         if cached is not None:
-            save(model, cached)
+            save(model, cached, package.path)
     cache = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, context_length, dev, run_dtype)
     packing = packing_report(model).summary()
     seconds = time.perf_counter() - began
