@@ -21,20 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from compare import cpu_model  # benchmarks/ is this script's folder, first on sys.path
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASELINE = REPO_ROOT / "benchmarks" / "baseline.json"
 
 
 def _machine(bench: dict[str, Any]) -> str:
-    cpu = "unknown cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu} | {bench['cpu_capability']} | {bench['threads']} threads | {bench['device']}"
+    return f"{cpu_model()} | {bench['cpu_capability']} | {bench['threads']} threads | {bench['device']}"
 
 
 def _bench(model: Path, repeat: int, prompt_tokens: int, gen_tokens: int) -> dict[str, Any]:

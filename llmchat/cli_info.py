@@ -55,9 +55,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     package = open_package(resolve_model(args.model))
     data = describe(package, detect(package.templates, package.tokenizer))
     plan = _packing_plan(package, torch.device("cpu"), torch.float32, dequantize=False)
-    data["cpu_weights"] = (
-        f"kept packed: {_packing_summary(plan, package.config)}" if plan else "float32 (nothing to keep packed)"
-    )
+    data["cpu_weights"] = f"kept packed: {_packing_summary(plan)}" if plan else "float32 (nothing to keep packed)"
     if args.json:
         print(json.dumps(data, ensure_ascii=False))
         return 0
@@ -135,32 +133,20 @@ def _stored_weights(package: Any) -> dict[str, Any]:
 
 def _packing_plan(package: Any, device: Any, dtype: Any, dequantize: bool) -> dict[str, Any]:
     """What `load` will keep packed for this package on this device (see engine/packed.py)."""
-    import torch
-
-    from llmchat.engine.model import packing_plan
-    from llmchat.engine.packed import packing_available
-
-    if dequantize or dtype != torch.float32 or not packing_available(device) or package.weights is None:
-        return {}
     from llmchat.engine.errors import ModelLoadError
+    from llmchat.engine.runtime import packing_for
 
     try:
-        quantized = package.weights.quantized_types()
+        return packing_for(package, device, dtype, packed=False if dequantize else None)
     except ModelLoadError:  # a vocab-only GGUF: no weights to pack
         return {}
-    return packing_plan(quantized, package.config)
 
 
-def _packing_summary(plan: dict[str, Any], config: Any) -> str:
+def _packing_summary(plan: dict[str, Any]) -> str:
     """The same words `load` reports (LoadInfo.packing), predicted from the plan."""
-    from llmchat.engine.memory import matrix_shapes
-    from llmchat.engine.packed import PackingReport, effective_layout
+    from llmchat.engine.packed import PackingReport
 
-    shapes = matrix_shapes(config)
-    report = PackingReport()
-    for target, (layout, sources) in plan.items():
-        report.add(sources, effective_layout(layout, *shapes[target]))
-    return report.summary()
+    return PackingReport.of_plan(plan).summary()
 
 
 def cmd_vram(args: argparse.Namespace) -> int:
@@ -196,7 +182,7 @@ def cmd_vram(args: argparse.Namespace) -> int:
         "dtype": _dtype_name(dtype),
         "kv_dtype": _dtype_name(kv_dtype),
         "stored": _stored_weights(package),
-        "weights": _packing_summary(plan, package.config),
+        "weights": _packing_summary(plan),
         "estimates": rows,
     }
     if args.measure:

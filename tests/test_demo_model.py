@@ -155,19 +155,20 @@ def test_vram_prediction_within_15_percent_at_2k(source: str, request: pytest.Fi
 
 
 def _english_prose() -> Path:
-    """A few thousand words of real English that ship with the machine (a license text)."""
-    import sys
+    """A few thousand words of real English that ship with the machine: a license text. numpy's
+    own license (a dependency, so always installed) is the last resort."""
     import sysconfig
+    from importlib import metadata
 
     candidates = [
         Path("/usr/share/common-licenses/GPL-3"),
         Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt",
-        Path(sys.base_prefix) / "LICENSE.txt",
+        *(Path(str(f.locate())) for f in metadata.files("numpy") or () if f.name == "LICENSE.txt"),
     ]
     for path in candidates:
         if path.is_file() and path.stat().st_size > 10_000:
             return path
-    pytest.skip("no license text on this machine to score")
+    raise AssertionError(f"none of these license texts is here to score: {candidates}")
 
 
 def test_packed_weights_keep_perplexity_within_one_percent(demo_gguf: Path) -> None:

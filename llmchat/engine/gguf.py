@@ -86,10 +86,6 @@ _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # these scale queries by hidde
 _GEMMA_LOCAL_ROPE_BASE = 10000.0
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def hf_tensor_name(name: str, architecture: str) -> str | None:
     """The Hugging Face name of a GGUF tensor; None for unknown names."""
     if name in _GLOBAL_NAMES:

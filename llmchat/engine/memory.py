@@ -170,7 +170,7 @@ def estimate(
     activations = activation_bytes(config, dtype, chunk, context_length)
     if packed and chunk >= DEQUANTIZE_FROM_ROWS:  # a prefill chunk dequantizes one matrix at a time
         shapes = matrix_shapes(config)
-        activations += max(shapes[t][0] * shapes[t][1] for t in packed if t != "lm_head.weight") * 4
+        activations += max((shapes[t][0] * shapes[t][1] for t in packed if t != "lm_head.weight"), default=0) * 4
     return MemoryEstimate(
         weights=weight_bytes(config, dtype, packed or {}),
         kv_cache=kv_per_token * context_length,

@@ -23,7 +23,8 @@ from torch import nn
 from llmchat.engine.config import ModelConfig
 from llmchat.engine.errors import ModelLoadError
 from llmchat.engine.kv_cache import KVCache
-from llmchat.engine.packed import PackedLinear, layout_for
+from llmchat.engine.memory import matrix_shapes
+from llmchat.engine.packed import PackedLinear, fits_int4, layout_for
 from llmchat.engine.rope import RotaryEmbedding, apply_rotary
 
 RECOMPUTE_CHUNK = 512  # positions per pass when a cached prefix is re-run (see Transformer._match_longrope)
@@ -70,9 +71,6 @@ class Linear(nn.Module):
         return self.weight.index_select(1, ids).t() if self.transposed else F.embedding(ids, self.weight)
 
 
-Projection = Linear | PackedLinear  # a matrix-vector product in float, or over packed quantized weights
-
-
 def transposed_layout(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether projections are stored [in, out] (see Linear)."""
     return device.type == "cpu" and dtype == torch.float32
@@ -87,8 +85,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused kernel; the same arithmetic as below
-            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -441,7 +437,8 @@ def packing_plan(quantized: dict[str, str], config: ModelConfig) -> dict[str, tu
 
     `quantized` maps checkpoint names to GGUF types (WeightSource.quantized_types); the plan maps
     internal weight names to (layout, the types they come from). A fused matrix takes the layout
-    all its parts allow (see packed.layout_for); a matrix with a float part stays float.
+    all its parts allow (see packed.layout_for); a matrix with a float part stays float; a shape
+    the int4 kernel cannot tile takes int8. The layouts are final: loading builds exactly these.
     """
     sources: dict[str, set[str]] = {}
     parts: dict[str, int] = {}  # quantized pieces seen per matrix
@@ -456,12 +453,16 @@ def packing_plan(quantized: dict[str, str], config: ModelConfig) -> dict[str, tu
                 fused.add(target)
     # a matrix fused from parts some of which are stored as floats stays float
     partly_float = {t for t in fused if parts[t] < _FUSED_PARTS[".".join(t.split(".")[2:4])]}
+    shapes = matrix_shapes(config)
     plan: dict[str, tuple[str, frozenset[str]]] = {}
     for target, kinds in sources.items():
         needs_rows = config.tie_word_embeddings and target == "lm_head.weight"
         layout = layout_for(kinds, needs_rows=needs_rows)
-        if layout is not None and target != "embed.weight" and target not in partly_float:
-            plan[target] = (layout, frozenset(kinds))
+        if layout is None or target == "embed.weight" or target in partly_float:
+            continue
+        if layout == "int4" and not fits_int4(*shapes[target]):
+            layout = "int8"
+        plan[target] = (layout, frozenset(kinds))
     return plan
 
 
@@ -507,23 +508,19 @@ def build_transformer(
                 continue
             pieces = parts.pop(target)
             tensor = torch.cat([pieces[i] for i in range(count)], dim=0)
-        if target in packed:
+        if target in packed:  # packed from the checkpoint's [out, in], never transposed
             _check_shape(target, tensor, expected[target], transposed and target in projections)
             layout, sources = packed[target]
             packed_modules[target.removesuffix(".weight")] = PackedLinear(tensor, None, layout, sources)
             state[target] = expected[target]  # stands in until the module is swapped below
             continue
         state[target] = tensor.t().contiguous() if transposed and target in projections else tensor
+        _check_shape(target, state[target], expected[target], transposed=False)
     if parts:
         raise ModelLoadError(f"checkpoint is missing parts of {', '.join(sorted(parts))}")
     missing = [k for k in expected if k not in state]
     if missing:
         raise ModelLoadError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ModelLoadError(
-                f"tensor {key!r} has shape {tuple(tensor.shape)}, config expects {tuple(expected[key].shape)}"
-            )
     for module_name, module in packed_modules.items():
         del state[f"{module_name}.weight"]
         bias = state.pop(f"{module_name}.bias", None)
@@ -540,6 +537,7 @@ def build_transformer(
 
 
 def _check_shape(key: str, tensor: torch.Tensor, expected: torch.Tensor, transposed: bool) -> None:
+    """The tensor has the shape the model expects (`transposed`: the model holds it [in, out])."""
     shape = tuple(expected.shape)[::-1] if transposed else tuple(expected.shape)
     if tuple(tensor.shape) != shape:
         raise ModelLoadError(f"tensor {key!r} has shape {tuple(tensor.shape)}, config expects {shape}")

@@ -59,20 +59,18 @@ def layout_for(source_types: Iterable[str], *, needs_rows: bool = False) -> str 
     return "int4"
 
 
-def effective_layout(layout: str, out_features: int, in_features: int) -> str:
-    """The int4 kernel tiles 16 output rows and groups of 32 inputs; other shapes take int8."""
-    if layout == "int4" and (out_features % 16 or in_features % INT4_GROUP):
-        return "int8"
-    return layout
+def fits_int4(out_features: int, in_features: int) -> bool:
+    """The int4 kernel tiles 16 output rows and groups of INT4_GROUP inputs."""
+    return out_features % 16 == 0 and in_features % INT4_GROUP == 0
 
 
 def packed_bytes(layout: str, out_features: int, in_features: int) -> int:
     """Bytes a PackedLinear holds for a matrix of this shape (bias aside)."""
     weights = out_features * in_features
-    if effective_layout(layout, out_features, in_features) == "int8":
+    if layout == "int8":
         return weights + 2 * out_features  # codes, a bfloat16 scale per row
-    # kernel packing + plain nibbles, a bfloat16 (scale, zero) per group
-    return weights // 2 * 2 + out_features * (in_features // INT4_GROUP) * 4
+    kernel_packing = nibbles = weights // 2
+    return kernel_packing + nibbles + out_features * (in_features // INT4_GROUP) * 4  # + bf16 (scale, zero)
 
 
 def int4_groups(
@@ -161,13 +159,14 @@ class PackedLinear(nn.Module):
     ) -> None:
         """`weight` [out, in] in float; it is packed here and not kept. `bias` is kept in float32.
 
-        Shapes the int4 kernel cannot tile take int8 instead (`effective_layout`). `sources` (the
-        checkpoint's types) is kept for the report.
+        `sources` (the checkpoint's types) is kept for the report.
         """
         super().__init__()
         weight = weight.contiguous()
         self.out_features, self.in_features = weight.shape
-        self.layout = layout = effective_layout(layout, self.out_features, self.in_features)
+        if layout == "int4" and not fits_int4(self.out_features, self.in_features):
+            raise ValueError(f"a {self.out_features}x{self.in_features} matrix does not fit the int4 kernel")
+        self.layout = layout
         self.sources = tuple(sorted(set(sources)))
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
         if layout == "int4":
@@ -187,16 +186,16 @@ class PackedLinear(nn.Module):
             raise ValueError(f"unknown packed layout {layout!r}")
 
     @classmethod
-    def from_buffers(
-        cls, layout: str, out_features: int, in_features: int, sources: Iterable[str], buffers: dict[str, torch.Tensor]
-    ) -> PackedLinear:
+    def from_buffers(cls, layout: str, sources: Iterable[str], buffers: dict[str, torch.Tensor]) -> PackedLinear:
         """A layer from the buffers (and bias) a packed one saved (see packed_cache.py)."""
         names = {"int4": ("packed", "nibbles", "scale_zero"), "int8": ("codes", "scales")}[layout]
         if set(buffers) - {"bias"} != set(names):
             raise ValueError(f"a {layout} layer needs {names}, got {sorted(buffers)}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.layout, layer.out_features, layer.in_features = layout, out_features, in_features
+        out_features, row_bytes = buffers["nibbles" if layout == "int4" else "codes"].shape
+        layer.layout, layer.out_features = layout, out_features
+        layer.in_features = 2 * row_bytes if layout == "int4" else row_bytes
         layer.sources = tuple(sources)
         bias = buffers.get("bias")
         layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -246,6 +245,14 @@ class PackingReport:
 
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
 
+    @classmethod
+    def of_plan(cls, plan: dict[str, tuple[str, frozenset[str]]]) -> PackingReport:
+        """The report of a packing plan (model.packing_plan): what loading packs, or packed."""
+        report = cls()
+        for layout, sources in plan.values():
+            report.add(sources, layout)
+        return report
+
     def add(self, sources: Iterable[str], layout: str) -> None:
         key = ("+".join(sorted(set(sources))), layout)
         self.counts[key] = self.counts.get(key, 0) + 1
@@ -260,15 +267,6 @@ class PackingReport:
             return names[layout] if exact else f"{names[layout]}, requantized"
 
         return ", ".join(f"{src} → {how(src, layout)} ×{n}" for (src, layout), n in sorted(self.counts.items()))
-
-
-def packing_report(model: nn.Module) -> PackingReport:
-    """What a built model holds packed, by source types and layout."""
-    report = PackingReport()
-    for module in model.modules():
-        if isinstance(module, PackedLinear):
-            report.add(module.sources, module.layout)
-    return report
 
 
 def packing_available(device: torch.device) -> bool:

@@ -19,14 +19,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from llmchat.engine.config import ModelConfig
 from llmchat.engine.model import Transformer, transposed_layout
 from llmchat.engine.packed import PackedLinear
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _PLAN_KEY = "llmchat.packed"
 _SOURCE_KEY = "llmchat.source"
 
@@ -53,7 +53,7 @@ def save(model: Transformer, path: Path, source: Path) -> None:
     Failures only cost the cache.
     """
     packed = {
-        name: [module.layout, list(module.sources), module.out_features, module.in_features]
+        name: [module.layout, list(module.sources)]
         for name, module in model.named_modules()
         if isinstance(module, PackedLinear)
     }
@@ -72,12 +72,14 @@ def save(model: Transformer, path: Path, source: Path) -> None:
             other.unlink(missing_ok=True)
 
 
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.metadata() or {}
+
+
 def _source_of(path: Path) -> str | None:
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get(_SOURCE_KEY)
+        return _metadata(path).get(_SOURCE_KEY)
     except (OSError, SafetensorError):
         return None
 
@@ -85,10 +87,7 @@ def _source_of(path: Path) -> str | None:
 def restore(config: ModelConfig, path: Path, *, device: torch.device, dtype: torch.dtype) -> Transformer | None:
     """The model saved at `path`, or None (and the file removed) when it does not fit this config."""
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            packed = json.loads((handle.metadata() or {})[_PLAN_KEY])
+        packed = json.loads(_metadata(path)[_PLAN_KEY])
         state = load_file(str(path), device=str(device))
         return _assemble(config, state, packed, device, dtype)
     except (OSError, SafetensorError, KeyError, ValueError, RuntimeError):
@@ -101,10 +100,10 @@ def _assemble(
 ) -> Transformer:
     with torch.device("meta"):
         model = Transformer(config, transposed=transposed_layout(device, dtype))
-    for name, (layout, sources, out_features, in_features) in packed.items():
+    for name, (layout, sources) in packed.items():
         prefix = f"{name}."
         buffers = {key[len(prefix) :]: state.pop(key) for key in list(state) if key.startswith(prefix)}
-        module = PackedLinear.from_buffers(layout, out_features, in_features, sources, buffers)
+        module = PackedLinear.from_buffers(layout, sources, buffers)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
     expected = {key for key, value in model.state_dict().items() if value.is_meta}

@@ -30,7 +30,7 @@ from llmchat.engine.memory import (
 from llmchat.engine.model import Transformer, build_transformer, packing_plan
 from llmchat.engine.model_type import detect as detect_traits
 from llmchat.engine.package import ModelPackage, open_package
-from llmchat.engine.packed import packing_available, packing_report
+from llmchat.engine.packed import PackingReport, packing_available
 from llmchat.engine.packed_cache import cache_file, restore, save
 from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.tokenizer import Tokenizer
@@ -77,9 +77,13 @@ class LoadInfo:
     device: torch.device
     dtype: torch.dtype
     context_length: int
-    packing: str = "float"  # how quantized checkpoint tensors are held (PackingReport.summary)
     plan: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)  # what was packed (packing_plan)
     from_cache: bool = False  # the packed model came from the cache_dir (no dequantizing or packing)
+
+    @property
+    def packing(self) -> str:
+        """How quantized checkpoint tensors are held, in words ("float" when nothing is packed)."""
+        return PackingReport.of_plan(self.plan).summary()
 
 
 class LoadedModel:
@@ -216,6 +220,26 @@ def _counted(
         progress(done, total)
 
 
+def serving_config(package: ModelPackage) -> ModelConfig:
+    """The package's config as the model is built: no output matrix means it is the embedding."""
+    config = package.config
+    if not config.tie_word_embeddings and "lm_head.weight" not in package.weights.tensor_names():
+        config = config.with_changes(tie_word_embeddings=True)
+    return config
+
+
+def packing_for(
+    package: ModelPackage, device: torch.device, dtype: torch.dtype, packed: bool | None = None
+) -> dict[str, tuple[str, frozenset[str]]]:
+    """The packing plan `load` uses (model.packing_plan): by default on CPU in float32, where the
+    kernels are; `packed=False` packs nothing; `packed=True` insists (an error without kernels)."""
+    if packed is None:
+        packed = dtype == torch.float32 and packing_available(device)
+    elif packed and not packing_available(device):
+        raise ModelLoadError(f"packed quantized weights need PyTorch's CPU int4/int8 kernels; not on {device}")
+    return packing_plan(package.weights.quantized_types(), serving_config(package)) if packed else {}
+
+
 def load(
     path: str | Path,
     device: str | torch.device = "auto",
@@ -239,9 +263,7 @@ def load(
     package = open_package(path)
     dev = resolve_device(device)
     run_dtype = resolve_dtype(dtype, dev)
-    config = package.config
-    if not config.tie_word_embeddings and "lm_head.weight" not in package.weights.tensor_names():
-        config = config.with_changes(tie_word_embeddings=True)  # no output matrix: it is the embedding
+    config = serving_config(package)
     if context_length is None:
         context_length = default_context_length(config, run_dtype, dev)
     if context_length < 1:
@@ -249,11 +271,7 @@ def load(
     tensors = _trimming(package.weights.tensors())
     if progress is not None:
         tensors = _counted(tensors, len(package.weights.tensor_names()), progress)
-    if packed is None:
-        packed = run_dtype == torch.float32 and packing_available(dev)
-    elif packed and not packing_available(dev):
-        raise ModelLoadError(f"packed quantized weights need PyTorch's CPU int4/int8 kernels; not on {dev}")
-    plan = packing_plan(package.weights.quantized_types(), config) if packed else {}
+    plan = packing_for(package, dev, run_dtype, packed)
     cached = cache_file(package.path, cache_dir, repr(sorted(plan.items()))) if plan and cache_dir else None
     model = restore(config, cached, device=dev, dtype=run_dtype) if cached and cached.is_file() else None
     from_cache = model is not None
@@ -269,7 +287,5 @@ def load(
         if cached is not None:
             save(model, cached, package.path)
     cache = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, context_length, dev, run_dtype)
-    packing = packing_report(model).summary()
-    seconds = time.perf_counter() - began
-    info = LoadInfo(seconds, dev, run_dtype, context_length, packing, plan, from_cache=from_cache)
+    info = LoadInfo(time.perf_counter() - began, dev, run_dtype, context_length, plan, from_cache=from_cache)
     return LoadedModel(package, model, cache, info, prefill_chunk)
