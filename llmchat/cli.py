@@ -7,6 +7,7 @@ line (`llmchat: error: ...`) and exit with code 2; they never show a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -66,9 +67,22 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_sampling_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+def _add_sampling_options(
+    p: argparse.ArgumentParser, *, top_k_flag: str = "--top-k", temperature_help: str = "0 = greedy"
+) -> None:
+    """The sampling policy's knobs (dest names match SamplingParams; see `_sampling`).
+
+    `top_k_flag`: how the sampling top-k is spelled, for a subcommand whose `--top-k` means
+    something else (`inspect`: candidates shown); its dest stays `top_k`.
+    """
+    p.add_argument("--temperature", type=float, default=None, help=temperature_help)
+    p.add_argument(
+        top_k_flag,
+        dest="top_k",
+        type=int,
+        default=None,
+        help=None if top_k_flag == "--top-k" else "sampling top-k: keep only the K likeliest tokens (0 = off)",
+    )
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
@@ -92,6 +106,26 @@ def _load(args: argparse.Namespace):  # -> LoadedModel (imported lazily: torch i
         packed=False if args.dequantize else None,
         cache_dir=cache_dir() / "packed",
     )
+
+
+def _add_prompt_options(p: argparse.ArgumentParser) -> None:
+    """The prompt of a one-shot answer (`run`, `inspect`); `_prompt_ids` turns them into tokens."""
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--raw", action="store_true", help="skip the chat template: the prompt is the whole input")
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def _prompt_ids(model: Any, args: argparse.Namespace) -> list[int]:
+    """Token ids of `--prompt`: through the chat template (with `--system`), or as is with `--raw`."""
+    if args.raw:
+        if args.system:
+            raise CLIError("--system needs the chat template; drop --raw")
+        return list(model.tokenizer.encode(args.prompt, add_special_tokens=True))
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
+    return list(model.tokenizer.encode(model.template.render(messages, add_generation_prompt=True)))
 
 
 def _sampling(args: argparse.Namespace, defaults):
@@ -129,15 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from llmchat.engine.events import Finished, TokenEvent
 
     model = _load(args)
-    if args.raw:
-        if args.system:
-            raise CLIError("--system needs the chat template; drop --raw")
-        ids = model.tokenizer.encode(args.prompt, add_special_tokens=True)
-    else:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.prompt}
-        ]
-        ids = model.tokenizer.encode(model.template.render(messages, add_generation_prompt=True))
+    ids = _prompt_ids(model, args)
     events = model.generate(
         ids,
         sampling=_sampling(args, model.default_sampling),
@@ -159,6 +185,127 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"TTFT {event.ttft_seconds:.3f} s, decode {event.decode_tokens_per_second:.1f} tok/s]",
                 file=sys.stderr,
             )
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def _shown(text: str) -> str:
+    """A token as a quoted string with escapes, so spaces, newlines and empty text are visible."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _sampling_words(params: Any) -> str:
+    """The sampling policy in words: the knobs that are on."""
+    if params.greedy:
+        words = ["greedy (temperature 0)"]
+    else:
+        words = [f"temperature {params.temperature:g}"]
+        if params.top_k:
+            words.append(f"top-k {params.top_k}")
+        if params.top_p < 1.0:
+            words.append(f"top-p {params.top_p:g}")
+        if params.min_p > 0.0:
+            words.append(f"min-p {params.min_p:g}")
+        if params.seed is not None:
+            words.append(f"seed {params.seed}")
+    if params.repetition_penalty != 1.0:
+        words.append(f"repetition penalty {params.repetition_penalty:g}")
+    return ", ".join(words)
+
+
+def _step_dict(event: Any, text: str) -> dict[str, Any]:
+    """One decode step as JSON: the chosen token (`text`: its own text, like the candidates') and
+    the top-k candidates, most likely first."""
+    return {
+        "event": "token",
+        "index": event.index,
+        "id": event.token_id,
+        "text": text,
+        "emitted": event.text,  # what the stream printed at this step (held back near a stop string)
+        "logit": event.logit,
+        "prob": event.prob,
+        "policy_prob": event.policy_prob,
+        "rank": event.rank,
+        "entropy": event.entropy,
+        "policy_entropy": event.policy_entropy,
+        "seconds": event.seconds,
+        "top": [
+            {"id": t.token_id, "text": t.text, "logit": t.logit, "prob": t.prob, "policy_prob": t.policy_prob}
+            for t in event.top
+        ],
+    }
+
+
+def _print_step(step: dict[str, Any]) -> None:
+    print(
+        f"{step['index']:4d}  {_shown(step['text'])}  id {step['id']}  p {step['prob']:.1%}  "
+        f"policy {step['policy_prob']:.1%}  rank {step['rank']}  H {step['entropy']:.2f} bits "
+        f"(policy {step['policy_entropy']:.2f})  logit {step['logit']:.3f}  {step['seconds'] * 1000:.1f} ms"
+    )
+    print("      " + " · ".join(f"{_shown(t['text'])} {t['prob']:.1%}" for t in step["top"]))
+
+
+def _summary(steps: list[dict[str, Any]], reason: str) -> str:
+    line = f"{len(steps)} tokens, stopped by {reason}"
+    if steps:
+        mean = sum(s["entropy"] for s in steps) / len(steps)
+        low = min(steps, key=lambda s: s["prob"])
+        line += (
+            f"; mean entropy {mean:.2f} bits; lowest probability {low['prob']:.1%} "
+            f"at step {low['index']} ({_shown(low['text'])}, id {low['id']})"
+        )
+    return line
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from llmchat.engine.events import Finished, TokenEvent
+
+    if args.candidates < 1:
+        raise CLIError(f"--top-k (candidates shown per step) must be at least 1, got {args.candidates}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    model = _load(args)
+    ids = _prompt_ids(model, args)
+    sampling = _sampling(args, model.default_sampling)
+    if args.temperature is None:  # reproducible by default: the policy's other knobs stay as given
+        sampling = sampling.replace(temperature=0.0)
+    if not args.json:
+        print(f"model {model.package.path} · prompt {len(ids)} tokens · sampling: {_sampling_words(sampling)}")
+    steps: list[dict[str, Any]] = []
+    events = model.generate(
+        ids,
+        sampling=sampling,
+        max_new_tokens=args.max_new_tokens,
+        stop_strings=args.stop or (),
+        top_k=args.candidates,
+    )
+    for event in events:
+        if isinstance(event, TokenEvent):
+            step = _step_dict(event, model.generator.token_text(event.token_id))
+            steps.append(step)
+            if args.json:
+                _print_json(step)
+            else:
+                _print_step(step)
+        elif isinstance(event, Finished):
+            if args.json:
+                _print_json(
+                    {
+                        "event": "finished",
+                        "reason": event.reason,
+                        "prompt_tokens": event.prompt_tokens,
+                        "generated_tokens": event.generated_tokens,
+                        "text": event.text,
+                        "token_ids": list(event.token_ids),
+                        "mean_entropy": sum(s["entropy"] for s in steps) / len(steps) if steps else None,
+                        "sampling": dataclasses.asdict(sampling),
+                    }
+                )
+            else:
+                print(_summary(steps, event.reason))
     return 0
 
 
@@ -301,13 +448,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="answer one prompt, streaming the text")
     _add_model_options(p)
     _add_sampling_options(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--raw", action="store_true", help="skip the chat template: the prompt is the whole input")
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    _add_prompt_options(p)
     p.add_argument("--top-logprobs", type=int, default=5, help="alternatives recorded per token in --json")
     p.add_argument("--json", action="store_true", help="one JSON object per event (JSON lines)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "inspect",
+        help="per-step next-token data of an answer: token, probability, top-k, entropy, rank",
+        description=(
+            "Answer one prompt and print, for every generated token, what the model predicted: the token, "
+            "its raw probability and its probability under the sampling policy, its rank, the entropy of "
+            "both distributions (bits), its logit, the step's time, and the top-k candidates. Decoding is "
+            "greedy (temperature 0, reproducible) unless --temperature is given. Note: --top-k here is how "
+            "many candidates to show per step; the sampling policy's top-k is --sample-top-k."
+        ),
+    )
+    _add_model_options(p)
+    _add_sampling_options(
+        p,
+        top_k_flag="--sample-top-k",
+        temperature_help="sampling temperature; default 0 (greedy, reproducible) for inspect",
+    )
+    _add_prompt_options(p)
+    p.add_argument(
+        "--top-k",
+        dest="candidates",
+        type=int,
+        default=5,
+        metavar="K",
+        help="candidates shown per step (default 5); NOT the sampling top-k, which is --sample-top-k",
+    )
+    p.add_argument("--json", action="store_true", help="JSON lines: one object per step, then a 'finished' object")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("tokenize", help="show the token ids of a text")
     p.add_argument("model", help="model folder or .gguf file (only the tokenizer is read)")

@@ -218,7 +218,7 @@ def test_records_from_engine_events() -> None:
     top = (TopToken(7, "Paris", 12.5, 0.8, 0.9), TopToken(3, "Lyon", 10.0, 0.1, 0.1))
     event = TokenEvent(
         token_id=7, text="Paris", index=0, logit=12.5, prob=0.8, policy_prob=0.9, rank=0, top=top,
-        seconds=0.1, cache_tokens=10, cache_bytes=100,
+        seconds=0.1, cache_tokens=10, cache_bytes=100, entropy=1.23456, policy_entropy=0.5,
     )  # fmt: skip
     record = token_record(event)
     assert record == {
@@ -227,13 +227,18 @@ def test_records_from_engine_events() -> None:
         "prob": 0.8,
         "policy_prob": 0.9,
         "rank": 0,
+        "entropy": 1.2346,
+        "policy_entropy": 0.5,
+        "seconds": 0.1,
         "top": [[7, "Paris", 12.5, 0.8, 0.9], [3, "Lyon", 10.0, 0.1, 0.1]],
     }
+    assert token_record(event, forced=True)["forced"] is True  # picked at a branch
     done = Finished(
         reason="eos", prompt_tokens=20, reused_tokens=5, prefilled_tokens=15, generated_tokens=11,
-        prefill_seconds=0.5, decode_seconds=2.0, ttft_seconds=0.6,
+        prefill_seconds=0.5, decode_seconds=2.0, ttft_seconds=0.6, prefill_chunks=((12, 0.4), (3, 0.1)),
     )  # fmt: skip
     stats = answer_stats(done)
+    assert stats["prefill_chunks"] == [[12, 0.4], [3, 0.1]]
     assert stats["tokens"] == 11 and stats["finish_reason"] == "eos"
     assert stats["prefill_tok_s"] == pytest.approx(done.prefill_tokens_per_second, abs=0.01)
     assert stats["decode_tok_s"] == pytest.approx(done.decode_tokens_per_second, abs=0.01)

@@ -2,7 +2,7 @@
 a resumed chat, settings, the conversations / system prompt / help screens, and Ctrl+C.
 
 Everything runs on a tiny random llama through the real engine (no mocks); answers are capped at
-a few tokens so each test stays quick and the token strip fits on one line.
+a few tokens so each test stays quick and the token view fits on one line.
 """
 
 from __future__ import annotations
@@ -27,16 +27,17 @@ from llmchat.engine.events import TokenEvent, TopToken
 from llmchat.settings import Settings, load_settings, settings_path
 from llmchat.tui.app import LLMChatApp
 from llmchat.tui.screens import ConversationsScreen, HelpScreen, SystemPromptScreen, TextPromptScreen
-from llmchat.tui.widgets.format import visible_token
+from llmchat.tui.widgets.format import printable
 from llmchat.tui.widgets.messages import AssistantMessage, ChatView, UserMessage
 from llmchat.tui.widgets.panels import TopKPanel
 from llmchat.tui.widgets.prompt import PromptInput
-from llmchat.tui.widgets.tokens import TokenStrip
+from llmchat.tui.widgets.tokens import TokenView
 
 GREEDY = SamplingParams(temperature=0)
 SIZE = (140, 40)
 CONTEXT = 512
-MAX_NEW = 12  # tokens per answer: enough to inspect, short enough to keep the strip on one line
+MAX_NEW = 12  # tokens per answer: enough to inspect, short enough to keep the token view on one line
+CHIPS_LINE = 3  # the token view's legend takes two lines and a blank one
 
 
 @pytest.fixture(scope="module")
@@ -223,15 +224,16 @@ async def test_edit_resends_the_prompt_as_a_sibling_and_escape_cancels(folder: P
 # --- tokens ------------------------------------------------------------------------------------
 
 
-def _strip(answer: AssistantMessage) -> TokenStrip:
-    strips = list(answer.query(TokenStrip))
-    assert len(strips) == 1, strips
-    return strips[0]
+def _token_view(answer: AssistantMessage) -> TokenView:
+    views = list(answer.query(TokenView))
+    assert len(views) == 1, views
+    return views[0]
 
 
 async def test_token_keys_and_clicks_put_any_token_in_the_top_k_panel(folder: Path, tmp_path: Path) -> None:
-    """F8/F9 walk the token cursor through the last answer, clicking a chip selects that token,
-    Esc closes the strip, and the stats line's `tokens ▸` link opens it on the last token."""
+    """F8/F9 walk the token cursor through the last answer (its token view replaces the text),
+    clicking a chip selects that token, Esc goes back to the text, and the stats line's
+    `tokens ▸` link opens the view on the last token."""
     app = _app(folder, tmp_path)
     async with app.run_test(size=SIZE) as pilot:
         answer = await _send(pilot, app, "hello there")
@@ -239,7 +241,7 @@ async def test_token_keys_and_clicks_put_any_token_in_the_top_k_panel(folder: Pa
         n = len(tokens)
         assert n >= 3 and answer.finished is not None and answer.finished.generated_tokens == n
         panel = app.query_one(TopKPanel)
-        assert not answer.query(TokenStrip)
+        assert not answer.query(TokenView)
 
         async def selected(index: int, how: str) -> None:
             await _until(pilot, lambda: panel.event is tokens[index], f"{how} to select token {index}")
@@ -247,10 +249,11 @@ async def test_token_keys_and_clicks_put_any_token_in_the_top_k_panel(folder: Pa
             assert event is not None
             assert event.token_id == tokens[index].token_id and _top_ids(event) == _top_ids(tokens[index])
             assert panel.border_subtitle == f"token {index + 1}/{n}"
-            assert _strip(answer).selected == index
+            assert _token_view(answer).selected == index
 
         await pilot.press("f8")
         await selected(n - 1, "F8")
+        assert not answer.query_one(".content").display  # the heatmap stands in for the text
         await pilot.press("f8")
         await selected(n - 2, "F8 again")
         await pilot.press("f9")
@@ -258,18 +261,18 @@ async def test_token_keys_and_clicks_put_any_token_in_the_top_k_panel(folder: Pa
         await pilot.press("f9")  # stays on the last token
         await selected(n - 1, "F9 at the end")
 
-        # A click on a chip selects its token: chip 0 starts at the strip's first cell.
-        strip = _strip(answer)
-        assert strip.scroll_y == 0
-        await pilot.click(TokenStrip, offset=(0, 0))
+        # A click on a chip selects its token: chip 0 starts the chips' first line.
+        await pilot.click(TokenView, offset=(0, CHIPS_LINE))
         await selected(0, "a click on the first chip")
-        third = sum(cell_len(visible_token(t.text).replace("↵", "↵ ")) + 1 for t in tokens[:2])
-        await pilot.click(TokenStrip, offset=(third, 0))
+        third = sum(cell_len(printable(t.text) or "∅") for t in tokens[:2])  # an empty piece shows as ∅
+        assert "\n" not in tokens[0].text + tokens[1].text
+        await pilot.click(TokenView, offset=(third, CHIPS_LINE))
         await selected(2, "a click on the third chip")
 
-        # Esc closes the strip; the `tokens ▸` link on the stats line opens it again on the last token.
+        # Esc closes the view; the `tokens ▸` link on the stats line opens it again on the last token.
         await pilot.press("escape")
-        await _until(pilot, lambda: not answer.query(TokenStrip), "the strip to close")
+        await _until(pilot, lambda: not answer.query(TokenView), "the token view to close")
+        assert answer.query_one(".content").display
         stats = answer.query_one(".stats", Static)
         line = _drawn(stats)[0]
         assert "tokens ▸" in line, line
@@ -284,14 +287,14 @@ async def test_a_new_chat_has_no_token_to_inspect(folder: Path, tmp_path: Path) 
         await _send(pilot, app, "hello there")
         await pilot.press("f8")
         panel = app.query_one(TopKPanel)
-        await _until(pilot, lambda: app.query(TokenStrip), "the token strip")
+        await _until(pilot, lambda: app.query(TokenView), "the token view")
         await pilot.press("ctrl+n")
         await _until(pilot, lambda: not app.query(AssistantMessage), "the empty chat")
         assert panel.event is None
         await pilot.press("f8")
         await pilot.press("f9")
         await _until(pilot, lambda: any("No answer with tokens" in note for note in _notes(app)), "the hint")
-        assert panel.event is None and not app.query(TokenStrip)
+        assert panel.event is None and not app.query(TokenView)
 
 
 async def test_a_resumed_chat_shows_saved_tokens_and_tool_calls_without_a_model(tmp_path: Path) -> None:
@@ -339,7 +342,7 @@ async def test_a_resumed_chat_shows_saved_tokens_and_tool_calls_without_a_model(
         before = records[1]["id"]
         await _until(pilot, lambda: panel.event is not None and panel.event.token_id == before, "the token before")
         assert _top_ids(panel.event) == [entry[0] for entry in records[1]["top"]]
-        assert _strip(answer).selected == 1
+        assert _token_view(answer).selected == 1
 
         block = answer.query_one(".tool-calls", Static)
         text = "\n".join(_drawn(block))

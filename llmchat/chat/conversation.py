@@ -366,16 +366,22 @@ class Conversation:
         )
 
 
-def token_record(event: Any) -> dict[str, Any]:
+def token_record(event: Any, *, forced: bool = False) -> dict[str, Any]:
     """What a saved answer keeps of each generated token (from an engine TokenEvent), for inspection."""
-    return {
+    record = {
         "id": event.token_id,
         "text": event.text,
         "prob": event.prob,
         "policy_prob": event.policy_prob,
         "rank": event.rank,
+        "entropy": round(event.entropy, 4),
+        "policy_entropy": round(event.policy_entropy, 4),
+        "seconds": round(event.seconds, 5),
         "top": [[t.token_id, t.text, t.logit, t.prob, t.policy_prob] for t in event.top],
     }
+    if forced:
+        record["forced"] = True  # picked by the user at a branch, not sampled
+    return record
 
 
 def answer_stats(finished: Any) -> dict[str, Any]:
@@ -388,4 +394,6 @@ def answer_stats(finished: Any) -> dict[str, Any]:
         "prefill_tok_s": round(finished.prefill_tokens_per_second, 2),
         "decode_tok_s": round(finished.decode_tokens_per_second, 2),
         "finish_reason": finished.reason,
+        # the request's timeline: (tokens, seconds) per prefill chunk; decode steps are in the tokens
+        "prefill_chunks": [[tokens, round(seconds, 5)] for tokens, seconds in finished.prefill_chunks],
     }

@@ -2,6 +2,7 @@
 
 Everything a UI panel or a script needs travels in these: the engine never calls back into a UI.
 A generation yields, in order: `PrefillProgress`* (one per prefill chunk), `PrefillDone`,
+`ForcedPrefix` (only when the answer continues from tokens chosen before: a branch at a token),
 `TokenEvent`* (one per generated token), then exactly one `Finished`.
 """
 
@@ -67,6 +68,22 @@ class TokenEvent:
     # `text` routed by channel (reasoning models think inside <think>…</think>); markers dropped.
     reasoning: str = ""
     content: str = ""
+    entropy: float = 0.0  # of the raw distribution, in bits: how unsure the model was at this step
+    policy_entropy: float = 0.0  # of the distribution the token was drawn from (0 for greedy)
+
+
+@dataclass(frozen=True, slots=True)
+class ForcedPrefix:
+    """The answer begins with tokens chosen before this request (a branch at a token).
+
+    They are not sampled again: they went into the cache with the prompt, and their text is
+    handed over once, here; the `TokenEvent`s that follow continue at index `len(token_ids)`.
+    """
+
+    token_ids: tuple[int, ...]
+    text: str
+    reasoning: str = ""
+    content: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +102,11 @@ class Finished:
     tail: str = ""  # answer text not carried by any TokenEvent (held back until the end)
     reasoning: str = ""  # the thinking part of `text` (reasoning models), markers dropped
     content: str = ""  # the answer proper
-    token_ids: tuple[int, ...] = field(default_factory=tuple)
+    token_ids: tuple[int, ...] = field(default_factory=tuple)  # the whole answer, a forced prefix included
     cache_tokens: int = 0
     cache_bytes: int = 0
+    prefix_tokens: int = 0  # answer tokens given by the request (ForcedPrefix), not generated
+    prefill_chunks: tuple[tuple[int, float], ...] = ()  # (tokens, seconds) of each prefill chunk
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -100,4 +119,4 @@ class Finished:
         return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-GenerationEvent = PrefillProgress | PrefillDone | TokenEvent | Finished
+GenerationEvent = PrefillProgress | PrefillDone | ForcedPrefix | TokenEvent | Finished

@@ -8,6 +8,7 @@ checked between prefill chunks and between decode steps, so a stop takes effect 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
@@ -18,6 +19,7 @@ from llmchat.engine.errors import ContextFullError
 from llmchat.engine.events import (
     Finished,
     FinishReason,
+    ForcedPrefix,
     GenerationEvent,
     PrefillDone,
     PrefillProgress,
@@ -31,6 +33,7 @@ from llmchat.engine.sampling import Sampler, SamplingParams
 from llmchat.engine.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 512
+_LN2 = math.log(2)
 
 
 class CancelFlag(Protocol):
@@ -101,6 +104,11 @@ class Generator:
         self.device = model.device
         self._step_ids = torch.zeros(1, dtype=torch.long, device=self.device)
         self._texts: dict[int, str] = {}
+        # Raw logits of the latest request's first step (it came out of prefill) and of its latest
+        # step, with the length of the sequence they follow: what `step_logits` cannot recompute
+        # exactly, or need not recompute at all.
+        self._first_logits: tuple[int, torch.Tensor] | None = None
+        self._latest_logits: tuple[int, torch.Tensor] | None = None
 
     def token_text(self, token_id: int) -> str:
         """Display text of one token (memoized: the top-k list asks for the same ids often)."""
@@ -112,6 +120,42 @@ class Generator:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def reusable(self, ids: Sequence[int]) -> int:
+        """How many leading tokens of a request for `ids` come from the KV cache, not the model.
+
+        The longest common prefix with what is cached, less one when that is all of `ids`: the last
+        token must run through the model to give the next token's logits.
+        """
+        return min(self.cache.common_prefix(ids), len(ids) - 1) if ids else 0
+
+    @torch.inference_mode()
+    def step_logits(self, sequence: Sequence[int]) -> torch.Tensor:
+        """float32 logits [vocab] for the token after `sequence`, as a generation computed them.
+
+        `sequence` must be in the KV cache up to its last token (an earlier step of an answer the
+        cache still holds). The latest request's first and latest steps are kept; any other step
+        runs its one token through the model again over the cached keys and values, which is the
+        computation its decode step did. The cache is left as it was: the position's keys and
+        values are saved and put back.
+        """
+        ids = [int(i) for i in sequence]
+        n = len(ids)
+        held = self.cache.common_prefix(ids)
+        if n == 0 or held < n - 1:
+            raise ValueError("that step is no longer in the KV cache")
+        if held == n:
+            for kept in (self._first_logits, self._latest_logits):
+                if kept is not None and kept[0] == n:
+                    return kept[1]
+        position = n - 1
+        saved = self.cache.save_position(position) if position < self.cache.length else None
+        try:
+            self._step_ids.fill_(ids[-1])
+            return self.model(self._step_ids, self.cache, position)[-1].float()
+        finally:
+            if saved is not None:
+                self.cache.restore_position(position, saved)
 
     def _prefill(
         self, ids: list[int], start: int, cancel: CancelFlag | None
@@ -158,33 +202,49 @@ class Generator:
         cancel: CancelFlag | None = None,
         top_k: int = 5,
         live_sampling: Callable[[], SamplingParams] | None = None,
+        answer_prefix: Sequence[int] = (),
     ) -> Iterator[GenerationEvent]:
         """Stream events for one request; the last one is always `Finished`.
 
         `live_sampling`, when given, is asked before every token for the policy to use, so a UI can
         change temperature/top-k/top-p while an answer streams (effective from the next token).
+        `answer_prefix`: the answer's first tokens, already chosen (a branch at a token keeps the
+        tokens before it and the alternative picked there). They go into the cache with the prompt
+        (only what the cache lacks is prefilled) and generation continues after them; an
+        end-of-sequence token among them ends the answer there.
         """
-        ids = [int(i) for i in prompt_ids]
-        if not ids:
+        prompt = [int(i) for i in prompt_ids]
+        prefix = [int(i) for i in answer_prefix]
+        if not prompt:
             raise ValueError("the prompt is empty")
+        ends_at = next((i for i, t in enumerate(prefix) if stop_on_eos and t in self.eos_token_ids), None)
+        if ends_at is not None:
+            prefix = prefix[:ends_at]  # the answer ends before its end-of-sequence token
+        ids = prompt + prefix
         if len(ids) > self.cache.capacity:
             raise ContextFullError(f"the prompt has {len(ids)} tokens but the context holds {self.cache.capacity}")
         began = time.perf_counter()
-        reused = min(self.cache.common_prefix(ids), len(ids) - 1)  # the last token must run for logits
+        self._first_logits = self._latest_logits = None
+        reused = self.reusable(ids)
         self.cache.truncate(reused)
         prefilled = len(ids) - reused
 
         logits = None
+        chunks: list[tuple[int, float]] = []
         for item in self._prefill(ids, reused, cancel):
             if isinstance(item, torch.Tensor):
                 logits = item
             else:
+                chunks.append((item.chunk_tokens, item.chunk_seconds))
                 yield item
         prefill_seconds = time.perf_counter() - began
-        totals = dict(prompt_tokens=len(ids), reused_tokens=reused, prefilled_tokens=prefilled)
+        totals = dict(
+            prompt_tokens=len(ids), reused_tokens=reused, prefilled_tokens=prefilled, prefill_chunks=tuple(chunks)
+        )
         if logits is None:  # cancelled during prefill
             yield self._finished("cancelled", totals, prefill_seconds, 0.0, 0.0, "", [], "")
             return
+        self._first_logits = (len(ids), logits)
         yield PrefillDone(
             prompt_tokens=len(ids),
             reused_tokens=reused,
@@ -199,17 +259,28 @@ class Generator:
         sampler.observe(ids)
         decoder = StreamDecoder(self.tokenizer)
         stops = _StopStrings(stop_strings)
-        channels = self._splitter(ids)
+        channels = self._splitter(prompt)
         reasoning, content = [], []
         generated: list[int] = []
         reason: FinishReason = "max_new_tokens"
         first_token_at = decode_started = time.perf_counter()
         step_began = began
         k = max(1, min(top_k, logits.shape[-1]))
-        while True:
+        ended: FinishReason | None = "eos" if ends_at is not None else None
+        if prefix:
+            text, hit_stop = stops.feed("".join(decoder.push(t) for t in prefix))
+            split = channels.feed(text) if channels else Split(content=text)
+            reasoning.append(split.reasoning)
+            content.append(split.content)
+            yield ForcedPrefix(tuple(prefix), text, split.reasoning, split.content)
+            if hit_stop:
+                ended = "stop_string"
+        if ended is not None:
+            reason = ended
+        while ended is None:
             if live_sampling is not None and (wanted := live_sampling()) is not sampler.params:
                 sampler.update(wanted)
-            token, event = self._pick(logits, sampler, k, len(generated), step_began)
+            token, event = self._pick(logits, sampler, k, len(prefix) + len(generated), step_began)
             if not generated:
                 first_token_at = decode_started = time.perf_counter()
             if stop_on_eos and token in self.eos_token_ids:
@@ -245,6 +316,7 @@ class Generator:
             step_began = time.perf_counter()
             logits = self.model(self._step_ids, self.cache, self.cache.length)[-1].float()
             self.cache.append_tokens((token,))
+            self._latest_logits = (self.cache.length, logits)
         tail = "" if reason == "stop_string" else stops.feed(decoder.flush())[0] + stops.flush()
         if channels:
             for split in (channels.feed(tail), channels.flush()):
@@ -255,7 +327,13 @@ class Generator:
         decode_seconds = time.perf_counter() - decode_started if generated else 0.0
         ttft = first_token_at - began
         done = self._finished(reason, totals, prefill_seconds, decode_seconds, ttft, stops.text, generated, tail)
-        yield dataclasses.replace(done, reasoning="".join(reasoning), content="".join(content))
+        yield dataclasses.replace(
+            done,
+            reasoning="".join(reasoning),
+            content="".join(content),
+            token_ids=tuple(prefix) + done.token_ids,
+            prefix_tokens=len(prefix),
+        )
 
     def _splitter(self, prompt_ids: list[int]) -> ReasoningSplitter | None:
         """A reasoning splitter for this answer, open already when the prompt ends inside <think>."""
@@ -273,8 +351,13 @@ class Generator:
         policy_probs = sampler.policy_probs(policy)
         top_logits, top_ids = logits.topk(k)
         rank = (logits > logits[chosen]).sum()
-        packed = torch.stack(
-            (chosen.to(logits.dtype), logits[chosen], raw_probs[chosen], policy_probs[chosen], rank.to(logits.dtype))
+        entropies = torch.special.entr(torch.stack((raw_probs, policy_probs))).sum(-1)  # nats; entr(0) = 0
+        packed = torch.cat(
+            (
+                torch.stack((chosen.to(logits.dtype), logits[chosen], raw_probs[chosen], policy_probs[chosen])),
+                rank.to(logits.dtype)[None],
+                entropies,
+            )
         )
         snapshot = torch.stack((top_ids.to(logits.dtype), top_logits, raw_probs[top_ids], policy_probs[top_ids]))
         head, table = packed.tolist(), snapshot.T.tolist()
@@ -289,6 +372,8 @@ class Generator:
             prob=head[2],
             policy_prob=head[3],
             rank=int(head[4]),
+            entropy=head[5] / _LN2,
+            policy_entropy=head[6] / _LN2,
             top=top,
             seconds=time.perf_counter() - step_began,
         )

@@ -66,6 +66,15 @@ class KVCache:
         """Keys and values of positions [0, end) of one layer (no copy)."""
         return self.keys[layer, :, :end], self.values[layer, :, :end]
 
+    def save_position(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of every layer's key and value at one position (see restore_position)."""
+        return self.keys[:, :, position].clone(), self.values[:, :, position].clone()
+
+    def restore_position(self, position: int, saved: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Put back what save_position copied (an inspector re-ran a step over the cache)."""
+        self.keys[:, :, position] = saved[0]
+        self.values[:, :, position] = saved[1]
+
     def append_tokens(self, ids: Sequence[int]) -> None:
         """Record that the positions after `length` now hold these ids."""
         if self.length + len(ids) > self.capacity:

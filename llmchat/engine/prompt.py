@@ -23,12 +23,15 @@ class ChatTokens:
 
     def encode(self, rendered: str) -> list[int]:
         """Ids for a rendered prompt, reusing the known ids when the prompt extends the known text."""
-        if self._text and rendered.startswith(self._text):
-            ids = self._ids + self.tokenizer.encode(rendered[len(self._text) :])
-        else:
-            ids = self.tokenizer.encode(rendered)
+        ids = self.peek(rendered)
         self._text, self._ids = rendered, list(ids)
         return ids
+
+    def peek(self, rendered: str) -> list[int]:
+        """The ids `encode` would give, without remembering them (the inspector's prompt view)."""
+        if self._text and rendered.startswith(self._text):
+            return self._ids + self.tokenizer.encode(rendered[len(self._text) :])
+        return self.tokenizer.encode(rendered)
 
     def generated(self, text: str, ids: Sequence[int]) -> None:
         """Record the answer the model wrote after the last prompt (text and ids as generated).

@@ -185,8 +185,10 @@ class LoadedModel:
         cancel: CancelFlag | None = None,
         top_k: int = 5,
         live_sampling: Callable[[], SamplingParams] | None = None,
+        answer_prefix: Sequence[int] = (),
     ) -> Iterator[GenerationEvent]:
-        """Stream events for one request, reusing whatever prefix the KV cache already holds."""
+        """Stream events for one request, reusing whatever prefix the KV cache already holds
+        (`answer_prefix`: the answer's first tokens, already chosen; see Generator.generate)."""
         return self.generator.generate(
             prompt_ids,
             sampling=sampling if sampling is not None else self.default_sampling,
@@ -196,6 +198,7 @@ class LoadedModel:
             cancel=cancel,
             top_k=top_k,
             live_sampling=live_sampling,
+            answer_prefix=answer_prefix,
         )
 
     def reset(self) -> None:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -26,18 +29,22 @@ from textual.widgets import Footer
 
 from llmchat.chat.conversation import Conversation, answer_stats, token_record
 from llmchat.chat.store import ConversationStore
-from llmchat.engine import Finished, LLMChatError, LoadedModel, PrefillDone, SamplingParams
+from llmchat.engine import Finished, LLMChatError, LoadedModel, PrefillDone, SamplingParams, TokenEvent
+from llmchat.engine.inspector import PolicyView, PromptView
 from llmchat.engine.prompt import ChatTokens
 from llmchat.engine.tool_calls import split_tool_calls
 from llmchat.paths import cache_dir
 from llmchat.settings import ACTION_KEYS, Settings, SettingsError, key_map, update_settings
 from llmchat.tui.screens import ConversationsScreen, HelpScreen, ModelsScreen, SystemPromptScreen
+from llmchat.tui.screens.branch import BranchScreen
+from llmchat.tui.screens.inspector import InspectorScreen
 from llmchat.tui.themes import apply_theme, register_themes
+from llmchat.tui.widgets.inspector import Timeline, policy_text, prompt_chips, saved_policy_text, step_title
 from llmchat.tui.widgets.messages import AssistantMessage, ChatView, saved_stats_line
 from llmchat.tui.widgets.panels import CacheState, KVCachePanel, MemoryPanel, TopKPanel
 from llmchat.tui.widgets.prompt import PromptInput
 from llmchat.tui.widgets.status import StatusBar
-from llmchat.tui.widgets.tokens import token_events
+from llmchat.tui.widgets.tokens import MODES, forced_indices, token_events
 from llmchat.tui.worker import Batch, FrameBudget, StopFlag, run_generation
 
 TOP_K_SHOWN = 8  # candidates kept per token for the top-k panel and the saved conversation
@@ -76,6 +83,22 @@ class GenerationFailed(Message):
     error: str
 
 
+@dataclass
+class PolicyReady(Message):
+    """The policy view of a step, computed on a worker thread (None: the step's logits are gone)."""
+
+    request: int
+    view: PolicyView | None
+    note: str = ""
+
+
+@dataclass
+class PromptReady(Message):
+    request: int
+    view: PromptView | None
+    note: str = ""
+
+
 # settings.ACTION_KEYS id → the action string it runs (the ids are what settings.toml rebinds).
 ACTIONS = {
     "stop": "stop",
@@ -92,6 +115,11 @@ ACTIONS = {
     "branch_next": "branch(1)",
     "token_previous": "token(-1)",
     "token_next": "token(1)",
+    "token_view": "token_view",
+    "branch_here": "branch_here",
+    "policy_view": "inspect('policy')",
+    "prompt_view": "inspect('prompt')",
+    "timeline_view": "inspect('timeline')",
     "toggle_panels": "toggle_panels",
     "conversations": "conversations",
     "models": "models",
@@ -105,6 +133,8 @@ IN_FOOTER = {"stop", "temperature_down", "temperature_up", "top_p_down", "top_p_
              "regenerate", "conversations", "help", "quit"}  # fmt: skip
 # The chat's actions step aside while a dialog (conversations, help…) is open; quit never does.
 _CHAT_ACTIONS = {ACTIONS[a].split("(")[0] for a in ACTION_KEYS if a != "quit"} | {"select_token"}
+# Over the inspector (a screen, not a dialog) the keys that steer what it shows keep working.
+_INSPECTOR_ACTIONS = {"stop", "temperature", "top_p", "top_k", "token", "token_view", "branch_here", "inspect", "help"}
 COMMAND_TITLES = {
     "temperature_down": "Temperature down",
     "temperature_up": "Temperature up",
@@ -116,6 +146,11 @@ COMMAND_TITLES = {
     "branch_next": "Next branch",
     "token_previous": "Previous token",
     "token_next": "Next token",
+    "token_view": "Token view: text / heatmap / heatmap with ids",
+    "branch_here": "Branch at the token under the cursor",
+    "policy_view": "Inspector: the decoding policy of a step",
+    "prompt_view": "Inspector: the prompt as the model sees it",
+    "timeline_view": "Inspector: prefill and decode timeline",
     "edit_last": "Edit the last message",
     "regenerate": "Regenerate the last answer",
     "toggle_panels": "Toggle the side panels",
@@ -134,12 +169,16 @@ INPUT_KEYS = [
     ("↑ / ↓", "Earlier prompts (input empty)"),
     ("^p", "Command palette: every action"),
     ("click a token", "Its alternatives in the top-k panel"),
+    ("click `tokens ▸`", "An answer's token heatmap"),
 ]
 COMMAND_HELP = {
     "temperature_up": "Hotter sampling from the next token on",
     "regenerate": "A new answer beside the old one (a branch)",
     "edit_last": "Resend the last prompt, edited, as a branch",
     "token_previous": "Inspect an earlier token's alternatives in the top-k panel",
+    "token_view": "Each token coloured by the probability the model gave it",
+    "branch_here": "Cut the answer at the cursor, pick another token there, and continue",
+    "policy_view": "Each sampler stage's distribution; F2–F7 show a what-if at once",
     "conversations": "Open, search, rename or delete saved conversations",
     "models": "Load another model",
     "theme": "Cycle the themes; the choice is saved",
@@ -216,6 +255,14 @@ class LLMChatApp(App[None]):
         self._panels_shown_at = 0.0
         self.frames = FrameBudget()  # how often the worker may hand a batch over
         self._selected_token: int | None = None  # an earlier token picked for the top-k panel
+        # One thread at a time uses the model and its KV cache: the answer's worker, or an inspector's.
+        self._model_lock = threading.Lock()
+        self._prompt_ids: dict[str, list[int]] = {}  # each answer's prompt as the engine got it
+        self._branch_prefix: list[TokenEvent] = []  # kept tokens (+ the picked one) of a branch being answered
+        self._inspector_request = 0  # results of older inspector requests are dropped
+        # The inspected step's logits, kept by the inspector's worker (the UI thread never reads
+        # them): a "what if" with other sampling settings then reruns the policy, not the model.
+        self._inspected_logits: tuple[tuple[int, ...], Any] | None = None
         self.max_new_tokens = max_new_tokens  # None: the model's generation config decides
 
     # --- layout -----------------------------------------------------------------------------------
@@ -287,6 +334,7 @@ class LLMChatApp(App[None]):
             elif message.role == "assistant":
                 view = await chat.add_assistant(name, message.id, branch)
                 view.tokens = token_events(message.tokens)
+                view.forced = forced_indices(message.tokens)
                 line = saved_stats_line(message.stats or {})
                 await view.set_text(message.reasoning or "", message.content, line)
                 if message.tool_calls:
@@ -334,6 +382,8 @@ class LLMChatApp(App[None]):
     async def on_model_loaded(self, message: ModelLoaded) -> None:
         model = self.model = message.model
         self._chat_tokens = ChatTokens(model.tokenizer)
+        self._prompt_ids.clear()  # ids of another tokenizer, and logits of another model
+        self._inspected_logits = None
         try:
             base = self.sampling or model.default_sampling
             self.sampling = base.replace(**self._sampling_overrides)
@@ -392,16 +442,18 @@ class LLMChatApp(App[None]):
         self._save()
         self._start_generation(self.conversation.chat_messages(before=answer.id))
 
-    def _start_generation(self, messages: list[dict[str, Any]]) -> None:
+    def _start_generation(self, messages: list[dict[str, Any]], answer_prefix: list[TokenEvent] | None = None) -> None:
         self.generating = True
         self.frames.restart()
         self._selected_token = None
+        self._branch_prefix = list(answer_prefix or [])
         self.stop_flag.clear()
         self._status(activity="prefill…")
-        self.generate(messages)
+        assert self._answer_id is not None
+        self.generate(messages, self._answer_id, [t.token_id for t in self._branch_prefix])
 
     @work(thread=True, exclusive=True, group="generate")
-    def generate(self, messages: list[dict[str, Any]]) -> None:
+    def generate(self, messages: list[dict[str, Any]], answer_id: str, answer_prefix: list[int]) -> None:
         model, sampling = self.model, self.sampling
         assert model is not None and sampling is not None
 
@@ -409,23 +461,26 @@ class LLMChatApp(App[None]):
             return self.sampling or sampling  # read each step: the keys act on the next token
 
         try:
-            prompt = model.template.render(messages, add_generation_prompt=True)
-            ids = self._chat_tokens.encode(prompt)
-            events = model.generate(
-                ids,
-                sampling=sampling,
-                live_sampling=live,
-                cancel=self.stop_flag,
-                top_k=TOP_K_SHOWN,
-                max_new_tokens=self.max_new_tokens,
-            )
-            done = run_generation(
-                events,
-                lambda batch: self.post_message(GenerationUpdate(batch)),
-                interval=lambda: self.frames.interval,
-            )
-            if done is not None:
-                self._chat_tokens.generated(done.text, done.token_ids)
+            with self._model_lock:
+                prompt = model.template.render(messages, add_generation_prompt=True)
+                ids = self._chat_tokens.encode(prompt)
+                self._prompt_ids[answer_id] = ids
+                events = model.generate(
+                    ids,
+                    sampling=sampling,
+                    live_sampling=live,
+                    cancel=self.stop_flag,
+                    top_k=TOP_K_SHOWN,
+                    max_new_tokens=self.max_new_tokens,
+                    answer_prefix=answer_prefix,
+                )
+                done = run_generation(
+                    events,
+                    lambda batch: self.post_message(GenerationUpdate(batch)),
+                    interval=lambda: self.frames.interval,
+                )
+                if done is not None:
+                    self._chat_tokens.generated(done.text, done.token_ids)
         except LLMChatError as err:
             self.post_message(GenerationFailed(str(err)))
         except Exception as err:  # keep the app alive; the message says what broke
@@ -443,9 +498,12 @@ class LLMChatApp(App[None]):
             progress = batch.prefill
             self._status(activity=f"prefill {progress.done_tokens}/{progress.total_tokens}")
             self._refresh_cache_panel(progress.cache_tokens, progress.cache_bytes)
-        if batch.tokens or batch.reasoning or batch.content:
-            await answer.append(batch.reasoning, batch.content, batch.tokens)
+        tokens = (self._branch_prefix + batch.tokens) if batch.prefix is not None else batch.tokens
+        if tokens or batch.reasoning or batch.content:
+            await answer.append(batch.reasoning, batch.content, tokens)
             self.conversation.append(self._answer_id, content=batch.content, reasoning=batch.reasoning)
+            if answer.token_mode != "text":  # its token view is open: it grows with the answer
+                await answer.show_tokens(self._selected_token if self._token_answer is answer else None)
         last = batch.last_token
         # The panels follow the tokens at a few frames a second: every repaint takes the GIL from
         # the decode loop, and the text already moves at the coalescer's rate.
@@ -467,7 +525,7 @@ class LLMChatApp(App[None]):
         self.conversation.update(
             answer_id,
             stats=answer_stats(done),
-            tokens=[token_record(t) for t in answer.tokens],
+            tokens=[token_record(t, forced=i in answer.forced) for i, t in enumerate(answer.tokens)],
         )
         content, calls = split_tool_calls(self.conversation.get(answer_id).content)
         if calls:  # the call moves out of the text into its own JSON block (and the saved message)
@@ -480,6 +538,7 @@ class LLMChatApp(App[None]):
         activity = "stopped" if done.reason == "cancelled" else ""
         self._status(tokens_per_second=done.decode_tokens_per_second, activity=activity)
         self._save()
+        self.refresh_inspector()
 
     async def on_generation_failed(self, message: GenerationFailed) -> None:
         self.generating = False
@@ -530,7 +589,10 @@ class LLMChatApp(App[None]):
     # --- actions -------------------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        """While a dialog is open its own keys win: the chat's actions (but quit) step aside."""
+        """While a dialog is open its own keys win: the chat's actions (but quit) step aside. Over the
+        inspector, the keys that steer what it shows still work."""
+        if isinstance(self.screen, InspectorScreen):
+            return action not in _CHAT_ACTIONS or action in _INSPECTOR_ACTIONS
         return not (isinstance(self.screen, ModalScreen) and action in _CHAT_ACTIONS)
 
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
@@ -556,12 +618,14 @@ class LLMChatApp(App[None]):
         return self.generating
 
     def action_stop(self) -> None:
-        if self.generating:
+        if isinstance(self.screen, InspectorScreen):  # Esc there goes back to the chat (the answer goes on)
+            self.pop_screen()
+        elif self.generating:
             self.stop_flag.set()
         elif self._editing is not None:
             self._cancel_edit()
         elif self._token_answer is not None:
-            self.call_later(self._close_token_strip)
+            self.call_later(self._close_token_view)
 
     def _cancel_edit(self) -> None:
         if self._editing is not None:
@@ -642,18 +706,253 @@ class LLMChatApp(App[None]):
                 await self._select(answer, min(max(index, 0), len(answer.tokens) - 1))
                 return
 
-    async def _select(self, answer: AssistantMessage, index: int) -> None:
+    async def _select(self, answer: AssistantMessage, index: int, mode: str | None = None) -> None:
         if self._token_answer is not None and self._token_answer is not answer:
             await self._token_answer.hide_tokens()
         self._token_answer, self._selected_token = answer, index
-        await answer.show_tokens(index)
+        await answer.show_tokens(index, mode)
         token = answer.tokens[index]
         self.query_one(TopKPanel).show(token, title=f"token {index + 1}/{len(answer.tokens)}")
+        self.refresh_inspector()
 
-    async def _close_token_strip(self) -> None:
+    async def _close_token_view(self) -> None:
         if self._token_answer is not None:
             await self._token_answer.hide_tokens()
         self._token_answer = self._selected_token = None
+
+    async def action_token_view(self) -> None:
+        """Cycle the answer under the cursor (else the last one) through text → heatmap → heatmap with ids."""
+        answer = self._token_answer
+        if answer is None:
+            answers = [a for a in self.query(AssistantMessage) if a.tokens]
+            if not answers:
+                self.notify("No answer with tokens to show yet.")
+                return
+            answer = answers[-1]
+        mode = MODES[(MODES.index(answer.token_mode) + 1) % len(MODES)]
+        if mode == "text":
+            await self._close_token_view()
+            return
+        index = self._selected_token if answer is self._token_answer and self._selected_token is not None else None
+        await self._select(answer, len(answer.tokens) - 1 if index is None else index, mode)
+
+    # --- branching at a token ----------------------------------------------------------------------
+
+    def action_branch_here(self) -> None:
+        """Pick another token at the cursor; the answer is cut there and continues from the pick."""
+        if self._busy("branch"):
+            return
+        answer, index = self._token_answer, self._selected_token
+        if answer is None or index is None or answer.message_id is None:
+            self.notify("Put the token cursor on a token first (F8/F9, or click `tokens ▸` under an answer).")
+            return
+        if self.model is None:
+            self.notify("The model is not loaded yet.", severity="warning")
+            return
+        if isinstance(self.screen, InspectorScreen):
+            self.pop_screen()
+        token = answer.tokens[index]
+        self.push_screen(BranchScreen(token, index), partial(self._branch_chosen, answer.message_id, index))
+
+    async def _branch_chosen(self, message_id: str, index: int, token_id: int | None) -> None:
+        if token_id is None or self._busy("branch") or self.model is None:
+            return
+        view = next((a for a in self.query(AssistantMessage) if a.message_id == message_id), None)
+        if view is None or index >= len(view.tokens):
+            return
+        step = view.tokens[index]
+        rank, top = next((r, t) for r, t in enumerate(step.top) if t.token_id == token_id)
+        picked = TokenEvent(
+            token_id=token_id, text=top.text, index=index, logit=top.logit, prob=top.prob,
+            policy_prob=top.policy_prob, rank=rank, top=step.top, seconds=0.0, cache_tokens=0, cache_bytes=0,
+            entropy=step.entropy, policy_entropy=step.policy_entropy,
+        )  # fmt: skip
+        prefix = view.tokens[:index] + [picked]
+        forced = {i for i in view.forced if i < index} | {index}
+        old = self.conversation.get(message_id)
+        self.conversation.current = old.parent  # the new answer is a sibling of the old one
+        answer = self.conversation.add_assistant()
+        await self._show_conversation()
+        self._answer_id = answer.id
+        self._answer = self.query(AssistantMessage).last()
+        self._answer.forced = forced
+        self._save()
+        self._start_generation(self.conversation.chat_messages(before=answer.id), answer_prefix=prefix)
+
+    # --- the inspector -----------------------------------------------------------------------------
+
+    def action_inspect(self, tab: str) -> None:
+        """Open the inspector on a tab (or switch tabs when it is open)."""
+        if isinstance(self.screen, InspectorScreen):
+            self.screen.show_tab(tab)
+        else:
+            self.push_screen(InspectorScreen(tab))
+        self.call_after_refresh(self.refresh_inspector)
+
+    def _inspected_step(self) -> tuple[AssistantMessage, int] | None:
+        """The token under the cursor, else the last token of the last answer."""
+        if self._token_answer is not None and self._selected_token is not None:
+            return self._token_answer, self._selected_token
+        answers = [a for a in self.query(AssistantMessage) if a.tokens]
+        return (answers[-1], len(answers[-1].tokens) - 1) if answers else None
+
+    def refresh_inspector(self) -> None:
+        """Bring the open inspector tab up to date (the heavy part runs on a worker thread)."""
+        screen = self.screen
+        if not isinstance(screen, InspectorScreen) or not screen.is_mounted:
+            return
+        self._inspector_request += 1
+        tab = screen.active_tab
+        if tab == "policy":
+            self._refresh_policy(screen)
+        elif tab == "prompt":
+            self._refresh_prompt(screen)
+        else:
+            self._refresh_timeline(screen)
+
+    def _refresh_policy(self, screen: InspectorScreen) -> None:
+        step = self._inspected_step()
+        if step is None:
+            screen.show_policy(Text("No answer yet: ask something first."), Text(), None)
+            return
+        answer, index = step
+        token = answer.tokens[index]
+        screen.show_policy(step_title(token, index, len(answer.tokens)), Text("computing…", style="dim"), None)
+        if self.model is None or self.sampling is None:
+            screen.show_policy(
+                step_title(token, index, len(answer.tokens)),
+                saved_policy_text(token, "No model loaded: this step's saved top-k (load the model for every stage)."),
+                None,
+            )
+            return
+        if self.generating:
+            screen.show_policy(
+                step_title(token, index, len(answer.tokens)),
+                saved_policy_text(token, "Streaming: the full sampler chain shows when the answer is done."),
+                None,
+            )
+            return
+        messages = None if answer.message_id in self._prompt_ids else self._messages_before(answer.message_id)
+        self._compute_policy(
+            self._inspector_request,
+            self._prompt_ids.get(answer.message_id or ""),
+            messages,
+            [t.token_id for t in answer.tokens[:index]],
+            self.sampling,
+            token.token_id,
+        )
+
+    def _messages_before(self, message_id: str | None) -> list[dict[str, Any]]:
+        if message_id is None:
+            return []
+        return self.conversation.chat_messages(before=message_id)
+
+    @work(thread=True, exclusive=True, group="inspect")
+    def _compute_policy(
+        self,
+        request: int,
+        prompt_ids: list[int] | None,
+        messages: list[dict[str, Any]] | None,
+        answer_ids: list[int],
+        params: SamplingParams,
+        chosen: int,
+    ) -> None:
+        from llmchat.engine.inspector import policy_view
+
+        model = self.model
+        if model is None:
+            return
+        try:
+            with self._model_lock:
+                if prompt_ids is None:
+                    rendered = model.template.render(messages or [], add_generation_prompt=True)
+                    prompt_ids = self._chat_tokens.peek(rendered)
+                sequence = prompt_ids + answer_ids
+                kept = self._inspected_logits
+                if kept is not None and kept[0] == tuple(sequence):
+                    logits = kept[1]
+                else:
+                    logits = model.generator.step_logits(sequence)
+                    self._inspected_logits = (tuple(sequence), logits)
+                view = policy_view(
+                    logits, params, model.generator.token_text, context_ids=sequence, top=10, chosen_id=chosen
+                )
+        except (ValueError, LLMChatError) as err:
+            self.post_message(PolicyReady(request, None, f"This step's logits are not at hand ({err})."))
+            return
+        self.post_message(PolicyReady(request, view))
+
+    def on_policy_ready(self, message: PolicyReady) -> None:
+        screen = self.screen
+        step = self._inspected_step()
+        if message.request != self._inspector_request or not isinstance(screen, InspectorScreen) or step is None:
+            return
+        answer, index = step
+        title = step_title(answer.tokens[index], index, len(answer.tokens))
+        if message.view is None:
+            screen.show_policy(title, saved_policy_text(answer.tokens[index], message.note + " The saved top-k:"), None)
+            return
+        accent, cut = self.theme_variables.get("accent", "cyan"), self.theme_variables.get("error", "red")
+        screen.show_policy(title, policy_text(message.view, accent, cut), message.view)
+
+    def _next_request_messages(self) -> tuple[list[dict[str, Any]], str]:
+        """The messages the next request would send: the branch so far plus the draft in the input."""
+        messages = self.conversation.chat_messages()
+        draft = self.query_one(PromptInput).text.strip()
+        if draft:
+            return [*messages, {"role": "user", "content": draft}], "with the draft in the input as the next message"
+        return messages, "the conversation so far (type a message to see it in the next request)"
+
+    def _refresh_prompt(self, screen: InspectorScreen) -> None:
+        if self.model is None:
+            screen.show_prompt(None, note="No model loaded: the prompt view needs its chat template and tokenizer.")
+            return
+        if self.generating:
+            screen.show_prompt(None, note="Streaming: the next request shows when the answer is done.")
+            return
+        messages, note = self._next_request_messages()
+        self._compute_prompt(self._inspector_request, messages, note)
+
+    @work(thread=True, exclusive=True, group="inspect")
+    def _compute_prompt(self, request: int, messages: list[dict[str, Any]], note: str) -> None:
+        model = self.model
+        if model is None:
+            return
+        try:
+            with self._model_lock:
+                rendered = model.template.render(messages, add_generation_prompt=True)
+                ids = self._chat_tokens.peek(rendered)
+                reused = model.generator.reusable(ids)
+                texts = tuple(model.generator.token_text(i) for i in ids)
+        except LLMChatError as err:
+            self.post_message(PromptReady(request, None, str(err)))
+            return
+        self.post_message(PromptReady(request, PromptView(rendered, tuple(ids), texts, reused), note))
+
+    def on_prompt_ready(self, message: PromptReady) -> None:
+        screen = self.screen
+        if message.request != self._inspector_request or not isinstance(screen, InspectorScreen):
+            return
+        if message.view is None:
+            screen.show_prompt(None, note=message.note)
+            return
+        variables = self.theme_variables
+        reused_style = f"{variables.get('success', 'green')} underline"
+        new_style = f"bold {variables.get('background', 'black')} on {variables.get('accent', 'cyan')}"
+        chips = prompt_chips(message.view, reused_style, new_style)
+        legend = "underlined: in the KV cache already · highlighted: to prefill"
+        screen.show_prompt(message.view, chips, f"{message.note}\n{legend}")
+
+    def _refresh_timeline(self, screen: InspectorScreen) -> None:
+        step = self._inspected_step()
+        if step is None:
+            screen.show_timeline(None, "No answer yet: the timeline shows the last request's prefill and decode.")
+            return
+        answer = step[0]
+        stats = dict(self.conversation.get(answer.message_id).stats or {}) if answer.message_id else {}
+        timeline = Timeline.of_answer(answer.tokens, stats)
+        note = "" if timeline is not None else "This answer kept no timings (saved by an older version)."
+        screen.show_timeline(timeline, note, self.theme_variables.get("accent", "cyan"))
 
     def action_conversations(self) -> None:
         if self.store is None:
@@ -753,6 +1052,7 @@ class LLMChatApp(App[None]):
             self.notify(str(err), severity="warning", markup=False)
             return
         self._status()
+        self.refresh_inspector()  # the policy view shows the new settings' "what if" at once
 
     def action_temperature(self, direction: int) -> None:
         if self.sampling is not None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from llmchat.engine import Finished, PrefillDone, PrefillProgress, TokenEvent
-from llmchat.engine.events import GenerationEvent
+from llmchat.engine.events import ForcedPrefix, GenerationEvent
 
 # 10 UI updates per second at most. Each one costs the UI thread a Markdown re-parse, a layout and
 # a repaint (~10-15 ms of Python), and all that time the decode loop waits for the GIL between
@@ -31,6 +31,7 @@ class Batch:
     reasoning: str = ""  # new thinking text (reasoning models)
     content: str = ""  # new answer text
     prefill: PrefillProgress | PrefillDone | None = None  # the latest prefill event, if any
+    prefix: ForcedPrefix | None = None  # a branch's kept tokens (their text is in reasoning/content)
     finished: Finished | None = None
 
     @property
@@ -38,7 +39,7 @@ class Batch:
         return self.tokens[-1] if self.tokens else None
 
     def __bool__(self) -> bool:
-        return bool(self.tokens or self.prefill or self.finished)
+        return bool(self.tokens or self.prefill or self.prefix or self.finished)
 
 
 class FrameBudget:
@@ -112,6 +113,13 @@ class Coalescer:
             self._content.append(event.content)
             self._streamed_reasoning += len(event.reasoning)
             self._streamed_content += len(event.content)
+        elif isinstance(event, ForcedPrefix):
+            self._batch.prefix = event
+            self._reasoning.append(event.reasoning)
+            self._content.append(event.content)
+            self._streamed_reasoning += len(event.reasoning)
+            self._streamed_content += len(event.content)
+            urgent = True
         elif isinstance(event, Finished):
             self._batch.finished = event
             # Text the engine held back to the end (a split character, a stop-string prefix, an

@@ -20,7 +20,7 @@ from textual.widgets.markdown import MarkdownStream
 from llmchat.engine import Finished, TokenEvent
 from llmchat.engine.tool_calls import tool_calls_json
 from llmchat.tui.widgets.format import printable
-from llmchat.tui.widgets.tokens import TokenStrip
+from llmchat.tui.widgets.tokens import TokenView
 
 _REASONS = {
     "eos": "end of answer",
@@ -101,6 +101,8 @@ class AssistantMessage(Vertical):
         self.reasoning_text = ""
         self.content_text = ""
         self.tokens: list[TokenEvent] = []
+        self.forced: set[int] = set()  # indices of tokens picked at a branch, not sampled
+        self.token_mode = "text"  # or "heatmap" / "ids": the token view replaces the Markdown
         self.finished: Finished | None = None
         self._content_stream: MarkdownStream | None = None
         self._reasoning_stream: MarkdownStream | None = None
@@ -169,19 +171,26 @@ class AssistantMessage(Vertical):
         block.border_title = "tool call" if len(calls) == 1 else f"{len(calls)} tool calls"
         await self.mount(block, before=self.query_one(".stats"))
 
-    async def show_tokens(self, selected: int) -> TokenStrip:
-        """Open (or move) the token strip under this answer with `selected` highlighted."""
-        strips = self.query(TokenStrip)
-        if strips:
-            strip = strips.first()
+    async def show_tokens(self, selected: int | None, mode: str | None = None) -> TokenView:
+        """Show the token view (in place of the Markdown) with the cursor on `selected`."""
+        self.token_mode = mode or (self.token_mode if self.token_mode != "text" else "heatmap")
+        views = self.query(TokenView)
+        if views:
+            view = views.first()
         else:
-            strip = TokenStrip(self.message_id or "", classes="token-strip")
-            await self.mount(strip)
-        strip.show(self.tokens, selected)
-        return strip
+            view = TokenView(self.message_id or "", classes="token-view")
+            await self.mount(view, after=self.query_one(".content"))
+        self.query_one(".content", Markdown).display = False
+        self.query_one(".reasoning", Collapsible).display = False
+        view.show(self.tokens, selected, self.token_mode, frozenset(self.forced))
+        return view
 
     async def hide_tokens(self) -> None:
-        await self.query(TokenStrip).remove()
+        """Back to the answer's text."""
+        self.token_mode = "text"
+        await self.query(TokenView).remove()
+        self.query_one(".content", Markdown).display = True
+        self.query_one(".reasoning", Collapsible).display = bool(self.reasoning_text)
 
     def fail(self, message: str) -> None:
         self.add_class("failed")

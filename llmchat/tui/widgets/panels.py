@@ -149,5 +149,9 @@ class TopKPanel(Panel):
             out.append(f" {event.prob:>6.1%} ", style="dim")
             out.append(f"#{event.rank + 1:<4}", style="dim")
             out.append(f" {event.policy_prob:>6.1%}\n")
+        if event.entropy or event.policy_entropy:
+            out.append(f"\nentropy {event.entropy:.2f} bits", style="dim")
+            out.append(f" · policy {event.policy_entropy:.2f}", style="dim")
+            out.append(f" · rank #{event.rank + 1}", style="dim")
         out.rstrip()
         return out

@@ -1,8 +1,12 @@
-"""The tokens of one answer as clickable chips, to pick any earlier token for the top-k panel.
+"""The token view of an answer: every token as a chip, coloured by the probability the model gave it.
+
+The view replaces the answer's Markdown while it is open (Alt+T cycles text → heatmap → heatmap
+with token boundaries and ids). A cursor (F8/F9, or a click on a chip) picks a token; the app
+shows that step in the top-k panel and the inspector, and branches there with Ctrl+B.
 
 A saved answer keeps its tokens as plain records (`chat.conversation.token_record`);
-`token_event` turns one back into the engine's `TokenEvent` so the panels draw saved and live
-tokens the same way, without the model loaded.
+`token_event` turns one back into the engine's `TokenEvent` so saved and live tokens are drawn
+the same way, without the model loaded.
 """
 
 from __future__ import annotations
@@ -14,13 +18,24 @@ from rich.text import Text
 from textual.widgets import Static
 
 from llmchat.engine.events import TokenEvent, TopToken
-from llmchat.tui.widgets.format import visible_token
+from llmchat.tui.widgets.format import printable, visible_token
 
-LOW_CONFIDENCE = 0.3  # chips of tokens the model gave less than this are drawn in the warning colour
+# The heatmap: (lowest probability, background, foreground, legend label), highest first. Fixed
+# colours rather than theme ones: the scale must read the same in every theme.
+HEAT: tuple[tuple[float, str, str, str], ...] = (
+    (0.9, "#2e7d32", "#ffffff", "≥90%"),
+    (0.6, "#7cb342", "#000000", "60–90%"),
+    (0.3, "#fbc02d", "#000000", "30–60%"),
+    (0.1, "#f57c00", "#000000", "10–30%"),
+    (0.0, "#c62828", "#ffffff", "<10%"),
+)
+LOW_CONFIDENCE = 0.3  # below this a token counts as one the model was unsure of (orange and red)
+_SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+MODES = ("text", "heatmap", "ids")  # what Alt+T cycles through
 
 
 def token_event(record: dict[str, Any], index: int) -> TokenEvent:
-    """A saved token record as a TokenEvent (timings and cache numbers are not kept: zero)."""
+    """A saved token record as a TokenEvent (cache numbers are not kept: zero)."""
     top = tuple(
         TopToken(
             token_id=int(entry[0]),
@@ -32,6 +47,8 @@ def token_event(record: dict[str, Any], index: int) -> TokenEvent:
         for entry in record.get("top", [])
     )
     return TokenEvent(
+        entropy=float(record.get("entropy", 0.0)),
+        policy_entropy=float(record.get("policy_entropy", 0.0)),
         token_id=int(record.get("id", -1)),
         text=str(record.get("text", "")),
         index=index,
@@ -40,7 +57,7 @@ def token_event(record: dict[str, Any], index: int) -> TokenEvent:
         policy_prob=float(record.get("policy_prob", 0.0)),
         rank=int(record.get("rank", 0)),
         top=top,
-        seconds=0.0,
+        seconds=float(record.get("seconds", 0.0)),
         cache_tokens=0,
         cache_bytes=0,
     )
@@ -57,16 +74,61 @@ def token_events(records: list[dict[str, Any]] | None) -> list[TokenEvent]:
     return events
 
 
-class TokenStrip(Static):
-    """One answer's tokens as chips; click a chip (or use the token keys) to inspect that step."""
+def forced_indices(records: list[dict[str, Any]] | None) -> set[int]:
+    """Which saved tokens were picked at a branch rather than sampled."""
+    return {i for i, record in enumerate(records or []) if isinstance(record, dict) and record.get("forced")}
+
+
+def heat(prob: float) -> tuple[str, str]:
+    """(background, foreground) of a chip for a token the model gave probability `prob`."""
+    for lowest, background, foreground, _ in HEAT:
+        if prob >= lowest:
+            return background, foreground
+    return HEAT[-1][1], HEAT[-1][2]
+
+
+def legend(mode: str) -> Text:
+    """What the colours (and marks) of the token view mean, and the keys that work on it."""
+    text = Text("p(token) ", style="dim")
+    for _, background, foreground, label in HEAT:
+        text.append(f" {label} ", Style(color=foreground, bgcolor=background))
+        text.append(" ")
+    if mode == "ids":
+        text.append(" ₁₂₃ token id", style="dim")
+    text.append("\nF8/F9/click: cursor · Ctrl+B: branch here · Alt+T: ids · underlined: picked", style="dim")
+    return text
+
+
+def chips(
+    tokens: list[TokenEvent], selected: int | None, mode: str, forced: frozenset[int] = frozenset(), link: str = ""
+) -> Text:
+    """The answer's tokens as heatmap chips; `link` (a message id) makes each chip clickable."""
+    text = Text()
+    boundaries = mode == "ids"
+    for i, token in enumerate(tokens):
+        background, foreground = heat(token.prob)
+        style = Style(color=foreground, bgcolor=background, underline=i in forced)
+        if i == selected:
+            style += Style(reverse=True, bold=True)
+        if link:
+            style += Style(meta={"@click": f"app.select_token('{link}', {i})"})
+        shown = visible_token(token.text) if boundaries else printable(token.text).replace("\n", "↵")
+        text.append(shown or "∅", style)
+        if boundaries:
+            text.append(str(token.token_id).translate(_SUBSCRIPT), Style(dim=True, meta=style.meta))
+            text.append(" ")
+        if "\n" in token.text:  # keep the answer's lines
+            text.append("\n")
+    return text
+
+
+class TokenView(Static):
+    """One answer's tokens as a heatmap with a cursor; shown in place of the answer's Markdown."""
 
     DEFAULT_CSS = """
-    TokenStrip {
+    TokenView {
         height: auto;
-        max-height: 8;
-        overflow-y: auto;
-        color: $text-muted;
-        margin: 1 0 0 0;
+        margin: 0;
     }
     """
 
@@ -74,31 +136,13 @@ class TokenStrip(Static):
         super().__init__("", **kwargs)
         self.message_id = message_id
         self.selected: int | None = None
+        self.mode = "heatmap"
 
-    def show(self, tokens: list[TokenEvent], selected: int) -> None:
-        self.selected = selected
-        self.update(self._chips(tokens, selected))
-        self.scroll_to(y=max(self._line_of(tokens, selected) - 2, 0), animate=False)
-
-    def _chips(self, tokens: list[TokenEvent], selected: int) -> Text:
-        variables = self.app.theme_variables if self.is_attached else {}
-        warn = variables.get("warning", "yellow")
-        accent = variables.get("accent", "cyan")
-        text = Text()
-        for i, token in enumerate(tokens):
-            chip = visible_token(token.text).replace("↵", "↵ ")
-            if i == selected:
-                style = Style(color=variables.get("background", "black"), bgcolor=accent, bold=True)
-            elif token.prob < LOW_CONFIDENCE:
-                style = Style(color=warn)
-            else:
-                style = Style()
-            text.append(chip, style + Style(meta={"@click": f"app.select_token('{self.message_id}', {i})"}))
-            text.append(" ")
-        return text
-
-    def _line_of(self, tokens: list[TokenEvent], selected: int) -> int:
-        """Roughly which wrapped line the selected chip is on, to keep it in view."""
-        width = max(self.size.width, 1)
-        cells = sum(len(visible_token(t.text)) + 1 for t in tokens[:selected])
-        return cells // width
+    def show(
+        self, tokens: list[TokenEvent], selected: int | None, mode: str, forced: frozenset[int] = frozenset()
+    ) -> None:
+        self.selected, self.mode = selected, mode
+        body = legend(mode)
+        body.append("\n\n")
+        body.append_text(chips(tokens, selected, mode, forced, self.message_id))
+        self.update(body)

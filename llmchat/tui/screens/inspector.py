@@ -1,0 +1,140 @@
+"""The inspector: the decoding policy of a step, the prompt as the model sees it, and the timeline.
+
+A full screen over the chat rather than a modal dialog: the chat's keys keep working here, so
+F2–F7 change the sampling settings and the policy view recomputes at once ("what if"), and F8/F9
+move the token cursor to another step. The app computes the views (tensors stay on worker
+threads) and hands them over with `show_*`; the screen only draws.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Sparkline, Static, TabbedContent, TabPane
+
+from llmchat.engine.inspector import PolicyView, PromptView
+from llmchat.tui.widgets.inspector import (
+    Timeline,
+    prompt_chips,
+    prompt_counts,
+    timeline_decode,
+    timeline_prefill,
+    timeline_trend,
+)
+
+TABS = {"policy": "Policy", "prompt": "Prompt", "timeline": "Timeline"}
+HINT = "Alt+P policy · Alt+V prompt · Alt+L timeline · F8/F9 step · F2–F7 sampling · Esc back to the chat"
+
+
+class InspectorScreen(Screen[None]):
+    """Three tabs over the chat's model; the app keeps them current."""
+
+    DEFAULT_CSS = """
+    InspectorScreen #inspector-hint {
+        height: 1;
+        color: $text-muted;
+        padding: 0 1;
+    }
+    InspectorScreen TabPane {
+        padding: 0 1;
+    }
+    InspectorScreen .section {
+        margin: 1 0 0 0;
+        text-style: bold;
+        color: $text-accent;
+    }
+    InspectorScreen #prompt-counts, InspectorScreen #policy-step {
+        text-style: bold;
+    }
+    InspectorScreen #timeline-sparkline {
+        height: 6;
+        margin: 1 0;
+    }
+    InspectorScreen #timeline-sparkline > .sparkline--max-color {
+        color: $error;
+    }
+    InspectorScreen #timeline-sparkline > .sparkline--min-color {
+        color: $success;
+    }
+    """
+
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "app.pop_screen", "Back", show=False)]
+
+    def __init__(self, tab: str = "policy") -> None:
+        super().__init__()
+        self.initial_tab = tab
+        # What is drawn now, as data (tests read these).
+        self.policy: PolicyView | None = None
+        self.prompt: PromptView | None = None
+        self.timeline: Timeline | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static(HINT, id="inspector-hint", markup=False)
+        with TabbedContent(initial=self.initial_tab, id="inspector-tabs"):
+            with TabPane(TABS["policy"], id="policy"), VerticalScroll():
+                yield Static(id="policy-step")
+                yield Static(id="policy-body")
+            with TabPane(TABS["prompt"], id="prompt"), VerticalScroll():
+                yield Static(id="prompt-counts", markup=False)
+                yield Static(id="prompt-chips")
+                yield Static("Rendered text (exactly what the chat template produced)", classes="section")
+                yield Static(id="prompt-text", markup=False)
+            with TabPane(TABS["timeline"], id="timeline"), VerticalScroll():
+                yield Static(id="timeline-prefill")
+                yield Static(id="timeline-decode", classes="section")
+                yield Sparkline([], id="timeline-sparkline")
+                yield Static(id="timeline-trend", markup=False)
+        yield Footer()
+
+    @property
+    def active_tab(self) -> str:
+        return self.query_one(TabbedContent).active or self.initial_tab
+
+    def show_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+
+    @on(TabbedContent.TabActivated)
+    def _tab_changed(self, event: TabbedContent.TabActivated) -> None:
+        event.stop()
+        refresh = getattr(self.app, "refresh_inspector", None)
+        if refresh is not None:
+            refresh()
+
+    # --- drawing -------------------------------------------------------------------------------
+
+    def show_policy(self, step: Text, body: Text, view: PolicyView | None) -> None:
+        self.policy = view
+        self.query_one("#policy-step", Static).update(step)
+        self.query_one("#policy-body", Static).update(body)
+
+    def show_prompt(self, view: PromptView | None, chips: Text | None = None, note: str = "") -> None:
+        self.prompt = view
+        counts = self.query_one("#prompt-counts", Static)
+        if view is None:
+            counts.update(note)
+            self.query_one("#prompt-chips", Static).update("")
+            self.query_one("#prompt-text", Static).update("")
+            return
+        counts.update(prompt_counts(view) + (f"\n{note}" if note else ""))
+        self.query_one("#prompt-chips", Static).update(chips or prompt_chips(view, "", "reverse"))
+        self.query_one("#prompt-text", Static).update(view.text)
+
+    def show_timeline(self, timeline: Timeline | None, note: str = "", accent: str = "cyan") -> None:
+        self.timeline = timeline
+        sparkline = self.query_one(Sparkline)
+        if timeline is None:
+            self.query_one("#timeline-prefill", Static).update(Text(note, style="dim"))
+            self.query_one("#timeline-decode", Static).update("")
+            self.query_one("#timeline-trend", Static).update("")
+            sparkline.data = []
+            return
+        self.query_one("#timeline-prefill", Static).update(timeline_prefill(timeline, accent))
+        self.query_one("#timeline-decode", Static).update(timeline_decode(timeline))
+        sparkline.data = [s * 1000 for s in timeline.decode_seconds]
+        self.query_one("#timeline-trend", Static).update(timeline_trend(timeline))

@@ -1,0 +1,210 @@
+"""Text of the inspector's views: the sampler chain, the prompt as the model sees it, the timeline.
+
+Pure functions from plain data (engine.inspector's views, token events, saved stats) to Rich
+text, so they are easy to test and cost the UI thread only string work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.style import Style
+from rich.text import Text
+
+from llmchat.engine.events import TokenEvent
+from llmchat.engine.inspector import STAGE_TITLES, PolicyView, PromptView
+from llmchat.engine.sampling import SamplingParams
+from llmchat.tui.widgets.format import bar, visible_token
+
+_SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+_SHORT = {
+    "raw": "raw",
+    "repetition_penalty": "penalty",
+    "temperature": "temp",
+    "top_k": "top-k",
+    "top_p": "top-p",
+    "min_p": "min-p",
+    "policy": "sampled",
+}
+BAR = 4
+TOKEN_WIDTH = 12
+
+
+def settings_line(params: SamplingParams) -> str:
+    if params.greedy:
+        return f"greedy (temperature 0) · repetition penalty {params.repetition_penalty:g}"
+    return (
+        f"temperature {params.temperature:g} · top-k {params.top_k or 'off'} · top-p {params.top_p:g} · "
+        f"min-p {params.min_p:g} · repetition penalty {params.repetition_penalty:g}"
+    )
+
+
+def step_title(token: TokenEvent, index: int, total: int) -> Text:
+    text = Text()
+    text.append(f"Step {index + 1} of {total}", style="bold")
+    text.append(f" · token {visible_token(token.text)} (id {token.token_id}) · raw p {token.prob:.1%}")
+    text.append(f" · policy p {token.policy_prob:.1%} · rank {token.rank + 1}")
+    text.append(f" · entropy {token.entropy:.2f} bits")
+    return text
+
+
+def policy_text(view: PolicyView, accent: str = "cyan", cut: str = "red") -> Text:
+    """The chain as two tables: each stage's effect, then each candidate's probability per stage."""
+    out = Text()
+    out.append("what if: ", style="dim")
+    out.append(settings_line(view.params))
+    out.append("\nF2–F7 change the settings: only the policy is recomputed, never the model\n\n", style="dim")
+    out.append(f"{'stage':<22}{'setting':>18}{'kept':>9}{'cut':>9}{'entropy':>13}\n", style="bold")
+    for stage in view.stages:
+        style = "" if stage.active else "dim"
+        out.append(f"{STAGE_TITLES[stage.name]:<22}{stage.setting:>18}{stage.kept:>9,}", style=style)
+        out.append(f"{stage.removed:>9,}" if stage.removed else f"{'–':>9}", style=style)
+        out.append(f"{stage.entropy:>8.2f} bits", style=style)
+        if stage.removed_shown:
+            out.append("  cut: " + " ".join(visible_token(t) for t in stage.removed_shown[:6]), style=cut)
+        out.append("\n")
+    out.append("\n")
+    out.append(f"{'token':<{TOKEN_WIDTH}}{'logit':>8} ", style="bold")
+    for stage in view.stages:
+        out.append(f" {_SHORT[stage.name]:>{6 + BAR}}", style="bold")
+    out.append("\n")
+    for candidate in view.candidates:
+        chosen = candidate.token_id == view.chosen_id
+        out.append("▶" if chosen else " ", style=f"bold {accent}")
+        name = visible_token(candidate.text)[: TOKEN_WIDTH - 1]
+        out.append(f"{name:<{TOKEN_WIDTH - 1}}", style="bold" if chosen else "")
+        out.append(f"{candidate.logit:>8.2f} ")
+        for prob in candidate.probs:
+            if prob > 0:
+                out.append(f" {prob:>6.1%}")
+                out.append(bar(prob, BAR), style=accent)
+            else:
+                out.append(f" {'cut':>6}{'':<{BAR}}", style=cut)
+        out.append("\n")
+    out.append(f" {'(all others)':<{TOKEN_WIDTH - 1}}{'':>8} ", style="dim")
+    for stage in view.stages:
+        out.append(f" {stage.other:>6.1%}{'':<{BAR}}", style="dim")
+    return out
+
+
+def saved_policy_text(token: TokenEvent, note: str) -> Text:
+    """Without the step's logits (no model, or the step left the cache): what the answer saved."""
+    out = Text(note + "\n\n", style="dim")
+    out.append(f"{'token':<{TOKEN_WIDTH}}{'logit':>8}  {'raw':>{6 + BAR}}  {'sampled':>{6 + BAR}}\n", style="bold")
+    for top in token.top:
+        chosen = top.token_id == token.token_id
+        out.append("▶" if chosen else " ", style="bold")
+        out.append(f"{visible_token(top.text)[: TOKEN_WIDTH - 1]:<{TOKEN_WIDTH - 1}}{top.logit:>8.2f}  ")
+        out.append(f"{top.prob:>6.1%}{bar(top.prob, BAR)}  ")
+        out.append(f"{top.policy_prob:>6.1%}{bar(top.policy_prob, BAR)}" if top.policy_prob > 0 else f"{'cut':>6}")
+        out.append("\n")
+    return out
+
+
+def prompt_counts(view: PromptView) -> str:
+    return (
+        f"{len(view.token_ids):,} tokens · {view.reused:,} already in the KV cache (reused) · "
+        f"{view.to_prefill:,} to prefill"
+    )
+
+
+def prompt_chips(view: PromptView, reused_style: str, new_style: str) -> Text:
+    """Every token of the request with its id; cached ones in one style, to-be-prefilled in another."""
+    out = Text()
+    for i, (token_id, text) in enumerate(zip(view.token_ids, view.token_texts, strict=True)):
+        style = Style.parse(reused_style if i < view.reused else new_style)
+        out.append(visible_token(text), style)
+        out.append(str(token_id).translate(_SUBSCRIPT), style + Style(dim=True))
+        out.append(" ")
+        if "\n" in text:
+            out.append("\n")
+    return out
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """One request's time: prefill chunks, then the decode steps."""
+
+    prompt_tokens: int
+    reused_tokens: int
+    prefill_chunks: tuple[tuple[int, float], ...]  # (tokens, seconds)
+    decode_seconds: tuple[float, ...]  # per decode step (the tokens after the first)
+    first_token_seconds: float  # request start to the first token
+
+    @classmethod
+    def of_answer(cls, tokens: Sequence[TokenEvent], stats: dict[str, Any]) -> Timeline | None:
+        """From an answer's token events and its (saved or live) stats; None when no timings were kept."""
+        chunks = tuple((int(t), float(s)) for t, s in stats.get("prefill_chunks", []) or [])
+        if not tokens or (not chunks and all(t.seconds == 0 for t in tokens)):
+            return None
+        return cls(
+            prompt_tokens=int(stats.get("prompt_tokens", 0)),
+            reused_tokens=int(stats.get("reused_tokens", 0)),
+            prefill_chunks=chunks,
+            decode_seconds=tuple(t.seconds for t in tokens[1:]),
+            first_token_seconds=tokens[0].seconds,
+        )
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(t for t, _ in self.prefill_chunks)
+
+    @property
+    def prefill_seconds(self) -> float:
+        return sum(s for _, s in self.prefill_chunks)
+
+
+def _rate(tokens: float, seconds: float) -> str:
+    return f"{tokens / seconds:,.0f} tok/s" if seconds > 0 else "–"
+
+
+def timeline_prefill(timeline: Timeline, accent: str = "cyan") -> Text:
+    out = Text()
+    n = len(timeline.prefill_chunks)
+    out.append("Prefill", style="bold")
+    out.append(
+        f"  prompt {timeline.prompt_tokens:,} tokens: {timeline.reused_tokens:,} reused from the KV cache, "
+        f"{timeline.prefill_tokens:,} prefilled in {n} chunk{'s' if n != 1 else ''} · "
+        f"{timeline.prefill_seconds * 1000:,.0f} ms · {_rate(timeline.prefill_tokens, timeline.prefill_seconds)}\n"
+    )
+    longest = max((s for _, s in timeline.prefill_chunks), default=0.0)
+    for i, (tokens, seconds) in enumerate(timeline.prefill_chunks):
+        out.append(f"  chunk {i + 1:<3}{tokens:>6,} tok {seconds * 1000:>8,.0f} ms {_rate(tokens, seconds):>12}  ")
+        out.append(bar(seconds / longest if longest else 0, 30), style=accent)
+        out.append("\n")
+    out.append(f"  first token after {timeline.first_token_seconds * 1000:,.0f} ms (TTFT)", style="dim")
+    return out
+
+
+def timeline_decode(timeline: Timeline) -> Text:
+    out = Text()
+    steps = timeline.decode_seconds
+    out.append("Decode", style="bold")
+    if not steps:
+        out.append("  no decode step (the answer is one token)")
+        return out
+    total = sum(steps)
+    ms = [s * 1000 for s in steps]
+    out.append(
+        f"  {len(steps):,} steps · {total:,.2f} s · {_rate(len(steps), total)} · "
+        f"{total / len(steps) * 1000:.1f} ms/token (min {min(ms):.1f}, max {max(ms):.1f}) · "
+        "one bar per token, height = ms"
+    )
+    return out
+
+
+def timeline_trend(timeline: Timeline) -> str:
+    """How decode slowed (or not) from the first steps to the last, as the cache grew."""
+    steps = timeline.decode_seconds
+    window = max(1, min(16, len(steps) // 4))
+    if len(steps) < 2 * window or len(steps) < 4:
+        return ""
+    first = sum(steps[:window]) / window * 1000
+    last = sum(steps[-window:]) / window * 1000
+    start = timeline.prompt_tokens + 1
+    return (
+        f"first {window} steps {first:.1f} ms/token → last {window} steps {last:.1f} ms/token "
+        f"({(last / first - 1) * 100:+.0f}%) while the KV cache grew from {start:,} to {start + len(steps):,} tokens"
+    )
