@@ -12,7 +12,7 @@ import torch
 import llmchat
 from llmchat.engine.config import from_hf_config
 from llmchat.engine.errors import ContextFullError
-from llmchat.engine.events import Finished, PrefillDone, PrefillProgress, TokenEvent
+from llmchat.engine.events import Finished, ForcedPrefix, PrefillDone, PrefillProgress, TokenEvent
 from llmchat.engine.generate import _StopStrings
 from llmchat.engine.kv_cache import KVCache
 from llmchat.engine.package import DEFAULT_SAMPLING, GenerationDefaults
@@ -301,3 +301,84 @@ def test_load_reports_progress_per_tensor(tiny_model) -> None:  # type: ignore[n
     llmchat.load(folder, device="cpu", dtype="float32", context_length=32, progress=lambda d, t: seen.append((d, t)))
     total = len(open_package(folder).weights.tensor_names())
     assert seen == [(i, total) for i in range(1, total + 1)]
+
+
+# --- continuing from chosen tokens, and re-reading a step (the inspector's engine side) ---------
+
+
+def test_an_answer_prefix_continues_like_the_original_and_prefills_one_token(model: llmchat.LoadedModel) -> None:
+    """Greedy from prompt + the first k tokens of a greedy answer is that answer's rest: the prefix
+    comes from the cache (one token prefilled), its text is handed over once, indices continue."""
+    prompt = _prompt(12)
+    first = list(model.generate(prompt, sampling=GREEDY, max_new_tokens=10, stop_on_eos=False))
+    answer = _tokens(first)
+    k = 4
+    events = list(
+        model.generate(prompt, sampling=GREEDY, max_new_tokens=6, stop_on_eos=False, answer_prefix=answer[:k])
+    )
+    done = _finished(events)
+    prefill = next(e for e in events if isinstance(e, PrefillDone))
+    forced = next(e for e in events if isinstance(e, ForcedPrefix))
+    assert (prefill.reused_tokens, prefill.prefilled_tokens) == (len(prompt) + k - 1, 1)
+    assert forced.token_ids == tuple(answer[:k])
+    assert _tokens(events) == answer[k:]
+    assert [e.index for e in events if isinstance(e, TokenEvent)] == list(range(k, 10))
+    assert done.token_ids == tuple(answer) and (done.prefix_tokens, done.generated_tokens) == (k, 6)
+    assert done.text == _finished(first).text and done.text.startswith(forced.text)
+
+
+def test_an_end_of_sequence_token_in_the_prefix_ends_the_answer(model: llmchat.LoadedModel) -> None:
+    prompt = _prompt(12)
+    answer = _tokens(list(model.generate(prompt, sampling=GREEDY, max_new_tokens=5, stop_on_eos=False)))
+    model.generator.eos_token_ids = frozenset({answer[2]})
+    events = list(model.generate(prompt, sampling=GREEDY, max_new_tokens=5, answer_prefix=answer[:3]))
+    done = _finished(events)
+    assert done.reason == "eos" and done.token_ids == tuple(answer[:2]) and done.generated_tokens == 0
+    assert not _tokens(events)
+
+
+def test_a_stop_string_in_the_prefix_ends_the_answer(model: llmchat.LoadedModel) -> None:
+    prompt = _prompt(12)
+    first = list(model.generate(prompt, sampling=GREEDY, max_new_tokens=6, stop_on_eos=False))
+    answer, text = _tokens(first), _finished(first).text
+    stop = model.tokenizer.decode(answer[:3])[-2:]
+    assert stop.strip(), "the tiny model's first tokens should end in visible text"
+    events = list(
+        model.generate(prompt, sampling=GREEDY, max_new_tokens=6, stop_strings=[stop], answer_prefix=answer[:3])
+    )
+    done = _finished(events)
+    # the stream decoder may hold the prefix's last characters back until one more token shows them
+    assert done.reason == "stop_string" and len(_tokens(events)) <= 1
+    assert stop not in done.text and text.startswith(done.text)
+
+
+def test_step_logits_reread_any_cached_step_and_leave_the_cache_alone(model: llmchat.LoadedModel) -> None:
+    """The logits of every step of the last answer, read back after it finished, are the ones the
+    step sampled from (greedy: their argmax is the token); the cache's tensors are unchanged."""
+    prompt = _prompt(12)
+    events = list(model.generate(prompt, sampling=GREEDY, max_new_tokens=8, stop_on_eos=False))
+    answer = _tokens(events)
+    steps = [e for e in events if isinstance(e, TokenEvent)]
+    keys, values, tokens = model.cache.keys.clone(), model.cache.values.clone(), list(model.cache.tokens)
+    for i, step in enumerate(steps):
+        logits = model.generator.step_logits(prompt + answer[:i])
+        assert int(logits.argmax()) == answer[i]
+        assert float(logits.softmax(-1)[answer[i]]) == pytest.approx(step.prob, abs=1e-6)
+        fresh = model.logits(prompt + answer[:i])[-1]  # an independent full forward pass
+        assert torch.allclose(logits, fresh, atol=1e-4)
+    assert torch.equal(model.cache.keys[:, :, : len(tokens)], keys[:, :, : len(tokens)])
+    assert torch.equal(model.cache.values[:, :, : len(tokens)], values[:, :, : len(tokens)])
+    assert model.cache.tokens == tokens
+    with pytest.raises(ValueError, match="no longer in the KV cache"):
+        model.generator.step_logits([1, 2, 3] + prompt)
+
+
+def test_reusable_is_what_a_request_reuses(model: llmchat.LoadedModel) -> None:
+    prompt = _prompt(12)
+    list(model.generate(prompt, sampling=GREEDY, max_new_tokens=3))
+    extended = [*model.cache.tokens, 7, 8]
+    expected = model.generator.reusable(extended)
+    assert expected == len(model.cache.tokens)
+    assert model.generator.reusable(prompt) == len(prompt) - 1  # the last token always runs
+    done = next(e for e in model.generate(extended, sampling=GREEDY, max_new_tokens=1) if isinstance(e, PrefillDone))
+    assert done.reused_tokens == expected

@@ -328,3 +328,40 @@ def test_from_generation_config() -> None:
 
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams.from_generation_config({"top_p": 0.0})
+
+
+# --- the inspector's view of the chain ----------------------------------------------------------
+
+
+def test_policy_view_reports_each_stage_by_hand() -> None:
+    """Four tokens with p = .5/.3/.15/.05: temperature 1, top-k 3 drops the last (renormalized over
+    .95), top-p 0.6 then keeps the two likeliest, min-p 0.5 keeps those whose p >= half the top's."""
+    from llmchat.engine.inspector import policy_view
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log()
+    params = SamplingParams(temperature=1.0, top_k=3, top_p=0.6, min_p=0.5)
+    view = policy_view(logits, params, lambda i: "abcd"[i], top=4, chosen_id=1)
+    stages = {s.name: s for s in view.stages}
+    assert [s.name for s in view.stages][0] == "raw" and view.stages[-1].name == "policy"
+    assert (stages["top_k"].kept, stages["top_k"].removed, stages["top_k"].removed_shown) == (3, 1, ("d",))
+    assert stages["temperature"].active is False and stages["top_k"].setting == "3"
+    a, b, c, d = view.candidates
+    assert [x.text for x in view.candidates] == ["a", "b", "c", "d"]
+    top_k = [s.name for s in view.stages].index("top_k")
+    assert a.probs[top_k] == pytest.approx(0.5 / 0.95) and d.probs[top_k] == 0.0
+    # top-p 0.6 over (.526, .316, .158): removes tokens whose cumulative mass from the bottom is <= .4
+    assert stages["top_p"].kept == 2 and stages["top_p"].removed_shown == ("c",)
+    assert view.prob(0) == pytest.approx(0.5 / 0.8) and view.prob(1) == pytest.approx(0.3 / 0.8)
+    assert stages["min_p"].removed == 0  # .3/.8 >= .5 * .5/.8
+    assert stages["raw"].entropy == pytest.approx(float(-(probs * probs.log2()).sum()), abs=1e-5)
+    assert stages["policy"].other == pytest.approx(0.0, abs=1e-6)
+
+
+def test_policy_view_of_greedy_is_a_one_hot_and_skips_the_warpers() -> None:
+    from llmchat.engine.inspector import policy_view
+
+    view = policy_view(torch.tensor([1.0, 3.0, 2.0]), SamplingParams(temperature=0, top_k=1), str, chosen_id=1)
+    assert view.prob(1) == 1.0 and view.prob(2) == 0.0
+    assert all(not s.active for s in view.stages if s.name in ("temperature", "top_k", "top_p", "min_p"))
+    assert view.stages[-1].setting == "greedy: argmax" and view.stages[-1].entropy == 0.0

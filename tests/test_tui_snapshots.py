@@ -132,3 +132,102 @@ def test_conversations_screen_in_the_app(tmp_path: Path, utc: None, snap_compare
 
     app = LLMChatApp(None, store=store, sampling=SamplingParams(temperature=0.7, top_k=40, top_p=0.9))
     assert snap_compare(app, terminal_size=SIZE, run_before=open_list)
+
+
+# --- the inspector ------------------------------------------------------------------------------
+
+
+def test_token_heatmap(tmp_path: Path, snap_compare: Callable[..., bool]) -> None:
+    """Alt+T: the answer as probability-coloured token chips with the legend; the cursor two back."""
+
+    async def heatmap(pilot: Any) -> None:
+        await _fixed_panels(pilot)
+        await pilot.press("alt+t", "f8", "f8")
+        await pilot.pause()
+
+    assert snap_compare(_app(tmp_path), terminal_size=SIZE, run_before=heatmap)
+
+
+CITIES = [" Paris", " Lyon", " Marseille", " Nice", " Toulouse", " the", " a", " France", " Bordeaux", " Lille"]
+
+
+def _fixed_policy() -> Any:
+    """A policy view over fixed logits (the app computes the same from a step's real logits)."""
+    import torch
+
+    from llmchat.engine.inspector import policy_view
+
+    logits = torch.tensor([9.0, 6.5, 6.1, 5.2, 4.9, 4.0, 3.1, 2.2, 4.4, 3.9] + [0.0] * 40)
+    params = SamplingParams(temperature=0.7, top_k=6, top_p=0.9, min_p=0.05)
+    return policy_view(logits, params, lambda i: CITIES[i] if i < len(CITIES) else f"<{i}>", chosen_id=0)
+
+
+def test_policy_view(tmp_path: Path, snap_compare: Callable[..., bool]) -> None:
+    """Alt+P: each stage of the sampler chain, what it cut, and every candidate's probability after it."""
+    from llmchat.tui.screens.inspector import InspectorScreen
+    from llmchat.tui.widgets.inspector import policy_text, step_title
+
+    async def policy(pilot: Any) -> None:
+        await _fixed_panels(pilot)
+        await pilot.press("f8", "f8", "f8", "alt+p")
+        await pilot.pause()
+        screen = pilot.app.screen
+        assert isinstance(screen, InspectorScreen)
+        token = pilot.app._token_answer.tokens[6]
+        variables = pilot.app.theme_variables
+        view = _fixed_policy()
+        screen.show_policy(step_title(token, 6, 9), policy_text(view, variables["accent"], variables["error"]), view)
+        await pilot.pause()
+
+    assert snap_compare(_app(tmp_path), terminal_size=SIZE, run_before=policy)
+
+
+def test_prompt_view(tmp_path: Path, snap_compare: Callable[..., bool]) -> None:
+    """Alt+V: the next request as rendered, token by token with ids; the cached part marked."""
+    from llmchat.engine.inspector import PromptView
+    from llmchat.tui.screens.inspector import InspectorScreen
+    from llmchat.tui.widgets.inspector import prompt_chips
+
+    pieces = ["<|im_start|>", "user", "\n", "What", " is", " the", " capital", " of", " France", "?", "<|im_end|>",
+              "\n", "<|im_start|>", "assistant", "\n", "Paris", ".", "<|im_end|>", "\n", "<|im_start|>", "user", "\n",
+              "And", " Italy", "?", "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"]  # fmt: skip
+    view = PromptView("".join(pieces), tuple(range(1, len(pieces) + 1)), tuple(pieces), reused=19)
+
+    async def prompt(pilot: Any) -> None:
+        await _fixed_panels(pilot)
+        await pilot.press("alt+v")
+        await pilot.pause()
+        screen = pilot.app.screen
+        assert isinstance(screen, InspectorScreen)
+        variables = pilot.app.theme_variables
+        chips = prompt_chips(
+            view, f"{variables['success']} underline", f"bold {variables['background']} on {variables['accent']}"
+        )
+        screen.show_prompt(view, chips, "underlined: in the KV cache already · highlighted: to prefill")
+        await pilot.pause()
+
+    assert snap_compare(_app(tmp_path), terminal_size=SIZE, run_before=prompt)
+
+
+def test_timeline(tmp_path: Path, snap_compare: Callable[..., bool]) -> None:
+    """Alt+L on a saved answer: its prefill chunks and a bar per decode step, from the saved timings."""
+    conversation = saved_conversation()
+    answer = next(m for m in conversation.path() if m.role == "assistant")
+    assert answer.tokens is not None
+    for i, record in enumerate(answer.tokens):
+        record["seconds"] = 0.4 if i == 0 else 0.029 + 0.0015 * i + (0.004 if i % 3 == 0 else 0.0)
+    answer.stats = {**(answer.stats or {}), "prompt_tokens": 1180, "reused_tokens": 0,
+                    "prefill_chunks": [[512, 1.41], [512, 1.46], [156, 0.47]]}  # fmt: skip
+
+    async def timeline(pilot: Any) -> None:
+        await _fixed_panels(pilot)
+        await pilot.press("f8", "alt+l")
+        await pilot.pause()
+
+    app = LLMChatApp(
+        None,
+        store=ConversationStore(tmp_path / "c"),
+        conversation=conversation,
+        sampling=SamplingParams(temperature=0.7),
+    )
+    assert snap_compare(app, terminal_size=SIZE, run_before=timeline)

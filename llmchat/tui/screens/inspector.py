@@ -29,6 +29,7 @@ from llmchat.tui.widgets.inspector import (
 )
 
 TABS = {"policy": "Policy", "prompt": "Prompt", "timeline": "Timeline"}
+_PANE = "inspect-"  # pane ids are prefixed: the chat screen's CSS already styles a #prompt
 HINT = "Alt+P policy · Alt+V prompt · Alt+L timeline · F8/F9 step · F2–F7 sampling · Esc back to the chat"
 
 
@@ -41,8 +42,15 @@ class InspectorScreen(Screen[None]):
         color: $text-muted;
         padding: 0 1;
     }
+    InspectorScreen #inspector-tabs, InspectorScreen ContentSwitcher {
+        height: 1fr;
+    }
     InspectorScreen TabPane {
         padding: 0 1;
+        height: 1fr;
+    }
+    InspectorScreen TabPane > VerticalScroll {
+        height: 1fr;
     }
     InspectorScreen .section {
         margin: 1 0 0 0;
@@ -76,16 +84,16 @@ class InspectorScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield Static(HINT, id="inspector-hint", markup=False)
-        with TabbedContent(initial=self.initial_tab, id="inspector-tabs"):
-            with TabPane(TABS["policy"], id="policy"), VerticalScroll():
+        with TabbedContent(initial=_PANE + self.initial_tab, id="inspector-tabs"):
+            with TabPane(TABS["policy"], id=_PANE + "policy"), VerticalScroll():
                 yield Static(id="policy-step")
                 yield Static(id="policy-body")
-            with TabPane(TABS["prompt"], id="prompt"), VerticalScroll():
+            with TabPane(TABS["prompt"], id=_PANE + "prompt"), VerticalScroll():
                 yield Static(id="prompt-counts", markup=False)
                 yield Static(id="prompt-chips")
                 yield Static("Rendered text (exactly what the chat template produced)", classes="section")
                 yield Static(id="prompt-text", markup=False)
-            with TabPane(TABS["timeline"], id="timeline"), VerticalScroll():
+            with TabPane(TABS["timeline"], id=_PANE + "timeline"), VerticalScroll():
                 yield Static(id="timeline-prefill")
                 yield Static(id="timeline-decode", classes="section")
                 yield Sparkline([], id="timeline-sparkline")
@@ -94,10 +102,11 @@ class InspectorScreen(Screen[None]):
 
     @property
     def active_tab(self) -> str:
-        return self.query_one(TabbedContent).active or self.initial_tab
+        """"policy", "prompt" or "timeline"."""
+        return self.query_one(TabbedContent).active.removeprefix(_PANE) or self.initial_tab
 
     def show_tab(self, tab: str) -> None:
-        self.query_one(TabbedContent).active = tab
+        self.query_one(TabbedContent).active = _PANE + tab
 
     @on(TabbedContent.TabActivated)
     def _tab_changed(self, event: TabbedContent.TabActivated) -> None:
