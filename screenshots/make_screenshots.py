@@ -57,6 +57,35 @@ async def shoot(model: Path, data_dir: Path) -> list[Path]:
         await pilot.press("f8", *["f8"] * 6)  # the token cursor, 7 tokens back: the top-k panel follows
         await pilot.pause(0.5)
         written.append(Path(app.save_screenshot(filename="panels.svg", path=str(HERE))))
+        await pilot.press("alt+t")  # the heatmap with token boundaries and ids
+        await pilot.pause(0.5)
+        written.append(Path(app.save_screenshot(filename="token-heatmap.svg", path=str(HERE))))
+
+        from llmchat.tui.screens.inspector import InspectorScreen
+
+        await pilot.press("alt+p")  # the sampler chain of the step under the cursor
+        await _until(pilot, lambda: isinstance(app.screen, InspectorScreen), "the inspector")
+        screen = app.screen
+        assert isinstance(screen, InspectorScreen)
+        await _until(pilot, lambda: screen.policy is not None, "the policy view")
+        await pilot.pause(0.5)
+        written.append(Path(app.save_screenshot(filename="policy-view.svg", path=str(HERE))))
+        await pilot.press("alt+l")
+        await _until(pilot, lambda: screen.timeline is not None, "the timeline")
+        await pilot.pause(0.5)
+        written.append(Path(app.save_screenshot(filename="timeline.svg", path=str(HERE))))
+        await pilot.press("escape")
+        await pilot.pause(0.2)
+        app.query_one(PromptInput).text = "And what is the best time of year to visit?"
+        await pilot.press("alt+v")  # the next request as the model will see it
+        await _until(pilot, lambda: isinstance(app.screen, InspectorScreen), "the inspector")
+        screen = app.screen
+        assert isinstance(screen, InspectorScreen)
+        await _until(pilot, lambda: screen.prompt is not None, "the prompt view")
+        await pilot.pause(0.5)
+        written.append(Path(app.save_screenshot(filename="prompt-view.svg", path=str(HERE))))
+        await pilot.press("escape")
+        app.query_one(PromptInput).text = ""
         await pilot.press("escape", "ctrl+o")
         await pilot.pause(0.5)
         written.append(Path(app.save_screenshot(filename="conversations.svg", path=str(HERE))))

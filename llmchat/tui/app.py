@@ -251,7 +251,7 @@ class LLMChatApp(App[None]):
         self._answer_id: str | None = None
         self._panels_wanted = self.settings.panels
         self._editing: str | None = None  # id of the user message being edited (Ctrl+E)
-        self._token_answer: AssistantMessage | None = None  # the answer whose token strip is open
+        self._token_answer: AssistantMessage | None = None  # the answer whose token view is open
         self._panels_shown_at = 0.0
         self.frames = FrameBudget()  # how often the worker may hand a batch over
         self._selected_token: int | None = None  # an earlier token picked for the top-k panel

@@ -17,7 +17,10 @@ PANELS_HELP = (
     "The panels on the right follow the model as it works. KV cache: the tokens the model keeps "
     "between turns; a new message prefills only what is not cached yet. Memory: weights, KV cache "
     "and overhead, estimated and measured. Top-k: the candidates for the last token with their "
-    "probabilities, the chosen one marked. The panels hide themselves when the terminal is narrow."
+    "probabilities, the chosen one marked. The panels hide themselves when the terminal is narrow. "
+    "The token cursor (F8/F9, Alt+T) shows an answer as a probability heatmap; Ctrl+B branches at the "
+    "token under it; Alt+P/Alt+V/Alt+L open the inspector (policy of a step, the prompt as the model "
+    "sees it, the prefill/decode timeline)."
 )
 
 

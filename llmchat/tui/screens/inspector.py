@@ -102,7 +102,7 @@ class InspectorScreen(Screen[None]):
 
     @property
     def active_tab(self) -> str:
-        """"policy", "prompt" or "timeline"."""
+        """ "policy", "prompt" or "timeline"."""
         return self.query_one(TabbedContent).active.removeprefix(_PANE) or self.initial_tab
 
     def show_tab(self, tab: str) -> None:

@@ -157,7 +157,7 @@ class AssistantMessage(Vertical):
         await self.query_one(".content", Markdown).update(printable(content))
 
     def show_stats(self, line: str) -> None:
-        """The stats line, with a clickable `tokens` link that opens the token strip."""
+        """The stats line, with a clickable `tokens` link that opens the token view."""
         text = Text(line)
         if self.tokens and self.message_id is not None:
             text.append(" · ")
