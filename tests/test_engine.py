@@ -382,3 +382,20 @@ def test_reusable_is_what_a_request_reuses(model: llmchat.LoadedModel) -> None:
     assert model.generator.reusable(prompt) == len(prompt) - 1  # the last token always runs
     done = next(e for e in model.generate(extended, sampling=GREEDY, max_new_tokens=1) if isinstance(e, PrefillDone))
     assert done.reused_tokens == expected
+
+
+def test_step_logits_of_another_branch_prefill_it_back_when_asked(model: llmchat.LoadedModel) -> None:
+    """After another answer replaced it in the cache, a step of the first answer is out of reach,
+    unless prefill=True puts its tokens back (as the next request on that branch would)."""
+    prompt = _prompt(12)
+    first = _tokens(list(model.generate(prompt, sampling=GREEDY, max_new_tokens=6, stop_on_eos=False)))
+    other = _prompt(9, seed=5)
+    list(model.generate(other, sampling=GREEDY, max_new_tokens=4))
+    sequence = prompt + first[:4]
+    with pytest.raises(ValueError, match="no longer in the KV cache"):
+        model.generator.step_logits(sequence)
+    logits = model.generator.step_logits(sequence, prefill=True)
+    assert int(logits.argmax()) == first[4]
+    assert torch.allclose(logits, model.logits(sequence)[-1], atol=1e-4)
+    assert model.cache.tokens == sequence[:-1]
+    assert torch.equal(model.generator.step_logits(sequence), logits)  # now cached: no prefill needed

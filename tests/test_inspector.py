@@ -190,6 +190,16 @@ async def test_branching_at_a_token_keeps_the_prefix_and_reuses_the_cache(folder
         await _until(pilot, lambda: app.conversation.current == old_id, "the old branch")
         assert [t.token_id for t in app.query(AssistantMessage).last().tokens] == old_ids
 
+        # its steps left the cache when the branch was generated: the policy view prefills them back
+        last = app.query(AssistantMessage).last().tokens[-1]
+        await pilot.press("alt+p")
+        await _until(pilot, lambda: isinstance(app.screen, InspectorScreen), "the inspector")
+        screen = app.screen
+        assert isinstance(screen, InspectorScreen)
+        await _until(pilot, lambda: screen.policy is not None, "the policy view of the old branch")
+        assert screen.policy is not None and screen.policy.chosen_id == last.token_id
+        assert screen.policy.prob(last.token_id, "raw") == pytest.approx(last.prob, abs=1e-4)
+
 
 # --- the policy view ---------------------------------------------------------------------------
 

@@ -130,20 +130,29 @@ class Generator:
         return min(self.cache.common_prefix(ids), len(ids) - 1) if ids else 0
 
     @torch.inference_mode()
-    def step_logits(self, sequence: Sequence[int]) -> torch.Tensor:
+    def step_logits(self, sequence: Sequence[int], *, prefill: bool = False) -> torch.Tensor:
         """float32 logits [vocab] for the token after `sequence`, as a generation computed them.
 
-        `sequence` must be in the KV cache up to its last token (an earlier step of an answer the
-        cache still holds). The latest request's first and latest steps are kept; any other step
-        runs its one token through the model again over the cached keys and values, which is the
-        computation its decode step did. The cache is left as it was: the position's keys and
-        values are saved and put back.
+        The latest request's first and latest steps are kept; any other step runs its last token
+        through the model again over the cached keys and values of the tokens before it, which is
+        the computation its decode step did, and the cache is left as it was (that position's keys
+        and values are saved and put back). When the cache no longer holds those tokens (another
+        branch was generated since), `prefill=True` prefills them first, as the next request on
+        that branch would; otherwise that is a ValueError.
         """
         ids = [int(i) for i in sequence]
         n = len(ids)
+        if n == 0 or n > self.cache.capacity:
+            raise ValueError("that step does not fit in the KV cache")
         held = self.cache.common_prefix(ids)
-        if n == 0 or held < n - 1:
-            raise ValueError("that step is no longer in the KV cache")
+        if held < n - 1:
+            if not prefill:
+                raise ValueError("that step is no longer in the KV cache")
+            self._first_logits = self._latest_logits = None  # they belong to what is cached now
+            self.cache.truncate(held)
+            for _ in self._prefill(ids[: n - 1], held, None):
+                pass
+            held = n - 1
         if held == n:
             for kept in (self._first_logits, self._latest_logits):
                 if kept is not None and kept[0] == n:

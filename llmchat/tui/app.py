@@ -872,7 +872,7 @@ class LLMChatApp(App[None]):
                 if kept is not None and kept[0] == tuple(sequence):
                     logits = kept[1]
                 else:
-                    logits = model.generator.step_logits(sequence)
+                    logits = model.generator.step_logits(sequence, prefill=True)  # another branch's: re-read
                     self._inspected_logits = (tuple(sequence), logits)
                 view = policy_view(
                     logits, params, model.generator.token_text, context_ids=sequence, top=10, chosen_id=chosen
