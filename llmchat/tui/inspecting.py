@@ -1,0 +1,360 @@
+"""The inspector's half of the app: the token cursor and heatmap, branching at a token, and the
+inspector screen's views (the policy of a step, the prompt as the model sees it, the timeline).
+
+`LLMChatApp` builds on `InspectingApp`; the chat's own parts (the conversation, generation, the
+panels) stay in app.py and are reached through the few hooks declared here. Views that need the
+model's tensors are computed on worker threads under `_model_lock`, the lock the answer's worker
+holds while it generates, so the UI thread never touches torch and never races the KV cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from rich.text import Text
+from textual import work
+from textual.app import App
+from textual.message import Message
+
+from llmchat.chat.conversation import Conversation
+from llmchat.engine import LLMChatError, LoadedModel, SamplingParams, TokenEvent
+from llmchat.engine.inspector import PolicyView, PromptView
+from llmchat.engine.prompt import ChatTokens
+from llmchat.tui.screens.branch import BranchScreen
+from llmchat.tui.screens.inspector import InspectorScreen
+from llmchat.tui.widgets.inspector import Timeline, policy_text, prompt_chips, saved_policy_text, step_title
+from llmchat.tui.widgets.messages import AssistantMessage
+from llmchat.tui.widgets.panels import TopKPanel
+from llmchat.tui.widgets.prompt import PromptInput
+from llmchat.tui.widgets.tokens import MODES
+
+
+@dataclass
+class PolicyReady(Message):
+    """The policy view of a step, computed on a worker thread (None: the step's logits are gone)."""
+
+    request: int
+    view: PolicyView | None
+    note: str = ""
+
+
+@dataclass
+class PromptReady(Message):
+    request: int
+    view: PromptView | None
+    note: str = ""
+
+
+class InspectingApp(App[None]):
+    """Token cursor, heatmap, branching at a token and the inspector, over the chat in app.py."""
+
+    # Provided by the chat app (app.py).
+    model: LoadedModel | None
+    sampling: SamplingParams | None
+    conversation: Conversation
+    generating: bool
+    _chat_tokens: ChatTokens
+    _answer: AssistantMessage | None
+    _answer_id: str | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._token_answer: AssistantMessage | None = None  # the answer whose token view is open
+        self._selected_token: int | None = None  # the token under the cursor
+        # One thread at a time uses the model and its KV cache: the answer's worker, or an inspector's.
+        self._model_lock = threading.Lock()
+        self._prompt_ids: dict[str, list[int]] = {}  # each answer's prompt as the engine got it
+        self._branch_prefix: list[TokenEvent] = []  # kept tokens (+ the picked one) of a branch being answered
+        self._inspector_request = 0  # results of older inspector requests are dropped
+        # The inspected step's logits, kept by the inspector's worker (the UI thread never reads
+        # them): a "what if" with other sampling settings then reruns the policy, not the model.
+        self._inspected_logits: tuple[tuple[int, ...], Any] | None = None
+
+    # --- hooks into the chat (app.py) ---------------------------------------------------------------
+
+    def _busy(self, what: str) -> bool:
+        raise NotImplementedError
+
+    async def _show_conversation(self) -> None:
+        raise NotImplementedError
+
+    def _save(self) -> None:
+        raise NotImplementedError
+
+    def _start_generation(self, messages: list[dict[str, Any]], answer_prefix: list[TokenEvent] | None = None) -> None:
+        raise NotImplementedError
+
+    # --- the token cursor ---------------------------------------------------------------------------
+
+    async def action_token(self, step: int) -> None:
+        """Move the token cursor through an answer; the top-k panel shows that step."""
+        answer = self._token_answer
+        if answer is None:
+            answers = [a for a in self.query(AssistantMessage) if a.tokens]
+            if not answers:
+                self.notify("No answer with tokens to inspect yet.")
+                return
+            answer = answers[-1]
+            index = len(answer.tokens) - 1
+        else:
+            current = self._selected_token if self._selected_token is not None else len(answer.tokens) - 1
+            index = min(max(current + step, 0), len(answer.tokens) - 1)
+        await self._select(answer, index)
+
+    async def action_select_token(self, message_id: str, index: int) -> None:
+        """A chip (or an answer's `tokens` link) was clicked."""
+        for answer in self.query(AssistantMessage):
+            if answer.message_id == message_id and answer.tokens:
+                await self._select(answer, min(max(index, 0), len(answer.tokens) - 1))
+                return
+
+    async def _select(self, answer: AssistantMessage, index: int, mode: str | None = None) -> None:
+        if self._token_answer is not None and self._token_answer is not answer:
+            await self._token_answer.hide_tokens()
+        self._token_answer, self._selected_token = answer, index
+        await answer.show_tokens(index, mode)
+        token = answer.tokens[index]
+        self.query_one(TopKPanel).show(token, title=f"token {index + 1}/{len(answer.tokens)}")
+        self.refresh_inspector()
+
+    async def _close_token_view(self) -> None:
+        if self._token_answer is not None:
+            await self._token_answer.hide_tokens()
+        self._token_answer = self._selected_token = None
+
+    async def action_token_view(self) -> None:
+        """Cycle the answer under the cursor (else the last one) through text → heatmap → heatmap with ids."""
+        answer = self._token_answer
+        if answer is None:
+            answers = [a for a in self.query(AssistantMessage) if a.tokens]
+            if not answers:
+                self.notify("No answer with tokens to show yet.")
+                return
+            answer = answers[-1]
+        mode = MODES[(MODES.index(answer.token_mode) + 1) % len(MODES)]
+        if mode == "text":
+            await self._close_token_view()
+            return
+        index = self._selected_token if answer is self._token_answer and self._selected_token is not None else None
+        await self._select(answer, len(answer.tokens) - 1 if index is None else index, mode)
+
+    # --- branching at a token ----------------------------------------------------------------------
+
+    def action_branch_here(self) -> None:
+        """Pick another token at the cursor; the answer is cut there and continues from the pick."""
+        if self._busy("branch"):
+            return
+        answer, index = self._token_answer, self._selected_token
+        if answer is None or index is None or answer.message_id is None:
+            self.notify("Put the token cursor on a token first (F8/F9, or click `tokens ▸` under an answer).")
+            return
+        if self.model is None:
+            self.notify("The model is not loaded yet.", severity="warning")
+            return
+        if isinstance(self.screen, InspectorScreen):
+            self.pop_screen()
+        token = answer.tokens[index]
+        self.push_screen(BranchScreen(token, index), partial(self._branch_chosen, answer.message_id, index))
+
+    async def _branch_chosen(self, message_id: str, index: int, token_id: int | None) -> None:
+        if token_id is None or self._busy("branch") or self.model is None:
+            return
+        view = next((a for a in self.query(AssistantMessage) if a.message_id == message_id), None)
+        if view is None or index >= len(view.tokens):
+            return
+        step = view.tokens[index]
+        rank, top = next((r, t) for r, t in enumerate(step.top) if t.token_id == token_id)
+        picked = TokenEvent(
+            token_id=token_id, text=top.text, index=index, logit=top.logit, prob=top.prob,
+            policy_prob=top.policy_prob, rank=rank, top=step.top, seconds=0.0, cache_tokens=0, cache_bytes=0,
+            entropy=step.entropy, policy_entropy=step.policy_entropy,
+        )  # fmt: skip
+        prefix = view.tokens[:index] + [picked]
+        forced = {i for i in view.forced if i < index} | {index}
+        old = self.conversation.get(message_id)
+        self.conversation.current = old.parent  # the new answer is a sibling of the old one
+        answer = self.conversation.add_assistant()
+        await self._show_conversation()
+        self._answer_id = answer.id
+        self._answer = self.query(AssistantMessage).last()
+        self._answer.forced = forced
+        self._save()
+        self._start_generation(self.conversation.chat_messages(before=answer.id), answer_prefix=prefix)
+
+    # --- the inspector -----------------------------------------------------------------------------
+
+    def action_inspect(self, tab: str) -> None:
+        """Open the inspector on a tab (or switch tabs when it is open)."""
+        if isinstance(self.screen, InspectorScreen):
+            self.screen.show_tab(tab)
+        else:
+            self.push_screen(InspectorScreen(tab))
+        self.call_after_refresh(self.refresh_inspector)
+
+    def _inspected_step(self) -> tuple[AssistantMessage, int] | None:
+        """The token under the cursor, else the last token of the last answer."""
+        if self._token_answer is not None and self._selected_token is not None:
+            return self._token_answer, self._selected_token
+        answers = [a for a in self.query(AssistantMessage) if a.tokens]
+        return (answers[-1], len(answers[-1].tokens) - 1) if answers else None
+
+    def refresh_inspector(self) -> None:
+        """Bring the open inspector tab up to date (the heavy part runs on a worker thread)."""
+        screen = self.screen
+        if not isinstance(screen, InspectorScreen) or not screen.is_mounted:
+            return
+        self._inspector_request += 1
+        tab = screen.active_tab
+        if tab == "policy":
+            self._refresh_policy(screen)
+        elif tab == "prompt":
+            self._refresh_prompt(screen)
+        else:
+            self._refresh_timeline(screen)
+
+    def _refresh_policy(self, screen: InspectorScreen) -> None:
+        step = self._inspected_step()
+        if step is None:
+            screen.show_policy(Text("No answer yet: ask something first."), Text(), None)
+            return
+        answer, index = step
+        token = answer.tokens[index]
+        screen.show_policy(step_title(token, index, len(answer.tokens)), Text("computing…", style="dim"), None)
+        if self.model is None or self.sampling is None:
+            screen.show_policy(
+                step_title(token, index, len(answer.tokens)),
+                saved_policy_text(token, "No model loaded: this step's saved top-k (load the model for every stage)."),
+                None,
+            )
+            return
+        if self.generating:
+            screen.show_policy(
+                step_title(token, index, len(answer.tokens)),
+                saved_policy_text(token, "Streaming: the full sampler chain shows when the answer is done."),
+                None,
+            )
+            return
+        messages = None if answer.message_id in self._prompt_ids else self._messages_before(answer.message_id)
+        self._compute_policy(
+            self._inspector_request,
+            self._prompt_ids.get(answer.message_id or ""),
+            messages,
+            [t.token_id for t in answer.tokens[:index]],
+            self.sampling,
+            token.token_id,
+        )
+
+    def _messages_before(self, message_id: str | None) -> list[dict[str, Any]]:
+        if message_id is None:
+            return []
+        return self.conversation.chat_messages(before=message_id)
+
+    @work(thread=True, exclusive=True, group="inspect")
+    def _compute_policy(
+        self,
+        request: int,
+        prompt_ids: list[int] | None,
+        messages: list[dict[str, Any]] | None,
+        answer_ids: list[int],
+        params: SamplingParams,
+        chosen: int,
+    ) -> None:
+        from llmchat.engine.inspector import policy_view
+
+        model = self.model
+        if model is None:
+            return
+        try:
+            with self._model_lock:
+                if prompt_ids is None:
+                    rendered = model.template.render(messages or [], add_generation_prompt=True)
+                    prompt_ids = self._chat_tokens.peek(rendered)
+                sequence = prompt_ids + answer_ids
+                kept = self._inspected_logits
+                if kept is not None and kept[0] == tuple(sequence):
+                    logits = kept[1]
+                else:
+                    logits = model.generator.step_logits(sequence, prefill=True)  # another branch's: re-read
+                    self._inspected_logits = (tuple(sequence), logits)
+                view = policy_view(
+                    logits, params, model.generator.token_text, context_ids=sequence, top=10, chosen_id=chosen
+                )
+        except (ValueError, LLMChatError) as err:
+            self.post_message(PolicyReady(request, None, f"This step's logits are not at hand ({err})."))
+            return
+        self.post_message(PolicyReady(request, view))
+
+    def on_policy_ready(self, message: PolicyReady) -> None:
+        screen = self.screen
+        step = self._inspected_step()
+        if message.request != self._inspector_request or not isinstance(screen, InspectorScreen) or step is None:
+            return
+        answer, index = step
+        title = step_title(answer.tokens[index], index, len(answer.tokens))
+        if message.view is None:
+            screen.show_policy(title, saved_policy_text(answer.tokens[index], message.note + " The saved top-k:"), None)
+            return
+        accent, cut = self.theme_variables.get("accent", "cyan"), self.theme_variables.get("error", "red")
+        screen.show_policy(title, policy_text(message.view, accent, cut), message.view)
+
+    def _next_request_messages(self) -> tuple[list[dict[str, Any]], str]:
+        """The messages the next request would send: the branch so far plus the draft in the input."""
+        messages = self.conversation.chat_messages()
+        draft = self.query_one(PromptInput).text.strip()
+        if draft:
+            return [*messages, {"role": "user", "content": draft}], "with the draft in the input as the next message"
+        return messages, "the conversation so far (type a message to see it in the next request)"
+
+    def _refresh_prompt(self, screen: InspectorScreen) -> None:
+        if self.model is None:
+            screen.show_prompt(None, note="No model loaded: the prompt view needs its chat template and tokenizer.")
+            return
+        if self.generating:
+            screen.show_prompt(None, note="Streaming: the next request shows when the answer is done.")
+            return
+        messages, note = self._next_request_messages()
+        self._compute_prompt(self._inspector_request, messages, note)
+
+    @work(thread=True, exclusive=True, group="inspect")
+    def _compute_prompt(self, request: int, messages: list[dict[str, Any]], note: str) -> None:
+        model = self.model
+        if model is None:
+            return
+        try:
+            with self._model_lock:
+                rendered = model.template.render(messages, add_generation_prompt=True)
+                ids = self._chat_tokens.peek(rendered)
+                reused = model.generator.reusable(ids)
+                texts = tuple(model.generator.token_text(i) for i in ids)
+        except LLMChatError as err:
+            self.post_message(PromptReady(request, None, str(err)))
+            return
+        self.post_message(PromptReady(request, PromptView(rendered, tuple(ids), texts, reused), note))
+
+    def on_prompt_ready(self, message: PromptReady) -> None:
+        screen = self.screen
+        if message.request != self._inspector_request or not isinstance(screen, InspectorScreen):
+            return
+        if message.view is None:
+            screen.show_prompt(None, note=message.note)
+            return
+        variables = self.theme_variables
+        reused_style = f"{variables.get('success', 'green')} underline"
+        new_style = f"bold {variables.get('background', 'black')} on {variables.get('accent', 'cyan')}"
+        chips = prompt_chips(message.view, reused_style, new_style)
+        legend = "underlined: in the KV cache already · highlighted: to prefill"
+        screen.show_prompt(message.view, chips, f"{message.note}\n{legend}")
+
+    def _refresh_timeline(self, screen: InspectorScreen) -> None:
+        step = self._inspected_step()
+        if step is None:
+            screen.show_timeline(None, "No answer yet: the timeline shows the last request's prefill and decode.")
+            return
+        answer = step[0]
+        stats = dict(self.conversation.get(answer.message_id).stats or {}) if answer.message_id else {}
+        timeline = Timeline.of_answer(answer.tokens, stats)
+        note = "" if timeline is not None else "This answer kept no timings (saved by an older version)."
+        screen.show_timeline(timeline, note, self.theme_variables.get("accent", "cyan"))
