@@ -291,6 +291,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             else:
                 _print_step(step)
         elif isinstance(event, Finished):
+            if event.end_step is not None:  # the step that chose to end the answer (its token is not text)
+                end = {**_step_dict(event.end_step, event.end_step.text), "event": "end"}
+                if args.json:
+                    _print_json(end)
+                else:
+                    print(f"   end-of-sequence chosen at step {end['index']}:")
+                    _print_step(end)
             if args.json:
                 _print_json(
                     {

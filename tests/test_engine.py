@@ -148,6 +148,11 @@ def test_eos_stops_and_is_not_streamed(model: llmchat.LoadedModel) -> None:
     produced = _tokens(events)
     assert _finished(events).reason == "eos"
     assert stop_id not in produced and produced == free_run[: free_run.index(stop_id)]
+    end = _finished(events).end_step  # the step that chose to stop, for the inspector
+    assert end is not None and end.token_id == stop_id and end.index == len(produced)
+    logits = model.logits(prompt + produced)[-1]
+    assert end.prob == pytest.approx(float(logits.softmax(-1)[stop_id]), abs=1e-5)
+    assert _finished(list(model.generate(prompt, sampling=GREEDY, max_new_tokens=2))).end_step is None
 
 
 def test_cancel_stops_within_one_step(model: llmchat.LoadedModel) -> None:

@@ -182,7 +182,10 @@ async def test_branching_at_a_token_keeps_the_prefix_and_reuses_the_cache(folder
 
         saved = app.conversation.get(new.message_id or "")
         assert saved.tokens is not None and saved.tokens[i].get("forced") is True
-        assert [r["id"] for r in saved.tokens] == new_ids
+        assert [r["id"] for r in saved.tokens if not r.get("end")] == new_ids
+        if done.reason == "eos":  # the step that chose to stop is kept too, marked, after the answer's tokens
+            assert saved.tokens[-1]["end"] is True and new.end is not None
+            assert saved.tokens[-1]["id"] == new.end.token_id and new.steps[-1] is new.end
         assert app.conversation.sibling_position(saved.id) == (1, 2)
         assert saved.content == new.content_text and saved.content.strip()
 
@@ -364,3 +367,44 @@ def test_engine_entropy_is_the_distributions(folder: Path) -> None:
     expected = -sum(p * math.log2(p) for p in probs.tolist() if p > 0)
     assert event.entropy == pytest.approx(expected, abs=1e-3)
     assert event.policy_entropy == 0.0  # greedy draws from a one-hot
+
+
+async def test_the_step_that_ended_the_answer_is_inspectable_and_a_branch_point(folder: Path, tmp_path: Path) -> None:
+    """An answer that ended on end-of-sequence keeps that step: the heatmap shows it as ∎, the cursor
+    starts there and the top-k panel shows it; branching there picks another token instead of the
+    end, and the answer goes on from the cache (one token prefilled)."""
+    app = _app(folder, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        first = await _send(pilot, app, "hello there")
+        model = app.model
+        assert model is not None
+        stop = first.tokens[3].token_id
+        model.generator.eos_token_ids = frozenset({stop})  # greedy reaches it at step 3 now
+        parent = app.conversation.get(first.message_id or "").parent
+        await pilot.press("ctrl+r")
+        await _until(
+            pilot, lambda: len(app.conversation.children(parent)) == 2 and not app.generating, "the regenerated answer"
+        )
+        await _until(pilot, lambda: app.query(AssistantMessage).last().finished is not None, "its stats")
+        ended = app.query(AssistantMessage).last()
+        assert ended.finished is not None and ended.finished.reason == "eos"
+        assert ended.end is not None and ended.end.token_id == stop and len(ended.tokens) == 3
+
+        await pilot.press("f8")
+        panel = app.query_one(TopKPanel)
+        await _until(pilot, lambda: panel.event is ended.end, "the end step under the cursor")
+        assert panel.border_subtitle == "end of answer"
+        assert "∎" in "\n".join(_drawn(ended.query_one(TokenView)))
+
+        await pilot.press("ctrl+b")
+        await _until(pilot, lambda: isinstance(app.screen, BranchScreen), "the branch dialog")
+        picked = next(t.token_id for t in ended.end.top if t.token_id != stop)
+        await pilot.press("enter")
+        await _until(
+            pilot, lambda: app.query(AssistantMessage).last() is not ended and not app.generating, "the branch"
+        )
+        await _until(pilot, lambda: app.query(AssistantMessage).last().finished is not None, "the branch's stats")
+        branch = app.query(AssistantMessage).last()
+        ids = [t.token_id for t in branch.tokens]
+        assert ids[:3] == [t.token_id for t in ended.tokens] and ids[3] == picked
+        assert branch.finished is not None and branch.finished.prefilled_tokens == 1

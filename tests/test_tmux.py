@@ -81,7 +81,7 @@ def test_chat_in_tmux_answers_shows_panels_takes_keys_and_saves(
 
     # The inspection and branch keys arrive through tmux too.
     _tmux("send-keys", "-t", SESSION, "F8")  # the last answer's tokens: the top-k panel follows the cursor
-    _wait_for(lambda s: re.search(r"token \d+/\d+", s) is not None, "the token cursor")
+    _wait_for(lambda s: re.search(r"token \d+/\d+|end of answer", s) is not None, "the token cursor")
     _tmux("send-keys", "-t", SESSION, "C-r")  # regenerate: a second answer beside the first
     _tmux("send-keys", "-t", SESSION, "C-c")  # Ctrl+C never quits mid-answer
     # The answer's own stats line (not the status bar's tok/s) says the regenerated answer finished;

@@ -191,7 +191,7 @@ async def test_autosave_writes_a_file_that_resume_reopens(folder: Path, tmp_path
     roles = [m["role"] for m in data["messages"]]
     assert roles == ["user", "assistant"]
     assert data["messages"][1]["content"] == answer.content_text
-    assert len(data["messages"][1]["tokens"]) == len(answer.tokens)
+    assert len(data["messages"][1]["tokens"]) == len(answer.steps)  # the answer's tokens, and the end step if any
     assert data["sampling"]["temperature"] == 0.0
 
     resumed = store.load(conversation_id)

@@ -366,7 +366,7 @@ class Conversation:
         )
 
 
-def token_record(event: Any, *, forced: bool = False) -> dict[str, Any]:
+def token_record(event: Any, *, forced: bool = False, end: bool = False) -> dict[str, Any]:
     """What a saved answer keeps of each generated token (from an engine TokenEvent), for inspection."""
     record = {
         "id": event.token_id,
@@ -381,6 +381,8 @@ def token_record(event: Any, *, forced: bool = False) -> dict[str, Any]:
     }
     if forced:
         record["forced"] = True  # picked by the user at a branch, not sampled
+    if end:
+        record["end"] = True  # the step that chose end-of-sequence: not part of the answer's text
     return record
 
 

@@ -107,6 +107,9 @@ class Finished:
     cache_bytes: int = 0
     prefix_tokens: int = 0  # answer tokens given by the request (ForcedPrefix), not generated
     prefill_chunks: tuple[tuple[int, float], ...] = ()  # (tokens, seconds) of each prefill chunk
+    # The step that chose end-of-sequence (reason "eos"): its probabilities, for the inspector. Its
+    # token is not part of the answer; `text` is the token's display text (e.g. "<|im_end|>").
+    end_step: TokenEvent | None = None
 
     @property
     def prefill_tokens_per_second(self) -> float:

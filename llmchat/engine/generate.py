@@ -276,6 +276,7 @@ class Generator:
         step_began = began
         k = max(1, min(top_k, logits.shape[-1]))
         ended: FinishReason | None = "eos" if ends_at is not None else None
+        end_step: TokenEvent | None = None
         if prefix:
             text, hit_stop = stops.feed("".join(decoder.push(t) for t in prefix))
             split = channels.feed(text) if channels else Split(content=text)
@@ -294,6 +295,12 @@ class Generator:
                 first_token_at = decode_started = time.perf_counter()
             if stop_on_eos and token in self.eos_token_ids:
                 reason = "eos"
+                end_step = TokenEvent(
+                    **event,
+                    text=self.token_text(token),
+                    cache_tokens=self.cache.length,
+                    cache_bytes=self.cache.used_bytes,
+                )
                 break
             generated.append(token)
             self._step_ids.fill_(token)
@@ -342,6 +349,7 @@ class Generator:
             content="".join(content),
             token_ids=tuple(prefix) + done.token_ids,
             prefix_tokens=len(prefix),
+            end_step=end_step,
         )
 
     def _splitter(self, prompt_ids: list[int]) -> ReasoningSplitter | None:

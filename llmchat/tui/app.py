@@ -39,7 +39,7 @@ from llmchat.tui.widgets.messages import AssistantMessage, ChatView, saved_stats
 from llmchat.tui.widgets.panels import CacheState, KVCachePanel, MemoryPanel, TopKPanel
 from llmchat.tui.widgets.prompt import PromptInput
 from llmchat.tui.widgets.status import StatusBar
-from llmchat.tui.widgets.tokens import forced_indices, token_events
+from llmchat.tui.widgets.tokens import end_event, forced_indices, token_events
 from llmchat.tui.worker import Batch, FrameBudget, StopFlag, run_generation
 
 TOP_K_SHOWN = 8  # candidates kept per token for the top-k panel and the saved conversation
@@ -304,6 +304,7 @@ class LLMChatApp(InspectingApp):
                 view = await chat.add_assistant(name, message.id, branch)
                 view.tokens = token_events(message.tokens)
                 view.forced = forced_indices(message.tokens)
+                view.end = end_event(message.tokens)
                 line = saved_stats_line(message.stats or {})
                 await view.set_text(message.reasoning or "", message.content, line)
                 if message.tool_calls:
@@ -494,7 +495,8 @@ class LLMChatApp(InspectingApp):
         self.conversation.update(
             answer_id,
             stats=answer_stats(done),
-            tokens=[token_record(t, forced=i in answer.forced) for i, t in enumerate(answer.tokens)],
+            tokens=[token_record(t, forced=i in answer.forced) for i, t in enumerate(answer.tokens)]
+            + ([token_record(done.end_step, end=True)] if done.end_step is not None else []),
         )
         content, calls = split_tool_calls(self.conversation.get(answer_id).content)
         if calls:  # the call moves out of the text into its own JSON block (and the saved message)

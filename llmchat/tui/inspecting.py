@@ -93,22 +93,22 @@ class InspectingApp(App[None]):
         """Move the token cursor through an answer; the top-k panel shows that step."""
         answer = self._token_answer
         if answer is None:
-            answers = [a for a in self.query(AssistantMessage) if a.tokens]
+            answers = [a for a in self.query(AssistantMessage) if a.steps]
             if not answers:
                 self.notify("No answer with tokens to inspect yet.")
                 return
             answer = answers[-1]
-            index = len(answer.tokens) - 1
+            index = len(answer.steps) - 1
         else:
-            current = self._selected_token if self._selected_token is not None else len(answer.tokens) - 1
-            index = min(max(current + step, 0), len(answer.tokens) - 1)
+            current = self._selected_token if self._selected_token is not None else len(answer.steps) - 1
+            index = min(max(current + step, 0), len(answer.steps) - 1)
         await self._select(answer, index)
 
     async def action_select_token(self, message_id: str, index: int) -> None:
         """A chip (or an answer's `tokens` link) was clicked."""
         for answer in self.query(AssistantMessage):
-            if answer.message_id == message_id and answer.tokens:
-                await self._select(answer, min(max(index, 0), len(answer.tokens) - 1))
+            if answer.message_id == message_id and answer.steps:
+                await self._select(answer, min(max(index, 0), len(answer.steps) - 1))
                 return
 
     async def _select(self, answer: AssistantMessage, index: int, mode: str | None = None) -> None:
@@ -116,8 +116,9 @@ class InspectingApp(App[None]):
             await self._token_answer.hide_tokens()
         self._token_answer, self._selected_token = answer, index
         await answer.show_tokens(index, mode)
-        token = answer.tokens[index]
-        self.query_one(TopKPanel).show(token, title=f"token {index + 1}/{len(answer.tokens)}")
+        token = answer.steps[index]
+        title = "end of answer" if index == len(answer.tokens) else f"token {index + 1}/{len(answer.tokens)}"
+        self.query_one(TopKPanel).show(token, title=title)
         self.refresh_inspector()
 
     async def _close_token_view(self) -> None:
@@ -129,7 +130,7 @@ class InspectingApp(App[None]):
         """Cycle the answer under the cursor (else the last one) through text → heatmap → heatmap with ids."""
         answer = self._token_answer
         if answer is None:
-            answers = [a for a in self.query(AssistantMessage) if a.tokens]
+            answers = [a for a in self.query(AssistantMessage) if a.steps]
             if not answers:
                 self.notify("No answer with tokens to show yet.")
                 return
@@ -139,7 +140,7 @@ class InspectingApp(App[None]):
             await self._close_token_view()
             return
         index = self._selected_token if answer is self._token_answer and self._selected_token is not None else None
-        await self._select(answer, len(answer.tokens) - 1 if index is None else index, mode)
+        await self._select(answer, len(answer.steps) - 1 if index is None else index, mode)
 
     # --- branching at a token ----------------------------------------------------------------------
 
@@ -156,23 +157,23 @@ class InspectingApp(App[None]):
             return
         if isinstance(self.screen, InspectorScreen):
             self.pop_screen()
-        token = answer.tokens[index]
+        token = answer.steps[index]
         self.push_screen(BranchScreen(token, index), partial(self._branch_chosen, answer.message_id, index))
 
     async def _branch_chosen(self, message_id: str, index: int, token_id: int | None) -> None:
         if token_id is None or self._busy("branch") or self.model is None:
             return
         view = next((a for a in self.query(AssistantMessage) if a.message_id == message_id), None)
-        if view is None or index >= len(view.tokens):
+        if view is None or index >= len(view.steps):
             return
-        step = view.tokens[index]
+        step = view.steps[index]
         rank, top = next((r, t) for r, t in enumerate(step.top) if t.token_id == token_id)
         picked = TokenEvent(
             token_id=token_id, text=top.text, index=index, logit=top.logit, prob=top.prob,
             policy_prob=top.policy_prob, rank=rank, top=step.top, seconds=0.0, cache_tokens=0, cache_bytes=0,
             entropy=step.entropy, policy_entropy=step.policy_entropy,
         )  # fmt: skip
-        prefix = view.tokens[:index] + [picked]
+        prefix = view.steps[:index] + [picked]
         forced = {i for i in view.forced if i < index} | {index}
         old = self.conversation.get(message_id)
         self.conversation.current = old.parent  # the new answer is a sibling of the old one
@@ -198,8 +199,8 @@ class InspectingApp(App[None]):
         """The token under the cursor, else the last token of the last answer."""
         if self._token_answer is not None and self._selected_token is not None:
             return self._token_answer, self._selected_token
-        answers = [a for a in self.query(AssistantMessage) if a.tokens]
-        return (answers[-1], len(answers[-1].tokens) - 1) if answers else None
+        answers = [a for a in self.query(AssistantMessage) if a.steps]
+        return (answers[-1], len(answers[-1].steps) - 1) if answers else None
 
     def refresh_inspector(self) -> None:
         """Bring the open inspector tab up to date (the heavy part runs on a worker thread)."""
@@ -221,18 +222,18 @@ class InspectingApp(App[None]):
             screen.show_policy(Text("No answer yet: ask something first."), Text(), None)
             return
         answer, index = step
-        token = answer.tokens[index]
-        screen.show_policy(step_title(token, index, len(answer.tokens)), Text("computing…", style="dim"), None)
+        token = answer.steps[index]
+        screen.show_policy(step_title(token, index, len(answer.steps)), Text("computing…", style="dim"), None)
         if self.model is None or self.sampling is None:
             screen.show_policy(
-                step_title(token, index, len(answer.tokens)),
+                step_title(token, index, len(answer.steps)),
                 saved_policy_text(token, "No model loaded: this step's saved top-k (load the model for every stage)."),
                 None,
             )
             return
         if self.generating:
             screen.show_policy(
-                step_title(token, index, len(answer.tokens)),
+                step_title(token, index, len(answer.steps)),
                 saved_policy_text(token, "Streaming: the full sampler chain shows when the answer is done."),
                 None,
             )
@@ -242,7 +243,7 @@ class InspectingApp(App[None]):
             self._inspector_request,
             self._prompt_ids.get(answer.message_id or ""),
             messages,
-            [t.token_id for t in answer.tokens[:index]],
+            [t.token_id for t in answer.steps[:index]],
             self.sampling,
             token.token_id,
         )
@@ -293,9 +294,9 @@ class InspectingApp(App[None]):
         if message.request != self._inspector_request or not isinstance(screen, InspectorScreen) or step is None:
             return
         answer, index = step
-        title = step_title(answer.tokens[index], index, len(answer.tokens))
+        title = step_title(answer.steps[index], index, len(answer.steps))
         if message.view is None:
-            screen.show_policy(title, saved_policy_text(answer.tokens[index], message.note + " The saved top-k:"), None)
+            screen.show_policy(title, saved_policy_text(answer.steps[index], message.note + " The saved top-k:"), None)
             return
         accent, cut = self.theme_variables.get("accent", "cyan"), self.theme_variables.get("error", "red")
         screen.show_policy(title, policy_text(message.view, accent, cut), message.view)
@@ -355,6 +356,6 @@ class InspectingApp(App[None]):
             return
         answer = step[0]
         stats = dict(self.conversation.get(answer.message_id).stats or {}) if answer.message_id else {}
-        timeline = Timeline.of_answer(answer.tokens, stats)
+        timeline = Timeline.of_answer(answer.steps, stats)
         note = "" if timeline is not None else "This answer kept no timings (saved by an older version)."
         screen.show_timeline(timeline, note, self.theme_variables.get("accent", "cyan"))

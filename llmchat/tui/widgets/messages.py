@@ -102,6 +102,7 @@ class AssistantMessage(Vertical):
         self.content_text = ""
         self.tokens: list[TokenEvent] = []
         self.forced: set[int] = set()  # indices of tokens picked at a branch, not sampled
+        self.end: TokenEvent | None = None  # the step that chose end-of-sequence (not in the text)
         self.token_mode = "text"  # or "heatmap" / "ids": the token view replaces the Markdown
         self.finished: Finished | None = None
         self._content_stream: MarkdownStream | None = None
@@ -134,6 +135,7 @@ class AssistantMessage(Vertical):
     async def finish(self, done: Finished) -> None:
         """Close the streams and show the stats line (a stopped answer stays, marked as stopped)."""
         self.finished = done
+        self.end = done.end_step
         for stream in (self._reasoning_stream, self._content_stream):
             if stream is not None:
                 await stream.stop()
@@ -161,7 +163,7 @@ class AssistantMessage(Vertical):
         text = Text(line)
         if self.tokens and self.message_id is not None:
             text.append(" · ")
-            link = f"app.select_token('{self.message_id}', {len(self.tokens) - 1})"
+            link = f"app.select_token('{self.message_id}', {len(self.steps) - 1})"
             text.append("tokens ▸", Style(underline=True, meta={"@click": link}))
         self.query_one(".stats", Static).update(text)
 
@@ -170,6 +172,11 @@ class AssistantMessage(Vertical):
         block = Static(Syntax(tool_calls_json(calls), "json", background_color="default"), classes="tool-calls")
         block.border_title = "tool call" if len(calls) == 1 else f"{len(calls)} tool calls"
         await self.mount(block, before=self.query_one(".stats"))
+
+    @property
+    def steps(self) -> list[TokenEvent]:
+        """Every decoding step of the answer: its tokens, then the one that chose to end it."""
+        return self.tokens + [self.end] if self.end is not None else self.tokens
 
     async def show_tokens(self, selected: int | None, mode: str | None = None) -> TokenView:
         """Show the token view (in place of the Markdown) with the cursor on `selected`."""
@@ -182,7 +189,7 @@ class AssistantMessage(Vertical):
             await self.mount(view, after=self.query_one(".content"))
         self.query_one(".content", Markdown).display = False
         self.query_one(".reasoning", Collapsible).display = False
-        view.show(self.tokens, selected, self.token_mode, frozenset(self.forced))
+        view.show(self.steps, selected, self.token_mode, frozenset(self.forced), ended=self.end is not None)
         return view
 
     async def hide_tokens(self) -> None:

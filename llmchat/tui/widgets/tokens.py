@@ -11,6 +11,7 @@ the same way, without the model loaded.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from rich.style import Style
@@ -67,11 +68,22 @@ def token_events(records: list[dict[str, Any]] | None) -> list[TokenEvent]:
     """Every saved record of an answer, skipping malformed ones (a hand-edited file must not crash the chat)."""
     events: list[TokenEvent] = []
     for record in records or []:
+        if isinstance(record, dict) and record.get("end"):
+            continue
         try:
             events.append(token_event(record, len(events)))
         except (TypeError, ValueError, IndexError, AttributeError):
             continue
     return events
+
+
+def end_event(records: list[dict[str, Any]] | None) -> TokenEvent | None:
+    """The saved step that chose end-of-sequence, if the answer ended that way."""
+    ends = [r for r in records or [] if isinstance(r, dict) and r.get("end")]
+    try:
+        return token_event(ends[-1], len(token_events(records))) if ends else None
+    except (TypeError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def forced_indices(records: list[dict[str, Any]] | None) -> set[int]:
@@ -100,12 +112,23 @@ def legend(mode: str) -> Text:
 
 
 def chips(
-    tokens: list[TokenEvent], selected: int | None, mode: str, forced: frozenset[int] = frozenset(), link: str = ""
+    tokens: list[TokenEvent],
+    selected: int | None,
+    mode: str,
+    forced: frozenset[int] = frozenset(),
+    link: str = "",
+    *,
+    ended: bool = False,
 ) -> Text:
-    """The answer's tokens as heatmap chips; `link` (a message id) makes each chip clickable."""
+    """The answer's tokens as heatmap chips; `link` (a message id) makes each chip clickable.
+
+    `ended`: the last entry is the step that chose end-of-sequence, drawn as ∎ and its token.
+    """
     text = Text()
     boundaries = mode == "ids"
     for i, token in enumerate(tokens):
+        if ended and i == len(tokens) - 1:
+            token = replace(token, text=f"∎{token.text}")
         background, foreground = heat(token.prob)
         style = Style(color=foreground, bgcolor=background, underline=i in forced)
         if i == selected:
@@ -139,10 +162,16 @@ class TokenView(Static):
         self.mode = "heatmap"
 
     def show(
-        self, tokens: list[TokenEvent], selected: int | None, mode: str, forced: frozenset[int] = frozenset()
+        self,
+        tokens: list[TokenEvent],
+        selected: int | None,
+        mode: str,
+        forced: frozenset[int] = frozenset(),
+        *,
+        ended: bool = False,
     ) -> None:
         self.selected, self.mode = selected, mode
         body = legend(mode)
         body.append("\n\n")
-        body.append_text(chips(tokens, selected, mode, forced, self.message_id))
+        body.append_text(chips(tokens, selected, mode, forced, self.message_id, ended=ended))
         self.update(body)
