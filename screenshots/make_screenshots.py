@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SIZE = (150, 44)
@@ -29,6 +30,15 @@ async def _until(pilot: object, condition: object, what: str, seconds: float = 6
             return
         await pilot.pause(0.05)  # type: ignore[attr-defined]
     raise SystemExit(f"timed out waiting for {what}")
+
+
+async def _inspector(pilot: Any, app: Any, key: str) -> Any:
+    """Press an inspector key; the inspector screen once it is on top."""
+    from llmchat.tui.screens.inspector import InspectorScreen
+
+    await pilot.press(key)
+    await _until(pilot, lambda: isinstance(app.screen, InspectorScreen), "the inspector")
+    return app.screen
 
 
 async def shoot(model: Path, data_dir: Path) -> list[Path]:
@@ -61,12 +71,7 @@ async def shoot(model: Path, data_dir: Path) -> list[Path]:
         await pilot.pause(0.5)
         written.append(Path(app.save_screenshot(filename="token-heatmap.svg", path=str(HERE))))
 
-        from llmchat.tui.screens.inspector import InspectorScreen
-
-        await pilot.press("alt+p")  # the sampler chain of the step under the cursor
-        await _until(pilot, lambda: isinstance(app.screen, InspectorScreen), "the inspector")
-        screen = app.screen
-        assert isinstance(screen, InspectorScreen)
+        screen = await _inspector(pilot, app, "alt+p")  # the sampler chain of the step under the cursor
         await _until(pilot, lambda: screen.policy is not None, "the policy view")
         await pilot.pause(0.5)
         written.append(Path(app.save_screenshot(filename="policy-view.svg", path=str(HERE))))
@@ -77,10 +82,7 @@ async def shoot(model: Path, data_dir: Path) -> list[Path]:
         await pilot.press("escape")
         await pilot.pause(0.2)
         app.query_one(PromptInput).text = "And what is the best time of year to visit?"
-        await pilot.press("alt+v")  # the next request as the model will see it
-        await _until(pilot, lambda: isinstance(app.screen, InspectorScreen), "the inspector")
-        screen = app.screen
-        assert isinstance(screen, InspectorScreen)
+        screen = await _inspector(pilot, app, "alt+v")  # the next request as the model will see it
         await _until(pilot, lambda: screen.prompt is not None, "the prompt view")
         await pilot.pause(0.5)
         written.append(Path(app.save_screenshot(filename="prompt-view.svg", path=str(HERE))))

@@ -12,6 +12,7 @@ import pytest
 import torch
 from rich.cells import cell_len
 from textual.geometry import Region
+from textual.pilot import Pilot
 from textual.widget import Widget
 
 from llmchat.chat.conversation import Conversation, token_record
@@ -36,6 +37,15 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny_models import build_tiny_model
 
     return build_tiny_model("llama", tmp_path_factory.mktemp("inspector") / "llama")
+
+
+async def _inspector(pilot: Pilot[None], app: LLMChatApp, key: str) -> InspectorScreen:
+    """Press an inspector key; the inspector screen once it is on top."""
+    await pilot.press(key)
+    await _until(pilot, lambda: isinstance(app.screen, InspectorScreen), "the inspector")
+    screen = app.screen
+    assert isinstance(screen, InspectorScreen)
+    return screen
 
 
 def _chip_backgrounds(view: Widget, line: int) -> list[tuple[str, str]]:
@@ -195,10 +205,7 @@ async def test_branching_at_a_token_keeps_the_prefix_and_reuses_the_cache(folder
 
         # its steps left the cache when the branch was generated: the policy view prefills them back
         last = app.query(AssistantMessage).last().tokens[-1]
-        await pilot.press("alt+p")
-        await _until(pilot, lambda: isinstance(app.screen, InspectorScreen), "the inspector")
-        screen = app.screen
-        assert isinstance(screen, InspectorScreen)
+        screen = await _inspector(pilot, app, "alt+p")
         await _until(pilot, lambda: screen.policy is not None, "the policy view of the old branch")
         assert screen.policy is not None and screen.policy.chosen_id == last.token_id
         assert screen.policy.prob(last.token_id, "raw") == pytest.approx(last.prob, abs=1e-4)
@@ -218,10 +225,7 @@ async def test_the_policy_view_is_the_samplers_own_and_answers_what_if(folder: P
         index = len(answer.tokens) - 3
         token = answer.tokens[index]
         await _until(pilot, lambda: app.query_one(TopKPanel).event is token, "the cursor")
-        await pilot.press("alt+p")
-        await _until(pilot, lambda: isinstance(app.screen, InspectorScreen), "the inspector")
-        screen = app.screen
-        assert isinstance(screen, InspectorScreen)
+        screen = await _inspector(pilot, app, "alt+p")
         await _until(pilot, lambda: screen.policy is not None, "the policy view")
         view = screen.policy
         assert view is not None and view.chosen_id == token.token_id
@@ -278,10 +282,7 @@ async def test_the_prompt_views_counts_are_the_engines(folder: Path, tmp_path: P
     async with app.run_test(size=SIZE) as pilot:
         await _send(pilot, app, "hello there")
         app.query_one(PromptInput).text = "and again"
-        await pilot.press("alt+v")
-        await _until(pilot, lambda: isinstance(app.screen, InspectorScreen), "the inspector")
-        screen = app.screen
-        assert isinstance(screen, InspectorScreen)
+        screen = await _inspector(pilot, app, "alt+v")
         await _until(pilot, lambda: screen.prompt is not None, "the prompt view")
         view = screen.prompt
         assert view is not None
@@ -313,10 +314,7 @@ async def test_the_timeline_shows_the_last_requests_prefill_and_decode(folder: P
         answer = await _send(pilot, app, "hello there, how are you today?")
         done = answer.finished
         assert done is not None
-        await pilot.press("alt+l")
-        await _until(pilot, lambda: isinstance(app.screen, InspectorScreen), "the inspector")
-        screen = app.screen
-        assert isinstance(screen, InspectorScreen)
+        screen = await _inspector(pilot, app, "alt+l")
         await _until(pilot, lambda: screen.timeline is not None, "the timeline")
         timeline = screen.timeline
         assert timeline is not None
@@ -340,10 +338,7 @@ async def test_a_saved_chat_shows_its_inspector_without_a_model(tmp_path: Path) 
         await pilot.press("f8", "f8")
         await _until(pilot, lambda: app.query_one(TopKPanel).event is not None, "the cursor")
         assert app.query_one(TopKPanel).event.token_id == 104  # type: ignore[union-attr]
-        await pilot.press("alt+p")
-        await _until(pilot, lambda: isinstance(app.screen, InspectorScreen), "the inspector")
-        screen = app.screen
-        assert isinstance(screen, InspectorScreen)
+        screen = await _inspector(pilot, app, "alt+p")
         await pilot.pause()
         body = "\n".join(_drawn(screen.query_one("#policy-body")))
         assert "No model loaded" in body and "mauve" in body and "4.0%" in body

@@ -93,16 +93,21 @@ class InspectingApp(App[None]):
         """Move the token cursor through an answer; the top-k panel shows that step."""
         answer = self._token_answer
         if answer is None:
-            answers = [a for a in self.query(AssistantMessage) if a.steps]
-            if not answers:
-                self.notify("No answer with tokens to inspect yet.")
+            answer = self._last_answer("No answer with tokens to inspect yet.")
+            if answer is None:
                 return
-            answer = answers[-1]
             index = len(answer.steps) - 1
         else:
             current = self._selected_token if self._selected_token is not None else len(answer.steps) - 1
             index = min(max(current + step, 0), len(answer.steps) - 1)
         await self._select(answer, index)
+
+    def _last_answer(self, otherwise: str = "") -> AssistantMessage | None:
+        """The newest answer that has tokens (else None, saying `otherwise` when given)."""
+        answers = [a for a in self.query(AssistantMessage) if a.steps]
+        if not answers and otherwise:
+            self.notify(otherwise)
+        return answers[-1] if answers else None
 
     async def action_select_token(self, message_id: str, index: int) -> None:
         """A chip (or an answer's `tokens` link) was clicked."""
@@ -128,13 +133,9 @@ class InspectingApp(App[None]):
 
     async def action_token_view(self) -> None:
         """Cycle the answer under the cursor (else the last one) through text → heatmap → heatmap with ids."""
-        answer = self._token_answer
+        answer = self._token_answer or self._last_answer("No answer with tokens to show yet.")
         if answer is None:
-            answers = [a for a in self.query(AssistantMessage) if a.steps]
-            if not answers:
-                self.notify("No answer with tokens to show yet.")
-                return
-            answer = answers[-1]
+            return
         mode = MODES[(MODES.index(answer.token_mode) + 1) % len(MODES)]
         if mode == "text":
             await self._close_token_view()
@@ -199,8 +200,8 @@ class InspectingApp(App[None]):
         """The token under the cursor, else the last token of the last answer."""
         if self._token_answer is not None and self._selected_token is not None:
             return self._token_answer, self._selected_token
-        answers = [a for a in self.query(AssistantMessage) if a.steps]
-        return (answers[-1], len(answers[-1].steps) - 1) if answers else None
+        answer = self._last_answer()
+        return (answer, len(answer.steps) - 1) if answer is not None else None
 
     def refresh_inspector(self) -> None:
         """Bring the open inspector tab up to date (the heavy part runs on a worker thread)."""
