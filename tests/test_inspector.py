@@ -403,3 +403,57 @@ async def test_the_step_that_ended_the_answer_is_inspectable_and_a_branch_point(
         ids = [t.token_id for t in branch.tokens]
         assert ids[:3] == [t.token_id for t in ended.tokens] and ids[3] == picked
         assert branch.finished is not None and branch.finished.prefilled_tokens == 1
+
+
+async def test_the_policy_view_follows_a_streaming_answer_without_running_the_model(
+    folder: Path, tmp_path: Path
+) -> None:
+    """Alt+P while the model answers: the view shows the newest step's sampler chain as it goes,
+    computed from the logits the step sampled from (its numbers are the step's own), and the model
+    runs no extra forward pass for it. (Each forward is slowed by 30 ms so the answer takes a while.)"""
+    import time
+
+    app = _app(folder, tmp_path, sampling=SAMPLED, max_new_tokens=80)
+    async with app.run_test(size=SIZE) as pilot:
+        await _until(pilot, lambda: app.model is not None, "the model")
+        model = app.model
+        assert model is not None
+        forwards = [0]
+
+        def slow(*_: object) -> None:
+            forwards[0] += 1
+            time.sleep(0.03)
+
+        handle = model.model.register_forward_pre_hook(slow)
+        app.query_one(PromptInput).text = "hello there"
+        app.simulate_key("enter")  # posted as the terminal would: Pilot.press waits for an idle CPU
+        await _until(pilot, lambda: app.generating and len(app.query(AssistantMessage).last().tokens) >= 2, "tokens")
+        app.simulate_key("alt+p")
+        await _until(pilot, lambda: isinstance(app.screen, InspectorScreen), "the inspector")
+        screen = app.screen
+        assert isinstance(screen, InspectorScreen)
+        seen = []
+        for _ in range(400):
+            if screen.policy is not None and app.generating:
+                seen.append(screen.policy)
+            if not app.generating:
+                break
+            await pilot.pause(0.02)
+        await _until(pilot, lambda: app.query(AssistantMessage).last().finished is not None, "the answer")
+        handle.remove()
+        assert seen, "no live view while the answer streamed"
+        answer = app.query(AssistantMessage).last()
+        for view in {id(v): v for v in seen}.values():
+            assert view.chosen_id is not None
+            matches = [
+                t
+                for t in answer.tokens
+                if t.token_id == view.chosen_id
+                and abs(t.policy_prob - view.prob(t.token_id)) < 1e-6
+                and abs(t.prob - view.prob(t.token_id, "raw")) < 1e-6
+            ]
+            assert matches, "a live view that is no step's own"
+        done = answer.finished
+        assert done is not None
+        decode_forwards = done.generated_tokens - (0 if done.reason == "eos" else 1)
+        assert forwards[0] == len(done.prefill_chunks) + decode_forwards  # the live views ran no model

@@ -444,11 +444,16 @@ class LLMChatApp(InspectingApp):
                     max_new_tokens=self.max_new_tokens,
                     answer_prefix=answer_prefix,
                 )
-                done = run_generation(
-                    events,
-                    lambda batch: self.post_message(GenerationUpdate(batch)),
-                    interval=lambda: self.frames.interval,
-                )
+                answer_ids = list(answer_prefix)
+
+                def post(batch: Batch) -> None:
+                    self.post_message(GenerationUpdate(batch))
+                    answer_ids.extend(t.token_id for t in batch.tokens)
+                    last = batch.last_token
+                    if self.live_policy and last is not None and batch.finished is None:
+                        self.live_policy_view(ids + answer_ids[:-1], last.token_id, live())
+
+                done = run_generation(events, post, interval=lambda: self.frames.interval)
                 if done is not None:
                     self._chat_tokens.generated(done.text, done.token_ids)
         except LLMChatError as err:

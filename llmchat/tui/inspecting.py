@@ -34,11 +34,17 @@ from llmchat.tui.widgets.tokens import MODES
 
 @dataclass
 class PolicyReady(Message):
-    """The policy view of a step, computed on a worker thread (None: the step's logits are gone)."""
+    """The policy view of a step, computed on a worker thread (None: the step's logits are gone).
+
+    `request` LIVE: the answer's own worker computed it for the step it just sampled.
+    """
 
     request: int
     view: PolicyView | None
     note: str = ""
+
+
+LIVE = -1  # PolicyReady.request of a view the generating worker made as it went
 
 
 @dataclass
@@ -72,6 +78,9 @@ class InspectingApp(App[None]):
         # The inspected step's logits, kept by the inspector's worker (the UI thread never reads
         # them): a "what if" with other sampling settings then reruns the policy, not the model.
         self._inspected_logits: tuple[tuple[int, ...], Any] | None = None
+        # While an answer streams and the policy tab shows its newest step, the answer's worker
+        # computes that view at each UI frame (it holds the model; the step's logits are at hand).
+        self.live_policy = False
 
     # --- hooks into the chat (app.py) ---------------------------------------------------------------
 
@@ -209,6 +218,7 @@ class InspectingApp(App[None]):
         if not isinstance(screen, InspectorScreen) or not screen.is_mounted:
             return
         self._inspector_request += 1
+        self.live_policy = False
         tab = screen.active_tab
         if tab == "policy":
             self._refresh_policy(screen)
@@ -218,6 +228,11 @@ class InspectingApp(App[None]):
             self._refresh_timeline(screen)
 
     def _refresh_policy(self, screen: InspectorScreen) -> None:
+        if self.generating and self._token_answer is None:  # no cursor: follow the newest step live
+            self.live_policy = True
+            waiting = Text("waiting for the next token…", style="dim")
+            screen.show_policy(Text("The newest step", style="bold"), waiting, None)
+            return
         step = self._inspected_step()
         if step is None:
             screen.show_policy(Text("No answer yet: ask something first."), Text(), None)
@@ -235,7 +250,7 @@ class InspectingApp(App[None]):
         if self.generating:
             screen.show_policy(
                 step_title(token, index, len(answer.steps)),
-                saved_policy_text(token, "Streaming: the full sampler chain shows when the answer is done."),
+                saved_policy_text(token, "The model is answering: this step's sampler chain shows when it is done."),
                 None,
             )
             return
@@ -289,10 +304,25 @@ class InspectingApp(App[None]):
             return
         self.post_message(PolicyReady(request, view))
 
+    def live_policy_view(self, sequence: list[int], chosen: int, params: SamplingParams) -> None:
+        """On the answer's worker, at a UI frame: the view of the step it just sampled (its logits
+        are the generator's latest, so no forward pass runs). Called only while `live_policy`."""
+        from llmchat.engine.inspector import policy_view
+
+        model = self.model
+        if model is None:
+            return
+        logits = model.generator.step_logits(sequence)
+        view = policy_view(logits, params, model.generator.token_text, context_ids=sequence, top=10, chosen_id=chosen)
+        self.post_message(PolicyReady(LIVE, view))
+
     def on_policy_ready(self, message: PolicyReady) -> None:
         screen = self.screen
         step = self._inspected_step()
-        if message.request != self._inspector_request or not isinstance(screen, InspectorScreen) or step is None:
+        live = message.request == LIVE and self.live_policy
+        if (message.request != self._inspector_request and not live) or not isinstance(screen, InspectorScreen):
+            return
+        if step is None:
             return
         answer, index = step
         title = step_title(answer.steps[index], index, len(answer.steps))
