@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from llmchat.engine.errors import LLMChatError
-    from llmchat.engine.events import Finished, PrefillDone, PrefillProgress, TokenEvent, TopToken
+    from llmchat.engine.events import Finished, ForcedPrefix, PrefillDone, PrefillProgress, TokenEvent, TopToken
     from llmchat.engine.runtime import LoadedModel, load
     from llmchat.engine.sampling import SamplingParams
 
 _WHERE = {
     "Finished": "events",
+    "ForcedPrefix": "events",
     "PrefillDone": "events",
     "PrefillProgress": "events",
     "TokenEvent": "events",
@@ -28,6 +29,7 @@ _WHERE = {
 }
 __all__ = [
     "Finished",
+    "ForcedPrefix",
     "LLMChatError",
     "LoadedModel",
     "PrefillDone",
