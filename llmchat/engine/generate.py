@@ -109,6 +109,9 @@ class Generator:
         # exactly, or need not recompute at all.
         self._first_logits: tuple[int, torch.Tensor] | None = None
         self._latest_logits: tuple[int, torch.Tensor] | None = None
+        # The last step re-read by step_logits: an inspector asking again (a "what if" with other
+        # sampling settings) gets it without a forward pass.
+        self._reread_logits: tuple[list[int], torch.Tensor] | None = None
 
     def token_text(self, token_id: int) -> str:
         """Display text of one token (memoized: the top-k list asks for the same ids often)."""
@@ -133,12 +136,12 @@ class Generator:
     def step_logits(self, sequence: Sequence[int], *, prefill: bool = False) -> torch.Tensor:
         """float32 logits [vocab] for the token after `sequence`, as a generation computed them.
 
-        The latest request's first and latest steps are kept; any other step runs its last token
-        through the model again over the cached keys and values of the tokens before it, which is
-        the computation its decode step did, and the cache is left as it was (that position's keys
-        and values are saved and put back). When the cache no longer holds those tokens (another
-        branch was generated since), `prefill=True` prefills them first, as the next request on
-        that branch would; otherwise that is a ValueError.
+        The latest request's first and latest steps are kept, and so is the last step re-read;
+        any other step runs its last token through the model again over the cached keys and values
+        of the tokens before it, which is the computation its decode step did, and the cache is left
+        as it was (that position's keys and values are saved and put back). When the cache no longer
+        holds those tokens (another branch was generated since), `prefill=True` prefills them first,
+        as the next request on that branch would; otherwise that is a ValueError.
         """
         ids = [int(i) for i in sequence]
         n = len(ids)
@@ -148,20 +151,24 @@ class Generator:
         if held < n - 1:
             if not prefill:
                 raise ValueError("that step is no longer in the KV cache")
-            self._first_logits = self._latest_logits = None  # they belong to what is cached now
+            self._first_logits = self._latest_logits = self._reread_logits = None  # of what was cached
             self.cache.truncate(held)
-            for _ in self._prefill(ids[: n - 1], held, None):
+            for _ in self._prefill(ids[: n - 1], held, None):  # run for the keys and values it caches
                 pass
             held = n - 1
         if held == n:
             for kept in (self._first_logits, self._latest_logits):
                 if kept is not None and kept[0] == n:
                     return kept[1]
+        if self._reread_logits is not None and self._reread_logits[0] == ids:
+            return self._reread_logits[1]
         position = n - 1
         saved = self.cache.save_position(position) if position < self.cache.length else None
         try:
             self._step_ids.fill_(ids[-1])
-            return self.model(self._step_ids, self.cache, position)[-1].float()
+            logits = self.model(self._step_ids, self.cache, position)[-1].float()
+            self._reread_logits = (ids, logits)
+            return logits
         finally:
             if saved is not None:
                 self.cache.restore_position(position, saved)
@@ -233,7 +240,7 @@ class Generator:
         if len(ids) > self.cache.capacity:
             raise ContextFullError(f"the prompt has {len(ids)} tokens but the context holds {self.cache.capacity}")
         began = time.perf_counter()
-        self._first_logits = self._latest_logits = None
+        self._first_logits = self._latest_logits = self._reread_logits = None  # the cache changes now
         reused = self.reusable(ids)
         self.cache.truncate(reused)
         prefilled = len(ids) - reused

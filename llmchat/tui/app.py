@@ -3,7 +3,7 @@
 Threads: the UI thread owns every widget and the conversation; one worker thread owns the model
 (loading it, prefill and decode). The worker hands coalesced batches of engine events over with
 `post_message`, so rendering never limits the token rate. Stopping sets a flag the engine checks
-between steps. The token cursor, branching at a token and the inspector live in inspecting.py.
+between steps. The token cursor and the inspector live in inspecting.py.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from llmchat.paths import cache_dir
 from llmchat.settings import ACTION_KEYS, Settings, SettingsError, key_map, update_settings
 from llmchat.tui.inspecting import InspectingApp
 from llmchat.tui.screens import ConversationsScreen, HelpScreen, ModelsScreen, SystemPromptScreen
+from llmchat.tui.screens.branch import BranchScreen
 from llmchat.tui.screens.inspector import InspectorScreen
 from llmchat.tui.themes import apply_theme, register_themes
 from llmchat.tui.widgets.messages import AssistantMessage, ChatView, saved_stats_line
@@ -233,6 +235,7 @@ class LLMChatApp(InspectingApp):
         self._panels_shown_at = 0.0
         self.frames = FrameBudget()  # how often the worker may hand a batch over
         self.max_new_tokens = max_new_tokens  # None: the model's generation config decides
+        self._branch_prefix: list[TokenEvent] = []  # kept tokens (+ the picked one) of a branch being answered
 
     # --- layout -----------------------------------------------------------------------------------
 
@@ -352,8 +355,7 @@ class LLMChatApp(InspectingApp):
     async def on_model_loaded(self, message: ModelLoaded) -> None:
         model = self.model = message.model
         self._chat_tokens = ChatTokens(model.tokenizer)
-        self._prompt_ids.clear()  # ids of another tokenizer, and logits of another model
-        self._inspected_logits = None
+        self._prompt_ids.clear()  # ids of another tokenizer
         try:
             base = self.sampling or model.default_sampling
             self.sampling = base.replace(**self._sampling_overrides)
@@ -660,6 +662,49 @@ class LLMChatApp(InspectingApp):
         self.conversation.switch_branch(branched[-1].id, step)
         await self._show_conversation()
         self._save()
+
+    # --- branching at a token ----------------------------------------------------------------------
+
+    def action_branch_here(self) -> None:
+        """Pick another token at the cursor; the answer is cut there and continues from the pick."""
+        if self._busy("branch"):
+            return
+        answer, index = self._token_answer, self._selected_token
+        if answer is None or index is None or answer.message_id is None:
+            self.notify("Put the token cursor on a token first (F8/F9, or click `tokens ▸` under an answer).")
+            return
+        if self.model is None:
+            self.notify("The model is not loaded yet.", severity="warning")
+            return
+        if isinstance(self.screen, InspectorScreen):
+            self.pop_screen()
+        token = answer.steps[index]
+        self.push_screen(BranchScreen(token, index), partial(self._branch_chosen, answer.message_id, index))
+
+    async def _branch_chosen(self, message_id: str, index: int, token_id: int | None) -> None:
+        if token_id is None or self._busy("branch") or self.model is None:
+            return
+        view = next((a for a in self.query(AssistantMessage) if a.message_id == message_id), None)
+        if view is None or index >= len(view.steps):
+            return
+        step = view.steps[index]
+        rank, top = next((r, t) for r, t in enumerate(step.top) if t.token_id == token_id)
+        picked = TokenEvent(
+            token_id=token_id, text=top.text, index=index, logit=top.logit, prob=top.prob,
+            policy_prob=top.policy_prob, rank=rank, top=step.top, seconds=0.0, cache_tokens=0, cache_bytes=0,
+            entropy=step.entropy, policy_entropy=step.policy_entropy,
+        )  # fmt: skip
+        prefix = view.steps[:index] + [picked]
+        forced = {i for i in view.forced if i < index} | {index}
+        old = self.conversation.get(message_id)
+        self.conversation.current = old.parent  # the new answer is a sibling of the old one
+        answer = self.conversation.add_assistant()
+        await self._show_conversation()
+        self._answer_id = answer.id
+        self._answer = self.query(AssistantMessage).last()
+        self._answer.forced = forced
+        self._save()
+        self._start_generation(self.conversation.chat_messages(before=answer.id), answer_prefix=prefix)
 
     def action_conversations(self) -> None:
         if self.store is None:

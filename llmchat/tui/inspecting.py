@@ -1,8 +1,8 @@
-"""The inspector's half of the app: the token cursor and heatmap, branching at a token, and the
-inspector screen's views (the policy of a step, the prompt as the model sees it, the timeline).
+"""The inspector's half of the app: the token cursor and heatmap, and the inspector screen's views
+(the policy of a step, the prompt as the model sees it, the timeline).
 
-`LLMChatApp` builds on `InspectingApp`; the chat's own parts (the conversation, generation, the
-panels) stay in app.py and are reached through the few hooks declared here. Views that need the
+`LLMChatApp` builds on `InspectingApp`; what changes the conversation (generation, branching at a
+token, regenerate) stays in app.py. Views here only read the chat and the model. Views that need the
 model's tensors are computed on worker threads under `_model_lock`, the lock the answer's worker
 holds while it generates, so the UI thread never touches torch and never races the KV cache.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from rich.text import Text
@@ -20,10 +19,9 @@ from textual.app import App
 from textual.message import Message
 
 from llmchat.chat.conversation import Conversation
-from llmchat.engine import LLMChatError, LoadedModel, SamplingParams, TokenEvent
+from llmchat.engine import LLMChatError, LoadedModel, SamplingParams
 from llmchat.engine.inspector import PolicyView, PromptView
 from llmchat.engine.prompt import ChatTokens
-from llmchat.tui.screens.branch import BranchScreen
 from llmchat.tui.screens.inspector import InspectorScreen
 from llmchat.tui.widgets.inspector import Timeline, policy_text, prompt_chips, saved_policy_text, step_title
 from llmchat.tui.widgets.messages import AssistantMessage
@@ -55,7 +53,7 @@ class PromptReady(Message):
 
 
 class InspectingApp(App[None]):
-    """Token cursor, heatmap, branching at a token and the inspector, over the chat in app.py."""
+    """Token cursor, heatmap and the inspector, over the chat in app.py."""
 
     # Provided by the chat app (app.py).
     model: LoadedModel | None
@@ -73,28 +71,10 @@ class InspectingApp(App[None]):
         # One thread at a time uses the model and its KV cache: the answer's worker, or an inspector's.
         self._model_lock = threading.Lock()
         self._prompt_ids: dict[str, list[int]] = {}  # each answer's prompt as the engine got it
-        self._branch_prefix: list[TokenEvent] = []  # kept tokens (+ the picked one) of a branch being answered
         self._inspector_request = 0  # results of older inspector requests are dropped
-        # The inspected step's logits, kept by the inspector's worker (the UI thread never reads
-        # them): a "what if" with other sampling settings then reruns the policy, not the model.
-        self._inspected_logits: tuple[tuple[int, ...], Any] | None = None
         # While an answer streams and the policy tab shows its newest step, the answer's worker
         # computes that view at each UI frame (it holds the model; the step's logits are at hand).
         self.live_policy = False
-
-    # --- hooks into the chat (app.py) ---------------------------------------------------------------
-
-    def _busy(self, what: str) -> bool:
-        raise NotImplementedError
-
-    async def _show_conversation(self) -> None:
-        raise NotImplementedError
-
-    def _save(self) -> None:
-        raise NotImplementedError
-
-    def _start_generation(self, messages: list[dict[str, Any]], answer_prefix: list[TokenEvent] | None = None) -> None:
-        raise NotImplementedError
 
     # --- the token cursor ---------------------------------------------------------------------------
 
@@ -151,49 +131,6 @@ class InspectingApp(App[None]):
             return
         index = self._selected_token if answer is self._token_answer and self._selected_token is not None else None
         await self._select(answer, len(answer.steps) - 1 if index is None else index, mode)
-
-    # --- branching at a token ----------------------------------------------------------------------
-
-    def action_branch_here(self) -> None:
-        """Pick another token at the cursor; the answer is cut there and continues from the pick."""
-        if self._busy("branch"):
-            return
-        answer, index = self._token_answer, self._selected_token
-        if answer is None or index is None or answer.message_id is None:
-            self.notify("Put the token cursor on a token first (F8/F9, or click `tokens ▸` under an answer).")
-            return
-        if self.model is None:
-            self.notify("The model is not loaded yet.", severity="warning")
-            return
-        if isinstance(self.screen, InspectorScreen):
-            self.pop_screen()
-        token = answer.steps[index]
-        self.push_screen(BranchScreen(token, index), partial(self._branch_chosen, answer.message_id, index))
-
-    async def _branch_chosen(self, message_id: str, index: int, token_id: int | None) -> None:
-        if token_id is None or self._busy("branch") or self.model is None:
-            return
-        view = next((a for a in self.query(AssistantMessage) if a.message_id == message_id), None)
-        if view is None or index >= len(view.steps):
-            return
-        step = view.steps[index]
-        rank, top = next((r, t) for r, t in enumerate(step.top) if t.token_id == token_id)
-        picked = TokenEvent(
-            token_id=token_id, text=top.text, index=index, logit=top.logit, prob=top.prob,
-            policy_prob=top.policy_prob, rank=rank, top=step.top, seconds=0.0, cache_tokens=0, cache_bytes=0,
-            entropy=step.entropy, policy_entropy=step.policy_entropy,
-        )  # fmt: skip
-        prefix = view.steps[:index] + [picked]
-        forced = {i for i in view.forced if i < index} | {index}
-        old = self.conversation.get(message_id)
-        self.conversation.current = old.parent  # the new answer is a sibling of the old one
-        answer = self.conversation.add_assistant()
-        await self._show_conversation()
-        self._answer_id = answer.id
-        self._answer = self.query(AssistantMessage).last()
-        self._answer.forced = forced
-        self._save()
-        self._start_generation(self.conversation.chat_messages(before=answer.id), answer_prefix=prefix)
 
     # --- the inspector -----------------------------------------------------------------------------
 
@@ -290,12 +227,8 @@ class InspectingApp(App[None]):
                     rendered = model.template.render(messages or [], add_generation_prompt=True)
                     prompt_ids = self._chat_tokens.peek(rendered)
                 sequence = prompt_ids + answer_ids
-                kept = self._inspected_logits
-                if kept is not None and kept[0] == tuple(sequence):
-                    logits = kept[1]
-                else:
-                    logits = model.generator.step_logits(sequence, prefill=True)  # another branch's: re-read
-                    self._inspected_logits = (tuple(sequence), logits)
+                # another branch's step is prefilled back; asking again (a what-if) runs no model
+                logits = model.generator.step_logits(sequence, prefill=True)
                 view = policy_view(
                     logits, params, model.generator.token_text, context_ids=sequence, top=10, chosen_id=chosen
                 )
