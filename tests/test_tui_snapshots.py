@@ -165,7 +165,7 @@ def _fixed_policy() -> Any:
 def test_policy_view(tmp_path: Path, snap_compare: Callable[..., bool]) -> None:
     """Alt+P: each stage of the sampler chain, what it cut, and every candidate's probability after it."""
     from llmchat.tui.screens.inspector import InspectorScreen
-    from llmchat.tui.widgets.inspector import policy_text, step_title
+    from llmchat.tui.widgets.inspector import step_title
 
     async def policy(pilot: Any) -> None:
         await _fixed_panels(pilot)
@@ -174,9 +174,7 @@ def test_policy_view(tmp_path: Path, snap_compare: Callable[..., bool]) -> None:
         screen = pilot.app.screen
         assert isinstance(screen, InspectorScreen)
         token = pilot.app._token_answer.tokens[6]
-        variables = pilot.app.theme_variables
-        view = _fixed_policy()
-        screen.show_policy(step_title(token, 6, 9), policy_text(view, variables["accent"], variables["error"]), view)
+        screen.show_policy(step_title(token, 6, 9), _fixed_policy())
         await pilot.pause()
 
     assert snap_compare(_app(tmp_path), terminal_size=SIZE, run_before=policy)
@@ -186,7 +184,6 @@ def test_prompt_view(tmp_path: Path, snap_compare: Callable[..., bool]) -> None:
     """Alt+V: the next request as rendered, token by token with ids; the cached part marked."""
     from llmchat.engine.inspector import PromptView
     from llmchat.tui.screens.inspector import InspectorScreen
-    from llmchat.tui.widgets.inspector import prompt_chips
 
     pieces = ["<|im_start|>", "user", "\n", "What", " is", " the", " capital", " of", " France", "?", "<|im_end|>",
               "\n", "<|im_start|>", "assistant", "\n", "Paris", ".", "<|im_end|>", "\n", "<|im_start|>", "user", "\n",
@@ -199,11 +196,7 @@ def test_prompt_view(tmp_path: Path, snap_compare: Callable[..., bool]) -> None:
         await pilot.pause()
         screen = pilot.app.screen
         assert isinstance(screen, InspectorScreen)
-        variables = pilot.app.theme_variables
-        chips = prompt_chips(
-            view, f"{variables['success']} underline", f"bold {variables['background']} on {variables['accent']}"
-        )
-        screen.show_prompt(view, chips, "underlined: in the KV cache already · highlighted: to prefill")
+        screen.show_prompt(view)
         await pilot.pause()
 
     assert snap_compare(_app(tmp_path), terminal_size=SIZE, run_before=prompt)

@@ -23,7 +23,7 @@ from llmchat.engine import LLMChatError, LoadedModel, SamplingParams
 from llmchat.engine.inspector import PolicyView, PromptView
 from llmchat.engine.prompt import ChatTokens
 from llmchat.tui.screens.inspector import InspectorScreen
-from llmchat.tui.widgets.inspector import Timeline, policy_text, prompt_chips, saved_policy_text, step_title
+from llmchat.tui.widgets.inspector import Timeline, saved_policy_text, step_title
 from llmchat.tui.widgets.messages import AssistantMessage
 from llmchat.tui.widgets.panels import TopKPanel
 from llmchat.tui.widgets.prompt import PromptInput
@@ -168,30 +168,26 @@ class InspectingApp(App[None]):
         if self.generating and self._token_answer is None:  # no cursor: follow the newest step live
             self.live_policy = True
             waiting = Text("waiting for the next token…", style="dim")
-            screen.show_policy(Text("The newest step", style="bold"), waiting, None)
+            screen.show_policy(Text("The newest step", style="bold"), waiting)
             return
         step = self._inspected_step()
         if step is None:
-            screen.show_policy(Text("No answer yet: ask something first."), Text(), None)
+            screen.show_policy(Text("No answer yet: ask something first."), Text())
             return
         answer, index = step
         token = answer.steps[index]
-        screen.show_policy(step_title(token, index, len(answer.steps)), Text("computing…", style="dim"), None)
+        title = step_title(token, index, len(answer.steps))
         if self.model is None or self.sampling is None:
-            screen.show_policy(
-                step_title(token, index, len(answer.steps)),
-                saved_policy_text(token, "No model loaded: this step's saved top-k (load the model for every stage)."),
-                None,
-            )
+            note = "No model loaded: this step's saved top-k (load the model for every stage)."
+            screen.show_policy(title, saved_policy_text(token, note))
             return
         if self.generating:
-            screen.show_policy(
-                step_title(token, index, len(answer.steps)),
-                saved_policy_text(token, "The model is answering: this step's sampler chain shows when it is done."),
-                None,
-            )
+            note = "The model is answering: this step's sampler chain shows when it is done."
+            screen.show_policy(title, saved_policy_text(token, note))
             return
-        messages = None if answer.message_id in self._prompt_ids else self._messages_before(answer.message_id)
+        screen.show_policy(title, Text("computing…", style="dim"))
+        known = answer.message_id in self._prompt_ids
+        messages = None if known else self.conversation.chat_messages(before=answer.message_id)
         self._compute_policy(
             self._inspector_request,
             self._prompt_ids.get(answer.message_id or ""),
@@ -200,11 +196,6 @@ class InspectingApp(App[None]):
             self.sampling,
             token.token_id,
         )
-
-    def _messages_before(self, message_id: str | None) -> list[dict[str, Any]]:
-        if message_id is None:
-            return []
-        return self.conversation.chat_messages(before=message_id)
 
     @work(thread=True, exclusive=True, group="inspect")
     def _compute_policy(
@@ -260,10 +251,9 @@ class InspectingApp(App[None]):
         answer, index = step
         title = step_title(answer.steps[index], index, len(answer.steps))
         if message.view is None:
-            screen.show_policy(title, saved_policy_text(answer.steps[index], message.note + " The saved top-k:"), None)
+            screen.show_policy(title, saved_policy_text(answer.steps[index], message.note + " The saved top-k:"))
             return
-        accent, cut = self.theme_variables.get("accent", "cyan"), self.theme_variables.get("error", "red")
-        screen.show_policy(title, policy_text(message.view, accent, cut), message.view)
+        screen.show_policy(title, message.view)
 
     def _next_request_messages(self) -> tuple[list[dict[str, Any]], str]:
         """The messages the next request would send: the branch so far plus the draft in the input."""
@@ -303,15 +293,7 @@ class InspectingApp(App[None]):
         screen = self.screen
         if message.request != self._inspector_request or not isinstance(screen, InspectorScreen):
             return
-        if message.view is None:
-            screen.show_prompt(None, note=message.note)
-            return
-        variables = self.theme_variables
-        reused_style = f"{variables.get('success', 'green')} underline"
-        new_style = f"bold {variables.get('background', 'black')} on {variables.get('accent', 'cyan')}"
-        chips = prompt_chips(message.view, reused_style, new_style)
-        legend = "underlined: in the KV cache already · highlighted: to prefill"
-        screen.show_prompt(message.view, chips, f"{message.note}\n{legend}")
+        screen.show_prompt(message.view, message.note)
 
     def _refresh_timeline(self, screen: InspectorScreen) -> None:
         step = self._inspected_step()
@@ -322,4 +304,4 @@ class InspectingApp(App[None]):
         stats = dict(self.conversation.get(answer.message_id).stats or {}) if answer.message_id else {}
         timeline = Timeline.of_answer(answer.steps, stats)
         note = "" if timeline is not None else "This answer kept no timings (saved by an older version)."
-        screen.show_timeline(timeline, note, self.theme_variables.get("accent", "cyan"))
+        screen.show_timeline(timeline, note)

@@ -21,6 +21,7 @@ from textual.widgets import Footer, Sparkline, Static, TabbedContent, TabPane
 from llmchat.engine.inspector import PolicyView, PromptView
 from llmchat.tui.widgets.inspector import (
     Timeline,
+    policy_text,
     prompt_chips,
     prompt_counts,
     timeline_decode,
@@ -117,12 +118,19 @@ class InspectorScreen(Screen[None]):
 
     # --- drawing -------------------------------------------------------------------------------
 
-    def show_policy(self, step: Text, body: Text, view: PolicyView | None) -> None:
-        self.policy = view
+    def _colour(self, name: str, fallback: str) -> str:
+        return self.app.theme_variables.get(name, fallback)
+
+    def show_policy(self, step: Text, body: Text | PolicyView) -> None:
+        """A step's title and either its sampler chain (a PolicyView) or a note / its saved top-k."""
+        self.policy = body if isinstance(body, PolicyView) else None
+        if isinstance(body, PolicyView):
+            body = policy_text(body, self._colour("accent", "cyan"), self._colour("error", "red"))
         self.query_one("#policy-step", Static).update(step)
         self.query_one("#policy-body", Static).update(body)
 
-    def show_prompt(self, view: PromptView | None, chips: Text | None = None, note: str = "") -> None:
+    def show_prompt(self, view: PromptView | None, note: str = "") -> None:
+        """The next request's tokens, the cached ones underlined and the rest highlighted (or a note)."""
         self.prompt = view
         counts = self.query_one("#prompt-counts", Static)
         if view is None:
@@ -130,11 +138,14 @@ class InspectorScreen(Screen[None]):
             self.query_one("#prompt-chips", Static).update("")
             self.query_one("#prompt-text", Static).update("")
             return
-        counts.update(prompt_counts(view) + (f"\n{note}" if note else ""))
-        self.query_one("#prompt-chips", Static).update(chips or prompt_chips(view, "", "reverse"))
+        legend = "underlined: in the KV cache already · highlighted: to prefill"
+        counts.update(prompt_counts(view) + (f"\n{note}" if note else "") + f"\n{legend}")
+        reused_style = f"{self._colour('success', 'green')} underline"
+        new_style = f"bold {self._colour('background', 'black')} on {self._colour('accent', 'cyan')}"
+        self.query_one("#prompt-chips", Static).update(prompt_chips(view, reused_style, new_style))
         self.query_one("#prompt-text", Static).update(view.text)
 
-    def show_timeline(self, timeline: Timeline | None, note: str = "", accent: str = "cyan") -> None:
+    def show_timeline(self, timeline: Timeline | None, note: str = "") -> None:
         self.timeline = timeline
         sparkline = self.query_one(Sparkline)
         if timeline is None:
@@ -143,7 +154,7 @@ class InspectorScreen(Screen[None]):
             self.query_one("#timeline-trend", Static).update("")
             sparkline.data = []
             return
-        self.query_one("#timeline-prefill", Static).update(timeline_prefill(timeline, accent))
+        self.query_one("#timeline-prefill", Static).update(timeline_prefill(timeline, self._colour("accent", "cyan")))
         self.query_one("#timeline-decode", Static).update(timeline_decode(timeline))
         sparkline.data = [s * 1000 for s in timeline.decode_seconds]
         self.query_one("#timeline-trend", Static).update(timeline_trend(timeline))
