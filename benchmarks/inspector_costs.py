@@ -3,8 +3,9 @@
     python benchmarks/inspector_costs.py [--model demo] [--tokens 64]
 
 Loads the model, samples an answer, then times: the entropy of both distributions per step (what
-every TokenEvent carries), `step_logits` of a middle step (one forward), `policy_view` over the whole
-vocabulary (the "what if" of the policy tab), and a branch at that step with the cache warm vs empty.
+every TokenEvent carries, with the engine's own `entropy`), `step_logits` of a middle step (one
+forward), `policy_view` over the whole vocabulary (the "what if" of the policy tab), and a branch at
+that step with the cache warm vs empty.
 Also checks that the policy view's probability of the chosen token is the sampler's.
 """
 
@@ -13,11 +14,10 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from llmchat.engine import SamplingParams, load
 from llmchat.engine.events import Finished, TokenEvent
 from llmchat.engine.inspector import policy_view
+from llmchat.engine.sampling import Sampler, entropy
 from llmchat.models import resolve_model
 from llmchat.paths import cache_dir
 
@@ -40,12 +40,15 @@ def main() -> None:
     assert isinstance(done, Finished)
     generator = model.generator
 
-    logits = torch.randn(model.config.vocab_size)
-    probs = logits.softmax(-1)
+    # The entropies every step computes (engine.sampling.entropy), on a real step's distributions.
+    raw = generator.step_logits(ids)
+    log_probs = raw.log_softmax(-1)
+    policy = Sampler(sampling, raw.shape[-1])
+    policy_probs = policy.policy_probs(policy.policy_logits(raw))
     began = time.perf_counter()
     for _ in range(200):
-        torch.stack((-torch.dot(probs, logits.log_softmax(-1)), torch.special.entr(probs).sum()))
-    print(f"entropy of both distributions, per step: {(time.perf_counter() - began) / 200 * 1e6:.0f} us")
+        entropy(log_probs.exp(), log_probs), entropy(policy_probs)
+    print(f"raw probabilities and both entropies, per step: {(time.perf_counter() - began) / 200 * 1e6:.0f} us")
 
     i = len(steps) // 2
     sequence = ids + list(done.token_ids[:i])

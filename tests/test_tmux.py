@@ -60,6 +60,12 @@ def terminal(llmchat_dirs: dict[str, Path]) -> Iterator[Path]:
     subprocess.run(["tmux", "kill-session", "-t", SESSION], capture_output=True)
 
 
+def _press(key: str, condition: Callable[[str], bool], what: str) -> str:
+    """Send one key through tmux and wait for the screen it should lead to."""
+    _tmux("send-keys", "-t", SESSION, key)
+    return _wait_for(condition, what)
+
+
 def test_chat_in_tmux_answers_shows_panels_takes_keys_and_saves(
     terminal: Path, demo_gguf: Path, llmchat_dirs: dict[str, Path]
 ) -> None:
@@ -76,44 +82,30 @@ def test_chat_in_tmux_answers_shows_panels_takes_keys_and_saves(
     assert "Top-k" in screen and re.search(r"\d+\.\d%", screen), screen
 
     assert "temp greedy" in screen, screen  # --temperature 0
-    _tmux("send-keys", "-t", SESSION, "F3")  # temperature up
-    _wait_for(lambda s: "temp 0.10" in s, "the temperature to change")
+    _press("F3", lambda s: "temp 0.10" in s, "the temperature to change")
 
     # The inspection and branch keys arrive through tmux too.
-    _tmux("send-keys", "-t", SESSION, "F8")  # the last answer's tokens: the top-k panel follows the cursor
-    _wait_for(lambda s: re.search(r"token \d+/\d+|end of answer", s) is not None, "the token cursor")
+    # F8: the last answer's tokens; the top-k panel follows the cursor
+    _press("F8", lambda s: re.search(r"token \d+/\d+|end of answer", s) is not None, "the token cursor")
     _tmux("send-keys", "-t", SESSION, "C-r")  # regenerate: a second answer beside the first
     _tmux("send-keys", "-t", SESSION, "C-c")  # Ctrl+C never quits mid-answer
     # The answer's own stats line (not the status bar's tok/s) says the regenerated answer finished;
     # branch keys wait for that.
     _wait_for(lambda s: "‹2/2›" in s and "TTFT" in s, "the regenerated answer")
-    _tmux("send-keys", "-t", SESSION, "M-Left")  # back to the first branch
-    _wait_for(lambda s: "‹1/2›" in s, "the first branch")
+    _press("M-Left", lambda s: "‹1/2›" in s, "the first branch")
     # The inspector's Alt keys: the heatmap, the branch dialog, the three inspector tabs.
-    _tmux("send-keys", "-t", SESSION, "M-t")
-    _wait_for(lambda s: "p(token)" in s and "≥90%" in s, "the token heatmap")
-    _tmux("send-keys", "-t", SESSION, "C-b")
-    _wait_for(lambda s: "Branch at token" in s, "the branch dialog")
-    _tmux("send-keys", "-t", SESSION, "Escape")
-    _wait_for(lambda s: "Branch at token" not in s, "the branch dialog to close")
-    _tmux("send-keys", "-t", SESSION, "M-p")
-    _wait_for(lambda s: "sampled from" in s and "raw logits" in s, "the policy view")
-    _tmux("send-keys", "-t", SESSION, "M-v")
-    _wait_for(lambda s: "to prefill" in s and "<|im_start|>" in s, "the prompt view")
-    _tmux("send-keys", "-t", SESSION, "M-l")
-    _wait_for(lambda s: "ms/token" in s and "chunk 1" in s, "the timeline")
-    _tmux("send-keys", "-t", SESSION, "Escape")
-    _wait_for(lambda s: "KV cache" in s and "p(token)" in s, "the chat with its heatmap")
-    _tmux("send-keys", "-t", SESSION, "Escape")
-    _wait_for(lambda s: "p(token)" not in s, "the answer's text")
-    _tmux("send-keys", "-t", SESSION, "F1")
-    _wait_for(lambda s: "Temperature up" in s, "the help screen")
-    _tmux("send-keys", "-t", SESSION, "Escape")
-    _wait_for(lambda s: "Temperature up" not in s, "the help screen to close")
-    _tmux("send-keys", "-t", SESSION, "C-o")
-    _wait_for(lambda s: "Search titles" in s and "What is the capital" in s, "the conversations screen")
-    _tmux("send-keys", "-t", SESSION, "Escape")
-    _wait_for(lambda s: "Search titles" not in s, "the conversations screen to close")
+    _press("M-t", lambda s: "p(token)" in s and "≥90%" in s, "the token heatmap")
+    _press("C-b", lambda s: "Branch at token" in s, "the branch dialog")
+    _press("Escape", lambda s: "Branch at token" not in s, "the branch dialog to close")
+    _press("M-p", lambda s: "sampled from" in s and "raw logits" in s, "the policy view")
+    _press("M-v", lambda s: "to prefill" in s and "<|im_start|>" in s, "the prompt view")
+    _press("M-l", lambda s: "ms/token" in s and "chunk 1" in s, "the timeline")
+    _press("Escape", lambda s: "KV cache" in s and "p(token)" in s, "the chat with its heatmap")
+    _press("Escape", lambda s: "p(token)" not in s, "the answer's text")
+    _press("F1", lambda s: "Temperature up" in s, "the help screen")
+    _press("Escape", lambda s: "Temperature up" not in s, "the help screen to close")
+    _press("C-o", lambda s: "Search titles" in s and "What is the capital" in s, "the conversations screen")
+    _press("Escape", lambda s: "Search titles" not in s, "the conversations screen to close")
 
     _tmux("send-keys", "-t", SESSION, "C-q")
     _wait_for(lambda s: "Top-k" not in s, "the app to quit", seconds=30)

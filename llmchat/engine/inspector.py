@@ -14,9 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmchat.engine.sampling import SamplingParams, policy_stages
+from llmchat.engine.sampling import NATS_PER_BIT, SamplingParams, entropy, policy_stages
 
-_LN2 = math.log(2)
 STAGE_TITLES = {
     "raw": "raw logits (softmax)",
     "repetition_penalty": "repetition penalty",
@@ -130,7 +129,7 @@ def policy_view(
                 kept=kept,
                 removed=previous_kept - kept,
                 removed_shown=removed_shown,
-                entropy=float(torch.special.entr(probs).sum()) / _LN2,
+                entropy=float(entropy(probs)) / NATS_PER_BIT,
                 other=max(0.0, 1.0 - float(shown.sum())),
             )
         )

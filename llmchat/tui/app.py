@@ -307,7 +307,7 @@ class LLMChatApp(InspectingApp):
                 view = await chat.add_assistant(name, message.id, branch)
                 view.tokens = token_events(message.tokens)
                 view.forced = forced_indices(message.tokens)
-                view.end = end_event(message.tokens)
+                view.end = end_event(message.tokens, len(view.tokens))
                 line = saved_stats_line(message.stats or {})
                 await view.set_text(message.reasoning or "", message.content, line)
                 if message.tool_calls:

@@ -109,16 +109,10 @@ class Coalescer:
         urgent = False
         if isinstance(event, TokenEvent):
             self._batch.tokens.append(event)
-            self._reasoning.append(event.reasoning)
-            self._content.append(event.content)
-            self._streamed_reasoning += len(event.reasoning)
-            self._streamed_content += len(event.content)
+            self._stream(event.reasoning, event.content)
         elif isinstance(event, ForcedPrefix):
             self._batch.prefix = event
-            self._reasoning.append(event.reasoning)
-            self._content.append(event.content)
-            self._streamed_reasoning += len(event.reasoning)
-            self._streamed_content += len(event.content)
+            self._stream(event.reasoning, event.content)
             urgent = True
         elif isinstance(event, Finished):
             self._batch.finished = event
@@ -134,6 +128,13 @@ class Coalescer:
         if urgent or self._clock() - self._last_flush >= interval:
             return self.flush()
         return None
+
+    def _stream(self, reasoning: str, content: str) -> None:
+        """Text that reaches the UI through a batch (counted: Finished's totals hold the rest)."""
+        self._reasoning.append(reasoning)
+        self._content.append(content)
+        self._streamed_reasoning += len(reasoning)
+        self._streamed_content += len(content)
 
     def flush(self) -> Batch | None:
         """Hand over whatever is pending (None when nothing is)."""

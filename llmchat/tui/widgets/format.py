@@ -42,6 +42,14 @@ def visible_token(text: str) -> str:
     return "".join(out) or "∅"
 
 
+_SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+
+
+def subscript(number: int) -> str:
+    """12 → '₁₂': token ids drawn small after their chips."""
+    return str(number).translate(_SUBSCRIPT)
+
+
 _CONTROL_PICTURES = {i: 0x2400 + i for i in range(32) if chr(i) not in "\n\t"} | {127: 0x2421}
 
 

@@ -16,9 +16,8 @@ from rich.text import Text
 from llmchat.engine.events import TokenEvent
 from llmchat.engine.inspector import STAGE_TITLES, PolicyView, PromptView
 from llmchat.engine.sampling import SamplingParams
-from llmchat.tui.widgets.format import bar, visible_token
+from llmchat.tui.widgets.format import bar, subscript, visible_token
 
-_SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 _SHORT = {
     "raw": "raw",
     "repetition_penalty": "penalty",
@@ -116,7 +115,7 @@ def prompt_chips(view: PromptView, reused_style: str, new_style: str) -> Text:
     for i, (token_id, text) in enumerate(zip(view.token_ids, view.token_texts, strict=True)):
         style = Style.parse(reused_style if i < view.reused else new_style)
         out.append(visible_token(text), style)
-        out.append(str(token_id).translate(_SUBSCRIPT), style + Style(dim=True))
+        out.append(subscript(token_id), style + Style(dim=True))
         out.append(" ")
         if "\n" in text:
             out.append("\n")

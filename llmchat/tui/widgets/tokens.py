@@ -19,7 +19,7 @@ from rich.text import Text
 from textual.widgets import Static
 
 from llmchat.engine.events import TokenEvent, TopToken
-from llmchat.tui.widgets.format import printable, visible_token
+from llmchat.tui.widgets.format import printable, subscript, visible_token
 
 # The heatmap: (lowest probability, background, foreground, legend label), highest first. Fixed
 # colours rather than theme ones: the scale must read the same in every theme.
@@ -31,7 +31,6 @@ HEAT: tuple[tuple[float, str, str, str], ...] = (
     (0.0, "#c62828", "#ffffff", "<10%"),
 )
 LOW_CONFIDENCE = 0.3  # below this a token counts as one the model was unsure of (orange and red)
-_SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
 MODES = ("text", "heatmap", "ids")  # what Alt+T cycles through
 
 
@@ -77,11 +76,11 @@ def token_events(records: list[dict[str, Any]] | None) -> list[TokenEvent]:
     return events
 
 
-def end_event(records: list[dict[str, Any]] | None) -> TokenEvent | None:
-    """The saved step that chose end-of-sequence, if the answer ended that way."""
+def end_event(records: list[dict[str, Any]] | None, index: int) -> TokenEvent | None:
+    """The saved step that chose end-of-sequence (step `index`, after the answer's tokens), if any."""
     ends = [r for r in records or [] if isinstance(r, dict) and r.get("end")]
     try:
-        return token_event(ends[-1], len(token_events(records))) if ends else None
+        return token_event(ends[-1], index) if ends else None
     except (TypeError, ValueError, IndexError, AttributeError):
         return None
 
@@ -138,7 +137,7 @@ def chips(
         shown = visible_token(token.text) if boundaries else printable(token.text).replace("\n", "↵")
         text.append(shown or "∅", style)
         if boundaries:
-            text.append(str(token.token_id).translate(_SUBSCRIPT), Style(dim=True, meta=style.meta))
+            text.append(subscript(token.token_id), Style(dim=True, meta=style.meta))
             text.append(" ")
         if "\n" in token.text:  # keep the answer's lines
             text.append("\n")
