@@ -47,6 +47,8 @@ LIVE = -1  # PolicyReady.request of a view the generating worker made as it went
 
 @dataclass
 class PromptReady(Message):
+    """The prompt view of the next request, computed on a worker thread (None: a template error)."""
+
     request: int
     view: PromptView | None
     note: str = ""
@@ -135,12 +137,15 @@ class InspectingApp(App[None]):
     # --- the inspector -----------------------------------------------------------------------------
 
     def action_inspect(self, tab: str) -> None:
-        """Open the inspector on a tab (or switch tabs when it is open)."""
-        if isinstance(self.screen, InspectorScreen):
-            self.screen.show_tab(tab)
-        else:
+        """Open the inspector on a tab (or switch tabs when it is open); a tab that becomes active
+        refreshes itself (InspectorScreen's TabActivated), the one already shown is refreshed here."""
+        screen = self.screen
+        if not isinstance(screen, InspectorScreen):
             self.push_screen(InspectorScreen(tab))
-        self.call_after_refresh(self.refresh_inspector)
+        elif screen.active_tab != tab:
+            screen.show_tab(tab)
+        else:
+            self.refresh_inspector()
 
     def _inspected_step(self) -> tuple[AssistantMessage, int] | None:
         """The token under the cursor, else the last token of the last answer."""
