@@ -66,9 +66,10 @@ def main() -> None:
 
     pick = next(t.token_id for t in steps[i].top if t.token_id != steps[i].token_id)
     prefix = list(done.token_ids[:i]) + [pick]
-    warm = list(model.generate(ids, sampling=sampling, max_new_tokens=1, answer_prefix=prefix))[-1]
+    one_more = len(prefix) + 1  # the prefix counts toward max_new_tokens: one new token after it
+    warm = list(model.generate(ids, sampling=sampling, max_new_tokens=one_more, answer_prefix=prefix))[-1]
     model.reset()
-    cold = list(model.generate(ids, sampling=sampling, max_new_tokens=1, answer_prefix=prefix))[-1]
+    cold = list(model.generate(ids, sampling=sampling, max_new_tokens=one_more, answer_prefix=prefix))[-1]
     assert isinstance(warm, Finished) and isinstance(cold, Finished)
     print(
         f"branch at token {i}: prefilled {warm.prefilled_tokens} (reused {warm.reused_tokens}), first new token "

@@ -8,6 +8,7 @@ import random
 from dataclasses import asdict
 from typing import Any
 
+from llmchat.cli_args import DTYPES, positive_int
 from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK
 from llmchat.models import resolve_model
 
@@ -56,6 +57,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     data = describe(package, detect(package.templates, package.tokenizer))
     plan = _packing_plan(package, torch.device("cpu"), torch.float32, dequantize=False)
     data["cpu_weights"] = f"kept packed: {_packing_summary(plan)}" if plan else "float32 (nothing to keep packed)"
+    if _mapped_embedding(package, plan, dequantize=False):
+        data["cpu_weights"] += "; token embedding read from the file on demand"
     if args.json:
         print(json.dumps(data, ensure_ascii=False))
         return 0
@@ -142,11 +145,35 @@ def _packing_plan(package: Any, device: Any, dtype: Any, dequantize: bool) -> di
         return {}
 
 
+def _mapped_embedding(package: Any, plan: dict[str, Any], dequantize: bool) -> int:
+    """Bytes of the file `load` will read the token embedding from on demand (0: it is loaded)."""
+    from llmchat.engine.runtime import mapped_embedding_bytes
+
+    return mapped_embedding_bytes(package, plan, packed=False if dequantize else None)
+
+
 def _packing_summary(plan: dict[str, Any]) -> str:
     """The same words `load` reports (LoadInfo.packing), predicted from the plan."""
     from llmchat.engine.packed import PackingReport
 
     return PackingReport.of_plan(plan).summary()
+
+
+def _sliding_note(config: Any, rows: list[dict[str, Any]]) -> str:
+    """What the sliding-window layers keep, in words ('' for a model without them)."""
+    from llmchat.engine.kv_cache import RING_SLACK
+
+    windows = [config.layer_window(i) for i in range(config.num_layers)]
+    sliding = sum(w is not None for w in windows)
+    if not sliding:
+        return ""
+    window = max(w for w in windows if w is not None)
+    least = ", ".join(f"{row['context']}: {row['kv_cache_windowed'] / MiB:.1f}" for row in rows)
+    return (
+        f"(sliding window {window} on {sliding} of {config.num_layers} layers: each keeps a ring of its last "
+        f"{window} + {RING_SLACK} positions (rewinding up to {RING_SLACK + 1} reuses the cache), not the whole "
+        f"context; the window alone would be {least} MiB)"
+    )
 
 
 def cmd_vram(args: argparse.Namespace) -> int:
@@ -158,6 +185,7 @@ def cmd_vram(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     plan = _packing_plan(package, device, dtype, args.dequantize)
+    mapped = _mapped_embedding(package, plan, args.dequantize)
     # This process has imported torch and read the package (tokenizer, vocabulary) and holds no
     # weights yet: its resident memory is the runtime a loaded model sits on (it differs between
     # installs by tens of MB, which matters next to a 140 MB model).
@@ -174,6 +202,7 @@ def cmd_vram(args: argparse.Namespace) -> int:
             device_type=device.type,
             packed=plan,
             runtime=runtime,
+            mapped_embedding=mapped,
         )
         rows.append({"context": context} | asdict(bill) | {"total": bill.total})
     result: dict[str, Any] = {
@@ -201,18 +230,29 @@ def cmd_vram(args: argparse.Namespace) -> int:
         file = f"{stored['format']} {stored['quantization']}, tensors {stored['bytes'] / MiB:.1f} MiB ({types})"
         print(f"file: {file}; {held}")
     print(f"{package.name} on {device}, weights {result['dtype']}, KV cache {result['kv_dtype']} (MiB)")
-    header = f"{'context':>8} {'weights':>9} {'KV cache':>9} {'activations':>12} {'runtime':>8} {'peak':>9}"
+    header = (
+        f"{'context':>8} {'weights':>9} {'KV cache':>9} {'activations':>12} {'runtime':>8} {'loading':>8} "
+        f"{'peak':>9}  peak while"
+    )
     print(header)
     for row in rows:
+        serving = row["kv_cache"] + row["activations"] >= row["load_transient"]
         print(
             f"{row['context']:>8} {row['weights'] / MiB:>9.1f} {row['kv_cache'] / MiB:>9.1f} "
-            f"{row['activations'] / MiB:>12.1f} {row['runtime'] / MiB:>8.1f} {row['total'] / MiB:>9.1f}"
+            f"{row['activations'] / MiB:>12.1f} {row['runtime'] / MiB:>8.1f} {row['load_transient'] / MiB:>8.1f} "
+            f"{row['total'] / MiB:>9.1f}  {'serving' if serving else 'loading'}"
         )
-    if any(row["kv_cache_windowed"] < row["kv_cache"] for row in rows):
+    print(
+        "(peak = weights + runtime + the larger of KV cache + activations, while serving, and loading: the "
+        "largest matrix read as float32 and its packed or transposed copy, before the KV cache fills)"
+    )
+    sliding = _sliding_note(package.config, rows)
+    if sliding:
+        print(sliding)
+    if mapped:
         print(
-            "(sliding-window layers could hold less KV: "
-            + ", ".join(f"{row['context']}: {row['kv_cache_windowed'] / MiB:.1f}" for row in rows)
-            + " MiB; llmchat keeps every position)"
+            f"(token embedding: {mapped / MiB:.1f} MiB of the file, mapped and read by rows on demand: counted "
+            "as 0, as none of it stays resident)"
         )
     if args.measure:
         m = result["measured"]
@@ -232,11 +272,11 @@ def add_info_parsers(sub: Any) -> None:
 
     p = sub.add_parser("vram", help="the memory bill of a model: weights, KV cache, activations, runtime")
     p.add_argument("model", nargs="?", default=None, help="registered name, demo, or path (default: the default)")
-    p.add_argument("--context", type=int, action="append", help="context length (repeatable; default: a few)")
+    p.add_argument("--context", type=positive_int, action="append", help="context length (repeatable; default: a few)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", help="dtype the weights run in")
-    p.add_argument("--kv-dtype", default=None, help="dtype of the KV cache (default: the weights')")
-    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK)
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="dtype the weights run in")
+    p.add_argument("--kv-dtype", default=None, choices=DTYPES, help="dtype of the KV cache (default: the weights')")
+    p.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK)
     p.add_argument("--measure", action="store_true", help="load, prefill the first context, compare with the bill")
     p.add_argument("--dequantize", action="store_true", help="the bill with quantized weights dequantized at load")
     p.add_argument("--json", action="store_true")

@@ -272,12 +272,12 @@ def _add_random(
     writer.add_tensor(name, data, raw_dtype=qtype)
 
 
-def write_typed_tensors(out: Path, qtypes: list[GGMLQuantizationType], *, columns: int = 256) -> Path:
-    """A llama GGUF holding one [2, columns] tensor of random bytes per type, named blk.N.ffn_down.weight."""
+def write_typed_tensors(out: Path, qtypes: list[GGMLQuantizationType], *, columns: int = 256, rows: int = 2) -> Path:
+    """A llama GGUF holding one [rows, columns] tensor of random bytes per type, named blk.N.ffn_down.weight."""
     rng = np.random.default_rng(1)
     writer = gguf.GGUFWriter(out, "llama")
     for index, qtype in enumerate(qtypes):
-        _add_random(writer, f"blk.{index}.ffn_down.weight", (2, columns), qtype, rng)
+        _add_random(writer, f"blk.{index}.ffn_down.weight", (rows, columns), qtype, rng)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

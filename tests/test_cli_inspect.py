@@ -137,9 +137,9 @@ def test_bad_values_are_one_line_errors(capsys: pytest.CaptureFixture[str], fold
     path = folder
     for args, needle in (
         (["--top-k", "0"], "--top-k"),
-        (["--sample-top-k", "-1"], "top_k"),
+        (["--sample-top-k", "-1"], "--sample-top-k"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
-        (["--raw", "--system", "be brief"], "--system"),
+        (["--raw", "--chat"], "not allowed with argument --raw"),
     ):
         code = main(["inspect", str(path), "--prompt", "hi", *args])
         _, err = capsys.readouterr()

@@ -16,6 +16,7 @@ from llmchat.engine.events import Finished, ForcedPrefix, PrefillDone, PrefillPr
 from llmchat.engine.generate import _StopStrings
 from llmchat.engine.kv_cache import KVCache
 from llmchat.engine.package import DEFAULT_SAMPLING, GenerationDefaults
+from tests.conftest import TinyModelFactory
 from tests.tiny_models import build_tiny_model
 
 GREEDY = llmchat.SamplingParams(temperature=0)
@@ -60,6 +61,51 @@ def test_kv_cache_is_preallocated_with_exact_bytes() -> None:
     assert cache.tokens == [5] and cache.free == 49
     with pytest.raises(ValueError):
         cache.append_tokens(list(range(50)))
+
+
+def _write(cache: KVCache, start: int, n: int, value: float = 0.0) -> None:
+    """Write positions [start, start + n) in both layers: keys = position + value, values = -keys."""
+    for layer in range(2):
+        block = value + torch.arange(start, start + n, dtype=torch.float32)[None, :, None].expand(1, n, 4)
+        cache.write(layer, start, block, -block)
+
+
+def _fill(cache: KVCache, start: int, n: int) -> None:
+    _write(cache, start, n)
+    cache.append_tokens(list(range(start, start + n)))
+
+
+def test_a_sliding_layer_keeps_a_ring_of_window_plus_slack() -> None:
+    """Window 4 + slack 2: 6 slots, position p in slot p % 6, each slot knowing its position; the rest
+    of the context is not allocated. Going back at most slack + 1 = 3 positions keeps the window
+    before the new end; further back it is gone, and truncating there is refused."""
+    cache = KVCache(2, 1, 4, capacity=20, windows=(None, 4), slack=2)
+    assert (cache.ring, cache.keys.shape[2], cache.ring_keys.shape[2]) == (6, 20, 6)
+    assert cache.nbytes == 2 * 4 * 4 * (20 + 6)
+    _fill(cache, 0, 4)
+    _fill(cache, 4, 6)  # positions 4..9: the ring wraps
+    keys, values, positions = cache.view(1, 10)
+    assert positions.tolist() == [6, 7, 8, 9, 4, 5]
+    assert keys[0, :, 0].tolist() == positions.tolist() and values[0, :, 0].tolist() == [-p for p in positions]
+    full_keys, _, none = cache.view(0, 10)
+    assert none is None and full_keys[0, :, 0].tolist() == list(range(10))
+    assert cache.used_bytes == 2 * 4 * 4 * (10 + 6)
+    assert cache.chunk_limit(1) == 3 and cache.chunk_limit(0) is None
+    assert [n for n in range(11) if cache.resumable(n)] == [0, 7, 8, 9, 10]  # 0: nothing needed
+    with pytest.raises(ValueError, match="no longer hold"):
+        cache.truncate(6)
+    assert cache.length == 10  # nothing forgotten by the refusal
+    cache.truncate(7)
+    _fill(cache, 7, 2)  # a branch: 7 and 8 again
+    # slot 3 still holds 9 of the old branch: after the end, so masked until 9 is written again
+    assert cache.view(1, 9)[2].tolist() == [6, 7, 8, 9, 4, 5]
+    saved = cache.save_position(8)
+    _write(cache, 8, 1, value=100.0)  # an inspector re-running step 8
+    assert cache.view(1, 9)[0][0, 2, 0].item() == 108.0 and cache.view(0, 9)[0][0, 8, 0].item() == 108.0
+    cache.restore_position(8, saved)
+    assert cache.view(1, 9)[0][0, 2, 0].item() == 8.0 and cache.view(0, 9)[0][0, 8, 0].item() == 8.0
+    cache.truncate(0)  # back to the start is always possible
+    assert cache.length == 0 and cache.resumable(0)
 
 
 def test_memory_stays_flat_while_decoding(model: llmchat.LoadedModel) -> None:
@@ -313,13 +359,14 @@ def test_load_reports_progress_per_tensor(tiny_model) -> None:  # type: ignore[n
 
 def test_an_answer_prefix_continues_like_the_original_and_prefills_one_token(model: llmchat.LoadedModel) -> None:
     """Greedy from prompt + the first k tokens of a greedy answer is that answer's rest: the prefix
-    comes from the cache (one token prefilled), its text is handed over once, indices continue."""
+    comes from the cache (one token prefilled), its text is handed over once, indices continue, and
+    the prefix counts toward max_new_tokens (10 in all: k kept, 10 - k generated)."""
     prompt = _prompt(12)
     first = list(model.generate(prompt, sampling=GREEDY, max_new_tokens=10, stop_on_eos=False))
     answer = _tokens(first)
     k = 4
     events = list(
-        model.generate(prompt, sampling=GREEDY, max_new_tokens=6, stop_on_eos=False, answer_prefix=answer[:k])
+        model.generate(prompt, sampling=GREEDY, max_new_tokens=10, stop_on_eos=False, answer_prefix=answer[:k])
     )
     done = _finished(events)
     prefill = next(e for e in events if isinstance(e, PrefillDone))
@@ -404,3 +451,85 @@ def test_step_logits_of_another_branch_prefill_it_back_when_asked(model: llmchat
     assert torch.allclose(logits, model.logits(sequence)[-1], atol=1e-4)
     assert model.cache.tokens == sequence[:-1]
     assert torch.equal(model.generator.step_logits(sequence), logits)  # now cached: no prefill needed
+
+
+# --- equal logits: one order everywhere ----------------------------------------------------------
+
+
+class _FixedLogits:
+    """Stands in for the Transformer: every position gets the same hand-made logits."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+    def __call__(self, ids: torch.Tensor, cache: KVCache, start: int, **_: object) -> torch.Tensor:
+        return self.logits.expand(ids.shape[0], -1).clone()
+
+
+def test_equal_logits_have_one_order_in_generate_the_inspector_and_the_policy_view(
+    model: llmchat.LoadedModel,
+) -> None:
+    """Highest first, equal logits by lowest id — for the step's top-k list, its rank, greedy's pick
+    and the policy view — whether or not the k-th place splits a group of equal logits."""
+    from llmchat.engine.generate import Generator
+    from llmchat.engine.inspector import policy_view
+
+    logits = torch.full((model.config.vocab_size,), -2.0)
+    logits[[90, 12, 40]] = 6.0  # three equal at the top, listed out of order
+    logits[[7, 3]] = 4.0
+
+    def step(prompt: list[int], sampling: llmchat.SamplingParams, k: int) -> TokenEvent:
+        generator = Generator(_FixedLogits(logits), KVCache(1, 1, 4, 32), model.tokenizer)
+        events = list(generator.generate(prompt, sampling=sampling, max_new_tokens=1, stop_on_eos=False, top_k=k))
+        (event,) = [e for e in events if isinstance(e, TokenEvent)]
+        return event
+
+    for k, expected in ((3, [12, 40, 90]), (2, [12, 40]), (4, [12, 40, 90, 3]), (5, [12, 40, 90, 3, 7])):
+        event = step([5, 6], GREEDY, k)  # k = 2 and 4 cut a group of equal logits: the exact path
+        assert [t.token_id for t in event.top] == expected, k
+        assert (event.token_id, event.rank) == (12, 0)
+        assert [t.logit for t in event.top] == [float(logits[i]) for i in expected]
+    # A penalty on 12 and 40 (in the prompt) makes greedy pick 90: by the raw logits it ranks third.
+    penalized = GREEDY.replace(repetition_penalty=2.0)
+    event = step([12, 40], penalized, 4)
+    assert (event.token_id, event.rank) == (90, 2)
+    assert [t.token_id for t in event.top] == [12, 40, 90, 3]
+    view = policy_view(logits, penalized, model.tokenizer.token_text, context_ids=[12, 40], top=4, chosen_id=90)
+    assert [c.token_id for c in view.candidates] == [t.token_id for t in event.top]
+    assert view.prob(90) == 1.0 and view.prob(12) == 0.0  # greedy's one-hot, after the penalty
+
+
+# --- sliding windows: rings, and the bill ---------------------------------------------------------
+
+
+def test_sliding_layers_keep_a_ring_and_the_bill_says_so(
+    tiny_model: TinyModelFactory, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma 3's sliding layers (window 8) hold window + slack slots, its full layer the context; the
+    KV panel's numbers, `vram`'s bill and what is allocated agree, and the peak is the sum shown."""
+    import llmchat.engine.kv_cache as kv_cache
+    from llmchat.cli import main
+
+    monkeypatch.setattr(kv_cache, "RING_SLACK", 4)
+    folder = tiny_model("gemma3")
+    model = llmchat.load(folder, device="cpu", dtype="float32", context_length=64)
+    cache, config = model.cache, model.config
+    per_position = 2 * config.num_kv_heads * config.head_dim * 4  # one layer's key and value, float32
+    assert (cache.ring, cache.ring_keys.shape[0], cache.keys.shape[0]) == (12, 2, 1)
+    assert cache.nbytes == per_position * (64 + 2 * 12)
+    events = list(model.generate(_prompt(30), sampling=GREEDY, max_new_tokens=5, stop_on_eos=False))
+    done = _finished(events)
+    assert done.cache_tokens == 34 and done.cache_bytes == cache.used_bytes == per_position * (34 + 2 * 12)
+
+    assert main(["vram", str(folder), "--device", "cpu", "--context", "64", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["estimates"]
+    assert row["kv_cache"] == cache.nbytes and row["kv_cache_windowed"] == per_position * (64 + 2 * 8)
+    serving = row["kv_cache"] + row["activations"]
+    assert row["total"] == row["weights"] + row["runtime"] + max(serving, row["load_transient"])
+    assert main(["vram", str(folder), "--device", "cpu", "--context", "64"]) == 0
+    text = capsys.readouterr().out
+    assert "a ring of its last 8 + 4 positions" in text and "every position" not in text
+    header = next(line for line in text.splitlines() if line.split()[:1] == ["context"])
+    assert header.split()[-4:] == ["loading", "peak", "peak", "while"]

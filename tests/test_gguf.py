@@ -242,6 +242,152 @@ def test_tensors_dequantize_like_gguf_py(gguf_files: Callable, tmp_path: Path) -
     assert torch.equal(served["model.layers.1.mlp.down_proj.weight"], expected)
 
 
+# --- the token embedding, read from the file ---------------------------------------------------------
+
+
+def test_mapped_rows_are_the_files_values_for_every_type(tmp_path: Path) -> None:
+    """Rows gathered from the map (any ids, repeated, in any order, in one pass) are bit for bit the
+    rows of the whole tensor as read_tensor dequantizes it (gguf-py's values), for every supported
+    type; the map stays valid after the file is replaced on disk (a model updated in place)."""
+    from llmchat.engine.gguf_tensors import GGUFEmbedding
+
+    types_ = sorted(SUPPORTED_TYPES)
+    path = write_typed_tensors(tmp_path / "types.gguf", types_, rows=64)
+    file = GGUFFile(path)
+    ids = torch.tensor([63, 0, 5, 5, 17, 62, 1])
+    embeddings = {}
+    for info in file.tensor_info.values():
+        with np.errstate(all="ignore"):  # random bytes make NaN/inf scales
+            whole = file.read_tensor(info.name)
+        embedding = GGUFEmbedding(path, info, torch.device("cpu"), torch.float32)
+        got = embedding(ids)
+        assert got.shape == (len(ids), 256) and got.dtype == torch.float32, info.type.name
+        torch.testing.assert_close(got, whole[ids], rtol=0, atol=0, equal_nan=True, msg=info.type.name)
+        assert not list(embedding.parameters()) and not list(embedding.buffers())  # nothing resident
+        embeddings[info.name] = (embedding, whole)
+    replacement = tmp_path / "new.gguf"
+    replacement.write_bytes(b"GGUF" + bytes(path.stat().st_size - 4))
+    os.replace(replacement, path)
+    for embedding, whole in embeddings.values():
+        torch.testing.assert_close(embedding(ids), whole[ids], rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(IndexError):
+        embedding(torch.tensor([64]))
+    with pytest.raises(IndexError):  # numpy would wrap a negative index around
+        embedding(torch.tensor([-1]))
+
+
+def test_mapped_rows_leave_no_pages_resident(tmp_path: Path) -> None:
+    """Touching a row maps the pages around it (the kernel's fault-around); the embedding gives them
+    back after each gather, so a process that has read every row holds none of the file."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux's /proc to read file-backed RSS")
+    from llmchat.engine.gguf_tensors import GGUFEmbedding
+
+    def rss_file() -> int:
+        text = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in text.splitlines() if line.startswith("RssFile:"))) * 1024
+
+    path = write_typed_tensors(tmp_path / "wide.gguf", [Q.F32], columns=1024, rows=8192)  # 32 MiB of rows
+    file = GGUFFile(path)
+    (info,) = file.tensor_info.values()
+    path.read_bytes()  # in the page cache, as after a load that read the file
+    embedding = GGUFEmbedding(path, info, torch.device("cpu"), torch.float32)
+    before = rss_file()
+    for begin in range(0, 8192, 512):  # every row, a prefill chunk at a time
+        embedding(torch.randperm(8192, generator=torch.Generator().manual_seed(begin))[:512])
+    assert rss_file() - before < 2 * 1024**2, "the rows' pages stayed mapped"
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1])
+@pytest.mark.parametrize("kind", ["llama", "llama-tied"])
+def test_embedding_is_read_from_the_file_with_the_float_references_values(
+    kind: str, qtype: Q, gguf_files: Callable
+) -> None:
+    """Loaded by default, a GGUF's token embedding is read from the file wherever it would be a copy
+    of its own (untied, or tied to a packed output matrix) and gives exactly the float reference's
+    embedding (`--dequantize`: the dequantized tensor, resident); an untied one is never loaded."""
+    from llmchat.engine.gguf import GGUFFile as File
+    from llmchat.engine.gguf_tensors import GGUFEmbedding
+    from llmchat.engine.packed import PackedLinear
+
+    path = gguf_files(kind, qtype)
+    reads: list[str] = []
+    original = File.read_tensor
+
+    def spy(self: File, name: str) -> torch.Tensor:
+        reads.append(name)
+        return original(self, name)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(File, "read_tensor", spy)
+        model = llmchat.load(path, device="cpu", dtype="float32")
+    reference = llmchat.load(path, device="cpu", dtype="float32", packed=False)
+    tied = model.config.tie_word_embeddings
+    assert tied == (kind == "llama-tied")
+    mapped = not tied or isinstance(model.model.lm_head, PackedLinear)
+    assert isinstance(model.model.embed, GGUFEmbedding) == mapped
+    assert not isinstance(reference.model.embed, GGUFEmbedding)
+    assert ("token_embd.weight" in reads) == tied  # tied: read for the output projection only
+    ids = torch.tensor(_ids(model.config.vocab_size, 24) + [0, model.config.vocab_size - 1])
+    with torch.inference_mode():
+        assert torch.equal(model.model.embed_tokens(ids), reference.model.embed_tokens(ids))
+
+
+def test_embedding_read_from_the_file_gets_gemmas_scale(gguf_files: Callable) -> None:
+    """Gemma scales its embedding by sqrt(hidden): rows read from the file are scaled like the
+    resident ones, in float32 and in bfloat16."""
+    from llmchat.engine.gguf_tensors import GGUFEmbedding
+
+    path = gguf_files("gemma3")
+    file = GGUFFile(path)
+    ids = torch.tensor(_ids(file.model_config().vocab_size, 16))
+    for dtype in (torch.float32, torch.bfloat16):
+        reference = llmchat.load(path, device="cpu", dtype=dtype, packed=False).model
+        resident = reference.embed_tokens(ids)
+        reference.embed = GGUFEmbedding(path, file.tensor_info["token_embd.weight"], torch.device("cpu"), dtype)
+        mapped = reference.embed_tokens(ids)
+        assert mapped.dtype == dtype and torch.equal(mapped, resident)
+        assert not torch.equal(mapped, reference.embed(ids))  # the scale applies
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama-tied"])
+def test_packed_model_holds_no_embedding_and_the_bill_says_so(
+    kind: str, gguf_files: Callable, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tied packed model keeps no int8 codes (nor any other copy) of the embedding beside the
+    output projection's product matrices, an untied one no float embedding; `vram` bills exactly
+    the tensors held and names the mapped bytes, `info` says where the rows come from."""
+    from llmchat.cli import main
+    from llmchat.engine.gguf_tensors import GGUFEmbedding
+    from llmchat.engine.memory import module_bytes
+
+    path = gguf_files(kind, Q.Q8_0)
+    model = llmchat.load(path, device="cpu", dtype="float32", context_length=64)
+    config = model.config
+    embedding = model.model.embed
+    assert isinstance(embedding, GGUFEmbedding) and module_bytes(embedding) == 0
+    held = {name: t for name, t in [*model.model.named_parameters(), *model.model.named_buffers()]}
+    assert not any(name.startswith("embed") for name in held)
+    assert not any(name.startswith("lm_head.codes") for name in held)
+    shape = (config.vocab_size, config.hidden_size)
+    assert not any(tuple(t.shape) == shape and t.dtype == torch.int8 for t in held.values())
+    if kind == "llama":  # the output projection is the one matrix of that shape left
+        assert [name for name, t in held.items() if tuple(t.shape) in (shape, shape[::-1])] == ["lm_head.rest"]
+    embedding_bytes = GGUFFile(path).tensor_info["token_embd.weight"].n_bytes
+    assert model.info.mapped_embedding == embedding_bytes
+    assert main(["vram", str(path), "--device", "cpu", "--context", "64", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["estimates"]
+    assert row["weights"] == model.weights_bytes() and row["mapped"] == embedding_bytes
+    assert main(["vram", str(path), "--device", "cpu", "--context", "64"]) == 0
+    assert f"token embedding: {embedding_bytes / 1024**2:.1f} MiB of the file, mapped" in capsys.readouterr().out
+    assert main(["vram", str(path), "--device", "cpu", "--context", "64", "--dequantize", "--json"]) == 0
+    (float_row,) = json.loads(capsys.readouterr().out)["estimates"]
+    reference = llmchat.load(path, device="cpu", dtype="float32", context_length=64, packed=False)
+    assert float_row["mapped"] == 0 and float_row["weights"] == reference.weights_bytes()
+    assert main(["info", str(path)]) == 0
+    assert "token embedding read from the file on demand" in capsys.readouterr().out
+
+
 def test_package_describes_the_file(gguf_files: Callable) -> None:
     path = gguf_files("llama", Q.Q8_0)
     package = open_package(path)
@@ -356,13 +502,13 @@ PROMPTS = {"english": "What is the capital of France?", "chinese": "法国的首
 )
 def test_quantized_gguf_stays_packed_on_cpu(kind: str, qtype: Q, layout: str, gguf_files: Callable) -> None:
     """By default a quantized GGUF keeps its matrices packed: a fraction of the float bytes, and the
-    same model — logits within bfloat16 rounding of the dequantized float32 reference, same argmax."""
+    same model — logits close to the dequantized float32 reference's, greedy picks it agrees with."""
     path = gguf_files(kind, qtype)
     packed = llmchat.load(path, device="cpu", dtype="float32")
     plain = llmchat.load(path, device="cpu", dtype="float32", packed=False)
     assert f"{qtype.name} → {layout}" in packed.info.packing and plain.info.packing == "float"
     from llmchat.engine.model import Linear, packing_plan
-    from llmchat.engine.packed import PackedLinear
+    from llmchat.engine.packed import OUTPUT_LAYOUT, PackedLinear
 
     # Every projection the file stores quantized is packed; the rest (tiny shapes the exporter
     # kept as floats) and untied embeddings stay float.
@@ -373,23 +519,57 @@ def test_quantized_gguf_stays_packed_on_cpu(kind: str, qtype: Q, layout: str, gg
     assert packed.weights_bytes() < plain.weights_bytes()
     ids = _ids(plain.config.vocab_size)
     ours, reference = packed.logits(ids), plain.logits(ids)
-    assert (ours - reference).abs().max().item() < 0.03 * reference.abs().max().item()
+    if "lm_head.weight" in plan:  # whatever its type, the output projection gives float32 logits
+        assert packed.model.lm_head.layout == OUTPUT_LAYOUT
+    assert (ours != ours.bfloat16().float()).float().mean() > 0.9
+    # bfloat16 activations and int8 rows requantized from Q8_0 blocks: on these random tiny models the
+    # worst logit misses by 2-5% of the largest (ids of other seeds, either kind of output matrix), the
+    # typical one by well under 1%; a wrong code order, scale or group misses by the whole range.
+    error = (ours - reference).abs()
+    assert error.max().item() < 0.06 * reference.abs().max().item()
+    assert error.mean().item() < 0.01 * reference.abs().max().item()
     agree = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
     assert agree >= 0.9, f"argmax agrees on {agree:.0%} of positions"
-    assert _greedy(packed, ids[:8], 8)[:4] == _greedy(plain, ids[:8], 8)[:4]
+    # Greedy on the packed path picks, at every step, a token the float reference ranks within the
+    # packed path's own logit error of its best (the exact pick where two candidates are closer than
+    # that depends on the CPU's kernels, so it is not asserted).
+    prompt = ids[:8]
+    tokens = _greedy(packed, prompt, 8)
+    sequence = prompt + tokens
+    ours, reference = packed.logits(sequence)[len(prompt) - 1 : -1], plain.logits(sequence)[len(prompt) - 1 : -1]
+    miss = (ours - reference).abs().amax(-1)
+    shortfall = reference.amax(-1) - reference[torch.arange(len(tokens)), torch.tensor(tokens)]
+    assert (shortfall <= 2 * miss).all(), (shortfall, miss)
+    assert (ours.argmax(-1) == torch.tensor(tokens)).all()  # and greedy is the argmax of its own logits
 
 
-def test_packed_models_load_from_the_cache_the_second_time(gguf_files: Callable, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["llama-bias", "llama-tied"])
+def test_packed_models_load_from_the_cache_the_second_time(kind: str, gguf_files: Callable, tmp_path: Path) -> None:
     """The second load of a GGUF reads the packed model back (no packing) with identical logits; a
-    damaged cache file is dropped and rebuilt; a changed source file gets a new cache entry."""
+    damaged cache file is dropped and rebuilt; a changed source file gets a new cache entry. The
+    cache holds no token embedding: both loads read its rows from the GGUF."""
+    from llmchat.engine.gguf_tensors import GGUFEmbedding
+    from llmchat.engine.packed import PackedLinear
+
     path = tmp_path / "model.gguf"
-    shutil.copy(gguf_files("llama-bias", Q.Q4_1), path)
+    shutil.copy(gguf_files(kind, Q.Q4_1), path)
     cache = tmp_path / "packed"
     first = llmchat.load(path, device="cpu", dtype="float32", cache_dir=cache)
     files = list(cache.glob("*.safetensors"))
     assert not first.info.from_cache and len(files) == 1
-    second = llmchat.load(path, device="cpu", dtype="float32", cache_dir=cache)
+    stored = load_file(str(files[0]))
+    assert not [key for key in stored if key.startswith("embed")]
+    assert stored["lm_head.codes"].dtype == torch.int8  # the output projection's, to rebuild it from
+    del stored  # views of a map of the file
+    with pytest.MonkeyPatch.context() as patch:  # restoring never takes the codes back from the matrices
+        patch.setattr(PackedLinear, "_output_codes", lambda self: pytest.fail("restore unpacked the output matrix"))
+        second = llmchat.load(path, device="cpu", dtype="float32", cache_dir=cache)
     assert second.info.from_cache and second.info.packing == first.info.packing
+    assert isinstance(second.model.embed, GGUFEmbedding) and second.info.mapped_embedding > 0
+    maps = Path("/proc/self/maps")
+    if maps.is_file():  # the tensors were read, not left as views of a map of the file (which kept
+        assert str(files[0]) not in maps.read_text()  # the dropped output codes' pages resident)
+    assert "codes" not in dict(second.model.lm_head.named_buffers())
     ids = _ids(first.config.vocab_size)
     assert torch.equal(first.logits(ids), second.logits(ids))
     assert _greedy(second, ids[:8], 6) == _greedy(first, ids[:8], 6)
@@ -409,6 +589,32 @@ def test_packed_models_load_from_the_cache_the_second_time(gguf_files: Callable,
     assert not llmchat.load(other, device="cpu", dtype="float32", cache_dir=cache).info.from_cache
     assert len(list(cache.glob("*.safetensors"))) == 2
     assert not list(cache.glob(".tmp-*")), "no temporary files left behind"
+
+
+def test_the_packed_cache_entry_is_found_in_every_process(gguf_files: Callable, tmp_path: Path) -> None:
+    """A matrix fused from two quantized types (Gemma 3's Q5_0 q/k with a Q8_0 v) is named the same in
+    every process: the plan's sets of types once made the name follow Python's hash seed, so every
+    other `llmchat run` packed the model again."""
+    path = gguf_files("llama", Q.Q5_0, raw_types={"blk.0.attn_v.weight": Q.Q8_0})
+    script = (
+        "import sys, torch; from pathlib import Path; from llmchat.engine.package import open_package; "
+        "from llmchat.engine.packed_cache import cache_file; from llmchat.engine.runtime import packing_for; "
+        "package = open_package(sys.argv[1]); plan = packing_for(package, torch.device('cpu'), torch.float32); "
+        "assert any(len(sources) == 2 for _, sources in plan.values()), plan; "
+        "print(cache_file(package.path, Path(sys.argv[2]), plan).name)"
+    )
+    names = set()
+    for seed in range(4):
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(path), str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        )
+        assert result.returncode == 0, result.stderr
+        names.add(result.stdout.strip())
+    assert len(names) == 1, names
 
 
 DEMO_TOKENS = 16

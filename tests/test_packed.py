@@ -1,6 +1,7 @@
 """Packed quantized weights: int4 groups reproduce Q4_0/Q4_1 blocks exactly, int8 rows stay within
-half a step of Q8_0 weights, the kernels multiply what the packing says, and a tied int8 output
-matrix serves as the embedding. Blocks come from gguf-py's own quantizer (llama.cpp's reference)."""
+half a step of Q8_0 weights, the kernels multiply what the packing says, and the output projection
+gives float32 logits from product matrices alone. Blocks come from gguf-py's own quantizer
+(llama.cpp's reference)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,20 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
+from llmchat.engine import packed as packed_module
+from llmchat.engine.memory import module_bytes
 from llmchat.engine.packed import (
     DEQUANTIZE_FROM_ROWS,
+    FP16_K_BLOCK,
     INT4_GROUP,
+    OUTPUT_LAYOUT,
+    OUTPUT_ROW_BLOCK,
     PackedLinear,
     PackingReport,
     int4_groups,
+    int8_rows,
     layout_for,
+    packed_bytes,
 )
 
 OUT, IN = 96, 256
@@ -96,21 +104,14 @@ def test_packed_linear_multiplies_its_weights(layout: str) -> None:
     torch.testing.assert_close(layer(rows[:5]), layer(rows)[:5], rtol=2e-2, atol=2e-2)
 
 
-def test_tied_int8_matrix_serves_token_rows() -> None:
-    weights = _gguf_weights(Q.Q8_0, seed=5)
-    layer = PackedLinear(weights, None, "int8")
-    ids = torch.tensor([0, 7, 95, 7])
-    torch.testing.assert_close(layer.columns(ids), layer.dequantized()[ids], rtol=1e-2, atol=1e-3)
-    with pytest.raises(RuntimeError):
-        PackedLinear(weights, None, "int4").columns(ids)
-
-
 def test_layouts_by_source_type() -> None:
     assert layout_for({"Q4_1"}) == "int4"
     assert layout_for({"Q4_K", "Q3_K"}) == "int4"
     assert layout_for({"Q4_K", "Q6_K"}) == "int8"  # a fused matrix takes the wider layout
     assert layout_for({"Q8_0"}) == "int8"
-    assert layout_for({"Q4_0"}, needs_rows=True) == "int8"  # a tied embedding reads rows
+    assert layout_for({"Q4_0"}, output=True) == OUTPUT_LAYOUT  # the output projection: float32 logits
+    assert layout_for({"Q8_0"}, output=True) == OUTPUT_LAYOUT
+    assert layout_for({"F16"}, output=True) is None
     assert layout_for({"F16"}) is None and layout_for(set()) is None
     assert layout_for({"Q4_1", "F32"}) is None  # part float: keep it float
     report = PackingReport()
@@ -122,3 +123,99 @@ def test_layouts_by_source_type() -> None:
         "Q4_1 → int4 (groups of 32) ×2, Q4_K → int4 (groups of 32), requantized ×1, "
         "Q8_0 → int8 (a scale per row), requantized ×1"
     )
+
+
+# --- the output projection: float32 logits ----------------------------------------------------------
+
+# Inner sizes that exercise each form of the product: all columns in FBGEMM's fp16 matrix (512), a
+# short tail as float32 columns (576 = 512 + 64, the demo's), a long tail padded into fp16 (960),
+# and a matrix too narrow for FBGEMM to pay (64: float32 only).
+OUTPUT_SHAPES = [(96, 512), (80, 576), (48, 960), (40, 64)]
+
+
+def _output_weights(out: int, inner: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(out, inner, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+@pytest.mark.parametrize(("out", "inner"), OUTPUT_SHAPES)
+@pytest.mark.parametrize("rows", [1, 7, DEQUANTIZE_FROM_ROWS + 3])
+def test_output_projection_is_the_float32_product_of_its_codes(out: int, inner: int, rows: int) -> None:
+    """Logits are float32 over the packed weights (codes x float32 row scales) for any number of
+    rows, within 1e-4 of float64 over the same weights — not bfloat16: the int8 kernel's output
+    made every logit near 25 a multiple of 0.125, so candidates tied."""
+    weights = _output_weights(out, inner)
+    layer = PackedLinear(weights, None, OUTPUT_LAYOUT, ("Q8_0",))
+    x = torch.randn(rows, inner, generator=torch.Generator().manual_seed(1)) * 4
+    got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, out)
+    reference = (x.double() @ layer.dequantized().double().t()).float()
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+    assert (got != got.bfloat16().float()).float().mean() > 0.9, "the logits are bfloat16 values"
+    assert layer.scales.dtype == torch.float32
+    # the packed weights are the checkpoint's within half a step of each row's scale
+    step = layer.scales[:, None]
+    assert ((layer.dequantized() - weights).abs() <= step / 2 * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize(("out", "inner"), OUTPUT_SHAPES)
+def test_output_projection_forms_and_their_bytes(out: int, inner: int) -> None:
+    """Where the columns go, and that the bill (packed_bytes) is what the layer holds, FBGEMM's
+    padded matrices included, and no int8 codes beside them (a tied model's embedding reads the
+    GGUF file, see test_gguf.py)."""
+    weights = _output_weights(out, inner, seed=2)
+    layer = PackedLinear(weights, None, OUTPUT_LAYOUT)
+    tail = inner % FP16_K_BLOCK
+    expected_split = {512: 512, 576: 512, 960: 960, 64: 0}[inner]
+    assert layer.split == expected_split, tail
+    assert "codes" not in dict(layer.named_buffers())
+    assert all(buffer.dtype != torch.int8 for buffer in layer.buffers())
+    assert module_bytes(layer) == packed_bytes(OUTPUT_LAYOUT, out, inner)
+
+
+def test_output_projection_round_trips_through_its_saved_tensors() -> None:
+    """The packed cache stores tensors only: codes and scales (an untied layer gives its codes back
+    from its matrices, block by block), and a layer rebuilt from them computes the same logits."""
+    out, inner = 2 * OUTPUT_ROW_BLOCK + 8, 576  # three FBGEMM row blocks, and a float32 tail
+    weights = _output_weights(out, inner, seed=4)
+    x = torch.randn(3, inner)
+    layer = PackedLinear(weights, torch.randn(out), OUTPUT_LAYOUT, ("Q6_K",))
+    state = layer.state_dict()
+    assert sorted(state) == ["bias", "codes", "scales"]
+    assert state["codes"].dtype == torch.int8 and state["scales"].dtype == torch.float32
+    assert len(layer._fp16) == 3
+    codes, _ = int8_rows(weights, torch.float32)
+    assert torch.equal(state["codes"], codes)  # given back exactly from the fp16 and float32 matrices
+    rebuilt = PackedLinear.from_buffers(OUTPUT_LAYOUT, ("Q6_K",), dict(state))
+    assert torch.equal(rebuilt(x), layer(x))
+    assert torch.equal(rebuilt.state_dict()["codes"], state["codes"])
+    with pytest.raises(ValueError):  # bfloat16 scales are the int8 layout's, not this one's
+        PackedLinear.from_buffers(OUTPUT_LAYOUT, (), {"codes": state["codes"], "scales": state["scales"].bfloat16()})
+
+
+def test_output_projection_without_fbgemm_is_a_float32_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch build without FBGEMM (ARM) keeps the whole matrix as float32 codes: same logits, and
+    the bill says so."""
+    weights = _output_weights(80, 576, seed=6)
+    x = torch.randn(2, 576)
+    with_fbgemm = PackedLinear(weights, None, OUTPUT_LAYOUT)(x)
+    monkeypatch.setattr(packed_module, "fp16_gemm_engine", lambda: None)
+    layer = PackedLinear(weights, None, OUTPUT_LAYOUT)
+    assert layer.split == 0 and not layer._fp16 and layer.opaque_bytes == 0
+    torch.testing.assert_close(layer(x), with_fbgemm, rtol=1e-5, atol=1e-4)
+    assert module_bytes(layer) == packed_bytes(OUTPUT_LAYOUT, 80, 576) == 80 * 576 * 4 + 80 * 4
+
+
+def test_output_projection_prepacks_under_fbgemm_whatever_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prepacking reads torch's global quantized engine; under one without an fp16 GEMM (qnnpack)
+    the layer packs with FBGEMM's and puts the user's setting back."""
+    engines = torch.backends.quantized.supported_engines
+    if "qnnpack" not in engines or packed_module.fp16_gemm_engine() is None:
+        pytest.skip("needs both qnnpack and FBGEMM in this torch build")
+    previous = torch.backends.quantized.engine
+    try:
+        torch.backends.quantized.engine = "qnnpack"
+        layer = PackedLinear(_output_weights(32, 512), None, OUTPUT_LAYOUT)
+        assert torch.backends.quantized.engine == "qnnpack"
+    finally:
+        torch.backends.quantized.engine = previous
+    assert layer.split == 512 and layer._fp16

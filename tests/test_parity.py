@@ -404,3 +404,146 @@ def test_longrope_factor_count_is_checked_at_load(
     (folder / "config.json").write_text(json.dumps(raw))
     with pytest.raises(errors.ModelLoadError, match="longrope has 6 factors for 8 rotary frequencies"):
         api.load(folder, device="cpu", dtype="float32")
+
+
+# --- sliding windows in a ring ----------------------------------------------------------------------
+# Sliding layers keep window + slack positions (kv_cache.py). The real slack (1024) is larger than
+# these sequences, so here it is 2: the window-8 layers hold a ring of 10 slots and take prefill in
+# parts of 3, and every path below runs with the ring wrapped, against transformers' full cache.
+
+RING_KINDS = ["mistral", "qwen2-sliding", "gemma2", "gemma3", "phi3"]
+SMALL_SLACK = 2
+
+
+@pytest.fixture()
+def small_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.import_module("llmchat.engine.kv_cache"), "RING_SLACK", SMALL_SLACK)
+
+
+def _ring_model(api: ModuleType, folder: Path, **options: Any) -> Any:
+    model = api.load(folder, device="cpu", dtype="float32", context_length=96, **options)
+    window = model.config.sliding_window
+    assert model.cache.ring == window + SMALL_SLACK and model.cache.ring_keys.shape[0] > 0, "no ring in use"
+    assert model.cache.nbytes < model.cache.bytes_per_token * model.cache.capacity
+    return model
+
+
+@pytest.mark.parametrize("kind", RING_KINDS)
+def test_ring_logits_match_transformers(
+    kind: str, tiny_model: TinyModelFactory, api: ModuleType, small_ring: None
+) -> None:
+    """A 40-token pass through a fresh cache whose rings hold 10 slots: attended 3 positions at a
+    time in the sliding layers, and still transformers' logits."""
+    folder = tiny_model(kind)
+    ids = _random_ids(LOGITS_LEN, _vocab_size(folder), seed=1)
+    expected = _hf_logits(_hf_model(folder), ids)
+    diff = (_ring_model(api, folder).logits(ids) - expected).abs().max().item()
+    assert diff <= TOL, f"{kind}: max |logit diff| {diff:.3g} > {TOL}"
+
+
+@pytest.mark.parametrize("kind", RING_KINDS)
+def test_ring_decodes_past_the_window_like_transformers(
+    kind: str, tiny_model: TinyModelFactory, api: ModuleType, events: ModuleType, small_ring: None
+) -> None:
+    """Prefill chunks (16) longer than the window (8) and the slack, then 20 decode steps that wrap the
+    ring again and again: transformers' greedy tokens, and each step's logit its full-pass one."""
+    folder = tiny_model(kind)
+    prompt = _random_ids(20, _vocab_size(folder), seed=2)
+    reference = _hf_model(folder)
+    expected = _hf_greedy(reference, prompt)
+    model = _ring_model(api, folder, prefill_chunk=16)
+    generated = _greedy(api, model, prompt, NEW_TOKENS)
+    assert _tokens(events, generated) == expected, kind
+    full = _hf_logits(reference, prompt + expected)
+    steps = [e for e in generated if isinstance(e, events.TokenEvent)]
+    worst = max(abs(e.logit - full[len(prompt) - 1 + e.index, e.token_id].item()) for e in steps)
+    assert worst <= TOL, f"{kind}: a decode step's logit differs by {worst:.3g}"
+    assert model.cache.used_bytes < model.cache.length * model.cache.bytes_per_token  # the rings hold less
+
+
+@pytest.mark.parametrize("kind", RING_KINDS)
+def test_ring_rewinds_reuse_what_it_holds_and_prefill_the_rest(
+    kind: str, tiny_model: TinyModelFactory, api: ModuleType, events: ModuleType, small_ring: None
+) -> None:
+    """Regenerate (back 19 positions: past the slack, so the rings lack the window and everything is
+    prefilled again), a branch 2 tokens back (within the slack: reused), one 10 back (prefilled
+    again), and the next turn (reused): each answers like transformers."""
+    folder = tiny_model(kind)
+    vocab = _vocab_size(folder)
+    prompt = _random_ids(PROMPT_LEN, vocab, seed=3)
+    reference = _hf_model(folder)
+    model = _ring_model(api, folder)
+    first = _tokens(events, _greedy(api, model, prompt, NEW_TOKENS))
+    assert first == _hf_greedy(reference, prompt)
+
+    again = _greedy(api, model, prompt, NEW_TOKENS)
+    assert _prefill_done(events, again).reused_tokens == 0 and _tokens(events, again) == first
+
+    def branch(kept: int) -> list[Any]:
+        answer = model.generate(
+            prompt, sampling=api.SamplingParams(temperature=0), max_new_tokens=NEW_TOKENS,
+            stop_on_eos=False, answer_prefix=first[:kept],
+        )  # fmt: skip
+        return list(answer)
+
+    near = branch(NEW_TOKENS - 2)  # the cache holds prompt + 19; this request resumes at prompt + 17
+    assert _prefill_done(events, near).reused_tokens == PROMPT_LEN + NEW_TOKENS - 3
+    assert _tokens(events, near) == first[NEW_TOKENS - 2 :]
+    far = branch(8)
+    assert _prefill_done(events, far).reused_tokens == 0 and _tokens(events, far) == first[8:]
+
+    prompt2 = prompt + first + _random_ids(5, vocab, seed=4)
+    turn2 = _greedy(api, model, prompt2, 6)
+    assert _prefill_done(events, turn2).reused_tokens == PROMPT_LEN + NEW_TOKENS - 1
+    hf_next = _hf_logits(reference, prompt2)[-1]
+    step = next(e for e in turn2 if isinstance(e, events.TokenEvent))
+    assert step.token_id == int(hf_next.argmax()) and abs(step.logit - hf_next[step.token_id].item()) <= TOL
+
+
+@pytest.mark.parametrize("kind", RING_KINDS)
+def test_ring_step_logits_after_the_wrap(
+    kind: str, tiny_model: TinyModelFactory, api: ModuleType, events: ModuleType, small_ring: None
+) -> None:
+    """Re-reading a step of an answer whose rings wrapped: the latest few straight from the cache, an
+    earlier one by prefilling again (the rings lack its window), each transformers' logits; and the
+    cache answers right afterwards."""
+    folder = tiny_model(kind)
+    prompt = _random_ids(PROMPT_LEN, _vocab_size(folder), seed=5)
+    reference = _hf_model(folder)
+    model = _ring_model(api, folder)
+    answer = _tokens(events, _greedy(api, model, prompt, NEW_TOKENS))
+    generator = model.generator
+    # The cache holds prompt + 19 tokens; re-running step i runs position prompt + i - 1, whose window
+    # the rings hold while 20 - i <= slack + 1 (steps 17 and up).
+    near = NEW_TOKENS - SMALL_SLACK - 1
+    for index in (NEW_TOKENS - 1, NEW_TOKENS - 2, near, near - 1, 3, 0):
+        sequence = prompt + answer[:index]
+        before = list(model.cache.tokens)
+        if index < near:  # too far back for the rings: not without prefilling
+            with pytest.raises(ValueError, match="no longer in the KV cache"):
+                generator.step_logits(sequence)
+        got = generator.step_logits(sequence, prefill=True)
+        expected = _hf_logits(reference, sequence)[-1]
+        diff = (got - expected).abs().max().item()
+        assert diff <= TOL, f"{kind}: step {index} differs by {diff:.3g}"
+        if index >= near:
+            assert model.cache.tokens == before  # read from the cache, which is left as it was
+    again = _tokens(events, _greedy(api, model, prompt, NEW_TOKENS))
+    assert again == answer
+
+
+def test_ring_with_longrope_rerun_matches_transformers(
+    tiny_model: TinyModelFactory, api: ModuleType, events: ModuleType, small_ring: None, tmp_path: Path
+) -> None:
+    """Phi-3 LongRoPE with a window of 8: crossing 24 positions re-runs the cached prefix with the long
+    factors, through rings that wrap; a rewind below 24 re-runs it with the short ones."""
+    folder = Path(shutil.copytree(tiny_model("phi3-longrope"), tmp_path / "phi3-longrope-window"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"sliding_window": 8}))
+    vocab = _vocab_size(folder)
+    prompt = _random_ids(30, vocab, seed=6)
+    model = _ring_model(api, folder, prefill_chunk=8)
+    assert _tokens(events, _greedy(api, model, prompt, NEW_TOKENS)) == _hf_greedy(_hf_model(folder), prompt)
+    short = prompt[:14] + _random_ids(4, vocab, seed=7)
+    turn = _greedy(api, model, short, 6)
+    assert _tokens(events, turn) == _hf_greedy(_hf_model(folder), short)[:6]

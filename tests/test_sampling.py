@@ -8,7 +8,15 @@ import random
 import pytest
 import torch
 
-from llmchat.engine.sampling import Sampler, SamplingParams, policy_stages
+from llmchat.engine.sampling import (
+    Sampler,
+    SamplingParams,
+    candidate_order,
+    exact_top,
+    policy_stages,
+    rank_of,
+    top_candidates,
+)
 
 
 def _survivors(logits: torch.Tensor) -> set[int]:
@@ -365,3 +373,45 @@ def test_policy_view_of_greedy_is_a_one_hot_and_skips_the_warpers() -> None:
     assert view.prob(1) == 1.0 and view.prob(2) == 0.0
     assert all(not s.active for s in view.stages if s.name in ("temperature", "top_k", "top_p", "min_p"))
     assert view.stages[-1].setting == "greedy: argmax" and view.stages[-1].entropy == 0.0
+
+
+# --- one order for equal logits: highest first, then lowest id ------------------------------------
+
+
+def _canonical(logits: torch.Tensor) -> list[int]:
+    """The order by hand: (-logit, id)."""
+    values = logits.tolist()
+    return sorted(range(len(values)), key=lambda i: (-values[i], i))
+
+
+def _tied_logits(vocab: int = 64, seed: int = 0) -> torch.Tensor:
+    """Logits on a coarse grid (multiples of 0.125, like bfloat16 output near 25): many ties."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 12, (vocab,), generator=g).float() * 0.125 + 24
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k", [1, 3, 8, 64])
+def test_top_candidates_order_ties_by_lowest_id(seed: int, k: int) -> None:
+    logits = _tied_logits(seed=seed)
+    assert top_candidates(logits, k) == _canonical(logits)[:k]
+    assert top_candidates(logits, k)[0] == int(logits.argmax()) == _canonical(logits)[0]  # argmax: the first max
+
+
+def test_candidate_order_asks_for_the_exact_path_only_on_a_tie_across_the_cut() -> None:
+    logits = torch.tensor([1.0, 5.0, 3.0, 5.0, 5.0, 0.0])
+    values, ids = logits.topk(3)  # k = 2 with one more: 5, 5, 5 -> the cut splits the tie
+    assert candidate_order(values.tolist(), ids.tolist(), 2) is None
+    assert exact_top(logits, 2).tolist() == [1, 3]
+    values, ids = logits.topk(4)  # k = 3: the fourth (3.0) is lower, the order is known from these
+    order = candidate_order(values.tolist(), ids.tolist(), 3)
+    assert order is not None and [ids.tolist()[i] for i in order] == [1, 3, 4]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rank_counts_higher_logits_and_equal_ones_of_a_lower_id(seed: int) -> None:
+    logits = _tied_logits(seed=seed)
+    order = _canonical(logits)
+    for chosen in range(logits.numel()):
+        assert int(rank_of(logits, torch.tensor(chosen))) == order.index(chosen)
+    assert int(rank_of(logits, torch.tensor(5), torch.arange(logits.numel()))) == order.index(5)

@@ -28,7 +28,15 @@ from llmchat.engine.events import (
 from llmchat.engine.kv_cache import KVCache
 from llmchat.engine.model import Transformer
 from llmchat.engine.reasoning import ReasoningSplitter, Split, prompt_opens_reasoning
-from llmchat.engine.sampling import NATS_PER_BIT, Sampler, SamplingParams, entropy
+from llmchat.engine.sampling import (
+    NATS_PER_BIT,
+    Sampler,
+    SamplingParams,
+    candidate_order,
+    entropy,
+    exact_top,
+    rank_of,
+)
 from llmchat.engine.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -101,6 +109,7 @@ class Generator:
         self.reasoning_markers = reasoning_markers
         self.device = model.device
         self._step_ids = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._positions: torch.Tensor | None = None  # arange(vocab), for ranks among equal logits
         self._texts: dict[int, str] = {}
         # Raw logits of the latest request's first step (it came out of prefill) and of its latest
         # step, with the length of the sequence they follow: what `step_logits` cannot recompute
@@ -126,9 +135,12 @@ class Generator:
         """How many leading tokens of a request for `ids` come from the KV cache, not the model.
 
         The longest common prefix with what is cached, less one when that is all of `ids`: the last
-        token must run through the model to give the next token's logits.
+        token must run through the model to give the next token's logits. None of it when the
+        sliding-window layers' rings no longer hold the window before it (a rewind further back
+        than their slack): everything is prefilled again.
         """
-        return min(self.cache.common_prefix(ids), len(ids) - 1) if ids else 0
+        n = min(self.cache.common_prefix(ids), len(ids) - 1) if ids else 0
+        return n if self.cache.resumable(n) else 0
 
     @torch.inference_mode()
     def step_logits(self, sequence: Sequence[int], *, prefill: bool = False) -> torch.Tensor:
@@ -146,12 +158,15 @@ class Generator:
         if n == 0 or n > self.cache.capacity:
             raise ValueError("that step does not fit in the KV cache")
         held = self.cache.common_prefix(ids)
-        if held < n - 1:
+        # Re-running the step at n - 1 over the cache as it is needs the window before it in the
+        # sliding layers' rings, as a request resuming there would.
+        if held < n - 1 or not self.cache.resumable(n - 1):
             if not prefill:
                 raise ValueError("that step is no longer in the KV cache")
             self._first_logits = self._latest_logits = self._reread_logits = None  # of what was cached
-            self.cache.truncate(held)
-            for _ in self._prefill(ids[: n - 1], held, None):  # run for the keys and values it caches
+            keep = min(held, n - 1) if self.cache.resumable(min(held, n - 1)) else 0
+            self.cache.truncate(keep)
+            for _ in self._prefill(ids[: n - 1], keep, None):  # run for the keys and values it caches
                 pass
             held = n - 1
         if held == n:
@@ -224,8 +239,9 @@ class Generator:
         change temperature/top-k/top-p while an answer streams (effective from the next token).
         `answer_prefix`: the answer's first tokens, already chosen (a branch at a token keeps the
         tokens before it and the alternative picked there). They go into the cache with the prompt
-        (only what the cache lacks is prefilled) and generation continues after them; an
-        end-of-sequence token among them ends the answer there.
+        (only what the cache lacks is prefilled) and generation continues after them, up to
+        `max_new_tokens` tokens in all (the prefix counts); an end-of-sequence token among them
+        ends the answer there.
         """
         prompt = [int(i) for i in prompt_ids]
         prefix = [int(i) for i in answer_prefix]
@@ -290,6 +306,8 @@ class Generator:
             yield ForcedPrefix(tuple(prefix), text, split.reasoning, split.content)
             if hit_stop:
                 ended = "stop_string"
+            elif ended is None and len(prefix) >= max_new_tokens:  # the kept tokens count toward the length
+                ended = "max_new_tokens"
         if ended is not None:
             reason = ended
         while ended is None:
@@ -325,7 +343,7 @@ class Generator:
             if hit_stop:
                 reason = "stop_string"
                 break
-            if len(generated) >= max_new_tokens:
+            if len(prefix) + len(generated) >= max_new_tokens:
                 reason = "max_new_tokens"
                 break
             if cancel is not None and cancel.is_set():
@@ -366,14 +384,18 @@ class Generator:
         return ReasoningSplitter(self.reasoning_markers, inside=inside)
 
     def _pick(self, logits: torch.Tensor, sampler: Sampler, k: int, index: int, step_began: float) -> tuple[int, dict]:
-        """Choose the next token and snapshot the top-k alternatives (one host sync per step)."""
+        """Choose the next token and snapshot the top-k alternatives (one host sync per step; a
+        second only when equal logits straddle the k-th place). Candidates and rank follow the
+        canonical order of sampling.candidate_order, the one greedy's argmax picks by."""
         policy = sampler.policy_logits(logits)
         chosen = sampler.choose(policy)
         log_probs = logits.log_softmax(-1)  # raw distribution and its entropy from one pass over the vocabulary
         raw_probs = log_probs.exp()
         policy_probs = sampler.policy_probs(policy)
-        top_logits, top_ids = logits.topk(k)
-        rank = (logits > logits[chosen]).sum()
+        top_logits, top_ids = logits.topk(min(k + 1, logits.shape[-1]))  # one more: is there a tie at the cut?
+        if self._positions is None or self._positions.numel() != logits.shape[-1]:
+            self._positions = torch.arange(logits.shape[-1], device=logits.device)
+        rank = rank_of(logits, chosen, self._positions)
         raw_entropy, policy_entropy = entropy(raw_probs, log_probs), entropy(policy_probs)
         packed = torch.stack(
             (
@@ -383,6 +405,12 @@ class Generator:
         )  # fmt: skip
         snapshot = torch.stack((top_ids.to(logits.dtype), top_logits, raw_probs[top_ids], policy_probs[top_ids]))
         head, table = packed.tolist(), snapshot.T.tolist()
+        order = candidate_order([row[1] for row in table], [int(row[0]) for row in table], k)
+        if order is None:  # equal logits across the cut: the whole order decides which come in (rare)
+            ids = exact_top(logits, k)
+            table = torch.stack((ids.to(logits.dtype), logits[ids], raw_probs[ids], policy_probs[ids])).T.tolist()
+        else:
+            table = [table[i] for i in order]
         token = int(head[0])
         top = tuple(
             TopToken(int(i), self.token_text(int(i)), logit, prob, policy_prob) for i, logit, prob, policy_prob in table

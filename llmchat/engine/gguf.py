@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
-from gguf.quants import dequantize, quant_shape_to_byte_shape
 
 from llmchat.engine.chat_template import ChatTemplates
 from llmchat.engine.config import ModelConfig, from_hf_config
 from llmchat.engine.errors import ModelLoadError
 from llmchat.engine.gguf_metadata import read_gguf_index
+from llmchat.engine.gguf_tensors import GGUFEmbedding, TensorInfo, dequantize_bytes
 from llmchat.engine.gguf_vocab import end_of_generation_ids, tokenizer_from_gguf
 from llmchat.engine.package import GenerationDefaults, ModelPackage
 
@@ -70,8 +69,9 @@ _GEMMA_BLOCK_NAMES = _BLOCK_NAMES | {
 # Phi-3 keeps its fused projections: attn_qkv is q|k|v, ffn_up is gate|up.
 _PHI3_BLOCK_NAMES = _BLOCK_NAMES | {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _LAYER_NAMES = {"gemma2": _GEMMA_BLOCK_NAMES, "gemma3": _GEMMA_BLOCK_NAMES, "phi3": _PHI3_BLOCK_NAMES}
+_EMBEDDING = "token_embd.weight"
 _GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
+    _EMBEDDING: "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
@@ -109,58 +109,12 @@ def unpermute_rows(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return tensor.reshape(heads, half, 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lies in the file and how it is stored."""
-
-    name: str
-    type: GGMLQuantizationType
-    shape: tuple[int, ...]  # torch order (GGUF lists the fastest-varying dimension first)
-    n_elements: int
-    n_bytes: int
-    offset: int  # absolute, in bytes
-
-
-def _q4_0(raw: torch.Tensor) -> torch.Tensor:
-    """Q4_0 blocks (f16 d, 16 bytes of nibbles: low nibbles are values 0-15, high 16-31): d * (q - 8)."""
-    blocks = raw.view(-1, 18)
-    d = blocks[:, :2].contiguous().view(torch.float16).float()
-    qs = blocks[:, 2:]
-    q = torch.cat((qs & 15, qs >> 4), dim=1).to(torch.int8) - 8
-    return (d * q.float()).reshape(-1)
-
-
-def _q4_1(raw: torch.Tensor) -> torch.Tensor:
-    """Q4_1 blocks (f16 d, f16 m, 16 bytes of nibbles): d * q + m."""
-    blocks = raw.view(-1, 20)
-    d = blocks[:, :2].contiguous().view(torch.float16).float()
-    m = blocks[:, 2:4].contiguous().view(torch.float16).float()
-    qs = blocks[:, 4:]
-    q = torch.cat((qs & 15, qs >> 4), dim=1).float()
-    return (d * q + m).reshape(-1)
-
-
-def _q8_0(raw: torch.Tensor) -> torch.Tensor:
-    """Q8_0 blocks (f16 d, 32 int8): q * d."""
-    blocks = raw.view(-1, 34)
-    d = blocks[:, :2].contiguous().view(torch.float16).float()
-    return (blocks[:, 2:].contiguous().view(torch.int8).float() * d).reshape(-1)
-
-
-# The types most GGUF weights come in, dequantized with torch (gguf-py's numpy code took 1.7 s of
-# the demo model's load); the same arithmetic in the same order, so the same float32 values.
-_TORCH_DEQUANTIZE = {
-    GGMLQuantizationType.Q4_0: _q4_0,
-    GGMLQuantizationType.Q4_1: _q4_1,
-    GGMLQuantizationType.Q8_0: _q8_0,
-}
-
-
 class GGUFFile:
     """One GGUF file, opened and checked: metadata, tensor index, and dequantized tensors on demand.
 
     Tensor data is read with plain file reads, one tensor at a time, so a loaded model does not keep
-    the file resident (a memory map would stay counted against the process).
+    the file resident (a memory map of the whole file would stay counted against the process); the
+    token embedding alone may be served from a map of its own bytes (GGUFWeights.embedding).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -242,12 +196,7 @@ class GGUFFile:
             read = handle.readinto(buffer)
         if read != info.n_bytes:
             raise ModelLoadError(f"{self.path} is truncated: tensor {name!r} ends past the end of the file")
-        fast = _TORCH_DEQUANTIZE.get(info.type)
-        if fast is not None:
-            return fast(torch.frombuffer(buffer, dtype=torch.uint8)).reshape(info.shape)
-        raw = np.frombuffer(buffer, dtype=np.uint8).reshape(quant_shape_to_byte_shape(info.shape, info.type))
-        values = dequantize(raw, info.type)
-        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(info.shape)
+        return dequantize_bytes(np.frombuffer(buffer, dtype=np.uint8), info.type, info.shape)
 
     def tensor_bytes_by_type(self) -> dict[str, int]:
         """Bytes on disk per storage type, e.g. {"Q4_1": 72_000_000, "F32": 140_000}."""
@@ -462,10 +411,24 @@ class GGUFWeights:
         kinds = {name: self.file.tensor_info[name].type.name for name in self.names}
         return {hf: kinds[name] for name, hf in self.names.items() if kinds[name] not in _FLOAT_TYPES}
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
         self._require_weights()
         for name, hf_name in self.names.items():
-            yield hf_name, self._to_hf(hf_name, self.file.read_tensor(name))
+            if hf_name not in skip:
+                yield hf_name, self._to_hf(hf_name, self.file.read_tensor(name))
+
+    def embedding_bytes(self) -> int:
+        """Bytes of the token embedding in the file (0 when it has none: a vocab-only file)."""
+        info = self.file.tensor_info.get(_EMBEDDING)
+        return 0 if info is None else info.n_bytes
+
+    def embedding(self, device: torch.device, dtype: torch.dtype) -> GGUFEmbedding:
+        """The token embedding served by rows from the mapped file (its values need none of
+        `_to_hf`'s changes: the converter stores them as they are)."""
+        self._require_weights()
+        if _EMBEDDING not in self.file.tensor_info:
+            raise ModelLoadError(f"{self.file.path} has no token embedding ({_EMBEDDING})")
+        return GGUFEmbedding(self.file.path, self.file.tensor_info[_EMBEDDING], device, dtype)
 
     def _to_hf(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Undo what convert_hf_to_gguf.py changed in the values."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmchat.engine.sampling import NATS_PER_BIT, SamplingParams, entropy, policy_stages
+from llmchat.engine.sampling import NATS_PER_BIT, SamplingParams, entropy, policy_stages, top_candidates
 
 STAGE_TITLES = {
     "raw": "raw logits (softmax)",
@@ -99,7 +99,7 @@ def policy_view(
         policy_probs = torch.zeros_like(final).scatter_(-1, final.argmax(-1, keepdim=True), 1.0)
     else:
         policy_probs = final.softmax(-1)
-    ids = logits.topk(min(top, logits.numel())).indices.tolist()
+    ids = top_candidates(logits, top)  # the order the step's top-k list and rank use
     if chosen_id is not None and chosen_id not in ids and 0 <= chosen_id < logits.numel():
         ids.append(chosen_id)
     index = torch.tensor(ids, dtype=torch.long)
@@ -151,6 +151,7 @@ class PromptView:
     token_ids: tuple[int, ...]
     token_texts: tuple[str, ...]
     reused: int  # leading tokens the KV cache already holds (the engine's own count)
+    completion: bool = False  # the text is the plain transcript (completion mode), not a chat template's
 
     @property
     def to_prefill(self) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from llmchat.engine.config import ModelConfig
+from llmchat.engine.kv_cache import slot_counts
 from llmchat.engine.packed import DEQUANTIZE_FROM_ROWS, packed_bytes
 
 GiB = 1024**3
@@ -24,6 +25,12 @@ CUDA_KV_FREE_SHARE = 0.5
 # Resident memory of Python + torch + tokenizers before any model (measured: 225 MB RSS on CPU
 # after `import llmchat`). On CUDA the bill is torch's allocator, which the runtime is not part of.
 CPU_RUNTIME_BYTES = 240 * 1024**2
+# Bytes per weight of the largest matrix held while it loads: a float matrix as read plus its fused
+# or transposed copy (2 x dtype); a packed one as read in float32 (4) plus, while dequantizing, the
+# file's blocks and their codes (about 2), plus the int8 codes it is packed from (1: the output
+# projection, the largest matrix, does not keep them). Measured on Gemma 3 270M's Q8_0 262144x640
+# output matrix: peak RSS 1938 MiB = 320 before loading + weights 484 + 1134 (predicted 1120).
+PACKED_LOAD_BYTES = 7
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:
@@ -33,6 +40,13 @@ def dtype_bytes(dtype: torch.dtype) -> int:
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     """Keys + values of every layer for one position."""
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_bytes(dtype)
+
+
+def kv_cache_bytes(config: ModelConfig, dtype: torch.dtype, context_length: int) -> int:
+    """What the KV cache for `context_length` positions allocates (sliding layers: their ring)."""
+    windows = [config.layer_window(i) for i in range(config.num_layers)]
+    per_layer = kv_bytes_per_token(config, dtype) // config.num_layers
+    return per_layer * sum(slot_counts(windows, context_length))
 
 
 def parameter_count(config: ModelConfig) -> int:
@@ -58,9 +72,21 @@ def matrix_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def weight_bytes(config: ModelConfig, dtype: torch.dtype, packed: dict[str, tuple[str, frozenset[str]]]) -> int:
-    """Bytes of the loaded weights: `dtype` floats, except the matrices a packing plan keeps packed."""
+def weight_bytes(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    packed: dict[str, tuple[str, frozenset[str]]],
+    *,
+    mapped_embedding: bool = False,
+) -> int:
+    """Bytes of the loaded weights: `dtype` floats, except the matrices a packing plan keeps packed.
+
+    `mapped_embedding`: the token embedding is read from the GGUF file on demand (GGUFEmbedding),
+    so it holds nothing; a tied one is the output projection's matrix, which counts either way.
+    """
     total = parameter_count(config) * dtype_bytes(dtype)
+    if mapped_embedding and not config.tie_word_embeddings:
+        total -= config.vocab_size * config.hidden_size * dtype_bytes(dtype)
     shapes = matrix_shapes(config)
     for target, (layout, _) in packed.items():
         out, inner = shapes[target]
@@ -92,10 +118,14 @@ def default_context_length(config: ModelConfig, dtype: torch.dtype, device: torc
         budget = int(free * CUDA_KV_FREE_SHARE)
     else:
         budget = min(CPU_KV_BUDGET, int(total_ram_bytes() * CPU_KV_RAM_SHARE))
-    fits = budget // kv_bytes_per_token(config, dtype)
-    if fits >= model_context_length(config):
-        return model_context_length(config)
-    return max(256, fits - fits % 256)
+    longest = model_context_length(config)
+    if kv_cache_bytes(config, dtype, longest) <= budget:
+        return longest
+    low, high = 1, longest // 256  # in steps of 256: the most that fit (a ring's cost stops growing)
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if kv_cache_bytes(config, dtype, middle * 256) <= budget else (low, middle - 1)
+    return 256 * low
 
 
 @dataclass(frozen=True)
@@ -103,11 +133,14 @@ class MemoryEstimate:
     """The memory bill of a model at one context length, in bytes."""
 
     weights: int
-    kv_cache: int  # what llmchat allocates: every layer holds the whole context
-    kv_cache_windowed: int  # the least a cache needs when sliding-window layers keep only their window
+    kv_cache: int  # what llmchat allocates: full layers the whole context, sliding ones a ring (kv_cache.py)
+    kv_cache_windowed: int  # the least any cache needs: sliding layers only their window, no slack
     activations: int  # one prefill chunk through a layer, plus the logits
     runtime: int  # the framework itself (CPU: Python + torch resident memory)
     load_transient: int  # while loading: the largest tensor as read plus its fused/transposed copy
+    # bytes of the GGUF file the token embedding is read from on demand (GGUFEmbedding): counted as
+    # 0 in the weights and the total; the pages its rows touch are resident while the OS caches them
+    mapped: int = 0
 
     @property
     def overhead(self) -> int:
@@ -149,17 +182,19 @@ def estimate(
     device_type: str = "cpu",
     packed: dict[str, tuple[str, frozenset[str]]] | None = None,
     runtime: int | None = None,
+    mapped_embedding: int = 0,
 ) -> MemoryEstimate:
     """The bill for a model loaded with `dtype` weights (and the matrices in `packed` packed).
 
     `runtime`: the framework's resident memory when the caller knows it (a process that has
     imported torch and read the package but loaded no weights measures itself); else a constant.
+    `mapped_embedding`: bytes of the file the token embedding is read from on demand, 0 when it is
+    loaded (runtime.mapped_embedding_bytes).
     """
     kv_per_token = kv_bytes_per_token(config, kv_dtype or dtype)
     per_layer = kv_per_token // config.num_layers
-    windowed = sum(
-        per_layer * min(context_length, config.layer_window(i) or context_length) for i in range(config.num_layers)
-    )
+    windows = [config.layer_window(i) for i in range(config.num_layers)]
+    windowed = sum(per_layer * min(context_length, w or context_length) for w in windows)
     chunk = min(prefill_chunk, context_length)
     c = config
     largest = max(
@@ -172,19 +207,21 @@ def estimate(
         shapes = matrix_shapes(config)
         activations += max((shapes[t][0] * shapes[t][1] for t in packed if t != "lm_head.weight"), default=0) * 4
     return MemoryEstimate(
-        weights=weight_bytes(config, dtype, packed or {}),
-        kv_cache=kv_per_token * context_length,
+        weights=weight_bytes(config, dtype, packed or {}, mapped_embedding=mapped_embedding > 0),
+        kv_cache=kv_cache_bytes(config, kv_dtype or dtype, context_length),
         kv_cache_windowed=windowed,
         activations=activations,
         runtime=(CPU_RUNTIME_BYTES if runtime is None else runtime) if device_type == "cpu" else 0,
-        load_transient=2 * largest * dtype_bytes(dtype),
+        load_transient=largest * (PACKED_LOAD_BYTES if packed else 2 * dtype_bytes(dtype)),
+        mapped=mapped_embedding,
     )
 
 
 def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers, shared tensors counted once."""
+    """Bytes of a module's parameters and buffers, shared tensors counted once, plus what its
+    submodules hold outside tensors (`opaque_bytes`: the packed output projection's FBGEMM matrices)."""
     seen: set[int] = set()
-    total = 0
+    total = sum(getattr(sub, "opaque_bytes", 0) for sub in module.modules())
     for tensor in list(module.parameters()) + list(module.buffers()):
         ptr = tensor.data_ptr()
         if ptr not in seen:

@@ -149,27 +149,43 @@ class Attention(nn.Module):
             qk = torch.cat((self.q_norm(qk[: self.num_heads]), self.k_norm(qk[self.num_heads :])))
         qk = apply_rotary(qk, cos, sin)  # queries and keys rotate alike: one pass over both
         q, k = qk[: self.num_heads], qk[self.num_heads :]
-        cache.write(self.layer, start, k, v)
-        end = start + n
-        keys, values = cache.view(self.layer, end)
-        if self.softcap is None:
-            out = grouped_attention(q, keys, values, start, self.window, self.scale)
-        else:
-            out = capped_attention(q, keys, values, start, self.window, self.scale, self.softcap)
+        # A sliding layer's ring holds a query's window only for chunks within its slack: a longer
+        # one is written and attended in parts (the projections above ran over all of it at once).
+        part = cache.chunk_limit(self.layer) or n
+        outs = [self._attend(q, k, v, cache, start, begin, min(begin + part, n)) for begin in range(0, n, part)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return self.o(out.transpose(0, 1).reshape(n, self.num_heads * self.head_dim))
 
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, start: int, begin: int, end: int
+    ) -> torch.Tensor:
+        """Cache the keys/values of rows [begin, end) of the chunk at `start`, then attend their queries."""
+        whole = begin == 0 and end == q.shape[1]
+        q, k, v = (q, k, v) if whole else (q[:, begin:end], k[:, begin:end], v[:, begin:end])
+        cache.write(self.layer, start + begin, k, v)
+        keys, values, positions = cache.view(self.layer, start + end)
+        if self.softcap is None:
+            return grouped_attention(q, keys, values, start + begin, self.window, self.scale, positions)
+        return capped_attention(q, keys, values, start + begin, self.window, self.scale, self.softcap, positions)
 
-def attention_mask(start: int, n: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """Boolean [n, start + n] mask (True = may attend) for queries at positions [start, start+n).
 
-    None when every query may see every cached key (a single decode step inside the window).
+def attention_mask(
+    start: int, n: int, window: int | None, device: torch.device, key_positions: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Boolean [n, keys] mask (True = may attend) for queries at positions [start, start+n).
+
+    The keys are positions [0, start + n), or, for a ring of a sliding layer, the positions its
+    slots hold (`key_positions`, -1 for a slot never written). None when every query may see every
+    cached key (a single decode step inside the window of a full cache).
     """
     end = start + n
-    if n == 1 and (window is None or end <= window):
-        return None
+    if key_positions is None:
+        if n == 1 and (window is None or end <= window):
+            return None
+        key_positions = torch.arange(end, device=device)
     q_pos = torch.arange(start, end, device=device)[:, None]
-    k_pos = torch.arange(end, device=device)[None, :]
-    allowed = k_pos <= q_pos
+    k_pos = key_positions[None, :]
+    allowed = (k_pos <= q_pos) & (k_pos >= 0)
     if window is not None:
         allowed &= k_pos > q_pos - window
     return allowed
@@ -182,19 +198,20 @@ def grouped_attention(
     start: int,
     window: int | None,
     scale: float | None = None,
+    key_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal scaled dot-product attention; each KV head serves a group of query heads.
 
     `enable_gqa` lets the fused kernel read the cached keys/values as they are instead of
     repeating them per query head. A prompt that starts at position 0 with no window is plain
-    causal attention, which needs no mask at all.
+    causal attention, which needs no mask at all. `key_positions`: see attention_mask.
     """
     n = q.shape[1]
-    if start == 0 and window is None and n > 1:
+    if start == 0 and window is None and n > 1 and key_positions is None:
         return F.scaled_dot_product_attention(
             q[None], keys[None], values[None], is_causal=True, scale=scale, enable_gqa=True
         )[0]
-    mask = attention_mask(start, n, window, q.device)
+    mask = attention_mask(start, n, window, q.device, key_positions)
     return F.scaled_dot_product_attention(
         q[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=True
     )[0]
@@ -208,6 +225,7 @@ def capped_attention(
     window: int | None,
     scale: float | None,
     softcap: float,
+    key_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention whose scores are soft-capped, tanh(s / c) * c, before mask and softmax.
 
@@ -219,7 +237,7 @@ def capped_attention(
     grouped = q.reshape(kv_heads, heads // kv_heads * n, head_dim)
     scores = grouped @ keys.transpose(1, 2)
     scores.mul_(head_dim**-0.5 if scale is None else scale).div_(softcap).tanh_().mul_(softcap)  # in place: no copies
-    mask = attention_mask(start, n, window, q.device)
+    mask = attention_mask(start, n, window, q.device, key_positions)
     if mask is not None:
         scores.view(kv_heads, -1, n, end).masked_fill_(~mask, float("-inf"))
     probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
@@ -274,14 +292,20 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The decoder stack plus embedding and output projection."""
+    """The decoder stack plus embedding and output projection.
 
-    def __init__(self, config: ModelConfig, *, transposed: bool = False) -> None:
+    `embedding`: a module that serves the token rows itself (a GGUF file's, mapped: GGUFEmbedding)
+    instead of a resident matrix; else tied models store the shared matrix once, in the output
+    projection, and untied ones an nn.Embedding.
+    """
+
+    def __init__(self, config: ModelConfig, *, transposed: bool = False, embedding: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False, transposed=transposed)
-        # Tied models store the shared matrix once, in the output projection.
-        self.embed = None if config.tie_word_embeddings else nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed: nn.Module | None = embedding
+        if embedding is None and not config.tie_word_embeddings:
+            self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i, transposed) for i in range(config.num_layers))
         self.norm = make_norm(config, config.hidden_size)
         self.rotary: RotaryEmbedding | None = None  # every layer's, or Gemma 3's full-attention layers'
@@ -313,7 +337,7 @@ class Transformer(nn.Module):
             )
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token embedding: rows of the embedding matrix (columns of the tied output matrix)."""
+        """Token embedding: rows of the embedding (columns of a tied float output matrix)."""
         x = self.lm_head.columns(ids) if self.embed is None else self.embed(ids)
         if self.embed_scale is not None:
             x = x * self.embed_scale.to(x.dtype)
@@ -438,7 +462,8 @@ def packing_plan(quantized: dict[str, str], config: ModelConfig) -> dict[str, tu
     `quantized` maps checkpoint names to GGUF types (WeightSource.quantized_types); the plan maps
     internal weight names to (layout, the types they come from). A fused matrix takes the layout
     all its parts allow (see packed.layout_for); a matrix with a float part stays float; a shape
-    the int4 kernel cannot tile takes int8. The layouts are final: loading builds exactly these.
+    the int4 kernel cannot tile takes int8; the output projection takes OUTPUT_LAYOUT (float32
+    logits). The layouts are final: loading builds exactly these.
     """
     sources: dict[str, set[str]] = {}
     parts: dict[str, int] = {}  # quantized pieces seen per matrix
@@ -456,8 +481,7 @@ def packing_plan(quantized: dict[str, str], config: ModelConfig) -> dict[str, tu
     shapes = matrix_shapes(config)
     plan: dict[str, tuple[str, frozenset[str]]] = {}
     for target, kinds in sources.items():
-        needs_rows = config.tie_word_embeddings and target == "lm_head.weight"
-        layout = layout_for(kinds, needs_rows=needs_rows)
+        layout = layout_for(kinds, output=target == "lm_head.weight")
         if layout is None or target == "embed.weight" or target in partly_float:
             continue
         if layout == "int4" and not fits_int4(*shapes[target]):
@@ -474,6 +498,7 @@ def build_transformer(
     dtype: torch.dtype,
     context_length: int,
     packed: dict[str, tuple[str, frozenset[str]]] | None = None,
+    embedding: nn.Module | None = None,
 ) -> Transformer:
     """Build the model from checkpoint tensors, casting each once to `dtype` on `device`.
 
@@ -482,12 +507,16 @@ def build_transformer(
     concatenated as their parts arrive; projection matrices get the layout `Linear` prefers.
     Matrices named in `packed` (internal weight name -> (layout, source types), see `packing_plan`) become
     PackedLinear as soon as they are complete, so the float copy of one matrix is the most that is
-    ever held besides the packed ones.
+    ever held besides the packed ones. `embedding`: the module that serves token rows (see
+    Transformer); an untied checkpoint's embedding matrix is then not needed. A tied model whose
+    output matrix is packed needs one: packed matrices are multiplied, not read by rows.
     """
     packed = packed or {}
+    if config.tie_word_embeddings and "lm_head.weight" in packed and embedding is None:
+        raise ValueError("a tied model with a packed output matrix needs an embedding module for its rows")
     transposed = transposed_layout(device, dtype)
     with torch.device("meta"):
-        model = Transformer(config, transposed=transposed)
+        model = Transformer(config, transposed=transposed, embedding=embedding)
     expected = dict(model.state_dict())
     projections = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Linear)}
     state: dict[str, torch.Tensor] = {}
@@ -498,6 +527,8 @@ def build_transformer(
         if mapped is None:
             continue
         target, part = mapped
+        if target == "embed.weight" and embedding is not None:
+            continue
         if target not in expected:
             raise ModelLoadError(f"tensor {name!r} does not fit this configuration")
         tensor = tensor.to(device=device, dtype=torch.float32 if target in packed else dtype)

@@ -2,18 +2,34 @@
 
 Why: decoding is bound by the bytes it reads per token. A GGUF's 4-bit matrices dequantized to
 float32 are 8x larger than in the file; kept packed, every token reads a fraction of that. The
-kernels take bfloat16 activations (the float32 variants are ~10x slower on CPU), so a packed
-layer rounds its input to bfloat16 and returns float32; everything between the matmuls (norms,
-RoPE, attention, the KV cache, the logits' softmax) stays in the model's float32.
+int4/int8 kernels take bfloat16 activations (their float32 variants are ~10x slower on CPU), so a
+packed layer rounds its input to bfloat16 and returns float32; everything between the matmuls
+(norms, RoPE, attention, the KV cache) stays in the model's float32.
 
-Two layouts, both PyTorch's:
+The output projection is the exception: its result is the logits, and the int8 kernel's bfloat16
+output made every logit near 25 a multiple of 0.125, so candidates tied and greedy decoding
+picked by token id. It has its own layout, computed in float32 from end to end.
+
+Three layouts:
   int4  one code 0..15 per weight; each group of INT4_GROUP consecutive input columns of an output
         row shares a (scale, zero): w = (q - 8) * scale + zero. `_convert_weight_to_int4pack_for_cpu`
         packs the codes, `_weight_int4pack_mm_for_cpu` multiplies. The codes are also kept as
         plain nibbles (half a byte more per weight; the kernel's tiling is opaque) so that a
         prefill chunk can dequantize the matrix and run one float32 matmul, which is faster there.
-  int8  one code -127..127 per weight and one scale per output row: w = q * scale.
+  int8  one code -127..127 per weight and one bfloat16 scale per output row: w = q * scale.
         `_weight_int8pack_mm` multiplies.
+  int8-fp32out  (the output projection) int8 codes with a float32 scale per row, multiplied in
+        float32: FBGEMM's fp16 GEMM (`quantized::linear_dynamic_fp16`: float32 activations,
+        float32 accumulation and output) over the codes themselves — integers up to 127 are exact
+        in fp16 — and the row scales applied to its float32 result, so the logits are the float32
+        product over the packed weights. Measured on 2 AVX2 cores, 49152x576, one row: 3.2-3.7 ms,
+        against 4.3-4.7 ms for the bfloat16 int8 kernel and 43-48 ms for that kernel in float32.
+        FBGEMM pads the inner dimension of its matrix to a multiple of FP16_K_BLOCK; where that
+        would cost more than float32 columns do, the columns past the last full block are kept as
+        a float32 matrix instead (`fp16_columns`). Without FBGEMM (an ARM build) every column is.
+        The FBGEMM matrix is built at load from the codes (the packed cache stores tensors only);
+        the codes themselves are not kept: saving takes them back from the product matrices. A
+        tied model's token embedding reads its rows from the GGUF file instead (GGUFEmbedding).
 
 Which GGUF type goes where (`layout_for`): types of 4 bits or fewer per weight become int4 with
 groups of 32. For Q4_1 (w = d*q + m) that is exact up to rounding d and m + 8d to bfloat16:
@@ -21,13 +37,16 @@ llama.cpp's quantizer gives each block's minimum code 0 and its maximum code 15,
 min/max recover m and d. Q4_0 (w = d*(q - 8)) is exact the same way through its symmetric form (the
 largest-magnitude weight has code 0). K-quants (Q2_K, Q3_K, Q4_K) are requantized per group of 32.
 Types of 5 to 8 bits (Q5_*, Q6_K, Q8_0) become int8 with a scale per row (requantized: 4-bit groups
-would lose their precision). Float tensors stay float. `llmchat info` reports the mapping.
+would lose their precision). The output projection, whatever its type, becomes int8-fp32out.
+Float tensors stay float. `llmchat info` reports the mapping.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,19 +61,29 @@ DEQUANTIZE_FROM_ROWS = 128
 INT4_SOURCES = frozenset({"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K"})
 INT8_SOURCES = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"})
 EXACT_INT4_SOURCES = frozenset({"Q4_0", "Q4_1"})  # their blocks are int4 groups of 32 already
+OUTPUT_LAYOUT = "int8-fp32out"
+LAYOUTS = ("int4", "int8", OUTPUT_LAYOUT)
+# FBGEMM's fp16 matrix holds the inner dimension in blocks of this many rows, the last one padded
+# (measured: 49152x576 takes the RSS of 49152x1024).
+FP16_K_BLOCK = 512
+# Output rows per FBGEMM matrix: prepacking copies its part of the codes to float32 first, and
+# blocks keep that copy small (one 8192-row block of the demo's 49152x576 is as fast as one matrix).
+OUTPUT_ROW_BLOCK = 8192
+_FP16_ENGINES = ("x86", "fbgemm")  # quantized engines whose linear_prepack_fp16 is FBGEMM's
 
 
-def layout_for(source_types: Iterable[str], *, needs_rows: bool = False) -> str | None:
+def layout_for(source_types: Iterable[str], *, output: bool = False) -> str | None:
     """The packed layout for a matrix made of tensors of these GGUF types; None keeps it float.
 
-    A fused matrix (q/k/v, gate/up) takes the wider layout any of its parts needs. `needs_rows`:
-    the matrix also serves as the token embedding (tied), which reads single rows; only int8's
-    per-row layout allows that.
+    A fused matrix (q/k/v, gate/up) takes the wider layout any of its parts needs. `output`: the
+    matrix is the output projection, whose logits are computed in float32 (OUTPUT_LAYOUT).
     """
     types = set(source_types)
     if not types or not types <= INT4_SOURCES | INT8_SOURCES:
         return None
-    if needs_rows or types & INT8_SOURCES:
+    if output:
+        return OUTPUT_LAYOUT
+    if types & INT8_SOURCES:
         return "int8"
     return "int4"
 
@@ -64,11 +93,39 @@ def fits_int4(out_features: int, in_features: int) -> bool:
     return out_features % 16 == 0 and in_features % INT4_GROUP == 0
 
 
+def fp16_gemm_engine() -> str | None:
+    """The quantized engine to prepack FBGEMM's fp16 matrices with (the current one when it can), or
+    None when this torch build has no FBGEMM (ARM builds: the output projection stays float32)."""
+    engines = torch.backends.quantized.supported_engines
+    current = torch.backends.quantized.engine
+    if current in _FP16_ENGINES:
+        return current
+    return next((engine for engine in _FP16_ENGINES if engine in engines), None)
+
+
+def fp16_columns(in_features: int) -> int:
+    """How many leading input columns of the output projection go to FBGEMM's fp16 matrix; the
+    rest are a float32 matrix. FBGEMM pads its inner dimension to FP16_K_BLOCK rows: a tail that
+    fills less than half a block costs fewer bytes as float32 columns (4 each) than padded."""
+    if fp16_gemm_engine() is None:
+        return 0
+    tail = in_features % FP16_K_BLOCK
+    return in_features - tail if 0 < tail < FP16_K_BLOCK // 2 else in_features
+
+
+def _padded(columns: int) -> int:
+    return -(-columns // FP16_K_BLOCK) * FP16_K_BLOCK
+
+
 def packed_bytes(layout: str, out_features: int, in_features: int) -> int:
-    """Bytes a PackedLinear holds for a matrix of this shape (bias aside)."""
+    """Bytes a PackedLinear holds for a matrix of this shape (bias aside), FBGEMM's matrices included."""
     weights = out_features * in_features
     if layout == "int8":
         return weights + 2 * out_features  # codes, a bfloat16 scale per row
+    if layout == OUTPUT_LAYOUT:
+        fp16 = fp16_columns(in_features)
+        product = 2 * out_features * _padded(fp16) + 4 * out_features * (in_features - fp16)
+        return product + 4 * out_features  # + float32 scales
     kernel_packing = nibbles = weights // 2
     return kernel_packing + nibbles + out_features * (in_features // INT4_GROUP) * 4  # + bf16 (scale, zero)
 
@@ -114,16 +171,19 @@ def _int4_fit(sources: tuple[str, ...]) -> str:
     return "best"
 
 
-def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_rows(weight: torch.Tensor, scale_dtype: torch.dtype = ACTIVATION_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes [out, in] (int8, -127..127) and one scale per output row for `weight` [out, in].
 
-    The scale is the kernel's bfloat16, rounded up (never clipping the largest weight), and the
+    The scale is the largest magnitude / 127 in `scale_dtype` (the int8 kernel's bfloat16, or
+    float32 for the output projection), rounded up (never clipping the largest weight), and the
     codes are taken against that rounded scale: every weight within half a step.
     """
     w = weight.float()
     exact = w.abs().amax(-1) / 127
-    scale = exact.to(ACTIVATION_DTYPE)
-    scale = torch.where(scale.float() < exact, (scale.float() * (1 + 2**-7)).to(ACTIVATION_DTYPE), scale)
+    scale = exact.to(scale_dtype)
+    if scale_dtype != torch.float32:
+        bump = (scale.float() * (1 + 2**-7)).to(scale_dtype)
+        scale = torch.where(scale.float() < exact, bump, scale)
     divisor = torch.where(scale == 0, 1.0, scale.float())
     codes = (w / divisor[:, None]).round().clamp(-127, 127).to(torch.int8)
     return codes, scale
@@ -143,19 +203,47 @@ def _by_rows(quantize: RowQuantizer, weight: torch.Tensor) -> tuple[torch.Tensor
     return tuple(torch.cat(parts) for parts in zip(*blocks, strict=True))
 
 
+@contextmanager
+def _quantized_engine(name: str) -> Iterator[None]:
+    """Run with torch's quantized engine set to `name` (prepacking reads the global setting)."""
+    previous = torch.backends.quantized.engine
+    if previous == name:
+        yield
+        return
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+_BUFFERS = {
+    "int4": ("packed", "nibbles", "scale_zero"),
+    "int8": ("codes", "scales"),
+    OUTPUT_LAYOUT: ("codes", "scales"),
+}
+
+
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W packed as int4 groups or int8 rows (see the module docstring)."""
+    """y = x W^T + b with W packed as int4 groups, int8 rows, or int8 rows multiplied in float32
+    (the output projection; see the module docstring)."""
 
     # buffers of the int4 layout
     packed: torch.Tensor
     nibbles: torch.Tensor
     scale_zero: torch.Tensor
-    # buffers of the int8 layout
+    # buffers of the int8 layouts (the output projection saves `codes` but does not keep them)
     codes: torch.Tensor
     scales: torch.Tensor
+    # the output projection's float32 columns past FBGEMM's, as codes [in - split, out] (not saved)
+    rest: torch.Tensor
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, layout: str, sources: Iterable[str] = ()
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        layout: str,
+        sources: Iterable[str] = (),
     ) -> None:
         """`weight` [out, in] in float; it is packed here and not kept. `bias` is kept in float32.
 
@@ -166,6 +254,8 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         if layout == "int4" and not fits_int4(self.out_features, self.in_features):
             raise ValueError(f"a {self.out_features}x{self.in_features} matrix does not fit the int4 kernel")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown packed layout {layout!r}")
         self.layout = layout
         self.sources = tuple(sorted(set(sources)))
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
@@ -183,12 +273,16 @@ class PackedLinear(nn.Module):
             self.register_buffer("codes", codes8)
             self.register_buffer("scales", scale8)
         else:
-            raise ValueError(f"unknown packed layout {layout!r}")
+            codes8, scale32 = _by_rows(lambda part: int8_rows(part, torch.float32), weight)
+            self.register_buffer("scales", scale32)
+            self._pack_output(codes8)
 
     @classmethod
     def from_buffers(cls, layout: str, sources: Iterable[str], buffers: dict[str, torch.Tensor]) -> PackedLinear:
         """A layer from the buffers (and bias) a packed one saved (see packed_cache.py)."""
-        names = {"int4": ("packed", "nibbles", "scale_zero"), "int8": ("codes", "scales")}[layout]
+        names = _BUFFERS.get(layout)
+        if names is None:
+            raise ValueError(f"unknown packed layout {layout!r}")
         if set(buffers) - {"bias"} != set(names):
             raise ValueError(f"a {layout} layer needs {names}, got {sorted(buffers)}")
         layer = cls.__new__(cls)
@@ -199,11 +293,57 @@ class PackedLinear(nn.Module):
         layer.sources = tuple(sources)
         bias = buffers.get("bias")
         layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        if layout == OUTPUT_LAYOUT:
+            if buffers["scales"].dtype != torch.float32 or buffers["codes"].dtype != torch.int8:
+                raise ValueError("an output projection needs int8 codes and float32 scales")
+            layer.register_buffer("scales", buffers["scales"])
+            layer._pack_output(buffers["codes"])
+            return layer
         for name in names:
             layer.register_buffer(name, buffers[name])
         return layer
 
+    def _pack_output(self, codes: torch.Tensor) -> None:
+        """The output projection's product matrices from its codes: FBGEMM fp16 matrices of
+        OUTPUT_ROW_BLOCK rows over the first `fp16_columns` columns, the rest as float32 codes."""
+        self.split = fp16_columns(self.in_features)
+        self._fp16: list[Any] = []
+        engine = fp16_gemm_engine()
+        if self.split and engine is not None:
+            with _quantized_engine(engine):
+                for begin in range(0, self.out_features, OUTPUT_ROW_BLOCK):
+                    block = codes[begin : begin + OUTPUT_ROW_BLOCK, : self.split].float()
+                    self._fp16.append(torch.ops.quantized.linear_prepack_fp16(block, None))
+        # [in - split, out]: BLAS streams a row-major [in, out] matrix fastest for few rows (model.Linear)
+        self.register_buffer("rest", codes[:, self.split :].t().float().contiguous(), persistent=False)
+
+    @property
+    def opaque_bytes(self) -> int:
+        """Bytes held outside tensors (FBGEMM's padded fp16 matrices), for the memory bill."""
+        if self.layout != OUTPUT_LAYOUT or not self._fp16:
+            return 0
+        return 2 * self.out_features * _padded(self.split)
+
+    def _output_codes(self) -> torch.Tensor:
+        """The output projection's codes [out, in] (int8), taken back from its matrices block by
+        block (exact: they are integers in fp16 and float32)."""
+        blocks = []
+        for begin in range(0, self.out_features, OUTPUT_ROW_BLOCK):
+            parts = [self.rest[:, begin : begin + OUTPUT_ROW_BLOCK].t()]
+            if self._fp16:
+                parts.insert(0, torch.ops.quantized.linear_unpack_fp16(self._fp16[begin // OUTPUT_ROW_BLOCK])[0])
+            blocks.append(torch.cat(parts, dim=1).round().to(torch.int8))
+        return torch.cat(blocks)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        """The output projection keeps no codes; it saves them (the packed cache's tensors)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout == OUTPUT_LAYOUT:
+            destination[prefix + "codes"] = self._output_codes()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == OUTPUT_LAYOUT:
+            return self._float32_product(x)
         if x.shape[0] >= DEQUANTIZE_FROM_ROWS:
             return F.linear(x, self.dequantized().to(x.dtype), self.bias)
         low = x.to(ACTIVATION_DTYPE)
@@ -214,14 +354,27 @@ class PackedLinear(nn.Module):
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
-    def columns(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows of W for `ids` in float32: how a tied output matrix serves as the embedding (int8 only)."""
-        if self.layout != "int8":
-            raise RuntimeError("only an int8 matrix can serve as the token embedding")
-        return F.embedding(ids, self.codes).float() * F.embedding(ids, self.scales[:, None]).float()
+    def _float32_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T in float32 for any number of rows: (x · codes^T) from FBGEMM's fp16 matrices and
+        the float32 tail, then times the row scales."""
+        wide = x.float()
+        if self._fp16:
+            head = wide if self.split == self.in_features else wide[:, : self.split]
+            parts = [torch.ops.quantized.linear_dynamic_fp16(head, matrix) for matrix in self._fp16]
+            y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+            if self.split < self.in_features:
+                y.addmm_(wide[:, self.split :], self.rest)
+        else:
+            y = wide @ self.rest
+        y.mul_(self.scales)
+        if self.bias is not None:
+            y += self.bias
+        return y.to(x.dtype)
 
     def dequantized(self) -> torch.Tensor:
-        """W [out, in] in float32, from the same codes and (bfloat16) scales the kernels use."""
+        """W [out, in] in float32, from the same codes and scales the kernels use."""
+        if self.layout == OUTPUT_LAYOUT:
+            return self._output_codes().float() * self.scales[:, None]
         if self.layout == "int8":
             return self.codes.float() * self.scales.float()[:, None]
         out, groups = self.out_features, self.in_features // INT4_GROUP
@@ -260,7 +413,11 @@ class PackingReport:
     def summary(self) -> str:
         if not self.counts:
             return "float"
-        names = {"int4": f"int4 (groups of {INT4_GROUP})", "int8": "int8 (a scale per row)"}
+        names = {
+            "int4": f"int4 (groups of {INT4_GROUP})",
+            "int8": "int8 (a scale per row)",
+            OUTPUT_LAYOUT: "int8 (a scale per row) with float32 logits",
+        }
 
         def how(sources: str, layout: str) -> str:
             exact = layout == "int4" and set(sources.split("+")) <= EXACT_INT4_SOURCES

@@ -21,7 +21,7 @@ Both store the matrix [in, out]; Hugging Face Linear weights are [out, in].
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -365,10 +365,12 @@ class QuantizedWeights:
         quantized = {f"{prefix}.{part}" for prefix, present in parts.items() for part in present}
         return (names - quantized) | {f"{prefix}.weight" for prefix in parts}
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
         _, parts = self._layout()
         pending: dict[str, dict[str, torch.Tensor]] = {}
-        for name, tensor in self.inner.tensors():
+        skipped = {name.removesuffix(".weight") for name in skip} & parts.keys()  # a quantized layer: all its parts
+        raw_skip = set(skip) | {f"{prefix}.{part}" for prefix in skipped for part in parts[prefix]}
+        for name, tensor in self.inner.tensors(raw_skip):
             prefix, _, part = name.rpartition(".")
             if prefix not in parts or part not in parts[prefix]:
                 yield name, tensor

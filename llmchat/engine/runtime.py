@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -35,6 +36,10 @@ from llmchat.engine.packed_cache import cache_file, restore, save
 from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from llmchat.engine.gguf import GGUFWeights
+
+EMBEDDING_NAME = "model.embed_tokens.weight"  # the checkpoint name of the token embedding
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -79,6 +84,7 @@ class LoadInfo:
     context_length: int
     plan: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)  # what was packed (packing_plan)
     from_cache: bool = False  # the packed model came from the cache_dir (no dequantizing or packing)
+    mapped_embedding: int = 0  # bytes of the GGUF file the token embedding is read from (0: loaded)
 
     @property
     def packing(self) -> str:
@@ -152,6 +158,7 @@ class LoadedModel:
             prefill_chunk=self.generator.prefill_chunk,
             device_type=self.device.type,
             packed=self.info.plan,
+            mapped_embedding=self.info.mapped_embedding,
         )
 
     def memory_usage(self) -> MemoryUsage:
@@ -161,14 +168,7 @@ class LoadedModel:
     def logits(self, ids: Sequence[int]) -> torch.Tensor:
         """float32 logits [len(ids), vocab] of a fresh forward pass (the chat's cache is untouched)."""
         ids = list(ids)
-        cache = KVCache(
-            self.config.num_layers,
-            self.config.num_kv_heads,
-            self.config.head_dim,
-            max(len(ids), 1),
-            self.device,
-            self.dtype,
-        )
+        cache = new_cache(self.config, max(len(ids), 1), self.device, self.dtype)
         if self.model.rotary is None or len(ids) > self.model.rotary.cos.shape[0]:
             self.model.setup_rotary(len(ids))
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -204,6 +204,12 @@ class LoadedModel:
     def reset(self) -> None:
         """Forget the cached conversation."""
         self.cache.truncate(0)
+
+
+def new_cache(config: ModelConfig, capacity: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+    """A KV cache for `capacity` positions; sliding-window layers get a ring (see kv_cache.py)."""
+    windows = [config.layer_window(i) for i in range(config.num_layers)]
+    return KVCache(config.num_layers, config.num_kv_heads, config.head_dim, capacity, device, dtype, windows=windows)
 
 
 def _trimming(tensors: Iterator[tuple[str, torch.Tensor]], every: int = 32) -> Iterator[tuple[str, torch.Tensor]]:
@@ -243,6 +249,31 @@ def packing_for(
     return packing_plan(package.weights.quantized_types(), serving_config(package)) if packed else {}
 
 
+def mapped_embedding_bytes(
+    package: ModelPackage, plan: dict[str, tuple[str, frozenset[str]]], packed: bool | None = None
+) -> int:
+    """Bytes of the GGUF file the token embedding is read from on demand (gguf_tensors.GGUFEmbedding),
+    or 0 when `load` holds it like the other weights.
+
+    It is read from the file wherever it would otherwise be a copy of its own: an untied embedding,
+    or a tied one whose output matrix `plan` packs (packed matrices are multiplied, not read by
+    rows). A tied float output matrix serves the rows itself; the float reference (`packed=False`,
+    `--dequantize`) and Hugging Face folders keep a resident embedding.
+    """
+    if packed is False or package.format != "gguf":
+        return 0
+    if package.config.tie_word_embeddings and "lm_head.weight" not in plan:
+        return 0
+    return _gguf_weights(package).embedding_bytes()
+
+
+def _gguf_weights(package: ModelPackage) -> GGUFWeights:
+    from llmchat.engine.gguf import GGUFWeights  # only GGUF packages need it (gguf-py takes 0.2 s to import)
+
+    assert isinstance(package.weights, GGUFWeights)
+    return package.weights
+
+
 def load(
     path: str | Path,
     device: str | torch.device = "auto",
@@ -271,12 +302,18 @@ def load(
         context_length = default_context_length(config, run_dtype, dev)
     if context_length < 1:
         raise ModelLoadError(f"context length must be at least 1, got {context_length}")
-    tensors = _trimming(package.weights.tensors())
-    if progress is not None:
-        tensors = _counted(tensors, len(package.weights.tensor_names()), progress)
     plan = packing_for(package, dev, run_dtype, packed)
-    cached = cache_file(package.path, cache_dir, repr(sorted(plan.items()))) if plan and cache_dir else None
-    model = restore(config, cached, device=dev, dtype=run_dtype) if cached and cached.is_file() else None
+    mapped = mapped_embedding_bytes(package, plan, packed)
+    embedding = _gguf_weights(package).embedding(dev, run_dtype) if mapped else None
+    # an untied embedding read from the file is not loaded at all
+    skip = {EMBEDDING_NAME} if embedding is not None and not config.tie_word_embeddings else set()
+    tensors = _trimming(package.weights.tensors(skip))
+    if progress is not None:
+        tensors = _counted(tensors, len(package.weights.tensor_names() - skip), progress)
+    cached = cache_file(package.path, cache_dir, plan) if plan and cache_dir else None
+    model = None
+    if cached and cached.is_file():
+        model = restore(config, cached, device=dev, dtype=run_dtype, embedding=embedding)
     from_cache = model is not None
     if model is not None:
         model.setup_rotary(context_length)
@@ -285,10 +322,24 @@ def load(
             progress(1, 1)
     else:
         model = build_transformer(
-            config, tensors, device=dev, dtype=run_dtype, context_length=context_length, packed=plan
+            config,
+            tensors,
+            device=dev,
+            dtype=run_dtype,
+            context_length=context_length,
+            packed=plan,
+            embedding=embedding,
         )
         if cached is not None:
             save(model, cached, package.path)
-    cache = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, context_length, dev, run_dtype)
-    info = LoadInfo(time.perf_counter() - began, dev, run_dtype, context_length, plan, from_cache=from_cache)
+    cache = new_cache(config, context_length, dev, run_dtype)
+    info = LoadInfo(
+        time.perf_counter() - began,
+        dev,
+        run_dtype,
+        context_length,
+        plan,
+        from_cache=from_cache,
+        mapped_embedding=mapped,
+    )
     return LoadedModel(package, model, cache, info, prefill_chunk)

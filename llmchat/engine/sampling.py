@@ -208,6 +208,48 @@ class Sampler:
         return policy_logits.softmax(dim=-1)
 
 
+# --- the candidates' order ---------------------------------------------------------------------
+# One order for every view of a step: highest logit first, equal logits by lowest token id. It is
+# the order greedy decoding picks in (argmax returns the first maximum), the order the top-k lists
+# show, and what a token's rank counts. torch.topk leaves equal values in no promised order.
+
+
+def candidate_order(values: Sequence[float], ids: Sequence[int], k: int) -> list[int] | None:
+    """Positions in (`values`, `ids`) of the k first candidates in the canonical order, given
+    torch.topk's k + 1 highest (values descending); None when the cut at k splits equal logits, so
+    that which ids come in is not known from these (`exact_top` then)."""
+    if k < len(values) and values[k - 1] == values[k]:
+        return None
+    return sorted(range(min(k, len(values))), key=lambda i: (-values[i], ids[i]))
+
+
+def exact_top(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Ids of the k first candidates of 1-D `logits` in the canonical order, by a stable sort of
+    the whole vocabulary (what `candidate_order` falls back to on a tie across the cut)."""
+    return torch.sort(logits, descending=True, stable=True).indices[:k]
+
+
+def top_candidates(logits: torch.Tensor, k: int) -> list[int]:
+    """Ids of the k highest of 1-D `logits`, highest first, equal logits by lowest id."""
+    k = min(k, logits.numel())
+    if k <= 0:
+        return []
+    values, ids = logits.topk(min(k + 1, logits.numel()))
+    listed = ids.tolist()
+    order = candidate_order(values.tolist(), listed, k)
+    return exact_top(logits, k).tolist() if order is None else [listed[i] for i in order]
+
+
+def rank_of(logits: torch.Tensor, chosen: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The chosen token's place in the canonical order (0 = first) as a 0-d tensor (no sync):
+    the logits above its own, plus the equal ones of a lower id. `positions`: arange(vocab), when
+    the caller keeps one."""
+    if positions is None:
+        positions = torch.arange(logits.shape[-1], device=logits.device)
+    value = logits[chosen]
+    return (logits > value).sum() + ((logits == value) & (positions < chosen)).sum()
+
+
 NATS_PER_BIT = math.log(2)
 
 

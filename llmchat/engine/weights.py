@@ -8,7 +8,7 @@ without a second full copy in RAM. Pickle checkpoints are refused: unpickling ru
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -64,8 +64,8 @@ class SafetensorsWeights:
                 raise ModelLoadError(f"{path.name} is corrupt or truncated: {exc}") from None
         return names
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, tensor) for every tensor of the checkpoint, one at a time.
+    def tensors(self, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (name, tensor) for every tensor of the checkpoint but those in `skip`, one at a time.
 
         Each tensor is copied out of the memory map and the map is closed before the next one:
         a tensor that kept pointing into the map would keep the whole file resident (measured:
@@ -74,6 +74,8 @@ class SafetensorsWeights:
         """
         for path in self.files:
             for name in self._names_in(path):
+                if name in skip:
+                    continue
                 try:
                     with safe_open(str(path), framework="pt", device="cpu") as handle:
                         tensor = handle.get_tensor(name).clone()
