@@ -81,6 +81,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "title": conversation.title,
                 "model": conversation.model,
                 "system": conversation.system,
+                "system_changes": conversation.system_changes,  # where it was set: after which message
                 "messages": [m.to_dict() for m in conversation.path()],
             }
         )

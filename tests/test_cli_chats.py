@@ -180,3 +180,55 @@ def test_errors_are_one_line(capsys: pytest.CaptureFixture[str], data_dir: Path)
     assert_one_line_error(*run_main(capsys, "show", "future")[::2], "written by a newer llmchat (version 7)")
     assert_one_line_error(*run_main(capsys, "delete", "future", "--yes")[::2], "will not delete")
     assert (folder / "future.json").is_file()
+
+
+def test_markdown_puts_the_system_prompt_where_it_was_set(
+    capsys: pytest.CaptureFixture[str], data_dir: Path, tmp_path: Path
+) -> None:
+    conv = Conversation(model={"name": "tiny"})
+    for turn in range(1, 5):
+        conv.add_user(f"question {turn}")
+        conv.add_assistant(f"answer {turn}")
+    conv.set_system("Answer in French.")  # set at turn 5
+    conv.add_user("question 5")
+    conv.add_assistant("réponse 5", stats={"tokens": 2, "finish_reason": "interrupted"})
+    conv.set_system("")
+    ConversationStore(data_dir / "conversations").save(conv)
+
+    out_file = tmp_path / "chat.md"
+    code, _, _ = run_main(capsys, "export", conv.id, "--format", "md", "--out", str(out_file))
+    assert code == 0
+    md = out_file.read_text(encoding="utf-8")
+    assert md.endswith("\n") and not md.endswith("\n\n")
+    assert md.index("answer 4") < md.index("## System\n\nAnswer in French.") < md.index("question 5")
+    assert md.count("## System") == 2 and md.rstrip().endswith("## System\n\n(system prompt removed)")
+    assert "interrupted (the chat closed mid-answer)" in md
+    code, stdout, _ = run_main(capsys, "export", conv.id, "--format", "md")
+    assert stdout == md
+
+    code, text, _ = run_main(capsys, "show", conv.id)
+    assert text.index("answer 4") < text.index("--- system ---\nAnswer in French.") < text.index("question 5")
+    code, out, _ = run_main(capsys, "show", conv.id, "--json")
+    assert [c["text"] for c in json.loads(out)["system_changes"]] == ["Answer in French.", ""]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [("name", ["x"], "model.name: must be a string, got a list"), ("path", 5, "model.path: must be a string")],
+)
+def test_resume_of_a_file_with_a_bad_field_is_a_one_line_error(
+    capsys: pytest.CaptureFixture[str], data_dir: Path, field: str, value: object, reason: str
+) -> None:
+    """It used to be listed as readable, then `llmchat --resume` crashed with a traceback (exit 0 or 1)."""
+    store = ConversationStore(data_dir / "conversations")
+    conv = sample("question", "2024-01-01T00:00:00.000+00:00")
+    path = store.save(conv)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["model"][field] = value
+    path.write_text(json.dumps(data), encoding="utf-8")
+    code = main(["--resume", conv.id])
+    _, err = capsys.readouterr()
+    assert_one_line_error(code, err, reason)
+    code, out, _ = run_main(capsys, "list", "--json")
+    [unreadable] = json.loads(out)["unreadable"]
+    assert reason in unreadable["reason"]

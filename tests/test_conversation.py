@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import random
+import struct
 import subprocess
 import sys
 
@@ -9,12 +12,14 @@ import pytest
 
 from llmchat.chat.conversation import (
     CONVERSATION_ID,
+    INTERRUPTED,
     TITLE_LIMIT,
     Conversation,
     ConversationError,
     ConversationFormatError,
     Message,
     answer_stats,
+    interrupted_stats,
     make_title,
     new_conversation_id,
     token_record,
@@ -111,7 +116,9 @@ def test_switch_branch_steps_through_siblings_and_wraps() -> None:
     conv = two_turns()
     a = conv.path()[-1]
     b = conv.regenerate()
+    conv.append(b.id, "four")
     c = conv.regenerate()
+    conv.append(c.id, "IV")
     assert [m.id for m in conv.branch_siblings(a.id)] == [a.id, b.id, c.id]
     assert conv.switch_branch(c.id, +1).id == a.id
     assert conv.switch_branch(a.id, -1).id == c.id
@@ -198,13 +205,13 @@ def test_conversation_ids_are_filename_safe_and_distinct() -> None:
     [
         (lambda d: d["messages"].append({"id": "m1", "parent": None, "role": "user", "content": "x"}), "twice"),
         (lambda d: d["messages"][0].update(parent="m9"), "not an earlier message"),
-        (lambda d: d["messages"][0].update(role="wizard"), "unknown role"),
-        (lambda d: d["messages"][0].update(content=5), "'content' must be a string"),
-        (lambda d: d["messages"][1].update(tokens=[1, 2]), "list of objects"),
+        (lambda d: d["messages"][0].update(role="wizard"), r"messages\[0\].role: must be 'system', .* got 'wizard'"),
+        (lambda d: d["messages"][0].update(content=5), r"messages\[0\].content: must be a string, got an integer"),
+        (lambda d: d["messages"][1].update(tokens=[1, 2]), r"messages\[1\].tokens\[0\]: must be an object"),
         (lambda d: d.update(current="m99"), "current message"),
-        (lambda d: d.update(messages={}), "'messages' must be a list"),
+        (lambda d: d.update(messages={}), "messages: must be a list, got an object"),
         (lambda d: d.update(updated="yesterday"), "ISO 8601"),
-        (lambda d: d.pop("system"), "no 'system'"),
+        (lambda d: d.pop("system"), "'system' is missing"),
     ],
 )
 def test_schema_errors_name_the_problem(change, needle: str) -> None:
@@ -249,3 +256,142 @@ def test_chat_layer_loads_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+# --- interrupted and empty answers ------------------------------------------------------------------
+
+
+def test_an_empty_answer_is_never_sent_and_the_user_turns_around_it_join() -> None:
+    conv = Conversation(system="Be brief.")
+    conv.add_user("first question")
+    conv.add_assistant("", stats=interrupted_stats([]))  # killed before its first token
+    conv.add_user("second question")
+    conv.add_assistant("", reasoning="thinking only", stats=interrupted_stats([]))  # nothing to say yet
+    messages = conv.chat_messages()
+    assert messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "first question\n\nsecond question"},
+    ]
+    roles = [m["role"] for m in messages]
+    assert all(a != b for a, b in zip(roles, roles[1:]))  # alternating, as strict templates require
+    # A tool call with no text is a real turn; a partial answer is sent as it is.
+    conv.add_user("weather?")
+    call = [{"type": "function", "function": {"name": "weather", "arguments": {}}}]
+    conv.add_assistant("", tool_calls=call)
+    conv.add_tool("sunny")
+    conv.add_assistant("It is sun", stats=interrupted_stats([]))
+    assert [m["role"] for m in conv.chat_messages()][-4:] == ["user", "assistant", "tool", "assistant"]
+    assert conv.chat_messages()[-1]["content"] == "It is sun"
+    # In completion mode the transcript is the text as typed: nothing is put between the two.
+    conv.mode = "completion"
+    assert conv.chat_messages()[1]["content"] == "first questionsecond questionweather?"
+
+
+def test_regenerate_reuses_an_empty_unfinished_answer_and_keeps_real_ones() -> None:
+    conv = Conversation()
+    conv.add_user("hi")
+    empty = conv.add_assistant("", stats=interrupted_stats([]))
+    again = conv.regenerate()
+    assert again is empty and again.stats is None and len(conv.messages) == 2
+    failed = conv.regenerate()  # empty and never finished (no stats: it failed): reused too
+    assert failed is empty
+    conv.update(empty.id, stats={"tokens": 0, "finish_reason": "cancelled"})  # Esc during the prefill
+    assert conv.regenerate() is empty
+    # An answer with text, even cut short, stays as a branch; so does an empty one the model ended.
+    conv.append(empty.id, "partial")
+    conv.update(empty.id, stats=interrupted_stats([]))
+    branch = conv.regenerate()
+    assert branch is not empty and conv.sibling_position(branch.id) == (1, 2)
+    conv.update(branch.id, stats={"tokens": 0, "finish_reason": "eos"})
+    third = conv.regenerate()
+    assert third is not branch and conv.sibling_position(third.id) == (2, 3)
+
+
+def test_interrupted_stats_count_the_answer_tokens_not_the_end_step() -> None:
+    records = [{"id": 1, "text": "a", "prob": 1.0, "rank": 0, "top": []}, {"id": 2, "text": "", "prob": 1.0,
+               "rank": 0, "top": [], "end": True}]  # fmt: skip
+    assert interrupted_stats(records) == {"tokens": 1, "finish_reason": INTERRUPTED}  # type: ignore[arg-type]
+    assert interrupted_stats(None) == {"tokens": 0, "finish_reason": INTERRUPTED}
+
+
+# --- where the system prompt was set ----------------------------------------------------------------
+
+
+def test_system_prompts_are_placed_where_they_were_set() -> None:
+    conv = Conversation()
+    for turn in range(4):
+        conv.add_user(f"q{turn}")
+        conv.add_assistant(f"a{turn}")
+    conv.set_system("Answer in French.")
+    conv.add_user("q4")
+    conv.add_assistant("a4")
+    assert conv.system_prompts() == [(8, "Answer in French.")]  # before the 5th user message
+    assert conv.chat_messages()[0] == {"role": "system", "content": "Answer in French."}  # the model: first
+    conv.set_system("Answer in German.")
+    conv.set_system("Answer in Dutch.")  # changed twice before a message: only the last one applied
+    assert conv.system_prompts() == [(8, "Answer in French."), (10, "Answer in Dutch.")]  # after the branch
+    conv.add_user("q5")
+    conv.set_system("")
+    assert conv.system_prompts() == [(8, "Answer in French."), (10, "Answer in Dutch."), (11, "")]
+    # Another branch from before the first change: the prompts apply from its next message on.
+    conv.select(conv.path()[2].id)
+    old_branch = conv.path()
+    edited = conv.edit_user(old_branch[2].id, "q1, edited")
+    assert conv.path()[-1] is edited
+    assert conv.system_prompts() == []  # the prompt in force when it was sent was none (removed since)
+    conv.set_system("Be brief.")
+    conv.add_assistant("ok")
+    assert conv.system_prompts() == [(3, "Be brief.")]  # before the answer that came after it
+    # The changes survive the file, and their messages must exist.
+    data = conv.to_dict()
+    assert Conversation.from_dict(data) == conv
+    data["system_changes"][0]["after"] = "m99"
+    with pytest.raises(ConversationFormatError, match="system prompt change follows 'm99'"):
+        Conversation.from_dict(data)
+
+
+def test_a_prompt_from_before_changes_were_kept_counts_from_the_start() -> None:
+    conv = two_turns(system="Old prompt.")
+    assert conv.system_prompts() == [(0, "Old prompt.")]
+    conv.set_system("New prompt.")
+    conv.add_user("next")
+    assert conv.system_prompts() == [(0, "Old prompt."), (4, "New prompt.")]
+    # A file edited by hand so that its prompt is not the last change: only the prompt, at the start.
+    conv.system = "Edited."
+    assert conv.system_prompts() == [(0, "Edited.")]
+
+
+def test_token_records_keep_float32_numbers_in_fewer_digits() -> None:
+    f32 = struct.Struct("<f")
+
+    def as_f32(x: float) -> float:
+        return f32.unpack(f32.pack(x))[0]
+
+    rng = random.Random(5)
+    plain = compact = 0
+    for _ in range(300):
+        logit, prob = as_f32(rng.uniform(-30, 30)), as_f32(rng.random() ** 3)
+        top = (TopToken(7, "Paris", logit, prob, as_f32(prob / 2)),)
+        event = TokenEvent(
+            token_id=7, text="Paris", index=0, logit=logit, prob=prob, policy_prob=as_f32(prob / 2), rank=0,
+            top=top, seconds=0.1, cache_tokens=0, cache_bytes=0, entropy=0.5, policy_entropy=0.5,
+        )  # fmt: skip
+        record = token_record(event)
+        saved = json.loads(json.dumps(record))
+        assert as_f32(saved["top"][0][2]) == logit and as_f32(saved["prob"]) == prob  # nothing lost
+        plain += len(json.dumps([logit, prob]))
+        compact += len(json.dumps([saved["top"][0][2], saved["prob"]]))
+    assert compact < 0.7 * plain
+    long = json.dumps([0.8323073983192444, 25.325000762939453])
+    short = json.dumps([token_record(_event_with(0.8323073983192444, 25.325000762939453))["prob"],
+                        token_record(_event_with(0.8323073983192444, 25.325000762939453))["top"][0][2]])  # fmt: skip
+    assert short == "[0.8323074, 25.325001]" and len(short) < len(long)
+    # Rounding never takes a probability out of [0, 1] (the schema would refuse the file).
+    assert token_record(_event_with(float("nan"), 1.0))["prob"] == 0.0
+
+
+def _event_with(prob: float, logit: float) -> TokenEvent:
+    return TokenEvent(
+        token_id=1, text="x", index=0, logit=logit, prob=prob, policy_prob=1.0, rank=0,
+        top=(TopToken(1, "x", logit, prob, 1.0),), seconds=0.0, cache_tokens=0, cache_bytes=0,
+    )  # fmt: skip

@@ -58,6 +58,7 @@ def test_round_trip_keeps_everything(tmp_path: Path) -> None:
     assert data["format"] == FORMAT and data["version"] == VERSION
     assert set(data) == {
         "format", "version", "id", "title", "created", "updated", "model", "sampling", "system", "messages", "current",
+        "mode",
     }  # fmt: skip
     assert data["current"] == conv.current and len(data["messages"]) == len(conv.messages)
     assert "Ünïcode" in path.read_text(encoding="utf-8")  # stored as text, not \u escapes
@@ -91,7 +92,7 @@ BAD_FILES = {
     "corrupt": (b'{"format": "llmchat.conversation", "version": 1, "id": ', "not valid JSON"),
     "newer": (None, "written by a newer llmchat (version 2)"),
     "foreign": (b'{"format": "someone.else", "version": 1}', "not an llmchat conversation"),
-    "schema": (None, "'messages' must be a list"),
+    "schema": (None, "messages: must be a list, got a string"),
     "list": (b"[1, 2, 3]", "not a JSON object"),
     "binary": (b"\xff\xfe\x00garbage", "cannot read"),
 }
@@ -220,3 +221,110 @@ def test_delete(tmp_path: Path) -> None:
 def test_default_folder_follows_the_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMCHAT_DATA_DIR", str(tmp_path))
     assert ConversationStore.default().directory == tmp_path / "conversations"
+
+
+# --- every field is checked on load --------------------------------------------------------------
+
+# A version 1 file, changed in one field: (change, what the reason names). Each one once crashed the
+# chat or a panel later (`"name": ["x"]` reached a border title) instead of being reported here.
+FIELD_PROBLEMS = [
+    (lambda d: d["model"].update(name=["x"]), "model.name: must be a string, got a list"),
+    (lambda d: d["model"].update(path=5), "model.path: must be a string, got an integer"),
+    (lambda d: d.update(model=[]), "model: must be an object, got a list"),
+    (lambda d: d["sampling"].update(temperature=-0.5), "sampling.temperature: must be greater than or equal to 0"),
+    (lambda d: d["sampling"].update(top_p=0), "sampling.top_p: must be greater than 0"),
+    (lambda d: d["sampling"].update(top_k="40"), "sampling.top_k: must be an integer, got a string"),
+    (lambda d: d["sampling"].update(seed=1.5), "sampling.seed"),
+    (lambda d: d.update(title=None), "title: must be a string"),
+    (lambda d: d["messages"][1].update(stats={"tokens": True}), "messages[1].stats.tokens: must be an integer"),
+    (lambda d: d["messages"][1]["stats"].update(ttft_s=-1), "messages[1].stats.ttft_s: must be greater than"),
+    (lambda d: d["messages"][1]["stats"].update(finish_reason=3), "messages[1].stats.finish_reason: must be a string"),
+    (lambda d: d["messages"][1]["tokens"][0].update(prob=1.5), "messages[1].tokens[0].prob: must be less than"),
+    (lambda d: d["messages"][1]["tokens"][0].update(id="5"), "messages[1].tokens[0].id: must be an integer"),
+    (lambda d: d["messages"][1]["tokens"][0].pop("text"), "messages[1].tokens[0]: 'text' is missing"),
+    (lambda d: d["messages"][1]["tokens"][1]["top"][0].__setitem__(1, 6), "tokens[1].top[0][1]: must be a string"),
+    (lambda d: d["messages"][1]["tokens"][1]["top"][0].__delitem__(3), "messages[1].tokens[1].top[0][3] is missing"),
+    (lambda d: d["messages"][1]["tokens"][0].update(top=[[5, "Café", "3.0", 0.5]]), "top[0][2]: must be a number"),
+    (lambda d: d["messages"][1].update(reasoning=["a"]), "messages[1].reasoning: must be a string"),
+    (lambda d: d["messages"][3].update(tool_calls=["w"]), "messages[3].tool_calls[0]: must be an object"),
+    (lambda d: d.update(current=7), "current: must be a string"),
+    (lambda d: d.update(mode="poetry"), "mode: must be 'chat' or 'completion', got 'poetry'"),
+    (lambda d: d.update(system_changes=[{"after": None}]), "system_changes[0]: 'text' is missing"),
+]
+
+
+@pytest.mark.parametrize(("change", "reason"), FIELD_PROBLEMS)
+def test_a_bad_field_makes_the_file_unreadable_with_its_reason(tmp_path: Path, change, reason: str) -> None:
+    store = ConversationStore(tmp_path)
+    conv = rich_conversation()
+    path = store.save(conv)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    change(data)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    listing = store.list()
+    assert listing.conversations == []
+    [unreadable] = listing.unreadable
+    assert reason in unreadable.reason and "\n" not in unreadable.reason, unreadable.reason
+    with pytest.raises(StoreError, match=re.escape(reason)):
+        store.load(conv.id)
+    with pytest.raises(StoreError, match="will not overwrite"):
+        ConversationStore(tmp_path).save(conv)
+
+
+def test_a_version_1_file_from_an_older_llmchat_opens(tmp_path: Path) -> None:
+    """What the first llmchat wrote: 4-item top-k entries, stats without a timeline, no mode, and
+    keys this one does not know (ignored, as version 1 readers always did)."""
+    data = {
+        "format": FORMAT, "version": 1, "id": "20240101-000000-abcdef", "title": "old",
+        "created": "2024-01-01T00:00:00Z", "updated": "2024-01-01T00:00:01Z",
+        "model": {"name": "smollm", "path": "/m", "format": "gguf"},
+        "sampling": {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repetition_penalty": 1.0},
+        "system": "Be terse.", "current": "m2", "added_by_someone": {"x": 1},
+        "messages": [
+            {"id": "m1", "parent": None, "role": "user", "content": "hi"},
+            {"id": "m2", "parent": "m1", "role": "assistant", "content": "Hello",
+             "stats": {"tokens": 1, "ttft_s": 0.1, "prefill_tok_s": 90.0, "decode_tok_s": 0.0, "finish_reason": "eos",
+                       "prompt_tokens": 9, "reused_tokens": 0},
+             "tokens": [{"id": 5, "text": "Hello", "prob": 1, "rank": 0, "top": [[5, "Hello", 20, 1.0]]}]},
+        ],
+    }  # fmt: skip
+    (tmp_path / "20240101-000000-abcdef.json").write_text(json.dumps(data), encoding="utf-8")
+    store = ConversationStore(tmp_path)
+    conv = store.load("20240101-000000-abcdef")
+    assert conv.mode == "chat" and conv.system == "Be terse." and conv.model["format"] == "gguf"
+    old_record = {"id": 5, "text": "Hello", "prob": 1.0, "rank": 0, "top": [[5, "Hello", 20, 1.0]]}
+    assert conv.path()[-1].tokens == [old_record]
+    store.save(conv)
+    assert store.load(conv.id) == conv
+
+
+def test_what_this_llmchat_writes_it_reads_back(tmp_path: Path) -> None:
+    """Every new field at once: system prompt changes, an interrupted answer, compact token records."""
+    from llmchat.chat.conversation import interrupted_stats
+
+    conv = rich_conversation()
+    conv.set_system("Now in French.")
+    conv.add_user("encore")
+    records = [{"id": 1, "text": "Oui", "prob": 0.8323074, "policy_prob": 1.0, "rank": 0, "entropy": -0.0001,
+                "policy_entropy": 0.0, "seconds": 0.01, "top": [[1, "Oui", 25.325, 0.8323074, 1.0],
+                                                               [2, "Non", float("-inf"), 0.0, 0.0]]}]  # fmt: skip
+    conv.add_assistant("Oui", tokens=records, stats=interrupted_stats(records))  # type: ignore[arg-type]
+    store = ConversationStore(tmp_path)
+    store.save(conv)
+    loaded = store.load(conv.id)
+    assert loaded == conv
+    assert loaded.system_changes == conv.system_changes and loaded.system_changes[-1]["text"] == "Now in French."
+    assert loaded.path()[-1].stats == {"tokens": 1, "finish_reason": "interrupted"}
+
+
+def test_a_file_changed_behind_the_stores_back_is_checked_again_before_a_save(tmp_path: Path) -> None:
+    """A save does not re-read a file the store itself wrote or read (it is ~1 MB with the token
+    records), but one that changed since is read again, and a broken one is not replaced."""
+    store = ConversationStore(tmp_path)
+    conv = rich_conversation()
+    path = store.save(conv)
+    store.save(conv)  # its own file: no re-read needed
+    path.write_text('{"format": "llmchat.conversation", "version": 1, "id": ', encoding="utf-8")  # another program
+    with pytest.raises(StoreError, match="will not overwrite"):
+        store.save(conv)
+    assert path.read_text(encoding="utf-8").endswith('"id": ')

@@ -1,19 +1,25 @@
-"""Conversations: the message tree (`conversation`), its files (`store`), readable transcripts (`transcript`).
+"""Conversations: the message tree (`conversation`), what a file may hold (`schema`), the files
+(`store`), a streaming answer's journal (`journal`), readable transcripts (`transcript`).
 
-Standard library only, so the chat screen and `llmchat chats ...` start without loading torch.
+No torch, so the chat screen and `llmchat chats ...` start without loading it.
 """
 
 from llmchat.chat.conversation import (
+    INTERRUPTED,
     Conversation,
     ConversationError,
     ConversationFormatError,
     Message,
     answer_stats,
+    interrupted_stats,
     token_record,
 )
+from llmchat.chat.journal import AnswerJournal
 from llmchat.chat.store import ConversationStore, Listing, StoreError, Summary, Unreadable
 
 __all__ = [
+    "INTERRUPTED",
+    "AnswerJournal",
     "Conversation",
     "ConversationError",
     "ConversationFormatError",
@@ -24,5 +30,6 @@ __all__ = [
     "Summary",
     "Unreadable",
     "answer_stats",
+    "interrupted_stats",
     "token_record",
 ]

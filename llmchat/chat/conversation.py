@@ -3,42 +3,58 @@
 Editing a user message or regenerating an answer never overwrites anything: it adds a sibling
 branch under the same parent, so every earlier version stays reachable. `current` names the leaf
 of the branch on screen; `path()` walks from the root down to it, and that path is what the model
-sees. Plain standard library only: the UI and the headless commands load this without torch.
+sees. No torch here: the UI and the headless commands load this without it. What a saved
+conversation may hold is declared in schema.py; the records saved with an answer are made here.
 """
 
 from __future__ import annotations
 
-import re
 import secrets
+from array import array
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal, cast, get_args
+from typing import Any, get_args
 
-from llmchat.engine.errors import LLMChatError
+from llmchat.chat.schema import (
+    CONVERSATION,
+    CONVERSATION_ID,
+    AnswerStats,
+    ConversationData,
+    ConversationError,
+    ConversationFormatError,
+    MessageData,
+    Mode,
+    Role,
+    SystemChange,
+    TokenRecord,
+    parse_iso,
+    validate_python,
+)
 
-Role = Literal["system", "user", "assistant", "tool"]
+__all__ = [
+    "CONVERSATION_ID",
+    "INTERRUPTED",
+    "Conversation",
+    "ConversationError",
+    "ConversationFormatError",
+    "Message",
+    "answer_stats",
+    "interrupted_stats",
+    "parse_iso",
+    "token_record",
+]
+
 ROLES: tuple[str, ...] = get_args(Role)
+CONVERSATION_MODES: tuple[str, ...] = get_args(Mode)
 TITLE_LIMIT = 60
-CONVERSATION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-
-
-class ConversationError(LLMChatError):
-    """An operation on a conversation that its state does not allow (unknown message, wrong role...)."""
-
-
-class ConversationFormatError(ConversationError):
-    """Conversation data (a saved file) does not follow the schema."""
+# The finish reason of an answer that never finished: the chat closed, crashed or was killed while
+# it streamed. Its text is what had streamed by then (saved from the answer's journal).
+INTERRUPTED = "interrupted"
 
 
 def now_iso() -> str:
     """The current time as ISO 8601 UTC with milliseconds (so quick successive saves still sort)."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def parse_iso(text: str) -> datetime:
-    """An ISO 8601 timestamp as an aware datetime (a timestamp without zone is taken as UTC)."""
-    stamp = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
-    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
 
 
 def new_conversation_id() -> str:
@@ -67,8 +83,8 @@ class Message:
     content: str = ""
     reasoning: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
-    stats: dict[str, Any] | None = None
-    tokens: list[dict[str, Any]] | None = None
+    stats: AnswerStats | None = None
+    tokens: list[TokenRecord] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form; optional fields appear only when set."""
@@ -79,45 +95,34 @@ class Message:
                 data[key] = value
         return data
 
+    @property
+    def empty(self) -> bool:
+        """Nothing came of it: no text, reasoning or tool call (an answer interrupted before its first token)."""
+        return not (self.content or self.reasoning or self.tool_calls)
+
     @classmethod
-    def from_dict(cls, data: Any, where: str = "message") -> Message:
-        """Checks every field's type; a wrong one raises ConversationFormatError naming it."""
-        if not isinstance(data, dict):
-            raise ConversationFormatError(f"{where} is not a JSON object")
-        message_id = _field(data, "id", str, where)
-        where = f"message {message_id!r}"
-        role = _field(data, "role", str, where)
-        if role not in ROLES:
-            raise ConversationFormatError(f"{where} has an unknown role {role!r} (expected one of {', '.join(ROLES)})")
+    def from_data(cls, data: MessageData) -> Message:
+        """A message from schema-checked data (the schema's fixed-size arrays arrive as tuples)."""
+        stats, tokens = data.get("stats"), data.get("tokens")
+        if stats is not None and "prefill_chunks" in stats:
+            stats["prefill_chunks"] = [list(chunk) for chunk in stats["prefill_chunks"]]  # type: ignore[misc]
         return cls(
-            id=message_id,
-            parent=_field(data, "parent", str, where, optional=True),
-            role=cast(Role, role),
-            content=_field(data, "content", str, where),
-            reasoning=_field(data, "reasoning", str, where, optional=True),
-            tool_calls=_list_of_objects(data, "tool_calls", where),
-            stats=_field(data, "stats", dict, where, optional=True),
-            tokens=_list_of_objects(data, "tokens", where),
+            id=data["id"],
+            parent=data["parent"],
+            role=data["role"],
+            content=data["content"],
+            reasoning=data.get("reasoning"),
+            tool_calls=data.get("tool_calls"),
+            stats=stats,
+            tokens=plain_records(tokens) if tokens is not None else None,
         )
 
 
-def _field(data: dict[str, Any], key: str, kind: type, where: str, *, optional: bool = False) -> Any:
-    value = data.get(key)
-    if value is None and optional:
-        return None
-    if key not in data:
-        raise ConversationFormatError(f"{where} has no {key!r}")
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        expected = {str: "a string", dict: "an object", list: "a list", int: "an integer"}[kind]
-        raise ConversationFormatError(f"{where}: {key!r} must be {expected}, got {type(value).__name__}")
-    return value
-
-
-def _list_of_objects(data: dict[str, Any], key: str, where: str) -> list[dict[str, Any]] | None:
-    value = _field(data, key, list, where, optional=True)
-    if value is not None and not all(isinstance(item, dict) for item in value):
-        raise ConversationFormatError(f"{where}: {key!r} must be a list of objects")
-    return cast("list[dict[str, Any]] | None", value)
+def plain_records(records: list[TokenRecord]) -> list[TokenRecord]:
+    """Checked token records as the app makes them: the schema gives fixed-size arrays as tuples."""
+    for record in records:
+        record["top"] = [list(entry) for entry in record["top"]]  # type: ignore[misc]
+    return records
 
 
 @dataclass(eq=False)
@@ -133,6 +138,12 @@ class Conversation:
     system: str = ""
     messages: list[Message] = field(default_factory=list)
     current: str | None = None
+    # Where the system prompt was set or changed, oldest first (see set_system); empty for a file
+    # from before they were kept, whose prompt counts as set at the start.
+    system_changes: list[SystemChange] = field(default_factory=list)
+    # How the model sees the branch: "chat" (its chat template) or "completion" (one plain text it
+    # continues; a base model has no template). The same names as engine.prompt.PROMPT_MODES.
+    mode: str = "chat"
 
     def __post_init__(self) -> None:
         if not CONVERSATION_ID.fullmatch(self.id):
@@ -145,6 +156,9 @@ class Conversation:
             self._index(message)
         if self.current is not None and self.current not in self._by_id:
             raise ConversationFormatError(f"current message {self.current!r} is not in the conversation")
+        for change in self.system_changes:
+            if change["after"] is not None and change["after"] not in self._by_id:
+                raise ConversationFormatError(f"a system prompt change follows {change['after']!r}, not a message")
 
     def _index(self, message: Message) -> None:
         if message.id in self._by_id:
@@ -199,16 +213,50 @@ class Conversation:
         """The {role, content} list a chat template renders: system prompt first, then the branch.
 
         Reasoning stays out (templates re-render answers without it). `before` stops at that
-        message, for prompting the model to write it (a regenerated answer).
+        message, for prompting the model to write it (a regenerated answer). An answer with no text
+        and no tool call (interrupted before its first token, or failed) is left out: the model must
+        never be shown an empty turn as its own. The user turns on either side of it become one, so
+        the roles still alternate (Gemma's and Mistral's templates refuse two user turns in a row).
         """
         result: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
+        joiner = "" if self.mode == "completion" else "\n\n"  # completion: the transcript as it was typed
         for message in self.path():
             if message.id == before:
                 break
+            if message.role == "assistant" and not message.content and not message.tool_calls:
+                continue
+            if message.role == "user" and result and result[-1]["role"] == "user":
+                result[-1] = {"role": "user", "content": result[-1]["content"] + joiner + message.content}
+                continue
             entry: dict[str, Any] = {"role": message.role, "content": message.content}
             if message.tool_calls:
                 entry["tool_calls"] = message.tool_calls
             result.append(entry)
+        return result
+
+    def system_prompts(self) -> list[tuple[int, str]]:
+        """Where the system prompt took effect on the current branch: (index in `path()`, text), in order.
+
+        A change applies from the first message created after it; one made after the branch's last
+        message has index len(path()). A file without its changes (or whose last change is not the
+        current prompt: edited by hand) has only its prompt, at 0. An empty text is a removal.
+        """
+        changes = self.system_changes
+        if not changes or changes[-1]["text"] != self.system:
+            return [(0, self.system)] if self.system else []
+        order = {m.id: i for i, m in enumerate(self.messages)}  # creation order
+        path = self.path()
+        latest: dict[int, str] = {}  # index in the path → the text in force when that message came
+        for change in changes:
+            after = -1 if change["after"] is None else order[change["after"]]
+            index = next((i for i, m in enumerate(path) if order[m.id] > after), len(path))
+            latest[index] = change["text"]
+        result: list[tuple[int, str]] = []
+        in_force = ""
+        for index in sorted(latest):
+            if latest[index] != in_force:
+                result.append((index, latest[index]))
+                in_force = latest[index]
         return result
 
     # --- changing the tree ---------------------------------------------------------------------
@@ -296,10 +344,20 @@ class Conversation:
         return self.select(siblings[(index + step) % len(siblings)].id)
 
     def regenerate(self) -> Message:
-        """A new, empty answer beside the current one (or to the current user/tool message); it becomes current."""
+        """A new, empty answer beside the current one (or to the current user/tool message); it becomes current.
+
+        An answer with nothing in it that did not run its course (interrupted or stopped before its
+        first token, or failed) is reused instead: beside the new one it would be an empty branch
+        ‹1/2› with nothing to go back to. (An empty answer the model ended itself is a result: it stays.)
+        """
         if self.current is None:
             raise ConversationError(f"conversation {self.id} has no message to answer")
         message = self._by_id[self.current]
+        unfinished = message.stats is None or message.stats.get("finish_reason") in (INTERRUPTED, "cancelled")
+        if message.role == "assistant" and message.empty and unfinished and not self.children(message.id):
+            message.stats = message.tokens = None
+            self.touch()
+            return message
         if message.role == "assistant":
             parent = message.parent
         elif message.role in ("user", "tool"):
@@ -315,6 +373,21 @@ class Conversation:
             raise ConversationError(f"message {message_id!r} is a {message.role} message, not a user message")
         return self.add_message("user", text, parent=message.parent)
 
+    def set_system(self, text: str) -> None:
+        """Change the system prompt from the next message on, and remember where (the export shows it there)."""
+        if text == self.system:
+            return
+        after = self.messages[-1].id if self.messages else None  # the newest message, on whatever branch
+        changes = self.system_changes
+        if not changes and self.system:  # set before changes were kept: as far as we know, from the start
+            changes.append({"after": None, "text": self.system})
+        if changes and changes[-1]["after"] == after:
+            changes.pop()  # changed again before any message: the earlier text never applied
+        if text != (changes[-1]["text"] if changes else ""):
+            changes.append({"after": after, "text": text})
+        self.system = text
+        self.touch()
+
     def touch(self) -> None:
         self.updated = now_iso()
 
@@ -328,7 +401,7 @@ class Conversation:
 
     def to_dict(self) -> dict[str, Any]:
         """The conversation's fields as JSON data (the store adds the format marker and version)."""
-        return {
+        data: dict[str, Any] = {
             "id": self.id,
             "title": self.title,
             "created": self.created,
@@ -338,46 +411,79 @@ class Conversation:
             "system": self.system,
             "messages": [m.to_dict() for m in self.messages],
             "current": self.current,
+            "mode": self.mode,
         }
+        if self.system_changes:
+            data["system_changes"] = self.system_changes
+        return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Conversation:
+    def from_dict(cls, data: Any) -> Conversation:
         """Validates the schema; any problem is a ConversationFormatError with a one-line reason."""
-        where = "conversation"
-        conversation_id = _field(data, "id", str, where)
-        for key in ("created", "updated"):
-            stamp = _field(data, key, str, where)
-            try:
-                parse_iso(stamp)
-            except ValueError:
-                raise ConversationFormatError(f"{key!r} is not an ISO 8601 time: {stamp!r}") from None
-        raw_messages = _field(data, "messages", list, where)
-        messages = [Message.from_dict(m, f"messages[{i}]") for i, m in enumerate(raw_messages)]
+        return cls.from_data(validate_python(CONVERSATION, data))
+
+    @classmethod
+    def from_data(cls, data: ConversationData) -> Conversation:
+        """A conversation from schema-checked data; the tree's own rules (parents before children,
+        unique ids, `current` a message) are checked as it is built."""
         return cls(
-            id=conversation_id,
-            title=_field(data, "title", str, where),
+            id=data["id"],
+            title=data["title"],
             created=data["created"],
             updated=data["updated"],
-            model=_field(data, "model", dict, where),
-            sampling=_field(data, "sampling", dict, where),
-            system=_field(data, "system", str, where),
-            messages=messages,
-            current=_field(data, "current", str, where, optional=True),
+            model=dict(data["model"]),
+            sampling=dict(data["sampling"]),
+            system=data["system"],
+            messages=[Message.from_data(m) for m in data["messages"]],
+            current=data["current"],
+            mode=data.get("mode", "chat"),  # files written before modes existed are chats
+            system_changes=list(data.get("system_changes", [])),
         )
 
 
-def token_record(event: Any, *, forced: bool = False, end: bool = False) -> dict[str, Any]:
-    """What a saved answer keeps of each generated token (from an engine TokenEvent), for inspection."""
-    record = {
+def _float32(values: list[float]) -> list[float]:
+    """Float32 numbers (logits, probabilities) in 8 significant digits, 9 where 8 do not read back.
+
+    The engine's logits and probabilities are float32; as doubles they print with 17 digits
+    (0.8323073983192444), while 8 give the same float32 for all but about 1 in 100 (Python prints a
+    double's shortest form: 0.83230740 comes out as 0.8323074). A saved answer's token records are
+    a third smaller for it, and lose nothing. The float32 rounding of the whole list is done by
+    `array` in C: this runs for every streamed token (about 35 µs for one with its top-8).
+    """
+    targets = array("f", values)
+    short = [f"{value:.8g}" for value in values]
+    check = array("f", map(float, short))
+    return [
+        float(text) if back == target else float(f"{value:.9g}")
+        for text, back, target, value in zip(short, check, targets, values)
+    ]
+
+
+def token_record(event: Any, *, forced: bool = False, end: bool = False) -> TokenRecord:
+    """What a saved answer keeps of each generated token (from an engine TokenEvent), for inspection.
+
+    The one place a record is made; schema.TokenRecord says what one holds, the token view reads it.
+    """
+    numbers = [event.prob, event.policy_prob]
+    for candidate in event.top:
+        numbers += (candidate.logit, candidate.prob, candidate.policy_prob)
+    numbers = _float32(numbers)
+    probabilities = numbers[:2] + numbers[3::3] + numbers[4::3]
+    if not all(0.0 <= p <= 1.0 for p in probabilities):  # a NaN or a rounding past 1: the schema refuses those
+        numbers = [n if i > 1 and i % 3 == 2 else min(n, 1.0) if n > 0.0 else 0.0 for i, n in enumerate(numbers)]
+    record: TokenRecord = {
         "id": event.token_id,
         "text": event.text,
-        "prob": event.prob,
-        "policy_prob": event.policy_prob,
+        "prob": numbers[0],
+        "policy_prob": numbers[1],
         "rank": event.rank,
         "entropy": round(event.entropy, 4),
         "policy_entropy": round(event.policy_entropy, 4),
-        "seconds": round(event.seconds, 5),
-        "top": [[t.token_id, t.text, t.logit, t.prob, t.policy_prob] for t in event.top],
+        "seconds": max(round(event.seconds, 5), 0.0),
+        "top": [
+            [t.token_id, t.text, *numbers[i : i + 3]]  # type: ignore[list-item]
+            for t, i in zip(event.top, range(2, len(numbers), 3))
+        ],
     }
     if forced:
         record["forced"] = True  # picked by the user at a branch, not sampled
@@ -386,7 +492,7 @@ def token_record(event: Any, *, forced: bool = False, end: bool = False) -> dict
     return record
 
 
-def answer_stats(finished: Any) -> dict[str, Any]:
+def answer_stats(finished: Any) -> AnswerStats:
     """The per-answer numbers worth keeping (from an engine Finished event)."""
     return {
         "tokens": finished.generated_tokens,
@@ -397,5 +503,10 @@ def answer_stats(finished: Any) -> dict[str, Any]:
         "decode_tok_s": round(finished.decode_tokens_per_second, 2),
         "finish_reason": finished.reason,
         # the request's timeline: (tokens, seconds) per prefill chunk; decode steps are in the tokens
-        "prefill_chunks": [[tokens, round(seconds, 5)] for tokens, seconds in finished.prefill_chunks],
+        "prefill_chunks": [[tokens, round(seconds, 5)] for tokens, seconds in finished.prefill_chunks],  # type: ignore[list-item]
     }
+
+
+def interrupted_stats(records: list[TokenRecord] | None) -> AnswerStats:
+    """The stats of an answer that never finished: how many tokens it got, and that it was interrupted."""
+    return {"tokens": sum(1 for r in records or () if not r.get("end")), "finish_reason": INTERRUPTED}

@@ -2,7 +2,12 @@
 
 A file we cannot read (corrupt, another program's, written by a newer llmchat) is listed with the
 reason and left alone: saving over it, or deleting it, is refused, because it may be the only copy
-of someone's chat and a newer llmchat may read it fine.
+of someone's chat and a newer llmchat may read it fine. Every field is checked against the schema
+(schema.py) on every read, so a file that is listed as readable opens.
+
+An answer that was streaming when the process died is in the file up to the last full save and in
+its journal (journal.py) after that: reading a conversation replays a journal left behind, and the
+next save folds it in and deletes it.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from llmchat.chat.conversation import (
-    CONVERSATION_ID,
-    Conversation,
+from llmchat.chat.conversation import CONVERSATION_ID, Conversation
+from llmchat.chat.journal import AnswerJournal, journal_path, remove_leftover, replay
+from llmchat.chat.schema import (
+    CONVERSATION,
+    HEADER,
     ConversationError,
     ConversationFormatError,
     parse_iso,
+    validate_json,
 )
 
 FORMAT = "llmchat.conversation"
@@ -78,33 +86,49 @@ def to_file_data(conversation: Conversation) -> dict[str, Any]:
     return {"format": FORMAT, "version": VERSION, **conversation.to_dict()}
 
 
-def from_file_data(data: Any) -> Conversation:
-    """Checks the marker and version, then the schema; problems raise ConversationFormatError."""
-    if not isinstance(data, dict):
-        raise ConversationFormatError("not a JSON object")
-    if data.get("format") != FORMAT:
-        raise ConversationFormatError(f"not an llmchat conversation (format is {data.get('format')!r})")
-    version = data.get("version")
+def _check_header(format_marker: Any, version: Any) -> None:
+    if format_marker != FORMAT:
+        raise ConversationFormatError(f"not an llmchat conversation (format is {format_marker!r})")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ConversationFormatError(f"unknown version {version!r}")
     if version > VERSION:
         raise ConversationFormatError(f"written by a newer llmchat (version {version})")
-    return Conversation.from_dict(data)
+
+
+def from_file_text(text: str | bytes) -> Conversation:
+    """A file's text as a Conversation: marker and version, then the schema, then the tree's own rules.
+
+    One pass parses and validates (pydantic, in Rust); only a file that fails it is read again for
+    its marker and version, so that a newer or foreign file is reported as such, not as bad fields.
+    """
+    try:
+        data = validate_json(CONVERSATION, text)
+    except ConversationFormatError as problem:
+        try:
+            header = validate_json(HEADER, text)
+        except ConversationFormatError:
+            raise problem from None  # not JSON, or not an object: the schema's reason says so
+        _check_header(header.get("format"), header.get("version"))
+        raise
+    _check_header(data.get("format"), data.get("version"))
+    return Conversation.from_data(data)
 
 
 def read_conversation(path: Path) -> Conversation:
-    """One file as a Conversation; anything wrong is a ConversationFormatError with the reason alone."""
+    """One file as a Conversation, with a journal left beside it replayed; anything wrong is a
+    ConversationFormatError with the reason alone."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConversationFormatError(f"cannot read: {exc}") from None
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConversationFormatError(f"cannot read: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConversationFormatError(f"not valid JSON: {exc}") from None
-    conversation = from_file_data(data)
+        text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConversationFormatError(f"cannot read: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    conversation = from_file_text(text)
     if conversation.id != path.stem:
         raise ConversationFormatError(f"its id {conversation.id!r} does not match the file name")
+    replay(conversation, journal_path(path))
     return conversation
 
 
@@ -113,6 +137,9 @@ class ConversationStore:
 
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
+        # (mtime, size) of files this store wrote or read whole: a save over one of them need not
+        # read it again to know it is a conversation it may replace.
+        self._known: dict[Path, tuple[int, int]] = {}
 
     @classmethod
     def default(cls) -> ConversationStore:
@@ -132,10 +159,14 @@ class ConversationStore:
 
     def _scan(self) -> Iterator[Conversation | Unreadable]:
         for path in self._files():
+            stamp = _stamp(path)
             try:
-                yield read_conversation(path)
+                conversation = read_conversation(path)
             except ConversationFormatError as exc:
                 yield Unreadable(path, str(exc))
+            else:
+                self._remember(path, stamp)
+                yield conversation
 
     def _readable(self) -> list[Conversation]:
         conversations = [c for c in self._scan() if isinstance(c, Conversation)]
@@ -176,15 +207,22 @@ class ConversationStore:
         path = self.path_for(self.resolve(conversation_id))
         if not path.is_file():
             raise StoreError(f"no conversation {conversation_id!r} in {self.directory}")
+        stamp = _stamp(path)
         try:
-            return read_conversation(path)
+            conversation = read_conversation(path)
         except ConversationFormatError as exc:
             raise StoreError(f"{path}: {exc}") from None
+        self._remember(path, stamp)
+        return conversation
 
     def raw_text(self, conversation_id: str) -> str:
-        """The file exactly as stored (after checking it is a readable conversation)."""
+        """The file exactly as stored (after checking it is a readable conversation); with a journal
+        left beside it, the file as the next save will write it, the journal folded in."""
         conversation = self.load(conversation_id)
-        return self.path_for(conversation.id).read_text(encoding="utf-8")
+        path = self.path_for(conversation.id)
+        if journal_path(path).exists():
+            return json.dumps(to_file_data(conversation), ensure_ascii=False) + "\n"
+        return path.read_text(encoding="utf-8")
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -207,7 +245,23 @@ class ConversationStore:
                 raise StoreError(f"cannot save {path}: {exc}") from exc
             raise
         _fsync_directory(self.directory)
+        self._remember(path, _stamp(path))
+        remove_leftover(journal_path(path))  # the file holds all of it now (a live journal is kept)
         return path
+
+    def start_journal(self, conversation: Conversation, message_id: str) -> AnswerJournal | None:
+        """A journal for an answer about to stream, beside the file this store just saved with it
+        (so a crash leaves the answer marked interrupted); None when that file is not its save
+        (the save failed: a journal would have nothing to be replayed into)."""
+        file = self.path_for(conversation.id)
+        stamp = _stamp(file)
+        if stamp is None or self._known.get(file) != stamp:
+            return None
+        path = journal_path(file)
+        try:
+            return AnswerJournal(path, conversation.id, conversation.get(message_id))
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     def deletable(self, conversation_id: str) -> Conversation:
         """The conversation a delete would remove (to confirm with the user); refuses unreadable files."""
@@ -225,6 +279,8 @@ class ConversationStore:
             path.unlink()
         except OSError as exc:
             raise StoreError(f"cannot delete {path}: {exc.strerror or exc}") from None
+        journal_path(path).unlink(missing_ok=True)
+        self._known.pop(path, None)
         _fsync_directory(self.directory)
         return conversation
 
@@ -239,7 +295,8 @@ class ConversationStore:
         return conversation
 
     def _refuse_if_unreadable(self, path: Path, action: str) -> None:
-        if not path.exists():
+        stamp = _stamp(path)
+        if stamp is None or self._known.get(path) == stamp:
             return
         try:
             read_conversation(path)
@@ -247,6 +304,12 @@ class ConversationStore:
             raise StoreError(
                 f"will not {action} {path}: the file there cannot be read ({exc}); move it away first"
             ) from None
+        self._remember(path, stamp)
+
+    def _remember(self, path: Path, stamp: tuple[int, int] | None) -> None:
+        """`path` was read or written whole as it was at `stamp` (taken before reading)."""
+        if stamp is not None:
+            self._known[path] = stamp
 
     def _summary(self, conversation: Conversation) -> Summary:
         name = conversation.model.get("name")
@@ -258,6 +321,14 @@ class ConversationStore:
             turns=conversation.turns,
             path=self.path_for(conversation.id),
         )
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size
 
 
 def _newest_first(conversation: Conversation) -> tuple[float, str]:

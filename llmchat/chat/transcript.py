@@ -1,7 +1,8 @@
 """A conversation's current branch as text a person reads: Markdown for export, plain text for `show`.
 
 Both print only the branch on screen (`Conversation.path()`): a transcript is one line of talk,
-not the whole tree of edits and retries.
+not the whole tree of edits and retries. The system prompt appears where it was set (before the
+first message it applied to), and again wherever it was changed.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmchat.chat.conversation import Conversation, Message
+from llmchat.chat.conversation import INTERRUPTED, Conversation, Message
+from llmchat.chat.markdown import hard_line_breaks
 
 FINISH_REASONS = {
     "eos": "end of answer",
@@ -17,7 +19,9 @@ FINISH_REASONS = {
     "max_new_tokens": "token limit",
     "context_full": "context full",
     "cancelled": "stopped by user",
+    INTERRUPTED: "interrupted (the chat closed mid-answer)",
 }
+SYSTEM_REMOVED = "(system prompt removed)"
 
 
 def format_stats(stats: dict[str, Any] | None) -> str:
@@ -49,6 +53,11 @@ def _tool_calls_json(message: Message) -> str:
     return json.dumps(message.tool_calls, ensure_ascii=False, indent=2)
 
 
+def _system_sections(conversation: Conversation) -> dict[int, str]:
+    """Index in the branch → the system prompt that took effect before that message."""
+    return {index: text or SYSTEM_REMOVED for index, text in conversation.system_prompts()}
+
+
 def to_markdown(conversation: Conversation) -> str:
     """A clean Markdown transcript: reasoning folded in <details>, a stats line under each answer."""
     lines = [f"# {conversation.title or 'Untitled conversation'}", ""]
@@ -56,19 +65,24 @@ def to_markdown(conversation: Conversation) -> str:
     if model:
         lines.append(f"- Model: {model}")
     lines += [f"- Created: {conversation.created}", f"- Updated: {conversation.updated}", ""]
-    if conversation.system:
-        lines += ["## System", "", conversation.system, ""]
-    for message in conversation.path():
+    systems = _system_sections(conversation)
+    path = conversation.path()
+    for index, message in enumerate(path):
+        if index in systems:
+            lines += ["## System", "", hard_line_breaks(systems[index]), ""]
         lines += [f"## {_heading(message)}", ""]
         if message.reasoning:
-            lines += ["<details>", "<summary>Reasoning</summary>", "", message.reasoning.strip(), "", "</details>", ""]
+            reasoning = hard_line_breaks(message.reasoning.strip())  # the lines as the model wrote them
+            lines += ["<details>", "<summary>Reasoning</summary>", "", reasoning, "", "</details>", ""]
         if message.content:
-            lines += [message.content, ""]
+            lines += [hard_line_breaks(message.content), ""]
         if message.tool_calls:
             lines += ["Tool calls:", "", "```json", _tool_calls_json(message), "```", ""]
         stats = format_stats(message.stats)
         if stats:
             lines += [f"*{stats}*", ""]
+    if len(path) in systems:  # set after the last message: it applies to the next one
+        lines += ["## System", "", hard_line_breaks(systems[len(path)]), ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -80,11 +94,13 @@ def to_text(conversation: Conversation) -> str:
         f"{model} · {conversation.turns} turn{'' if conversation.turns == 1 else 's'} · updated {conversation.updated}",
         "",
     ]
-    if conversation.system:
-        lines += ["--- system ---", conversation.system, ""]
-    for message in conversation.path():
-        index, count = conversation.sibling_position(message.id)
-        branch = f" (branch {index + 1}/{count})" if count > 1 else ""
+    systems = _system_sections(conversation)
+    path = conversation.path()
+    for index, message in enumerate(path):
+        if index in systems:
+            lines += ["--- system ---", systems[index], ""]
+        position, count = conversation.sibling_position(message.id)
+        branch = f" (branch {position + 1}/{count})" if count > 1 else ""
         lines.append(f"--- {message.role}{branch} ---")
         if message.reasoning:
             lines += ["[reasoning]", *("  " + line for line in message.reasoning.strip().splitlines()), "[/reasoning]"]
@@ -96,4 +112,6 @@ def to_text(conversation: Conversation) -> str:
         if stats:
             lines.append(f"({stats})")
         lines.append("")
+    if len(path) in systems:
+        lines += ["--- system ---", systems[len(path)], ""]
     return "\n".join(lines).rstrip("\n") + "\n"
