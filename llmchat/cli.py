@@ -14,15 +14,22 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmchat.cli_args import (
+    EXIT_USAGE,
+    EngineOptions,
+    Parser,
+    add_engine_options,
+    positive_int,
+    sampling_value,
+    whole_number,
+)
 from llmchat.cli_bench import add_bench_options, cmd_bench
 from llmchat.cli_info import add_info_parsers
 from llmchat.cli_models import add_models_parsers, cmd_chat
 from llmchat.engine.errors import LLMChatError
-from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK
+from llmchat.engine.prompt import CHAT, COMPLETION, ChatTokens, PromptMode, request_text
 from llmchat.models import resolve_model
 from llmchat.paths import cache_dir
-
-EXIT_USAGE = 2
 
 
 class CLIError(LLMChatError):
@@ -55,39 +62,47 @@ def _print_json(data: Any) -> None:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="registered name, demo, or path (default: the default)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
-    p.add_argument("--context", type=int, default=None, help="context length (default: the model's, memory-capped)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="tokens per prefill chunk")
-    p.add_argument(
-        "--dequantize",
-        action="store_true",
-        help="dequantize a GGUF's quantized weights to float at load (the exact reference; slower)",
-    )
+    add_engine_options(p)
 
 
 def _add_sampling_options(
-    p: argparse.ArgumentParser, *, top_k_flag: str = "--top-k", temperature_help: str = "0 = greedy"
+    p: argparse.ArgumentParser | argparse._ArgumentGroup,
+    *,
+    top_k_flag: str = "--top-k",
+    temperature_help: str = "0 = greedy",
+    dest_prefix: str = "",
+    knobs: tuple[str, ...] = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "max_new_tokens"),
 ) -> None:
-    """The sampling policy's knobs (dest names match SamplingParams; see `_sampling`).
+    """The sampling policy's knobs (dest names match SamplingParams; see `_sampling`), each checked
+    as it is parsed.
 
     `top_k_flag`: how the sampling top-k is spelled, for a subcommand whose `--top-k` means
-    something else (`inspect`: candidates shown); its dest stays `top_k`.
+    something else (`inspect`: candidates shown); its dest stays `top_k`. `dest_prefix` and
+    `knobs`: the chat's own group (`chat_temperature`...) takes a subset.
     """
-    p.add_argument("--temperature", type=float, default=None, help=temperature_help)
-    p.add_argument(
-        top_k_flag,
-        dest="top_k",
-        type=int,
-        default=None,
-        help=None if top_k_flag == "--top-k" else "sampling top-k: keep only the K likeliest tokens (0 = off)",
-    )
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    helps = {
+        "temperature": temperature_help,
+        "top_k": ("" if top_k_flag == "--top-k" else "sampling top-k: ") + "keep only the K likeliest tokens (0 = off)",
+        "top_p": "nucleus: keep the likeliest tokens up to this probability mass, in (0, 1] (1 = off)",
+        "min_p": "drop tokens below this share of the likeliest one's probability, in [0, 1] (0 = off)",
+        "repetition_penalty": "> 0 (1 = off)",
+        "seed": "makes sampling reproducible",
+        "max_new_tokens": "answer length limit, at least 1 (default: the model's)",
+    }
+    types: dict[str, Callable[[str], Any]] = {
+        "seed": whole_number,
+        "max_new_tokens": positive_int,
+    }
+    for knob in knobs:
+        flag = top_k_flag if knob == "top_k" else "--" + knob.replace("_", "-")
+        p.add_argument(
+            flag,
+            dest=dest_prefix + knob,
+            type=types.get(knob) or sampling_value(knob),
+            default=None,
+            metavar="K" if knob == "top_k" else "N" if knob in types else "X",
+            help=helps[knob],
+        )
 
 
 def _load(args: argparse.Namespace):  # -> LoadedModel (imported lazily: torch is slow to import)
@@ -95,37 +110,52 @@ def _load(args: argparse.Namespace):  # -> LoadedModel (imported lazily: torch i
 
     from llmchat.engine import load
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return load(
-        resolve_model(args.model),
-        device=args.device,
-        dtype=args.dtype,
-        context_length=args.context,
-        prefill_chunk=args.prefill_chunk,
-        packed=False if args.dequantize else None,
-        cache_dir=cache_dir() / "packed",
-    )
+    options = EngineOptions.of(args)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    return load(resolve_model(args.model), cache_dir=cache_dir() / "packed", **options.load_kwargs())
 
 
 def _add_prompt_options(p: argparse.ArgumentParser) -> None:
     """The prompt of a one-shot answer (`run`, `inspect`); `_prompt_ids` turns them into tokens."""
     p.add_argument("--prompt", required=True)
-    p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--raw", action="store_true", help="skip the chat template: the prompt is the whole input")
+    p.add_argument("--system", default=None, help="system prompt (raw: plain text on a line before the prompt)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--raw",
+        action="store_true",
+        help="no chat template: the prompt is plain text the model continues (the default for a base model)",
+    )
+    mode.add_argument("--chat", action="store_true", help="through the chat template (the default when there is one)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
-def _prompt_ids(model: Any, args: argparse.Namespace) -> list[int]:
-    """Token ids of `--prompt`: through the chat template (with `--system`), or as is with `--raw`."""
+def _prompt_mode(model: Any, args: argparse.Namespace) -> PromptMode:
+    """Raw (completion) with --raw, or by itself for a base model (no chat template: `info` says
+    "base"), saying so on stderr; the chat template otherwise, or with --chat."""
     if args.raw:
-        if args.system:
-            raise CLIError("--system needs the chat template; drop --raw")
-        return list(model.tokenizer.encode(args.prompt, add_special_tokens=True))
+        return COMPLETION
+    if model.traits.chat:
+        return CHAT
+    if args.chat:
+        raise CLIError(f"{model.package.name} has no chat template (a base model), so --chat cannot apply; drop it")
+    print(
+        f"llmchat: {model.package.name} is a base model (no chat template): the prompt is sent as plain text "
+        "for the model to continue (raw mode)",
+        file=sys.stderr,
+    )
+    return COMPLETION
+
+
+def _prompt_ids(model: Any, args: argparse.Namespace) -> tuple[list[int], PromptMode]:
+    """Token ids of `--prompt` (with `--system`) and the mode they were made in: through the chat
+    template, or as plain text (`--raw`, or a base model) with the tokenizer's BOS."""
+    mode = _prompt_mode(model, args)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
     ]
-    return list(model.tokenizer.encode(model.template.render(messages, add_generation_prompt=True)))
+    ids = ChatTokens(model.tokenizer).encode(request_text(model, messages, mode), mode)
+    return ids, mode
 
 
 def _sampling(args: argparse.Namespace, defaults):
@@ -163,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from llmchat.engine.events import Finished, TokenEvent
 
     model = _load(args)
-    ids = _prompt_ids(model, args)
+    ids, _ = _prompt_ids(model, args)
     events = model.generate(
         ids,
         sampling=_sampling(args, model.default_sampling),
@@ -263,17 +293,14 @@ def _summary(steps: list[dict[str, Any]], reason: str) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from llmchat.engine.events import Finished, TokenEvent
 
-    if args.candidates < 1:
-        raise CLIError(f"--top-k (candidates shown per step) must be at least 1, got {args.candidates}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise CLIError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     model = _load(args)
-    ids = _prompt_ids(model, args)
+    ids, mode = _prompt_ids(model, args)
     sampling = _sampling(args, model.default_sampling)
     if args.temperature is None:  # reproducible by default: the policy's other knobs stay as given
         sampling = sampling.replace(temperature=0.0)
     if not args.json:
-        print(f"model {model.package.path} · prompt {len(ids)} tokens · sampling: {_sampling_words(sampling)}")
+        kind = " (raw: no chat template)" if mode == COMPLETION else ""
+        print(f"model {model.package.path} · prompt {len(ids)} tokens{kind} · sampling: {_sampling_words(sampling)}")
     steps: list[dict[str, Any]] = []
     events = model.generate(
         ids,
@@ -308,6 +335,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                         "text": event.text,
                         "token_ids": list(event.token_ids),
                         "mean_entropy": sum(s["entropy"] for s in steps) / len(steps) if steps else None,
+                        "prompt_mode": mode,
                         "sampling": dataclasses.asdict(sampling),
                     }
                 )
@@ -335,12 +363,13 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot read {args.file}: {exc}") from None
     tokenizer = open_tokenizer(resolve_model(args.model))
     ids = tokenizer.encode(text, add_special_tokens=args.special)
-    tokens = tokenizer.token_texts(ids)
+    pieces = tokenizer.token_texts(ids)  # the vocabulary's own spelling: 'Ġworld', '▁world', '<0xE4>'
+    texts = [tokenizer.token_text(i) for i in ids]  # what each token reads as: ' world'
     if args.json:
-        _print_json({"ids": ids, "tokens": tokens})
+        _print_json({"ids": ids, "texts": texts, "tokens": pieces})
     else:
-        for i, (token_id, token) in enumerate(zip(ids, tokens)):
-            print(f"{i:6d}  {token_id:8d}  {token!r}")
+        for i, (token_id, shown, piece) in enumerate(zip(ids, texts, pieces)):
+            print(f"{i:6d}  {token_id:8d}  {_shown(shown)}" + (f"  {_shown(piece)}" if args.raw_pieces else ""))
         print(f"{len(ids)} tokens", file=sys.stderr)
     return 0
 
@@ -429,7 +458,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmchat", description="Chat with local LLMs and watch inference happen.")
+    parser = Parser(prog="llmchat", description="Chat with local LLMs and watch inference happen.")
     parser.add_argument(
         "--model", dest="chat_model", metavar="MODEL", default=None, help="model for the chat screen (name or path)"
     )
@@ -441,14 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         help="reopen a saved conversation (default: last)",
     )
-    chat = parser.add_argument_group("chat screen sampling (change them live with the keys)")
-    chat.add_argument("--temperature", dest="chat_temperature", type=float, default=None, help="0 = greedy")
-    chat.add_argument("--top-p", dest="chat_top_p", type=float, default=None)
-    chat.add_argument("--top-k", dest="chat_top_k", type=int, default=None)
-    chat.add_argument("--seed", dest="chat_seed", type=int, default=None)
-    chat.add_argument(
-        "--max-new-tokens", dest="chat_max_new_tokens", type=int, default=None, help="answer length limit"
+    parser.add_argument(
+        "--raw",
+        dest="chat_raw",
+        action="store_true",
+        help="completion mode: the transcript is one plain text the model continues, no chat template "
+        "(the default for a base model; Alt+M switches)",
     )
+    chat = parser.add_argument_group("chat screen sampling (change them live with the keys)")
+    _add_sampling_options(chat, dest_prefix="chat_")
+    add_engine_options(parser.add_argument_group("chat screen engine"), dest_prefix="chat_")
     parser.set_defaults(func=cmd_chat)  # bare `llmchat` opens the chat
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -456,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     _add_sampling_options(p)
     _add_prompt_options(p)
-    p.add_argument("--top-logprobs", type=int, default=5, help="alternatives recorded per token in --json")
+    p.add_argument("--top-logprobs", type=positive_int, default=5, help="alternatives recorded per token in --json")
     p.add_argument("--json", action="store_true", help="one JSON object per event (JSON lines)")
     p.set_defaults(func=cmd_run)
 
@@ -481,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--top-k",
         dest="candidates",
-        type=int,
+        type=positive_int,
         default=5,
         metavar="K",
         help="candidates shown per step (default 5); NOT the sampling top-k, which is --sample-top-k",
@@ -494,7 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="?", default=None)
     p.add_argument("--file", default=None, metavar="INPUT", help="read the text from a file (exact UTF-8 bytes)")
     p.add_argument("--special", action="store_true", help="add the special tokens the tokenizer adds (BOS...)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--raw-pieces",
+        action="store_true",
+        help="also show each token's vocabulary piece as stored ('Ġworld', '▁world', '<0xE4>')",
+    )
+    p.add_argument("--json", action="store_true", help='{"ids", "texts" (readable), "tokens" (vocabulary pieces)}')
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("template", help="render a chat with the model's chat template")
@@ -515,8 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("perplexity", help="perplexity of a text file under a model (quality check)")
     _add_model_options(p)
     p.add_argument("--file", required=True, help="UTF-8 text to score")
-    p.add_argument("--window", type=int, default=512, help="tokens per scored window")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
+    p.add_argument("--window", type=positive_int, default=512, help="tokens per scored window")
+    p.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first N tokens")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_perplexity)
 
@@ -530,13 +566,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # a bad argument (one line said already, code 2), or --help (0)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     func: Callable[[argparse.Namespace], int] = args.func  # bare `llmchat` gets cmd_chat
     try:
         return func(args)
     except LLMChatError as exc:
         print(f"llmchat: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return getattr(exc, "exit_status", EXIT_USAGE)  # 1 for a chat that crashed (tui.app.ChatCrashed)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -15,31 +15,25 @@ import argparse
 import random
 from typing import Any
 
+from llmchat.cli_args import non_negative_int, positive_int, positive_int_list, whole_number
+
 
 def add_bench_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--gen-tokens", type=int, default=128)
-    p.add_argument("--repeat", type=int, default=1, help="timed runs (the best is reported)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--turns", type=int, default=0, help="also run a synthetic conversation of N turns")
-    p.add_argument("--turn-tokens", type=int, default=64, help="new prompt tokens per turn (with --turns)")
-    p.add_argument("--contexts", default=None, metavar="N,N,...", help="also measure decode at these context lengths")
-    p.add_argument("--context-gen-tokens", type=int, default=32, help="tokens decoded per --contexts length")
+    p.add_argument("--prompt-tokens", type=positive_int, default=512)
+    p.add_argument("--gen-tokens", type=positive_int, default=128)
+    p.add_argument("--repeat", type=positive_int, default=1, help="timed runs (the best is reported)")
+    p.add_argument("--seed", type=whole_number, default=0)
+    p.add_argument("--turns", type=non_negative_int, default=0, help="also run a synthetic conversation of N turns")
+    p.add_argument("--turn-tokens", type=positive_int, default=64, help="new prompt tokens per turn (with --turns)")
+    p.add_argument(
+        "--contexts",
+        type=positive_int_list,
+        default=[],
+        metavar="N,N,...",
+        help="also measure decode at these context lengths",
+    )
+    p.add_argument("--context-gen-tokens", type=positive_int, default=32, help="tokens decoded per --contexts length")
     p.add_argument("--json", action="store_true")
-
-
-def _contexts(spec: str | None) -> list[int]:
-    from llmchat.cli import CLIError
-
-    if not spec:
-        return []
-    try:
-        values = sorted({int(part) for part in spec.split(",") if part.strip()})
-    except ValueError:
-        raise CLIError(f"--contexts takes comma-separated token counts, not {spec!r}") from None
-    if not values or values[0] < 1:
-        raise CLIError("--contexts needs positive token counts")
-    return values
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -50,7 +44,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from llmchat.engine.events import Finished
     from llmchat.engine.memory import peak_rss_bytes
 
-    contexts = _contexts(args.contexts)
+    contexts: list[int] = args.contexts
     needed = max(
         args.prompt_tokens + args.gen_tokens,
         args.turns * (args.turn_tokens + args.gen_tokens),

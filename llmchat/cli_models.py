@@ -117,21 +117,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if explicit is None and saved_path:
             spec = saved_path
     path = resolve_model(spec)
+    from llmchat.cli_args import EngineOptions
     from llmchat.tui.app import run_app
 
     overrides = {
         knob: value
-        for knob in ("temperature", "top_p", "top_k", "seed")
+        for knob in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
         if (value := getattr(args, f"chat_{knob}", None)) is not None
     }
+    engine = EngineOptions.of(args, "chat_")
     run_app(
         path,
         store=store,
         conversation=conversation,
         sampling_overrides=overrides,
         max_new_tokens=getattr(args, "chat_max_new_tokens", None),
+        completion=args.chat_raw,
+        threads=engine.threads,
         settings=settings,
         settings_problems=problems,
+        **engine.load_kwargs(),
     )
     return 0
 

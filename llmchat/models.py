@@ -256,9 +256,24 @@ def add_model(path: str | Path, name: str | None = None) -> tuple[str, Path]:
     name = _check_name(name if name is not None else (target.stem if target.is_file() else target.name))
     if name in registry.models:
         raise RegistryError(f"a model named {name!r} is already registered ({registry.models[name]}); use --name")
+    target = _gguf_of_folder(target)
     check_model_path(target)
     _register(registry, name, target)
     return name, target
+
+
+def _gguf_of_folder(target: Path) -> Path:
+    """A folder holding just a GGUF file (no config.json) is registered as that file."""
+    from llmchat.engine.package import gguf_in_folder
+
+    try:
+        found = gguf_in_folder(target)
+    except ModelLoadError as exc:
+        raise RegistryError(str(exc)) from None
+    if found is None:
+        return target
+    _say(f"{target} holds {found.name}: registering that file")
+    return found
 
 
 def _unknown(name: str, registry: Registry) -> RegistryError:

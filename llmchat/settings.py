@@ -56,6 +56,7 @@ ACTION_KEYS: dict[str, tuple[str, str]] = {
     "conversations": ("ctrl+o", "Chats"),
     "models": ("ctrl+l", "Models"),
     "system_prompt": ("ctrl+s", "System"),
+    "completion_mode": ("alt+m", "Completion"),
     "theme": ("f10", "Theme"),
     "help": ("f1", "Help"),
     "quit": ("ctrl+q", "Quit"),

@@ -64,8 +64,15 @@ def test_run_plain_text_and_raw(capsys: pytest.CaptureFixture[str], folder: Path
         capsys, "run", folder, "--prompt", "the fox", "--raw", "--temperature", "0", "--max-new-tokens", "4"
     )
     assert code == 0 and "tokens, stopped by" in err and "tok/s" in err
-    code, _, err = run_cli(capsys, "run", folder, "--prompt", "x", "--raw", "--system", "be brief")
-    assert_one_line_error(code, err, "--system")
+    # raw: the system prompt is plain text on a line before the prompt (as in the chat's completion mode)
+    code, out, _ = run_cli(
+        capsys, "run", folder, "--prompt", "x", "--raw", "--system", "be brief", "--max-new-tokens", "1", "--json"
+    )
+    assert code == 0
+    done = next(json.loads(line) for line in out.splitlines() if json.loads(line)["event"] == "PrefillDone")
+    from llmchat.engine.package import open_tokenizer
+
+    assert done["prompt_tokens"] == len(open_tokenizer(folder).encode("be brief\nx", add_special_tokens=True))
 
 
 def test_tokenize_matches_the_tokenizers_library(
@@ -75,11 +82,58 @@ def test_tokenize_matches_the_tokenizers_library(
     reference = HFTokenizer.from_file(str(folder / "tokenizer.json")).encode(text, add_special_tokens=False)
     code, out, _ = run_cli(capsys, "tokenize", folder, text, "--json")
     assert code == 0
-    assert json.loads(out) == {"ids": reference.ids, "tokens": reference.tokens}
+    texts = [HFTokenizer.from_file(str(folder / "tokenizer.json")).decode([i]) for i in reference.ids]
+    assert json.loads(out) == {"ids": reference.ids, "texts": texts, "tokens": reference.tokens}
     source = tmp_path / "input.txt"
     source.write_text(text, encoding="utf-8")
     code, out, _ = run_cli(capsys, "tokenize", folder, "--file", source, "--json")
     assert json.loads(out)["ids"] == reference.ids
+
+
+def test_tokenize_shows_readable_text_and_the_raw_pieces_on_request(
+    capsys: pytest.CaptureFixture[str], folder: Path
+) -> None:
+    """Byte-level pieces ('Ġworld') are the vocabulary's spelling; the table shows what each token
+    reads as (' world'), and --raw-pieces adds the piece."""
+    hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    reference = hf.encode("the lazy dog", add_special_tokens=False)
+    assert any(piece.startswith("Ġ") for piece in reference.tokens)  # the fixture is byte-level
+    code, out, _ = run_cli(capsys, "tokenize", folder, "the lazy dog")
+    assert code == 0 and "Ġ" not in out
+    rows = out.splitlines()
+    assert len(rows) == len(reference.ids)
+    for row, token_id in zip(rows, reference.ids, strict=True):
+        assert row.split()[1] == str(token_id) and row.endswith(json.dumps(hf.decode([token_id]))), row
+    code, out, _ = run_cli(capsys, "tokenize", folder, "the lazy dog", "--raw-pieces")
+    for row, piece in zip(out.splitlines(), reference.tokens, strict=True):
+        assert row.endswith("  " + json.dumps(piece, ensure_ascii=False)), row
+
+
+def test_models_add_finds_the_gguf_in_a_folder(
+    capsys: pytest.CaptureFixture[str], folder: Path, tmp_path: Path
+) -> None:
+    """A folder holding only a .gguf file is that file (add, run, tokenize); several are named."""
+    from tests.gguf_export import export_gguf
+
+    holder = tmp_path / "downloaded"
+    holder.mkdir()
+    gguf = export_gguf(folder, holder / "tiny-qwen.gguf")
+    (holder / "README.md").write_text("a model card")
+    code, out, err = run_cli(capsys, "models", "add", holder)
+    assert code == 0, err
+    assert f"added downloaded (the default): {gguf.resolve()}" in out and "tiny-qwen.gguf" in err
+    code, out, _ = run_cli(capsys, "models", "list", "--json")
+    row = json.loads(out)[0]
+    assert row["path"] == str(gguf.resolve()) and row["format"] == "gguf" and row["problem"] is None
+    code, out, _ = run_cli(capsys, "tokenize", holder, "the fox", "--json")
+    assert code == 0 and json.loads(out)["ids"]
+    code, _, err = run_cli(capsys, "run", holder, "--prompt", "the fox", "--max-new-tokens", "2")
+    assert code == 0, err
+
+    export_gguf(folder, holder / "tiny-qwen-copy.gguf")
+    for args in (["models", "add", holder, "--name", "other"], ["run", holder, "--prompt", "x"]):
+        code, _, err = run_cli(capsys, *args)
+        assert_one_line_error(code, err, "several GGUF files", "tiny-qwen.gguf", "tiny-qwen-copy.gguf")
 
 
 def test_template_prints_exactly_the_rendered_text(
@@ -247,9 +301,81 @@ def test_bad_arguments(capsys: pytest.CaptureFixture[str], folder: Path, tmp_pat
     code, _, err = run_cli(capsys, "template", folder, "--messages", tmp_path / "missing.json")
     assert_one_line_error(code, err, "no such file")
     code, _, err = run_cli(capsys, "run", folder, "--prompt", "x", "--top-p", "0")
-    assert_one_line_error(code, err, "top_p")
+    assert_one_line_error(code, err, "--top-p", "(0, 1]")
     code, _, err = run_cli(capsys, "run", folder, "--prompt", "x", "--dtype", "int3")
     assert_one_line_error(code, err, "int3")
+
+
+_P = ["--prompt", "x"]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["run", "M", *_P, "--max-new-tokens", "0"], ["--max-new-tokens", "at least 1, got 0"]),
+        (["run", "M", *_P, "--max-new-tokens", "-3"], ["--max-new-tokens", "got -3"]),
+        (["run", "M", *_P, "--max-new-tokens", "many"], ["--max-new-tokens", "whole number", "'many'"]),
+        (["run", "M", *_P, "--threads", "0"], ["--threads", "at least 1"]),
+        (["run", "M", *_P, "--context", "0"], ["--context", "at least 1"]),
+        (["run", "M", *_P, "--prefill-chunk", "0"], ["--prefill-chunk", "at least 1"]),
+        (["run", "M", *_P, "--top-p", "1.5"], ["--top-p", "(0, 1]"]),
+        (["run", "M", *_P, "--min-p", "2"], ["--min-p", "[0, 1]"]),
+        (["run", "M", *_P, "--temperature", "-1"], ["--temperature", ">= 0"]),
+        (["run", "M", *_P, "--temperature", "nan"], ["--temperature", ">= 0"]),
+        (["run", "M", *_P, "--temperature", "hot"], ["--temperature", "a number", "'hot'"]),
+        (["run", "M", *_P, "--top-k", "-1"], ["--top-k", ">= 0"]),
+        (["run", "M", *_P, "--top-k", "2.5"], ["--top-k", "whole number"]),
+        (["run", "M", *_P, "--repetition-penalty", "0"], ["--repetition-penalty", "> 0"]),
+        (["run", "M", *_P, "--top-logprobs", "0"], ["--top-logprobs", "at least 1"]),
+        (["run", "M", *_P, "--seed", "x"], ["--seed", "whole number"]),
+        (["run", "M", *_P, "--raw", "--chat"], ["--chat", "not allowed with argument --raw"]),
+        (["run", "M"], ["--prompt", "required"]),
+        (["inspect", "M", *_P, "--top-k", "0"], ["--top-k", "at least 1"]),
+        (["inspect", "M", *_P, "--sample-top-k", "-1"], ["--sample-top-k", ">= 0"]),
+        (["bench", "M", "--prompt-tokens", "-5"], ["--prompt-tokens", "at least 1, got -5"]),
+        (["bench", "M", "--gen-tokens", "0"], ["--gen-tokens", "at least 1"]),
+        (["bench", "M", "--repeat", "0"], ["--repeat", "at least 1"]),
+        (["bench", "M", "--turns", "-1"], ["--turns", "0 or more"]),
+        (["bench", "M", "--turn-tokens", "0"], ["--turn-tokens", "at least 1"]),
+        (["bench", "M", "--contexts", "256,0"], ["--contexts", "at least 1, got 0"]),
+        (["bench", "M", "--contexts", "a,b"], ["--contexts", "whole number"]),
+        (["bench", "M", "--contexts", ","], ["--contexts", "comma-separated"]),
+        (["bench", "M", "--context-gen-tokens", "0"], ["--context-gen-tokens", "at least 1"]),
+        (["bench", "M", "--threads", "0"], ["--threads", "at least 1"]),
+        (["perplexity", "M", "--file", "f", "--window", "0"], ["--window", "at least 1"]),
+        (["perplexity", "M", "--file", "f", "--max-tokens", "0"], ["--max-tokens", "at least 1"]),
+        (["vram", "M", "--context", "0"], ["--context", "at least 1"]),
+        (["vram", "M", "--prefill-chunk", "-1"], ["--prefill-chunk", "at least 1"]),
+        (["vram", "M", "--kv-dtype", "int3"], ["--kv-dtype", "int3"]),
+        (["--max-new-tokens", "0"], ["--max-new-tokens", "at least 1"]),  # the chat's own flags
+        (["--context", "0"], ["--context", "at least 1"]),
+        (["--threads", "-2"], ["--threads", "at least 1"]),
+        (["--temperature", "-0.5"], ["--temperature", ">= 0"]),
+        (["--dtype", "int3"], ["--dtype", "int3"]),
+    ],
+)
+def test_bad_values_are_refused_at_the_parser(
+    capsys: pytest.CaptureFixture[str], folder: Path, args: list[str], needles: list[str]
+) -> None:
+    """Every command checks its numbers as it parses them: one line naming the flag, exit code 2,
+    and nothing runs (no model loads, the chat does not open)."""
+    code, out, err = run_cli(capsys, *[str(folder) if a == "M" else a for a in args])
+    assert out == ""
+    assert_one_line_error(code, err, *needles)
+    assert "usage:" not in err
+
+
+def test_a_bad_value_end_to_end_is_one_line_without_usage() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "llmchat", "run", "demo", "--prompt", "hi", "--max-new-tokens", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "llmchat: error: argument --max-new-tokens: must be at least 1, got 0 (see `llmchat run --help`)"
+    ]
 
 
 def test_errors_never_show_a_traceback_end_to_end(tmp_path: Path) -> None:

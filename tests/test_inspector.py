@@ -345,7 +345,11 @@ async def test_a_saved_chat_shows_its_inspector_without_a_model(tmp_path: Path) 
         await pilot.press("alt+l")
         await _until(pilot, lambda: screen.timeline is not None, "the timeline")
         assert screen.timeline is not None and screen.timeline.prefill_chunks == ((16, 0.05),)
-        assert screen.timeline.decode_seconds == pytest.approx([0.031, 0.032, 0.033, 0.034, 0.035])
+        # the saved answer was branched at " mauve" (token 5, forced): tokens 1–5 are inherited, and
+        # its own request's timings are those of the tokens after them
+        assert screen.timeline.inherited == 5 and screen.timeline.decode_seconds == ()
+        assert screen.timeline.first_token_seconds == pytest.approx(0.035)
+        assert "token 5 picked are inherited" in "\n".join(_drawn(screen.query_one("#timeline-prefill")))
         await pilot.press("alt+v")
         await _until(pilot, lambda: screen.active_tab == "prompt", "the prompt tab")
         await pilot.pause()
@@ -457,3 +461,97 @@ async def test_the_policy_view_follows_a_streaming_answer_without_running_the_mo
         assert done is not None
         decode_forwards = done.generated_tokens - (0 if done.reason == "eos" else 1)
         assert forwards[0] == len(done.prefill_chunks) + decode_forwards  # the live views ran no model
+
+
+# --- the timeline of a branch (issue 13, item 6) -------------------------------------------------
+
+
+async def test_the_timeline_of_a_branch_covers_only_its_own_request(folder: Path, tmp_path: Path) -> None:
+    """Branch at token i: the timeline's numbers are the branch's request (its TTFT, its decode
+    steps), and the i kept tokens and the pick are marked inherited, not shown as decode steps."""
+    app = _app(folder, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        old = await _send(pilot, app, "hello there")
+        assert len(old.tokens) >= 8
+        for _ in range(len(old.tokens) - 4):  # the cursor to token 4 (0-based)
+            await pilot.press("f8")
+        i = 4
+        await _until(pilot, lambda: app.query_one(TopKPanel).event is old.tokens[i], "the cursor at token 4")
+        await pilot.press("ctrl+b")
+        await _until(pilot, lambda: isinstance(app.screen, BranchScreen), "the branch dialog")
+        await pilot.press("enter")
+        await _until(pilot, lambda: app.conversation.current != old.message_id and not app.generating, "the branch")
+        await _until(pilot, lambda: app.query(AssistantMessage).last().finished is not None, "the new answer")
+        branch = app.query(AssistantMessage).last()
+        done = branch.finished
+        assert done is not None and done.prefix_tokens == i + 1 and done.generated_tokens >= 2
+
+        await pilot.press("escape")  # close the token view: the timeline then shows the last answer
+        screen = await _inspector(pilot, app, "alt+l")
+        await _until(pilot, lambda: screen.timeline is not None, "the timeline")
+        timeline = screen.timeline
+        assert timeline is not None
+        assert timeline.inherited == done.prefix_tokens
+        own = branch.steps[done.prefix_tokens :]  # this request's steps (the end-of-answer step included)
+        assert len(own) == done.generated_tokens + (1 if branch.end is not None else 0)
+        assert timeline.decode_seconds == tuple(t.seconds for t in own[1:])
+        assert timeline.first_token_seconds == own[0].seconds
+        assert timeline.first_token_seconds <= done.ttft_seconds + 1e-3  # the request's own first token
+        assert timeline.prefill_tokens == done.prefilled_tokens == 1
+        from textual.widgets import Sparkline
+
+        assert len(screen.query_one(Sparkline).data or []) == len(own) - 1
+        drawn = "\n".join(_drawn(screen.query_one("#timeline-prefill")))
+        assert f"tokens 1–{i} kept from the earlier answer and token {i + 1} picked are inherited" in drawn
+        decode = "\n".join(_drawn(screen.query_one("#timeline-decode")))
+        assert f"{len(own) - 1:,} steps" in decode
+
+
+# --- the policy view's what-if (issue 13, item 13) -----------------------------------------------
+
+
+async def test_the_what_if_stays_a_what_if_until_applied(folder: Path, tmp_path: Path) -> None:
+    """Over the policy view F2–F7 change a what-if copy: the chat's settings (status bar, next
+    answer) stay; A applies the what-if; leaving the inspector drops an unapplied one; on another
+    tab F3 brings the policy view up with the what-if. Outside the inspector F3 acts on the chat."""
+    from llmchat.tui.widgets.status import StatusBar
+
+    app = _app(folder, tmp_path, sampling=SAMPLED)
+    async with app.run_test(size=SIZE) as pilot:
+        await _send(pilot, app, "hello there")
+        status = app.query_one(StatusBar)
+        screen = await _inspector(pilot, app, "alt+p")
+        await _until(pilot, lambda: screen.policy is not None, "the policy view")
+        assert "the chat's settings" in "\n".join(_drawn(screen.query_one("#policy-body")))
+
+        await pilot.press("f3", "f3")
+        await _until(pilot, lambda: screen.policy is not None and screen.policy.params.temperature == 1.0, "what-if")
+        assert app.sampling == SAMPLED  # the chat's settings did not move
+        assert screen.what_if == SAMPLED.replace(temperature=1.0)
+        assert status.state.sampling == SAMPLED
+        body = "\n".join(_drawn(screen.query_one("#policy-body")))
+        assert "what if (not applied): temperature 1" in body and "the chat's settings:    temperature 0.8" in body
+
+        await pilot.press("a")  # apply
+        await _until(pilot, lambda: app.sampling == SAMPLED.replace(temperature=1.0), "the what-if applied")
+        assert screen.what_if is None and status.state.sampling == app.sampling
+        await _until(pilot, lambda: "the chat's settings: temperature 1" in "\n".join(
+            _drawn(screen.query_one("#policy-body"))), "the view showing the chat's settings")  # fmt: skip
+
+        await pilot.press("f5" if SAMPLED.top_p < 1 else "f4")  # another what-if, then leave without applying
+        await _until(pilot, lambda: screen.what_if is not None, "a second what-if")
+        await pilot.press("escape")
+        await _until(pilot, lambda: not isinstance(app.screen, InspectorScreen), "the chat")
+        assert app.sampling == SAMPLED.replace(temperature=1.0)
+
+        screen = await _inspector(pilot, app, "alt+l")  # F3 on the timeline tab: the policy tab, a what-if
+        await pilot.press("f2")
+        await _until(pilot, lambda: screen.active_tab == "policy", "the policy tab")
+        await _until(pilot, lambda: screen.policy is not None and screen.policy.params.temperature == 0.9, "what-if")
+        assert app.sampling.temperature == 1.0
+        await pilot.press("escape")
+        await _until(pilot, lambda: not isinstance(app.screen, InspectorScreen), "the chat")
+
+        await pilot.press("f2")  # over the chat: the chat's own settings
+        await _until(pilot, lambda: app.sampling is not None and app.sampling.temperature == 0.9, "the chat's change")
+        assert status.state.sampling.temperature == 0.9

@@ -276,6 +276,34 @@ class ChatTemplate:
             raise ChatTemplateError(self.name, type(exc).__name__, str(exc), _template_line(exc)) from exc
 
 
+_PROBE_SYSTEM, _PROBE_USER = "llmchat-probe-system-7f3a", "llmchat-probe-user-7f3a"
+
+
+def default_system_prompt(template: ChatTemplate) -> str | None:
+    """The system prompt `template` writes by itself when a conversation has none, or None.
+
+    Some templates fill the system turn when it is missing (SmolLM2: "You are a helpful AI
+    assistant named SmolLM, trained by Hugging Face"; Qwen2.5: "You are Qwen, …"), so an empty
+    system prompt is not "none" for them. Found by rendering one user message with and without a
+    probe system message: whatever stands, without it, where the probe's text stood is the default.
+    A template that prepends the system text to the user's turn, or keeps a fixed preamble (the
+    date lines of Llama 3), leaves nothing there: no default. A template that fails: None.
+    """
+    user = {"role": "user", "content": _PROBE_USER}
+    try:
+        with_system = template.render([{"role": "system", "content": _PROBE_SYSTEM}, user], add_generation_prompt=False)
+        without = template.render([user], add_generation_prompt=False)
+    except TemplateError:
+        return None
+    if with_system.count(_PROBE_SYSTEM) != 1:
+        return None  # the template drops a system message (or repeats it): nothing to compare
+    before, after = with_system.split(_PROBE_SYSTEM)
+    if len(without) < len(before) + len(after) or not (without.startswith(before) and without.endswith(after)):
+        return None
+    default = without[len(before) : len(without) - len(after)].strip()
+    return default or None
+
+
 # --- the templates a package ships ----------------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ checked without loading the weights, so bad input fails fast with one clear line
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,7 +58,9 @@ class WeightSource(Protocol):
 
     def tensor_names(self) -> set[str]: ...
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+    def tensors(self, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) one at a time; the names in `skip` are not read at all."""
+        ...
 
     def quantized_types(self) -> dict[str, str]:
         """Names of the tensors stored block-quantized (GGUF), with their type, e.g. "Q4_1".
@@ -96,11 +98,25 @@ class ModelPackage:
         return tuple(dict.fromkeys(ids))
 
 
+def gguf_in_folder(folder: Path) -> Path | None:
+    """The GGUF file a folder stands for: a folder that is not a Hugging Face package (no
+    config.json) and holds exactly one .gguf file opens as that file. None when it holds none (or
+    is a package); several are a ModelLoadError naming them, since which one is meant is a guess."""
+    if not folder.is_dir() or (folder / "config.json").exists():
+        return None
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise ModelLoadError(f"{folder} holds several GGUF files ({names}); name the one to use")
+    return found[0] if found else None
+
+
 def resolve_path(path: str | Path) -> Path:
-    """Check that `path` names a model folder or a GGUF file and return it."""
+    """Check that `path` names a model folder or a GGUF file (or a folder holding one) and return it."""
     folder = Path(path).expanduser()
     if not folder.exists():
         raise ModelLoadError(f"no such file or directory: {folder}")
+    folder = gguf_in_folder(folder) or folder
     if folder.is_file():
         if folder.suffix == ".gguf":
             return folder
@@ -143,6 +159,10 @@ def open_tokenizer(path: str | Path) -> Tokenizer:
     """Only the tokenizer of a model: a model folder's tokenizer.json, or a GGUF file's vocabulary
     (reading just the GGUF header, never the weights)."""
     target = Path(path).expanduser()
+    try:
+        target = gguf_in_folder(target) or target
+    except ModelLoadError as exc:
+        raise TokenizerError(str(exc)) from None
     if target.is_dir():
         return Tokenizer.from_folder(target)
     if not target.exists():
