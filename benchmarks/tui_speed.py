@@ -55,7 +55,9 @@ def engine_run(model: Any, max_new_tokens: int, top_k: int) -> dict[str, float]:
     return {"tokens": done.generated_tokens, "decode_tok_s": done.decode_tokens_per_second}
 
 
-async def tui_run(path: Path, max_new_tokens: int, store_dir: Path, typing: bool) -> dict[str, Any]:
+async def tui_run(
+    path: Path, max_new_tokens: int, store_dir: Path, typing: bool, share: float | None = None
+) -> dict[str, Any]:
     from textual import events
 
     from llmchat.chat.store import ConversationStore
@@ -70,6 +72,10 @@ async def tui_run(path: Path, max_new_tokens: int, store_dir: Path, typing: bool
         sampling=SamplingParams(temperature=0),
         max_new_tokens=max_new_tokens,
     )
+    if share is not None:
+        app.frames.share = share
+    frames = [0]
+    app.frames.observe = _counting(app.frames.observe, frames)  # type: ignore[method-assign]
     async with app.run_test(size=(160, 48)) as pilot:
         while app.model is None:
             await asyncio.sleep(0.05)
@@ -98,11 +104,117 @@ async def tui_run(path: Path, max_new_tokens: int, store_dir: Path, typing: bool
         done = app.query(AssistantMessage).last().finished
         assert done is not None
         result: dict[str, Any] = {"tokens": done.generated_tokens, "decode_tok_s": done.decode_tokens_per_second}
+        decode = done.decode_seconds + done.ttft_seconds
+        result["frames_per_s"] = round(frames[0] / decode, 1) if decode > 0 else 0.0
         if typing:
             result["typing_ms_per_key"] = sum(latencies) / max(len(latencies), 1) * 1000
             result["typing_ms_worst"] = max(latencies, default=0) * 1000
             result["typed_text_landed"] = landed
         return result
+
+
+# --frames: what one UI frame costs as the answer grows, on text streamed at a fixed rate (no model
+# work, so the UI thread's CPU time is the UI's alone). Two shapes: a story (paragraphs: Markdown
+# blocks finish as it goes) and a poem without blank lines (one block that never finishes, the
+# worst case for a renderer that lays out the whole growing block again).
+STORY = (
+    "The dragon woke before the sun and padded down to the village bakery, where the old baker "
+    "kept the ovens warm through the night. She watched the dough rise, folded it with her claws, "
+    "and learned that patience mattered more than fire. "
+)
+POEM = "In the depths of the blue, the sea abides,\nand the lanterns of the harbour sway,\n"
+
+
+def synthetic_pieces(shape: str, count: int) -> list[str]:
+    """`count` token-sized pieces of a story (a paragraph every ~70 tokens) or a poem (lines only)."""
+    pieces: list[str] = []
+    while len(pieces) < count:
+        if shape == "story":
+            words = STORY.split(" ")
+            pieces += [(" " if pieces and not pieces[-1].endswith("\n") else "") + w for w in words if w]
+            pieces.append("\n\n")
+        else:
+            for line in POEM.splitlines(keepends=True):
+                words = line.split(" ")
+                pieces += [words[0]] + [" " + w for w in words[1:]]
+    return pieces[:count]
+
+
+def synthetic_events(pieces: list[str], rate: float, top_k: int) -> Any:
+    """Engine events for `pieces`, one token each `1 / rate` seconds (sleeping: no CPU used)."""
+    from llmchat.engine.events import Finished, PrefillDone, TokenEvent, TopToken
+
+    yield PrefillDone(prompt_tokens=40, reused_tokens=0, prefilled_tokens=40, seconds=0.01,
+                      tokens_per_second=4000.0, cache_tokens=40, cache_bytes=40 * 1024)  # fmt: skip
+    started = time.perf_counter()
+    for i, piece in enumerate(pieces):
+        time.sleep(max(0.0, started + (i + 1) / rate - time.perf_counter()))
+        top = tuple(TopToken(1000 + k, f"{piece}{k}" if k else piece, 10.0 - k, 0.6 / (k + 1), 0.6 / (k + 1))
+                    for k in range(top_k))  # fmt: skip
+        yield TokenEvent(token_id=1000, text=piece, index=i, logit=10.0, prob=0.6, policy_prob=0.6, rank=0,
+                         top=top, seconds=1 / rate, cache_tokens=41 + i, cache_bytes=(41 + i) * 1024,
+                         content=piece, entropy=1.0)  # fmt: skip
+    text = "".join(pieces)
+    yield Finished(reason="max_new_tokens", prompt_tokens=40, reused_tokens=0, prefilled_tokens=40,
+                   generated_tokens=len(pieces), prefill_seconds=0.01, decode_seconds=len(pieces) / rate,
+                   ttft_seconds=0.02, text=text, content=text, token_ids=(1000,) * len(pieces),
+                   cache_tokens=40 + len(pieces), cache_bytes=(40 + len(pieces)) * 1024)  # fmt: skip
+
+
+async def frames_run(
+    path: Path, shape: str, tokens: int, rate: float, store_dir: Path, share: float | None = None
+) -> dict[str, Any]:
+    """Stream `tokens` synthetic tokens into the real app; frames/s and UI ms per frame by answer length."""
+    from llmchat.chat.store import ConversationStore
+    from llmchat.engine import SamplingParams
+    from llmchat.tui.app import TOP_K_SHOWN, GenerationUpdate, LLMChatApp
+    from llmchat.tui.widgets.messages import AssistantMessage
+    from llmchat.tui.widgets.prompt import PromptInput
+
+    marks: list[tuple[int, float, float]] = []  # (tokens shown so far, UI thread CPU s, wall s) per frame
+
+    class Measured(LLMChatApp):
+        async def on_generation_update(self, message: GenerationUpdate) -> None:
+            # Runs before LLMChatApp's handler (Textual calls each class's in MRO order): the CPU
+            # time between two marks is one whole frame (handling, layout, repaint).
+            answers = self.query(AssistantMessage)
+            shown = len(answers.last().tokens) if answers else 0
+            marks.append((shown, time.thread_time(), time.perf_counter()))
+
+    app = Measured(path, store=ConversationStore(store_dir), sampling=SamplingParams(temperature=0))
+    if share is not None:  # --share: the frame budget's CPU share (1 = no budget: the fastest rate)
+        app.frames.share = share
+    pieces = synthetic_pieces(shape, tokens)
+    async with app.run_test(size=(160, 48)) as pilot:
+        while app.model is None:
+            await asyncio.sleep(0.05)
+        app.model.generate = lambda *a, **k: synthetic_events(pieces, rate, TOP_K_SHOWN)  # type: ignore[method-assign]
+        app.query_one(PromptInput).text = PROMPT
+        await pilot.press("enter")
+        await asyncio.sleep(0.5)
+        while app.generating:
+            await asyncio.sleep(0.05)
+    result: dict[str, Any] = {"shape": shape, "tokens": tokens, "rate_tok_s": rate}
+    for at in (100, 1000):
+        window = [m for m in marks if at - 50 <= m[0] <= at + 50]
+        if len(window) >= 3:
+            frames = len(window) - 1
+            result[f"at_{at}"] = {
+                "frames_per_s": round(frames / (window[-1][2] - window[0][2]), 1),
+                "ui_ms_per_frame": round((window[-1][1] - window[0][1]) / frames * 1000, 1),
+                "ui_share": round((window[-1][1] - window[0][1]) / (window[-1][2] - window[0][2]), 3),
+            }
+    return result
+
+
+def _counting(observe: Callable[[], float], frames: list[int]) -> Callable[[], float]:
+    """`FrameBudget.observe`, counting the frames (the app calls it once per batch it draws)."""
+
+    def counted() -> float:
+        frames[0] += 1
+        return observe()
+
+    return counted
 
 
 def tmux_run(path: Path, max_new_tokens: int, home: Path) -> dict[str, float]:
@@ -146,7 +258,14 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each; the best counts")
     parser.add_argument("--tmux", action="store_true", help="also run the installed app inside tmux")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--frames", action="store_true", help="instead: UI frames/s and ms per frame at 100 and 1000 tokens"
+    )
+    parser.add_argument("--rate", type=float, default=30.0, help="--frames: tokens per second streamed")
+    parser.add_argument("--share", type=float, help="the frame budget's share of a core (1: unlimited)")
     args = parser.parse_args()
+    if args.frames:
+        return frames_main(args)
 
     import llmchat
     from llmchat.tui.app import TOP_K_SHOWN
@@ -170,8 +289,8 @@ def main() -> int:
         for i in range(args.repeat):
             runs["engine"].append(_in_thread(lambda: engine_run(model, args.max_new_tokens, TOP_K_SHOWN)))
             store = Path(tmp) / f"store{i}"
-            runs["tui-headless"].append(asyncio.run(tui_run(path, args.max_new_tokens, store, typing=False)))
-            runs["tui-typing"].append(asyncio.run(tui_run(path, args.max_new_tokens, store, typing=True)))
+            runs["tui-headless"].append(asyncio.run(tui_run(path, args.max_new_tokens, store, False, args.share)))
+            runs["tui-typing"].append(asyncio.run(tui_run(path, args.max_new_tokens, store, True, args.share)))
             if args.tmux:
                 runs["tui-tmux"].append(tmux_run(path, args.max_new_tokens, Path(tmp) / f"home{i}"))
     for name, measured in runs.items():
@@ -184,13 +303,38 @@ def main() -> int:
     else:
         print(f"model: {path}")
         for name, result in results.items():
-            extra = ""
+            extra = f"  {result['frames_per_s']:.1f} frames/s" if "frames_per_s" in result else ""
             if "typing_ms_per_key" in result:
-                extra = f"  typing {result['typing_ms_per_key']:.1f} ms/key, landed={result['typed_text_landed']}"
+                extra += f"  typing {result['typing_ms_per_key']:.1f} ms/key, landed={result['typed_text_landed']}"
             print(
                 f"{name:<13} {result['tokens']:>4} tokens  {result['decode_tok_s']:6.1f} tok/s"
                 f"  ×{result['ratio_to_engine']:.2f}{extra}"
             )
+    return 0
+
+
+def frames_main(args: argparse.Namespace) -> int:
+    """`--frames`: frame cost against answer length, for a story and a poem, 1,200 tokens each
+    (the last frames, which finish the answer, fall outside the windows)."""
+    path = args.model
+    if path is None:
+        from llmchat.models import ensure_demo
+
+        path = ensure_demo().path
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in ("story", "poem"):
+            results.append(asyncio.run(frames_run(path, shape, 1200, args.rate, Path(tmp) / shape, args.share)))
+    if args.json:
+        print(json.dumps({"model": str(path), "frames": results}, indent=2))
+        return 0
+    print(f"{args.rate:.0f} tok/s streamed, synthetic text, 160x48")
+    for result in results:
+        for at in (100, 1000):
+            row = result.get(f"at_{at}")
+            if row:
+                print(f"{result['shape']:<6} at {at:>4} tokens: {row['frames_per_s']:5.1f} frames/s"
+                      f"  {row['ui_ms_per_frame']:5.1f} ms/frame  UI {row['ui_share']:.1%} of a core")  # fmt: skip
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import pytest
+from textual import events
 from textual.app import App
 from textual.binding import Binding
 from textual.message import Message
@@ -32,6 +33,7 @@ from llmchat.tui.screens import (
     TextPromptScreen,
     binding_rows,
 )
+from llmchat.tui.screens.conversations import ConversationTable, column_widths
 
 SIZE = (110, 30)
 
@@ -183,6 +185,160 @@ async def test_search_filters_titles_and_messages(store: ConversationStore) -> N
         assert _titles(screen) == ["Pasta recipe", "Rust lifetimes explained", "Travel plans"]
         await pilot.press("down")  # from the search box back to the list
         assert screen.query_one(DataTable).has_focus
+
+
+async def _indexed(pilot: Any, screen: ConversationsScreen) -> None:
+    """Until the screen has read its search index (a thread worker) and taken it in."""
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+    assert screen.index is not None
+
+
+async def test_a_word_typed_in_one_terminal_read_reaches_the_search_box_whole(store: ConversationStore) -> None:
+    """A terminal delivers a word typed fast in one read: every key is forwarded to the list before
+    the focus can move, and each reaches the search box in order (the list used to keep the first)."""
+    app = Host(ConversationsScreen(store))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        screen = app.dialog
+        table, search = screen.query_one(ConversationTable), screen.query_one("#search", Input)
+        assert table.has_focus
+        await pilot.press("L")  # the first key moves the focus to the search box
+        assert search.has_focus and search.value == "L"
+        # The rest of the burst: the app forwarded these to the list, focused when they were
+        # dispatched, and the list handles them after the focus has moved.
+        for character in "isb":
+            table._forward_event(events.Key(character, character))  # as App.on_event forwards a key
+        await pilot.pause()
+        assert search.has_focus and search.value == "Lisb"
+        for character in "on":  # and a burst through the app, as the driver posts it
+            app.post_message(events.Key(character, character))
+        await pilot.pause()
+        await _indexed(pilot, app.dialog)
+        assert search.value == "Lisbon"
+        assert _titles(screen) == ["Travel plans"]  # a message matches
+
+
+async def test_a_paste_goes_into_the_search_box(store: ConversationStore) -> None:
+    app = Host(ConversationsScreen(store))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        screen = app.dialog
+        search = screen.query_one("#search", Input)
+        assert screen.query_one(ConversationTable).has_focus
+        app.post_message(events.Paste("Pasta\nsecond line"))  # a bracketed paste over the list
+        await pilot.pause()
+        assert search.has_focus and search.value == "Pasta"  # one line, as the box takes a paste
+        assert _titles(screen) == ["Pasta recipe"]
+        app.post_message(events.Paste(" recipe"))  # and into the box itself
+        await pilot.pause()
+        assert search.value == "Pasta recipe"
+        assert _titles(screen) == ["Pasta recipe"]
+
+
+async def test_search_reads_the_folder_once_not_per_key(
+    store: ConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The messages are indexed once when the screen opens; each key filters that index."""
+    loads: list[str] = []
+    listings: list[int] = []
+    real_load, real_list = store.load, store.list
+    monkeypatch.setattr(store, "load", lambda cid: loads.append(cid) or real_load(cid))
+    monkeypatch.setattr(store, "list", lambda: listings.append(1) or real_list())
+    monkeypatch.setattr(store, "search", lambda text: pytest.fail("searched the folder again"))
+    app = Host(ConversationsScreen(store))
+    async with app.run_test(size=SIZE) as pilot:
+        await _indexed(pilot, app.dialog)
+        screen = app.dialog
+        for text, titles in (("tram", ["Travel plans"]), ("answer 1", ["Rust lifetimes explained", "Travel plans"])):
+            screen.query_one("#search", Input).value = ""
+            await pilot.press(*("space" if ch == " " else ch for ch in text))
+            assert _titles(screen) == titles
+    assert sorted(loads) == sorted(NEWEST_FIRST) and listings == [1]
+
+
+async def test_the_index_is_read_in_a_thread_and_titles_match_before_it(
+    store: ConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until the index is in, the titles alone match; then the messages too, without another key."""
+    import threading
+
+    release = threading.Event()
+    real_load = store.load
+
+    def slow_load(conversation_id: str) -> Conversation:
+        assert threading.current_thread() is not threading.main_thread()  # never on the UI thread
+        release.wait(10)
+        return real_load(conversation_id)
+
+    monkeypatch.setattr(store, "load", slow_load)
+    app = Host(ConversationsScreen(store))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        screen = app.dialog
+        await pilot.press(*"travel")
+        assert _titles(screen) == ["Travel plans"]
+        screen.query_one("#search", Input).value = "tram"
+        await pilot.pause()
+        assert _titles(screen) == []  # only a message says "tram"
+        release.set()
+        await _indexed(pilot, app.dialog)
+        await pilot.pause()
+        assert _titles(screen) == ["Travel plans"]
+
+
+LONG_TITLE = "Why did Paris become the capital of France?"
+LONG_MODEL = "SmolLM2-135M-Instruct-Q8_0"
+
+
+@pytest.mark.parametrize("width", [80, 160])
+async def test_columns_fit_the_width_and_only_the_title_gives_way(store: ConversationStore, width: int) -> None:
+    """Every column is on screen without scrolling sideways; date, turns and model are whole, and
+    the title takes the room that is left."""
+    conversation = _conversation("delta", LONG_TITLE, 12, "2025-03-06T09:30:00.000+00:00")
+    conversation.model = {"name": LONG_MODEL, "path": "/models/smol"}
+    store.save(conversation)
+    app = Host(ConversationsScreen(store))
+    async with app.run_test(size=(width, 30)) as pilot:
+        await pilot.pause()
+        table = app.dialog.query_one(ConversationTable)
+        inner = table.scrollable_content_region.width
+        columns = list(table.columns.values())
+        assert [str(c.label) for c in columns] == ["Title", "Model", "Updated", "Turns"]
+        assert sum(c.get_render_width(table) for c in columns) == inner  # the title fills the slack
+        assert table.max_scroll_x == 0  # nothing hides to the right
+        title, model, updated, turns = (c.width for c in columns)
+        rows = _rows(app.dialog)
+        assert model >= len(LONG_MODEL) and updated >= max(len(r[2]) for r in rows) and turns >= len("Turns")
+        assert [r[3] for r in rows] == ["12", "1", "2", "3"]
+        drawn = [strip.text for strip in table.render_lines(table.region.reset_offset)]
+        assert LONG_MODEL in drawn[1] and "12" in drawn[1] and rows[0][2] in drawn[1]
+        if width == 160:
+            assert LONG_TITLE in drawn[1]
+        else:
+            assert title < len(LONG_TITLE) + 2 and "…" in drawn[1]
+
+
+async def test_a_long_list_makes_room_for_its_scrollbar(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path / "many")
+    for number in range(40):
+        store.save(_conversation(f"c{number:02d}", f"Conversation {number}", 1, "2025-03-01T10:00:00.000+00:00"))
+    app = Host(ConversationsScreen(store))
+    async with app.run_test(size=(80, 30)) as pilot:
+        await pilot.pause()
+        table = app.dialog.query_one(ConversationTable)
+        assert table.show_vertical_scrollbar and not table.show_horizontal_scrollbar
+        assert sum(c.get_render_width(table) for c in table.columns.values()) == table.scrollable_content_region.width
+
+
+def test_column_widths_shrink_the_model_before_the_title() -> None:
+    roomy = column_widths(120, ["tiny", LONG_MODEL], [3, 120])
+    assert roomy["model"] == len(LONG_MODEL) and roomy["turns"] == len("Turns") and roomy["updated"] == 16
+    assert sum(roomy.values()) + 8 == 120
+    tight = column_widths(60, [LONG_MODEL + "-and-more"], [7])
+    assert tight["title"] == 12 and tight["updated"] == 16 and tight["turns"] == 5
+    assert sum(tight.values()) + 8 == 60 and tight["model"] < len(LONG_MODEL + "-and-more")
+    assert column_widths(30, ["m"], [1])["updated"] == 16  # too narrow: the date stays whole anyway
 
 
 async def test_enter_returns_the_selected_id(store: ConversationStore) -> None:

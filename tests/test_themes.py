@@ -216,6 +216,33 @@ async def test_apply_theme_falls_back_to_the_default_for_an_unknown_name() -> No
         assert problem is not None and "no-such-theme" in problem and DEFAULT_THEME in problem
 
 
+async def test_f10_cycles_llmchats_themes_and_the_users_not_textuals(
+    llmchat_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Textual registers twenty-odd themes of its own; F10 steps through the shipped ones and the
+    user's (a user theme may even take a built-in's name), back to the start, and saves each."""
+    from textual.theme import BUILTIN_THEMES
+
+    from llmchat.chat.store import ConversationStore
+    from llmchat.settings import load_settings
+    from llmchat.tui.app import LLMChatApp
+
+    user_theme(llmchat_dirs, "mine.toml", GOOD.format(name="mine"))
+    user_theme(llmchat_dirs, "nord.toml", GOOD.format(name="nord"))  # the user's "nord", not Textual's
+    app = LLMChatApp(None, store=ConversationStore(tmp_path / "c"))
+    async with app.run_test(size=(100, 30)) as pilot:
+        assert len(app.available_themes) > len(SHIPPED) + 2  # Textual's are registered too
+        start, seen = app.theme, []
+        for _ in range(len(SHIPPED) + 2):
+            await pilot.press("f10")
+            seen.append(app.theme)
+            assert load_settings()[0].theme == app.theme
+        assert seen[-1] == start and len(set(seen)) == len(seen)
+        assert set(seen) == SHIPPED | {"mine", "nord"}
+        assert app.available_themes["nord"] is not BUILTIN_THEMES["nord"]
+        assert not set(seen) & (set(BUILTIN_THEMES) - {"nord"})
+
+
 # --- packaging -----------------------------------------------------------------------------------------
 
 

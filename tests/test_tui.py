@@ -252,10 +252,14 @@ def test_coalescer_batches_by_time_and_flushes_phase_changes(folder: Path) -> No
     assert len(sizes) == 11 and sum(sizes) == 30
 
 
-def test_frame_budget_spaces_frames_when_the_ui_thread_is_busy() -> None:
-    """Above its CPU share the interval grows (to the cap), well below it shrinks (to the floor)."""
+def test_frame_budget_slows_the_panels_first_and_the_text_last() -> None:
+    """Above its CPU share the panels slow down to their cap, then the text frames to theirs; well
+    below it the text comes back to its fastest rate first, then the panels."""
     wall, cpu = [0.0], [0.0]
-    budget = FrameBudget(share=0.05, fastest=0.1, slowest=0.5, clock=lambda: wall[0], cpu=lambda: cpu[0])
+    budget = FrameBudget(
+        share=0.05, fastest=0.1, slowest=0.5, panel_fastest=0.25, panel_slowest=1.0,
+        clock=lambda: wall[0], cpu=lambda: cpu[0],
+    )  # fmt: skip
 
     def frame(seconds: float, busy: float) -> float:
         wall[0] += seconds
@@ -264,21 +268,42 @@ def test_frame_budget_spaces_frames_when_the_ui_thread_is_busy() -> None:
 
     assert budget.observe() == 0.0 and budget.interval == 0.1  # first call only sets the baseline
     assert frame(1.0, 0.20) == pytest.approx(0.20)
-    assert budget.interval == pytest.approx(0.125)
+    assert (budget.interval, budget.panel_interval) == (0.1, pytest.approx(0.3125))  # panels give way first
+    for _ in range(7):  # 0.3125 x 1.25^5 = 0.95: the sixth reaches the cap, the seventh slows the text
+        frame(1.0, 0.20)
+    assert budget.panel_interval == 1.0 and budget.interval == pytest.approx(0.125)  # then the text
     for _ in range(20):
         frame(1.0, 0.20)
     assert budget.interval == 0.5  # clamped at the slowest rate
     frame(1.0, 0.04)  # under the share but not under half of it: hold
-    assert budget.interval == 0.5
+    assert (budget.interval, budget.panel_interval) == (0.5, 1.0)
     frame(1.0, 0.01)
-    assert budget.interval == pytest.approx(0.4)
+    assert budget.interval == pytest.approx(0.4) and budget.panel_interval == 1.0  # the text comes back first
     for _ in range(20):
         frame(1.0, 0.0)
-    assert budget.interval == 0.1  # never faster than the fastest rate
+    assert (budget.interval, budget.panel_interval) == (0.1, 0.25)  # never faster than the fastest rates
     for _ in range(3):
         frame(1.0, 0.5)
     budget.restart()
-    assert budget.interval == 0.1 and budget.observe() == 0.0
+    assert (budget.interval, budget.panel_interval) == (0.1, 0.25) and budget.observe() == 0.0
+
+
+def test_coalescer_flushes_with_the_token_nearest_the_interval() -> None:
+    """Tokens every 33 ms and a 0.1 s interval: frames of 3 tokens (10/s), not of 4 (7.5/s)."""
+    now = [0.0]
+    coalescer = Coalescer(interval=0.1, clock=lambda: now[0])
+    sizes = []
+    for i in range(61):
+        now[0] = i / 30
+        batch = coalescer.add(_token(i))
+        if batch is not None:
+            sizes.append(len(batch.tokens))
+    assert sizes[0] == 1 and set(sizes[1:]) == {3}
+
+
+def _token(index: int) -> TokenEvent:
+    return TokenEvent(token_id=1, text="a", index=index, logit=0.0, prob=1.0, policy_prob=1.0, rank=0, top=(),
+                      seconds=1 / 30, cache_tokens=index, cache_bytes=0, content="a")  # fmt: skip
 
 
 async def test_the_command_palette_reaches_every_action(tmp_path: Path) -> None:

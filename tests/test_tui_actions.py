@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -405,8 +406,8 @@ async def test_a_broken_settings_file_is_reported_and_left_alone(folder: Path, t
 
 
 async def test_settings_problems_are_shown_as_written(folder: Path, tmp_path: Path) -> None:
-    """Problem lines quote the file ("[keys] stop = ..."): the toasts show them verbatim, and a
-    value that looks like a closing markup tag does not crash the app."""
+    """Problem lines quote the file ("[keys] stop = ..."): the start-up toast and the problems
+    screen show them verbatim, and a value that looks like a closing markup tag does not crash the app."""
     path = settings_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text('[keys]\nstop = "[/x]"\n\n[sampling]\ntemperature = -1\n', encoding="utf-8")
@@ -415,11 +416,15 @@ async def test_settings_problems_are_shown_as_written(folder: Path, tmp_path: Pa
 
     app = _app(folder, tmp_path, settings=settings, settings_problems=problems)
     async with app.run_test(size=SIZE, notifications=True) as pilot:
-        await _until(pilot, lambda: len(app.screen.query("Toast")) == 2, "the two toasts")
+        await _until(pilot, lambda: len(app.screen.query("Toast")) == 1, "the start-up toast")
         await pilot.pause()
-        shown = [str(toast.render()) for toast in app.screen.query("Toast")]
-        assert any('[keys] stop = "[/x]"' in text for text in shown), shown
-        assert any("[sampling] temperature = -1" in text for text in shown), shown
+        shown = str(app.screen.query_one("Toast").render())
+        assert '[keys] stop = "[/x]"' in shown and "[sampling] temperature = -1" in shown, shown
+        app.action_startup_problems()
+        await pilot.pause()
+        listed = str(app.screen.query_one("#problems", Static).render())
+        assert all(problem in listed for problem in problems), listed
+        await pilot.press("escape")
         answer = await _send(pilot, app, "hello there")
         assert answer.tokens and app.is_running
 
@@ -558,15 +563,20 @@ class _PausingApp(LLMChatApp):
         self._sampling = value
 
 
+async def _paused_mid_answer(pilot: Pilot[None], app: LLMChatApp) -> None:
+    """Send a prompt and wait until the worker holds the answer at `_PausingApp.PAUSE_AT`."""
+    await _loaded(pilot, app)
+    app.query_one(PromptInput).text = "hello there"
+    await pilot.press("enter")
+    await _until(pilot, app.paused.is_set, "the worker to reach the pause")
+
+
 async def test_ctrl_c_during_an_answer_neither_quits_nor_stops_it(folder: Path, tmp_path: Path) -> None:
     """Ctrl+C is the reflex for "quit" but here it does neither quit nor stop: the answer runs on."""
     app = _app(folder, tmp_path, _PausingApp)
     assert isinstance(app, _PausingApp)
     async with app.run_test(size=SIZE) as pilot:
-        await _loaded(pilot, app)
-        app.query_one(PromptInput).text = "hello there"
-        await pilot.press("enter")
-        await _until(pilot, app.paused.is_set, "the worker to reach the pause")
+        await _paused_mid_answer(pilot, app)
         assert app.generating
         await pilot.press("ctrl+c")
         app.release.set()
@@ -574,3 +584,167 @@ async def test_ctrl_c_during_an_answer_neither_quits_nor_stops_it(folder: Path, 
         assert app.is_running and app.return_code is None
         assert answer.finished is not None and answer.finished.reason != "cancelled"
         assert answer.finished.generated_tokens == len(answer.tokens) > _PausingApp.PAUSE_AT
+
+
+# --- the chat view: heatmap marks, line breaks, panels, status bar, live numbers ----------------
+
+
+def _saved_answer(words: list[tuple[str, float]], forced: set[int] = frozenset()) -> Conversation:  # type: ignore[assignment]
+    """A conversation whose answer has `words` as tokens (text, probability), some picked at a branch."""
+    events = [
+        TokenEvent(token_id=100 + i, text=text, index=i, logit=3.0, prob=prob, policy_prob=prob, rank=0,
+                   top=(TopToken(100 + i, text, 3.0, prob, prob),), seconds=0.01, cache_tokens=10 + i, cache_bytes=0)
+        for i, (text, prob) in enumerate(words)
+    ]  # fmt: skip
+    conversation = Conversation(model={"name": "tiny"})
+    conversation.add_user("Name a city.")
+    records = [token_record(e, forced=i in forced) for i, e in enumerate(events)]
+    conversation.add_assistant("".join(w for w, _ in words), tokens=records, stats={"tokens": len(words)})
+    return conversation
+
+
+async def test_only_tokens_picked_at_a_branch_are_underlined_in_the_heatmap(tmp_path: Path) -> None:
+    """Chips are click targets; drawn as links they were all underlined and in the link colour.
+    Only the picked token is underlined now, and every chip has its heat colours."""
+    from llmchat.tui.widgets.tokens import heat
+
+    words = [(" The", 0.95), (" city", 0.7), (" is", 0.4), (" Paris", 0.2), (".", 0.05)]
+    app = LLMChatApp(None, store=_store(tmp_path), conversation=_saved_answer(words, forced={3}))
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("alt+t")
+        await _until(pilot, lambda: app.query(TokenView), "the heatmap")
+        await pilot.pause()
+        view = app.query_one(TokenView)
+        lines = view.render_lines(Region(0, 0, view.size.width, view.size.height))
+        chips = {seg.text: seg.style for seg in lines[CHIPS_LINE] if seg.text in {w for w, _ in words}}
+        assert set(chips) == {w for w, _ in words}
+        assert {text for text, style in chips.items() if style and style.underline} == {" Paris"}
+        for text, prob in words:
+            style = chips[text]
+            assert style is not None and style.color is not None and style.bgcolor is not None
+            background, foreground = heat(prob)
+            colours = (style.bgcolor.triplet, style.color.triplet)  # the cursor's chip adds `reverse`
+            assert tuple(c.hex for c in colours if c) == (background.lower(), foreground.lower()), text
+
+
+async def test_panels_hide_and_come_back_with_the_new_width(tmp_path: Path) -> None:
+    """The Resize event's width decides (the app's size can still be the old one while it is handled)."""
+    app = LLMChatApp(None, store=_store(tmp_path))
+    async with app.run_test(size=(160, 40)) as pilot:
+        panels = app.query_one("#panels")
+        assert panels.display
+        for width, shown in ((80, False), (160, True), (99, False), (100, True), (85, False), (160, True)):
+            await pilot.resize_terminal(width, 40)
+            await pilot.pause()
+            assert panels.display is shown, width
+        await pilot.resize_terminal(80, 40)
+        await pilot.pause()
+        assert app.query_one(ChatView).size.width > 70  # the chat has the whole width
+
+
+async def test_the_status_bar_keeps_activity_and_sampling_at_80_and_160_columns(tmp_path: Path) -> None:
+    from llmchat.tui.widgets.status import StatusBar
+
+    app = LLMChatApp(None, store=_store(tmp_path), sampling=SamplingParams(temperature=0.7, top_p=0.9, top_k=40))
+    async with app.run_test(size=(160, 40)) as pilot:
+        bar = app.query_one(StatusBar)
+        bar.change(
+            model="SmolLM2-135M-Instruct", device="cpu", precision="float32 · Q4_1 packed", context_tokens=412,
+            context_capacity=2048, tokens_per_second=31.2, activity="generating…",
+        )  # fmt: skip
+        for width in (160, 80):
+            await pilot.resize_terminal(width, 40)
+            await pilot.pause()
+            drawn = _drawn(bar)[0]
+            assert cell_len(bar.line()) <= bar.content_region.width
+            assert drawn.strip() == bar.line()  # nothing cut off at the edge
+            assert "0.70" in drawn and "0.90" in drawn and "k 40" in drawn and "generating…" in drawn
+            assert "31.2 tok/s" in drawn
+        await pilot.press("f5", "f7")  # the keys show their effect at 80 columns too
+        await pilot.pause()
+        assert "0.95" in bar.line() and "k 50" in bar.line()
+        assert "ctx" in _drawn(bar)[0]
+
+        app.action_edit_last()  # nothing to edit: a note, no hint
+        app.conversation.add_user("hello")
+        app.action_edit_last()
+        for width in (160, 80):
+            await pilot.resize_terminal(width, 40)
+            await pilot.pause()
+            drawn = _drawn(bar)[0]
+            assert "editing: Enter resends as a new branch, Esc cancels" in drawn, width
+            assert "0.95" in drawn and "k 50" in drawn
+        await pilot.press("escape")
+        await pilot.pause()
+        assert "editing" not in bar.line()
+
+
+async def test_live_tok_s_and_numbers_of_the_last_chat_or_model_do_not_linger(folder: Path, tmp_path: Path) -> None:
+    """While an answer streams the status bar shows its own tok/s (never the previous answer's); a
+    new chat and another model start without the old KV "last turn" and tok/s."""
+    from llmchat.tui.widgets.panels import KVCachePanel
+    from llmchat.tui.widgets.status import StatusBar
+
+    app = _app(folder, tmp_path, app_class=_GatedApp)
+    async with app.run_test(size=SIZE) as pilot:
+        bar, kv = app.query_one(StatusBar), app.query_one(KVCachePanel)
+        first = await _send(pilot, app, "hello there")
+        assert first.finished is not None
+        assert bar.state.tokens_per_second == first.finished.decode_tokens_per_second
+
+        app.gate.clear()  # the next answer stops after a few tokens until the gate opens
+        app.query_one(PromptInput).text = "tell me more"  # 12 tokens on this model (no early EOS)
+        await pilot.press("enter")
+        await _until(pilot, lambda: app.paused.is_set(), "the answer to pause")
+        answer = app.query(AssistantMessage).last()
+        # Before its second token the answer has no rate yet: the bar shows none, not the last answer's.
+        await _until(pilot, lambda: bar.state.activity == "generating…", "the live status")
+        await _until(pilot, lambda: bar.state.tokens_per_second is not None, "the live rate")
+        # The rate of this answer's tokens up to the frame that drew it (the first token's time is the prefill's).
+        steps = answer.tokens[1:]
+        rates = [n / sum(t.seconds for t in steps[:n]) for n in range(1, len(steps) + 1)]
+        assert bar.state.tokens_per_second in rates
+        app.gate.set()
+        await _answered(pilot, app)
+
+        cached = kv.state.tokens
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert bar.state.tokens_per_second is None and bar.state.context_tokens == 0
+        assert (kv.state.tokens, kv.state.left_over, kv.state.reused, kv.state.prefilled) == (0, cached, 0, 0)
+        assert "left from the last chat" in "\n".join(_drawn(kv))
+        second = await _send(pilot, app, "hi")  # the first turn of the new chat: real numbers again
+        assert second.finished is not None
+        assert (kv.state.left_over, kv.state.reused) == (0, second.finished.reused_tokens)
+
+        app._switch_model(folder)  # Ctrl+L: what the models screen does with a chosen model
+        assert bar.state.tokens_per_second is None and kv.state.reused == kv.state.prefilled == 0
+        await _loaded(pilot, app)
+        await pilot.pause()
+        assert bar.state.tokens_per_second is None
+        assert (kv.state.tokens, kv.state.reused, kv.state.prefilled) == (0, 0, 0)
+
+
+class _GatedApp(LLMChatApp):
+    """While `gate` is closed the worker takes 40 ms a token (so batches reach the UI one by one, as
+    with a real model) and stops at its 8th read of the sampling policy until the gate opens."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.gate, self.paused = threading.Event(), threading.Event()
+        self.gate.set()
+        self._reads = 0
+        super().__init__(*args, **kwargs)
+
+    @property  # type: ignore[override]
+    def sampling(self) -> SamplingParams | None:
+        if threading.current_thread() is not threading.main_thread() and not self.gate.is_set():
+            self._reads += 1
+            time.sleep(0.04)
+            if self._reads == 8:
+                self.paused.set()
+                self.gate.wait(30)
+        return self._sampling
+
+    @sampling.setter
+    def sampling(self, value: SamplingParams | None) -> None:
+        self._sampling = value

@@ -17,37 +17,46 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from textual import on, work
+from textual import events, on, work
 from textual.app import ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.command import CommandPalette
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer
 
-from llmchat.chat.conversation import Conversation, answer_stats, token_record
+from llmchat.chat.conversation import INTERRUPTED, Conversation, answer_stats, interrupted_stats, token_record
+from llmchat.chat.conversation import Message as ChatMessage
+from llmchat.chat.journal import AnswerJournal
+from llmchat.chat.schema import TokenRecord
 from llmchat.chat.store import ConversationStore
 from llmchat.engine import Finished, LLMChatError, LoadedModel, PrefillDone, SamplingParams, TokenEvent
-from llmchat.engine.prompt import ChatTokens
+from llmchat.engine.chat_template import default_system_prompt
+from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK
+from llmchat.engine.prompt import CHAT, COMPLETION, ChatTokens, PromptMode, request_text
 from llmchat.engine.tool_calls import split_tool_calls
 from llmchat.paths import cache_dir
 from llmchat.settings import ACTION_KEYS, Settings, SettingsError, key_map, update_settings
 from llmchat.tui.inspecting import InspectingApp
-from llmchat.tui.screens import ConversationsScreen, HelpScreen, ModelsScreen, SystemPromptScreen
+from llmchat.tui.screens import PANELS_HELP, ConversationsScreen, HelpScreen, ModelsScreen, SystemPromptScreen
 from llmchat.tui.screens.branch import BranchScreen
 from llmchat.tui.screens.inspector import InspectorScreen
-from llmchat.tui.themes import apply_theme, register_themes
+from llmchat.tui.screens.problems import PROBLEMS_COMMAND, Problem, ProblemsScreen, startup_toast, toast_line_width
+from llmchat.tui.themes import ThemeChoices, apply_theme, register_themes, theme_cycle
 from llmchat.tui.widgets.messages import AssistantMessage, ChatView, saved_stats_line
 from llmchat.tui.widgets.panels import CacheState, KVCachePanel, MemoryPanel, TopKPanel
 from llmchat.tui.widgets.prompt import PromptInput
 from llmchat.tui.widgets.status import StatusBar
 from llmchat.tui.widgets.tokens import end_event, forced_indices, token_events
-from llmchat.tui.worker import Batch, FrameBudget, StopFlag, run_generation
+from llmchat.tui.widgets.welcome import Welcome, key_label
+from llmchat.tui.worker import Batch, DecodeRate, FrameBudget, StopFlag, run_generation
 
 TOP_K_SHOWN = 8  # candidates kept per token for the top-k panel and the saved conversation
 NARROW = 100  # columns below which the side panels hide themselves
 PANEL_INTERVAL = 0.25  # seconds between panel repaints while tokens stream
-GIL_SWITCH_INTERVAL = 0.001  # seconds; see on_mount
+PAINT_GAP = 0.02  # seconds: more than one of Textual's screen updates (60/s), so a paint of its own
+GIL_SWITCH_INTERVAL = 0.0001  # seconds; see on_mount
 
 # Steps of the sampling keys.
 TEMPERATURE_STEP, TOP_P_STEP = 0.1, 0.05
@@ -105,6 +114,7 @@ ACTIONS = {
     "conversations": "conversations",
     "models": "models",
     "system_prompt": "system_prompt",
+    "completion_mode": "completion_mode",
     "theme": "next_theme",
     "help": "help",
     "quit": "quit",
@@ -138,6 +148,7 @@ COMMAND_TITLES = {
     "conversations": "Conversations",
     "models": "Models",
     "system_prompt": "System prompt",
+    "completion_mode": "Completion mode on / off (no chat template: the model continues the transcript)",
     "theme": "Next theme",
     "help": "Keys",
     "stop": "Stop the answer (or cancel an edit)",
@@ -152,6 +163,9 @@ INPUT_KEYS = [
     ("click a token", "Its alternatives in the top-k panel"),
     ("click `tokens ▸`", "An answer's token heatmap"),
 ]
+# Textual's palette entries that ours replace: its "Keys" (a help panel) beside our F1 screen, and
+# its theme list, which offers its built-in themes too (ours: "Theme: choose one").
+REPLACED_SYSTEM_COMMANDS = {"Keys", "Theme"}
 COMMAND_HELP = {
     "temperature_up": "Hotter sampling from the next token on",
     "regenerate": "A new answer beside the old one (a branch)",
@@ -163,6 +177,7 @@ COMMAND_HELP = {
     "conversations": "Open, search, rename or delete saved conversations",
     "models": "Load another model",
     "theme": "Cycle the themes; the choice is saved",
+    "completion_mode": "The transcript as one plain text the model continues (a base model has only this mode)",
 }
 
 
@@ -195,17 +210,22 @@ class LLMChatApp(InspectingApp):
         device: str = "auto",
         dtype: str = "auto",
         context_length: int | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        packed: bool | None = None,
+        threads: int | None = None,
         max_new_tokens: int | None = None,
+        completion: bool = False,
         settings: Settings | None = None,
         settings_problems: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings or Settings()
-        self._problems = list(settings_problems or [])
-        self._problems += register_themes(self)
+        # What start-up found wrong: one toast sums them up, Ctrl+P "Start-up problems" lists them.
+        self.startup_problems = [Problem("Settings", text) for text in settings_problems or []]
+        self.startup_problems += [Problem("Themes", text) for text in register_themes(self)]
         problem = apply_theme(self, self.settings.theme)
         if problem:
-            self._problems.append(problem)
+            self.startup_problems.append(Problem("Themes", problem))
         if self.settings.keys:  # only the user's changes: the rest keep their order in the footer
             self.set_keymap(self.settings.keys)
         self.model_path = Path(model_path) if model_path is not None else None
@@ -226,34 +246,55 @@ class LLMChatApp(InspectingApp):
             "device": device,
             "dtype": dtype,
             "context_length": context_length,
+            "prefill_chunk": prefill_chunk,
+            "packed": packed,  # False: a GGUF's quantized weights dequantized (--dequantize)
             "cache_dir": cache_dir() / "packed",  # packed GGUF models load from here the second time
         }
+        self._threads = threads  # torch's CPU threads, set on the model's own thread (see load_model)
+        # The prompt mode of a new (empty) conversation: --raw, or the user's last switch (Alt+M).
+        self._default_mode: PromptMode = COMPLETION if completion else CHAT
         self._answer: AssistantMessage | None = None
         self._answer_id: str | None = None
         self._panels_wanted = self.settings.panels
         self._editing: str | None = None  # id of the user message being edited (Ctrl+E)
         self._panels_shown_at = 0.0
-        self.frames = FrameBudget()  # how often the worker may hand a batch over
+        self.frames = FrameBudget(panel_fastest=PANEL_INTERVAL)  # how often text and panels repaint
+        self._decode_rate = DecodeRate()  # of the answer streaming now, for the status bar
+        self._live_answer: AssistantMessage | None = None
         self.max_new_tokens = max_new_tokens  # None: the model's generation config decides
         self._branch_prefix: list[TokenEvent] = []  # kept tokens (+ the picked one) of a branch being answered
+        # The streaming answer's token records, made as its tokens arrive (saved with it at the end),
+        # and its journal: each frame is appended there, so a crash mid-answer loses nothing shown.
+        self._records: list[TokenRecord] = []
+        self._journal: AnswerJournal | None = None
+        self.crash: BaseException | None = None  # an unexpected error that ended the app (see run_app)
+        self.crash_log: Path | None = None
+        self._regenerate_after_stop = False  # Ctrl+R mid-answer: stop it, then answer the prompt again
 
     # --- layout -----------------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
+        # The prompt and the status bar sit in containers of their own: Textual repaints every widget
+        # whose container overlaps a change, so in the chat's column or on the bare screen they
+        # would be drawn again with every frame of a streaming answer (see app.tcss).
         with Horizontal(id="main"):
             with Vertical(id="chat-column"):
                 yield ChatView(id="chat")
-                yield PromptInput(id="prompt")
+                with Vertical(id="prompt-row"):
+                    yield PromptInput(id="prompt")
             with Vertical(id="panels"):
                 yield KVCachePanel(id="kv-panel")
                 yield MemoryPanel(id="memory-panel")
                 yield TopKPanel(id="topk-panel")
-        yield StatusBar(id="status")
+        with Vertical(id="status-row"):
+            yield StatusBar(id="status")
         yield Footer()
 
     async def on_mount(self) -> None:
         # The decode loop needs the GIL back after every kernel; while the UI thread runs Python
-        # (a repaint), the default 5 ms switch interval would stall it once per kernel.
+        # (a repaint), the default 5 ms switch interval would stall it once per kernel. Measured
+        # (benchmarks/tui_speed.py, 2 cores): 1 ms held decode at 0.55-0.78 of the bare engine
+        # at 7 frames/s, 0.1 ms at 0.84-0.93 at 10 frames/s.
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.query_one(PromptInput).focus()
@@ -265,28 +306,49 @@ class LLMChatApp(InspectingApp):
         if self.model_path is not None:
             self.load_model(self.model_path)
         await self._show_conversation()
-        for problem in self._problems:
-            self.notify(problem, title="Settings", severity="warning", timeout=10, markup=False)
-        self._report_unreadable_conversations()
+        self.startup_problems += self._unreadable_conversations()
+        self._report_startup_problems()
 
-    def _report_unreadable_conversations(self) -> None:
+    def _unreadable_conversations(self) -> list[Problem]:
         if self.store is None:
-            return
+            return []
         try:
             unreadable = self.store.list().unreadable
         except (LLMChatError, OSError) as err:
-            self.notify(str(err), title="Conversations", severity="warning", markup=False)
+            return [Problem("Conversations", str(err))]
+        return [Problem("Conversations", f"{u.path}: {u.reason}; left untouched (Ctrl+O lists it)") for u in unreadable]
+
+    def _report_startup_problems(self) -> None:
+        """One toast for everything start-up found: a toast per problem stacked past the top of
+        the screen and hid the first ones."""
+        if self.startup_problems:
+            title, message = startup_toast(self.startup_problems, toast_line_width(self.size.width))
+            self.notify(message, title=title, severity="warning", timeout=20, markup=False)
+
+    def action_startup_problems(self) -> None:
+        self.push_screen(ProblemsScreen(self.startup_problems))
+
+    async def _show_welcome(self) -> None:
+        """An empty chat on a loaded model opens on the model, its kind and the keys to start with;
+        the first message clears it away (it is never part of the conversation)."""
+        chat = self.query_one(ChatView)
+        await chat.query(Welcome).remove()
+        model = self.model
+        if model is None or self.conversation.path():
             return
-        if unreadable:
-            names = ", ".join(u.path.name for u in unreadable[:3]) + (" …" if len(unreadable) > 3 else "")
-            self.notify(
-                f"{len(unreadable)} conversation file(s) could not be read and are left untouched: {names}. "
-                "Ctrl+O lists them with the reason.",
-                title="Conversations",
-                severity="warning",
-                timeout=10,
-                markup=False,
-            )
+        keys = key_map(self.settings)
+
+        def key(action: str) -> str:
+            return key_label(keys[action].split(",")[0])
+
+        rows = [
+            ("Enter", "send (Shift+Enter: a new line)"),
+            (key("token_view"), "an answer's tokens, coloured by how sure the model was"),
+            (key("help"), "every key"),
+            (key_label(self.COMMAND_PALETTE_BINDING), "every action, by name"),
+        ]
+        traits = model.traits
+        await chat.mount(Welcome(model.package.name, traits.kind, model.context_length, rows, traits.labels))
 
     async def _show_conversation(self) -> None:
         """Draw the current branch of the conversation (a resumed one, a switched branch, a new one)."""
@@ -310,18 +372,40 @@ class LLMChatApp(InspectingApp):
                 view.end = end_event(message.tokens, len(view.tokens))
                 line = saved_stats_line(message.stats or {})
                 await view.set_text(message.reasoning or "", message.content, line)
+                if (message.stats or {}).get("finish_reason") in ("cancelled", INTERRUPTED):
+                    view.add_class("stopped")  # as when it stopped live: the answer is not whole
                 if message.tool_calls:
                     await view.show_tool_calls(message.tool_calls)
+        await self._show_welcome()
         chat.scroll_end(animate=False)
 
+    def _handle_exception(self, error: Exception) -> None:
+        """Textual's hook for an exception nothing caught (the app then exits, return code 1): keep it
+        for run_app, which turns it into one line and a non-zero exit status, with the traceback in
+        a log file. (Textual has no public hook; a test drives a crash through `llmchat` itself.)"""
+        if self.crash is None:
+            self.crash, self.crash_log = error, write_crash_log(error)
+        super()._handle_exception(error)
+
+    def _fatal_error(self) -> None:
+        """Exit without Textual's traceback on the terminal: it prints every frame's local variables
+        (the user's messages among them) over a screen or more. The log has the traceback."""
+        self.bell()
+        self._close_messages_no_wait()
+
     def on_unmount(self) -> None:
+        self._save_interrupted()
         sys.setswitchinterval(self._switch_interval)
 
-    def on_resize(self) -> None:
-        self._apply_panel_visibility()
+    def on_resize(self, event: events.Resize) -> None:
+        self._apply_panel_visibility(event.size.width)
 
-    def _apply_panel_visibility(self) -> None:
-        self.query_one("#panels").display = self._panels_wanted and self.size.width >= NARROW
+    def _apply_panel_visibility(self, width: int | None = None) -> None:
+        """Panels shown when wanted and there is room. On a resize, the width is the event's: while
+        the event is handled, `self.size` can still be the previous size."""
+        width = self.size.width if width is None else width
+        panels = self.screen_stack[0].query_one("#panels")  # the chat screen, under any dialog
+        panels.display = self._panels_wanted and width >= NARROW
 
     def _status(self, **changes: Any) -> None:
         if self.sampling is not None:
@@ -333,6 +417,11 @@ class LLMChatApp(InspectingApp):
     @work(thread=True, exclusive=True, group="model")
     def load_model(self, path: Path) -> None:
         from llmchat.engine import load
+
+        if self._threads:  # a torch call, so never on the UI thread (see the module docstring)
+            import torch
+
+            torch.set_num_threads(self._threads)
 
         shown = [0.0]
 
@@ -374,12 +463,14 @@ class LLMChatApp(InspectingApp):
             context_capacity=model.context_length,
             activity="",
         )
-        self._refresh_cache_panel(0, 0)
+        self._refresh_cache_panel(0, 0, 0, 0)  # a fresh cache: no last turn (the old model's was not this one's)
         self._refresh_memory_panel()
+        self._fit_mode(announce=True)
+        await self._show_welcome()
 
     def on_model_progress(self, message: ModelProgress) -> None:
         share = message.done / message.total if message.total else 1.0
-        self._status(activity=f"loading model… {share:.0%} ({message.done}/{message.total} tensors)")
+        self._status(activity=f"loading model… {share:.0%}", hint=f"{message.done}/{message.total} tensors")
 
     async def on_model_failed(self, message: ModelFailed) -> None:
         self._status(activity="no model")
@@ -404,10 +495,10 @@ class LLMChatApp(InspectingApp):
             self.conversation.add_user(event.text)
         await self._answer_current()
 
-    async def _answer_current(self) -> None:
-        """Add an empty answer after the current message, draw the branch, and generate into it."""
+    async def _answer_current(self, answer: ChatMessage | None = None) -> None:
+        """Add an empty answer after the current message (or take `answer`), draw the branch, and generate into it."""
         assert self.model is not None
-        answer = self.conversation.add_assistant()
+        answer = answer or self.conversation.add_assistant()
         await self._show_conversation()
         self._answer_id = answer.id
         self._answer = self.query(AssistantMessage).last()
@@ -420,12 +511,18 @@ class LLMChatApp(InspectingApp):
         self._selected_token = None
         self._branch_prefix = list(answer_prefix or [])
         self.stop_flag.clear()
-        self._status(activity="prefill…")
+        self._decode_rate = DecodeRate()
+        self._live_answer = self._answer  # the answer the live panel updates are for
+        self._status(activity="prefill…", tokens_per_second=None)  # not the previous answer's
         assert self._answer_id is not None
-        self.generate(messages, self._answer_id, [t.token_id for t in self._branch_prefix])
+        self._start_journal(self._answer_id)
+        prefix = [t.token_id for t in self._branch_prefix]
+        self.generate(messages, self._answer_id, prefix, self._prompt_mode())
 
     @work(thread=True, exclusive=True, group="generate")
-    def generate(self, messages: list[dict[str, Any]], answer_id: str, answer_prefix: list[int]) -> None:
+    def generate(
+        self, messages: list[dict[str, Any]], answer_id: str, answer_prefix: list[int], mode: PromptMode = CHAT
+    ) -> None:
         model, sampling = self.model, self.sampling
         assert model is not None and sampling is not None
 
@@ -434,8 +531,7 @@ class LLMChatApp(InspectingApp):
 
         try:
             with self._model_lock:
-                prompt = model.template.render(messages, add_generation_prompt=True)
-                ids = self._chat_tokens.encode(prompt)
+                ids = self._chat_tokens.encode(request_text(model, messages, mode), mode)
                 self._prompt_ids[answer_id] = ids
                 events = model.generate(
                     ids,
@@ -453,7 +549,7 @@ class LLMChatApp(InspectingApp):
                     answer_ids.extend(t.token_id for t in batch.tokens)
                     last = batch.last_token
                     if self.live_policy and last is not None and batch.finished is None:
-                        self.live_policy_view(ids + answer_ids[:-1], last.token_id, live())
+                        self.live_policy_view(ids + answer_ids[:-1], last.token_id, self.policy_params() or live())
 
                 done = run_generation(events, post, interval=lambda: self.frames.interval)
                 if done is not None:
@@ -479,21 +575,40 @@ class LLMChatApp(InspectingApp):
         if tokens or batch.reasoning or batch.content:
             await answer.append(batch.reasoning, batch.content, tokens)
             self.conversation.append(self._answer_id, content=batch.content, reasoning=batch.reasoning)
+            self._journal_frame(batch.content, batch.reasoning, tokens, answer.forced)
             if answer.token_mode != "text":  # its token view is open: it grows with the answer
                 await answer.show_tokens(self._selected_token if self._token_answer is answer else None)
         last = batch.last_token
+        self._decode_rate.add(batch.tokens)
         # The panels follow the tokens at a few frames a second: every repaint takes the GIL from
         # the decode loop, and the text already moves at the coalescer's rate.
         now = time.monotonic()
-        panel_interval = max(PANEL_INTERVAL, 2.5 * self.frames.interval)
-        if last is not None and (now - self._panels_shown_at >= panel_interval or batch.finished is not None):
-            self._panels_shown_at = now
-            if self._selected_token is None:
-                self.query_one(TopKPanel).show(last, title=f"token {last.index + 1}")
-            self._refresh_cache_panel(last.cache_tokens, last.cache_bytes)
-            self._status(activity="generating…")
+        panel_interval = self.frames.panel_interval
         if batch.finished is not None:
+            self._live_answer = None  # panel updates still on their timers are now stale
+            if last is not None and self._selected_token is None:
+                self.query_one(TopKPanel).show(last, title=f"token {last.index + 1}")
             await self._finish(batch.finished)
+        elif last is not None and now - self._panels_shown_at >= panel_interval:
+            self._panels_shown_at = now
+            # In paints of their own, after this frame's: painted together, the answer's new line, the
+            # panels on the right and the status bar at the bottom span the whole screen, and Textual
+            # repaints every widget in the box around what changed.
+            self.set_timer(PAINT_GAP, partial(self._show_live_panels, answer, last))
+
+    def _show_live_panels(self, answer: AssistantMessage, last: TokenEvent) -> None:
+        """The top-k and KV panels at the latest token, then (in the next paint) the status bar."""
+        if answer is not self._live_answer:
+            return  # the answer ended meanwhile: its final numbers are shown
+        if self._selected_token is None:
+            self.query_one(TopKPanel).show(last, title=f"token {last.index + 1}")
+        self._refresh_cache_panel(last.cache_tokens, last.cache_bytes, status=False)
+        self.set_timer(PAINT_GAP, partial(self._show_live_status, answer, last.cache_tokens))
+
+    def _show_live_status(self, answer: AssistantMessage, context_tokens: int) -> None:
+        if answer is self._live_answer:
+            rate = self._decode_rate.per_second
+            self._status(context_tokens=context_tokens, tokens_per_second=rate, activity="generating…")
 
     async def _finish(self, done: Finished) -> None:
         answer, answer_id = self._answer, self._answer_id
@@ -502,8 +617,7 @@ class LLMChatApp(InspectingApp):
         self.conversation.update(
             answer_id,
             stats=answer_stats(done),
-            tokens=[token_record(t, forced=i in answer.forced) for i, t in enumerate(answer.tokens)]
-            + ([token_record(done.end_step, end=True)] if done.end_step is not None else []),
+            tokens=self._records + ([token_record(done.end_step, end=True)] if done.end_step is not None else []),
         )
         content, calls = split_tool_calls(self.conversation.get(answer_id).content)
         if calls:  # the call moves out of the text into its own JSON block (and the saved message)
@@ -517,9 +631,14 @@ class LLMChatApp(InspectingApp):
         self._status(tokens_per_second=done.decode_tokens_per_second, activity=activity)
         self._save()
         self.refresh_inspector()
+        if self._regenerate_after_stop:  # the answer Ctrl+R stopped is saved: now the new one
+            self._regenerate_after_stop = False
+            self.call_later(self.action_regenerate)
 
     async def on_generation_failed(self, message: GenerationFailed) -> None:
         self.generating = False
+        self._live_answer = None
+        self._regenerate_after_stop = False
         if self._answer is not None:
             self._answer.fail(message.error)
         self._status(activity="error")
@@ -529,7 +648,7 @@ class LLMChatApp(InspectingApp):
     # --- panels --------------------------------------------------------------------------------------
 
     def _refresh_cache_panel(
-        self, tokens: int, used: int, reused: int | None = None, prefilled: int | None = None
+        self, tokens: int, used: int, reused: int | None = None, prefilled: int | None = None, *, status: bool = True
     ) -> None:
         if self.model is None:
             return
@@ -546,7 +665,8 @@ class LLMChatApp(InspectingApp):
                 prefilled=previous.prefilled if prefilled is None else prefilled,
             )
         )
-        self._status(context_tokens=tokens)
+        if status:
+            self._status(context_tokens=tokens)
 
     def _refresh_memory_panel(self) -> None:
         if self.model is not None:
@@ -563,6 +683,56 @@ class LLMChatApp(InspectingApp):
             self.store.save(self.conversation)
         except LLMChatError as err:
             self.notify(str(err), title="Conversation not saved", severity="error", timeout=10, markup=False)
+            return
+        journal = self._journal
+        if journal is None:
+            return
+        try:  # the file holds the streaming answer so far: the journal starts over, or goes
+            if self.generating:
+                journal.rebase(self.conversation.get(journal.message_id))
+                return
+            journal.discard()
+        except OSError as err:
+            self.notify(f"The answer's journal: {err}", severity="warning", timeout=10, markup=False)
+        self._journal = None
+
+    # --- the streaming answer's journal (chat.journal) ------------------------------------------------
+
+    def _start_journal(self, answer_id: str) -> None:
+        # The answer's records grow in place (a save mid-answer writes them with the text so far).
+        self._records = []
+        self.conversation.get(answer_id).tokens = self._records
+        if self._journal is not None:
+            self._journal.discard()
+            self._journal = None
+        if self.store is None:
+            return
+        try:
+            self._journal = self.store.start_journal(self.conversation, answer_id)
+        except LLMChatError as err:  # the answer still streams; only a crash would lose it
+            self.notify(str(err), title="Answer not journaled", severity="warning", timeout=10, markup=False)
+
+    def _journal_frame(self, content: str, reasoning: str, tokens: list[TokenEvent], forced: set[int]) -> None:
+        """This frame's records (kept for the final save) and one journal line: a write, no rewrite."""
+        start = len(self._records)
+        records = [token_record(t, forced=start + i in forced) for i, t in enumerate(tokens)]
+        self._records.extend(records)
+        if self._journal is None:
+            return
+        try:
+            self._journal.add(content, reasoning, records)
+        except OSError as err:  # a full disk: say so once, and go on without it
+            self._journal = None
+            self.notify(f"The answer is no longer journaled: {err}", severity="warning", timeout=10, markup=False)
+
+    def _save_interrupted(self) -> None:
+        """The app closes while an answer streams: save what came, marked interrupted."""
+        if not self.generating or self._answer_id is None:
+            return
+        self.stop_flag.set()
+        self.generating = False
+        self.conversation.update(self._answer_id, stats=interrupted_stats(self._records), tokens=list(self._records))
+        self._save()
 
     # --- actions -------------------------------------------------------------------------------------
 
@@ -575,13 +745,23 @@ class LLMChatApp(InspectingApp):
 
     def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
         """Every action in the command palette (Ctrl+P), with its key."""
-        yield from super().get_system_commands(screen)
+        for command in super().get_system_commands(screen):
+            if command.title not in REPLACED_SYSTEM_COMMANDS:
+                yield command
         keys = key_map(self.settings)
         for action, (_, label) in ACTION_KEYS.items():
             if action == "quit":
                 continue  # Textual lists quit already
             title = f"{COMMAND_TITLES.get(action, label)} ({keys[action]})"
             yield SystemCommand(title, COMMAND_HELP.get(action, label), self._palette_callback(ACTIONS[action]))
+        yield SystemCommand(
+            "Theme: choose one", "llmchat's themes and your own; the choice is saved", self.action_choose_theme
+        )
+        if self.startup_problems:
+            count = len(self.startup_problems)
+            yield SystemCommand(
+                f"{PROBLEMS_COMMAND} ({count})", "What start-up found wrong, in full", self.action_startup_problems
+            )
 
     def _palette_callback(self, action: str) -> Any:
         async def run() -> None:
@@ -600,6 +780,7 @@ class LLMChatApp(InspectingApp):
             self.pop_screen()
         elif self.generating:
             self.stop_flag.set()
+            self._regenerate_after_stop = False  # Esc after Ctrl+R: just stop
         elif self._editing is not None:
             self._cancel_edit()
         elif self._token_answer is not None:
@@ -615,15 +796,23 @@ class LLMChatApp(InspectingApp):
         if self._busy("start a new chat"):
             return
         self.conversation = Conversation(model=dict(self.conversation.model))
+        self._fit_mode()
         self._prompt_ids.clear()  # they belong to the old chat's answers
         self._editing = None
         self._token_answer = self._selected_token = None  # its answer goes with the old chat
         await self.query_one(ChatView).clear()
         self.query_one(TopKPanel).show(None)
+        self._forget_last_turn()
+        await self._show_welcome()
 
     async def action_regenerate(self) -> None:
-        """A new answer to the last prompt, kept beside the old one (switch with the branch keys)."""
-        if self._busy("regenerate"):
+        """A new answer to the last prompt, kept beside the old one (switch with the branch keys).
+        Mid-answer it stops the answer (kept, marked stopped, as a branch) and then regenerates."""
+        if self.generating:
+            if not self._regenerate_after_stop:
+                self._regenerate_after_stop = True
+                self.stop_flag.set()
+                self.notify("Stopping this answer to regenerate it; the stopped one stays as a branch.")
             return
         if self.model is None:
             self.notify("The model is not loaded yet.", severity="warning")
@@ -632,9 +821,12 @@ class LLMChatApp(InspectingApp):
         if not path:
             self.notify("Nothing to regenerate yet.", severity="warning")
             return
-        if path[-1].role == "assistant":  # answer its prompt again: the new answer is a sibling
-            self.conversation.current = path[-1].parent
-        await self._answer_current()
+        try:  # answer its prompt again: a sibling of the last answer (an empty, unfinished one is reused)
+            answer = self.conversation.regenerate()
+        except LLMChatError as err:
+            self.notify(str(err), severity="warning", markup=False)
+            return
+        await self._answer_current(answer)
 
     def action_edit_last(self) -> None:
         """Put the last prompt back in the input; Enter sends it as a new branch, Esc cancels."""
@@ -648,7 +840,7 @@ class LLMChatApp(InspectingApp):
         prompt = self.query_one(PromptInput)
         prompt.text = users[-1].content
         prompt.focus()
-        self._status(activity="editing: Enter resends as a new branch, Esc cancels")
+        self._status(activity="editing", hint="Enter resends as a new branch, Esc cancels")
 
     async def action_branch(self, step: int) -> None:
         """Show the previous/next branch at the newest message that has alternatives."""
@@ -729,7 +921,8 @@ class LLMChatApp(InspectingApp):
             with contextlib.suppress(TypeError, ValueError):
                 self.sampling = SamplingParams(**conversation.sampling)
         await self._show_conversation()
-        self._status()
+        self._forget_last_turn()
+        self._fit_mode(announce=True)
         saved = conversation.model.get("path")  # …and its model, when it was another one
         if saved and self.model_path is not None and Path(saved) != self.model_path and Path(saved).exists():
             self._switch_model(Path(saved))
@@ -754,31 +947,104 @@ class LLMChatApp(InspectingApp):
 
     def _switch_model(self, path: Path) -> None:
         self.model_path, self.model = path, None
-        self._status(activity="loading model…", model=path.name)
+        # Nothing the last model measured is true of the next one.
+        self.query_one(KVCachePanel).show(CacheState())
+        self.query_one(MemoryPanel).show(None, None)
+        self._status(activity="loading model…", model=path.name, tokens_per_second=None, context_tokens=0)
         self.load_model(path)
 
+    def _forget_last_turn(self) -> None:
+        """Another conversation is shown (a new or an opened one): the KV panel's last turn and the
+        status bar's tok/s were the previous chat's. The engine's cache still holds that chat's
+        tokens until the next request, which keeps only the start they share with its prompt."""
+        panel = self.query_one(KVCachePanel)
+        old = panel.state
+        left_over = old.tokens or old.left_over
+        panel.show(CacheState(capacity=old.capacity, bytes_capacity=old.bytes_capacity, left_over=left_over))
+        self._status(context_tokens=0, tokens_per_second=None)
+
+    # --- the prompt mode: chat (the template) or completion (one plain text) ------------------------
+
+    def _fit_mode(self, *, announce: bool = False) -> None:
+        """Give the conversation the mode it can have: an empty one takes the session's default,
+        a saved one keeps its own; a model without a chat template can only continue text."""
+        conversation, model = self.conversation, self.model
+        mode = self._prompt_mode() if conversation.messages else self._default_mode
+        if mode == CHAT and model is not None and not model.traits.chat:
+            mode = COMPLETION
+            if announce:
+                self.notify(
+                    f"{model.package.name} has no chat template (a base model): completion mode — your messages "
+                    "and its continuations are one text it continues. Start a message with a space or a new "
+                    "line to separate it.",
+                    title="Completion mode",
+                    timeout=10,
+                    markup=False,
+                )
+        conversation.mode = mode
+        self._status(mode=mode)
+
+    def action_completion_mode(self) -> None:
+        """Switch this conversation between chat (the template) and completion (plain text)."""
+        if self._busy("switch modes"):
+            return
+        model = self.model
+        if self._prompt_mode() == COMPLETION and model is not None and not model.traits.chat:
+            self.notify(f"{model.package.name} has no chat template: it can only continue text.", severity="warning")
+            return
+        mode: PromptMode = CHAT if self._prompt_mode() == COMPLETION else COMPLETION
+        self.conversation.mode = self._default_mode = mode
+        self._status(mode=mode)
+        if mode == COMPLETION:
+            self.notify("Completion mode: the transcript is one plain text the model continues (no chat template).")
+        else:
+            self.notify("Chat mode: the messages go through the model's chat template.")
+        self._save()
+        self.refresh_inspector()
+
     def action_system_prompt(self) -> None:
-        self.push_screen(SystemPromptScreen(self.conversation.system), self._set_system_prompt)
+        screen = SystemPromptScreen(self.conversation.system, template_default=self._template_default_system())
+        self.push_screen(screen, self._set_system_prompt)
+
+    def _template_default_system(self) -> str | None:
+        """The system prompt the model's chat template writes when there is none (SmolLM2, Qwen2.5…):
+        what an empty one means. None without a model, in completion mode, or for a template that adds none."""
+        model = self.model
+        if model is None or not model.traits.chat or self._prompt_mode() != CHAT:
+            return None
+        try:
+            return default_system_prompt(model.template)
+        except LLMChatError:
+            return None
 
     def _set_system_prompt(self, text: str | None) -> None:
         if text is None or text == self.conversation.system:
             return
-        self.conversation.system = text
-        self.conversation.touch()
+        self.conversation.set_system(text)  # remembered where: the transcript shows it there
         self.notify("System prompt set: it applies from the next message." if text else "System prompt removed.")
         self._save()
 
     def action_next_theme(self) -> None:
-        """Cycle through the themes (ours first); the choice is saved in settings.toml."""
-        ours = sorted(name for name in self.available_themes if name.startswith("llmchat"))
-        names = ours + sorted(name for name in self.available_themes if name not in ours)
+        """Cycle through llmchat's themes and the user's (not Textual's built-ins); the choice is saved."""
+        names = theme_cycle(self)
         current = names.index(self.theme) if self.theme in names else -1
-        self.theme = names[(current + 1) % len(names)]
-        self._persist(theme=self.theme)
-        self.notify(f"Theme: {self.theme}", timeout=2)
+        self.action_use_theme(names[(current + 1) % len(names)])
+
+    def action_use_theme(self, name: str) -> None:
+        """Switch to theme `name` (F10, or the palette's theme list) and save it in settings.toml."""
+        self.theme = name
+        self._persist(theme=name)
+        self.notify(f"Theme: {name}", timeout=2)
+
+    def action_choose_theme(self) -> None:
+        self.push_screen(CommandPalette(providers=[ThemeChoices], placeholder="Search for themes…"))
 
     def action_help(self) -> None:
-        self.push_screen(HelpScreen(self.help_rows()))
+        notes = PANELS_HELP
+        if count := len(self.startup_problems):
+            found = "1 problem" if count == 1 else f"{count} problems"
+            notes += f"\n\n{found} at start-up: Ctrl+P → “{PROBLEMS_COMMAND}” shows them."
+        self.push_screen(HelpScreen(self.help_rows(), notes=notes))
 
     def help_rows(self) -> list[tuple[str, str]]:
         """Every chat action with the key it has now (rebound ones included), then the input's keys."""
@@ -797,29 +1063,33 @@ class LLMChatApp(InspectingApp):
             self.notify(str(err), title="Settings not saved", severity="warning", timeout=10, markup=False)
 
     def _set_sampling(self, **changes: Any) -> None:
-        if self.sampling is None:
+        """Step the chat's sampling settings, or over the inspector its what-if (see inspecting.py)."""
+        current = self.tuned_sampling()
+        if current is None:
             return
         try:
-            self.sampling = self.sampling.replace(**changes)
+            params = current.replace(**changes)
         except ValueError as err:
             self.notify(str(err), severity="warning", markup=False)
             return
+        if self.try_sampling(params):  # a what-if: the chat keeps its settings until it is applied
+            return
+        self.sampling = params
         self._status()
-        self.refresh_inspector()  # the policy view shows the new settings' "what if" at once
 
     def action_temperature(self, direction: int) -> None:
-        if self.sampling is not None:
-            value = round(self.sampling.temperature + direction * TEMPERATURE_STEP, 2)
+        if (current := self.tuned_sampling()) is not None:
+            value = round(current.temperature + direction * TEMPERATURE_STEP, 2)
             self._set_sampling(temperature=min(max(value, 0.0), 2.0))
 
     def action_top_p(self, direction: int) -> None:
-        if self.sampling is not None:
-            value = round(self.sampling.top_p + direction * TOP_P_STEP, 2)
+        if (current := self.tuned_sampling()) is not None:
+            value = round(current.top_p + direction * TOP_P_STEP, 2)
             self._set_sampling(top_p=min(max(value, TOP_P_STEP), 1.0))
 
     def action_top_k(self, direction: int) -> None:
-        if self.sampling is not None:
-            self._set_sampling(top_k=_step_top_k(self.sampling.top_k, direction))
+        if (current := self.tuned_sampling()) is not None:
+            self._set_sampling(top_k=_step_top_k(current.top_k, direction))
 
     def action_toggle_panels(self) -> None:
         self._panels_wanted = not self._panels_wanted
@@ -837,11 +1107,40 @@ def _sampling_dict(params: SamplingParams) -> dict[str, Any]:
     }
 
 
+class ChatCrashed(LLMChatError):
+    """The chat ended on an unexpected error (a bug in llmchat): `llmchat` says so in one line and exits 1."""
+
+    exit_status = 1
+
+
+def write_crash_log(error: BaseException) -> Path | None:
+    """The traceback of a crash in `crash.log` in the cache folder, for a bug report (None if it cannot be written)."""
+    import platform
+    import traceback
+
+    from llmchat import __version__
+
+    try:
+        path = cache_dir() / "crash.log"
+        header = f"llmchat {__version__}, Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        path.write_text(header + "".join(traceback.format_exception(error)), encoding="utf-8")
+    except (OSError, LLMChatError):
+        return None
+    return path
+
+
 def run_app(model_path: Path | str | None, **options: Any) -> None:
-    """Open the chat on a model (the CLI's entry point into the TUI)."""
+    """Open the chat on a model (the CLI's entry point into the TUI); ChatCrashed when it crashed."""
     from llmchat.settings import load_settings
 
     store = options.pop("store", None) or ConversationStore.default()
     if "settings" not in options:
         options["settings"], options["settings_problems"] = load_settings()
-    LLMChatApp(model_path, store=store, **options).run()
+    app = LLMChatApp(model_path, store=store, **options)
+    app.run()
+    if app.crash is not None:
+        reason = " ".join(f"{type(app.crash).__name__}: {app.crash}".split())  # one line, however it was raised
+        log = f" (the traceback is in {app.crash_log})" if app.crash_log else ""
+        raise ChatCrashed(f"the chat stopped on an unexpected error: {reason}{log}")
+    if app.return_code:
+        raise ChatCrashed(f"the chat ended with status {app.return_code}")

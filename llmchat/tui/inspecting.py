@@ -10,6 +10,7 @@ holds while it generates, so the UI thread never touches torch and never races t
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +22,9 @@ from textual.message import Message
 from llmchat.chat.conversation import Conversation
 from llmchat.engine import LLMChatError, LoadedModel, SamplingParams
 from llmchat.engine.inspector import PolicyView, PromptView
-from llmchat.engine.prompt import ChatTokens
+from llmchat.engine.prompt import CHAT, COMPLETION, ChatTokens, PromptMode, request_text
 from llmchat.tui.screens.inspector import InspectorScreen
-from llmchat.tui.widgets.inspector import Timeline, saved_policy_text, step_title
+from llmchat.tui.widgets.inspector import Timeline, inherited_tokens, saved_policy_text, step_title
 from llmchat.tui.widgets.messages import AssistantMessage
 from llmchat.tui.widgets.panels import TopKPanel
 from llmchat.tui.widgets.prompt import PromptInput
@@ -65,6 +66,7 @@ class InspectingApp(App[None]):
     _chat_tokens: ChatTokens
     _answer: AssistantMessage | None
     _answer_id: str | None
+    _status: Callable[..., None]  # the status bar's update
 
     def __init__(self) -> None:
         super().__init__()
@@ -77,6 +79,10 @@ class InspectingApp(App[None]):
         # While an answer streams and the policy tab shows its newest step, the answer's worker
         # computes that view at each UI frame (it holds the model; the step's logits are at hand).
         self.live_policy = False
+
+    def _prompt_mode(self) -> PromptMode:
+        """How the model sees this conversation: chat (its template) or completion (plain text)."""
+        return COMPLETION if self.conversation.mode == COMPLETION else CHAT
 
     # --- the token cursor ---------------------------------------------------------------------------
 
@@ -169,6 +175,45 @@ class InspectingApp(App[None]):
         else:
             self._refresh_timeline(screen)
 
+    # --- the policy view's what-if: other sampling settings, tried without touching the chat's ---------
+
+    def tuned_sampling(self) -> SamplingParams | None:
+        """The settings F2–F7 step from: over the inspector its what-if (else the chat's settings)."""
+        return self.policy_params()
+
+    def policy_params(self) -> SamplingParams | None:
+        """What the policy view shows: the inspector's what-if when there is one, else the chat's
+        settings. (Also read by the answer's worker for the live view: a plain attribute read.)"""
+        screen = self.screen
+        what_if = screen.what_if if isinstance(screen, InspectorScreen) else None
+        return what_if or self.sampling
+
+    def try_sampling(self, params: SamplingParams) -> bool:
+        """Over the inspector, settings from F2–F7 become its what-if (shown on the policy tab, which
+        comes up); True then. Elsewhere False: they are the chat's to take."""
+        screen = self.screen
+        if not isinstance(screen, InspectorScreen):
+            return False
+        screen.what_if = None if params == self.sampling else params
+        if screen.active_tab != "policy":
+            screen.show_tab("policy")  # it refreshes when it becomes active
+        else:
+            self.refresh_inspector()
+        return True
+
+    def on_inspector_screen_apply_sampling(self, message: InspectorScreen.ApplySampling) -> None:
+        """The inspector's apply key: the what-if becomes the chat's settings."""
+        screen = self.screen
+        if not isinstance(screen, InspectorScreen):
+            return
+        if screen.what_if is None:
+            self.notify("Nothing to apply: F2–F7 try other settings here first.")
+            return
+        self.sampling, screen.what_if = screen.what_if, None
+        self._status()
+        self.notify("Applied to the chat: the next token is sampled with these settings.", timeout=3)
+        self.refresh_inspector()
+
     def _refresh_policy(self, screen: InspectorScreen) -> None:
         if self.generating and self._token_answer is None:  # no cursor: follow the newest step live
             self.live_policy = True
@@ -182,7 +227,8 @@ class InspectingApp(App[None]):
         answer, index = step
         token = answer.steps[index]
         title = step_title(token, index, len(answer.steps))
-        if self.model is None or self.sampling is None:
+        params = self.policy_params()
+        if self.model is None or params is None:
             note = "No model loaded: this step's saved top-k (load the model for every stage)."
             screen.show_policy(title, saved_policy_text(token, note))
             return
@@ -198,8 +244,9 @@ class InspectingApp(App[None]):
             self._prompt_ids.get(answer.message_id or ""),
             messages,
             [t.token_id for t in answer.steps[:index]],
-            self.sampling,
+            params,
             token.token_id,
+            self._prompt_mode(),
         )
 
     @work(thread=True, exclusive=True, group="inspect")
@@ -211,6 +258,7 @@ class InspectingApp(App[None]):
         answer_ids: list[int],
         params: SamplingParams,
         chosen: int,
+        mode: PromptMode,
     ) -> None:
         from llmchat.engine.inspector import policy_view
 
@@ -220,8 +268,7 @@ class InspectingApp(App[None]):
         try:
             with self._model_lock:
                 if prompt_ids is None:
-                    rendered = model.template.render(messages or [], add_generation_prompt=True)
-                    prompt_ids = self._chat_tokens.peek(rendered)
+                    prompt_ids = self._chat_tokens.peek(request_text(model, messages or [], mode), mode)
                 sequence = prompt_ids + answer_ids
                 # another branch's step is prefilled back; asking again (a what-if) runs no model
                 logits = model.generator.step_logits(sequence, prefill=True)
@@ -263,8 +310,8 @@ class InspectingApp(App[None]):
     def _next_request_messages(self) -> tuple[list[dict[str, Any]], str]:
         """The messages the next request would send: the branch so far plus the draft in the input."""
         messages = self.conversation.chat_messages()
-        draft = self.query_one(PromptInput).text.strip()
-        if draft:
+        draft = self.query_one(PromptInput).text  # as Enter sends it: a completion's leading space counts
+        if draft.strip():
             return [*messages, {"role": "user", "content": draft}], "with the draft in the input as the next message"
         return messages, "the conversation so far (type a message to see it in the next request)"
 
@@ -276,23 +323,24 @@ class InspectingApp(App[None]):
             screen.show_prompt(None, note="Streaming: the next request shows when the answer is done.")
             return
         messages, note = self._next_request_messages()
-        self._compute_prompt(self._inspector_request, messages, note)
+        self._compute_prompt(self._inspector_request, messages, note, self._prompt_mode())
 
     @work(thread=True, exclusive=True, group="inspect")
-    def _compute_prompt(self, request: int, messages: list[dict[str, Any]], note: str) -> None:
+    def _compute_prompt(self, request: int, messages: list[dict[str, Any]], note: str, mode: PromptMode) -> None:
         model = self.model
         if model is None:
             return
         try:
             with self._model_lock:
-                rendered = model.template.render(messages, add_generation_prompt=True)
-                ids = self._chat_tokens.peek(rendered)
+                rendered = request_text(model, messages, mode)
+                ids = self._chat_tokens.peek(rendered, mode)
                 reused = model.generator.reusable(ids)
                 texts = tuple(model.generator.token_text(i) for i in ids)
         except LLMChatError as err:
             self.post_message(PromptReady(request, None, str(err)))
             return
-        self.post_message(PromptReady(request, PromptView(rendered, tuple(ids), texts, reused), note))
+        view = PromptView(rendered, tuple(ids), texts, reused, completion=mode == COMPLETION)
+        self.post_message(PromptReady(request, view, note))
 
     def on_prompt_ready(self, message: PromptReady) -> None:
         screen = self.screen
@@ -307,6 +355,6 @@ class InspectingApp(App[None]):
             return
         answer = step[0]
         stats = dict(self.conversation.get(answer.message_id).stats or {}) if answer.message_id else {}
-        timeline = Timeline.of_answer(answer.steps, stats)
+        timeline = Timeline.of_answer(answer.steps, stats, inherited_tokens(answer.forced))
         note = "" if timeline is not None else "This answer kept no timings (saved by an older version)."
         screen.show_timeline(timeline, note)

@@ -4,20 +4,25 @@ Shipped themes live in the repo's top-level `themes/` folder, which a wheel inst
 `llmchat/themes/`; user themes live in `<config dir>/themes/` and win over a shipped theme of the
 same name. A theme file is a few colours and an optional `[variables]` table of Textual theme
 variables. A broken user theme is reported and skipped, never a reason not to start.
+
+Textual registers its own twenty-odd themes in every app; llmchat's F10 cycle and theme picker
+offer only the themes from these files (`theme_cycle`), which are the ones made for its panels.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from textual.app import App
 from textual.color import Color, ColorParseError
+from textual.command import DiscoveryHit, Hit, Hits, Provider
 from textual.css.styles import Styles
-from textual.theme import Theme
+from textual.theme import BUILTIN_THEMES, Theme
 
 from llmchat.engine.errors import LLMChatError
 from llmchat.paths import config_dir
@@ -30,12 +35,14 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 __all__ = [
     "DEFAULT_THEME",
+    "ThemeChoices",
     "ThemeError",
     "apply_theme",
     "load_theme_file",
     "load_themes",
     "register_themes",
     "shipped_themes_dir",
+    "theme_cycle",
     "user_themes_dir",
 ]
 
@@ -175,4 +182,31 @@ def apply_theme(app: App[Any], name: str) -> str | None:
         return None
     if DEFAULT_THEME in app.available_themes:
         app.theme = DEFAULT_THEME
-    return f"theme {name!r} is not installed (known: {', '.join(sorted(app.available_themes))}); using {app.theme!r}"
+    return f"theme {name!r} is not installed (known: {', '.join(theme_cycle(app))}); using {app.theme!r}"
+
+
+def theme_cycle(app: App[Any]) -> list[str]:
+    """The themes F10 steps through: those registered from theme files (llmchat's, then the
+    user's), not Textual's built-ins; a user theme that took a built-in's name is the user's."""
+    ours = [name for name, theme in app.available_themes.items() if BUILTIN_THEMES.get(name) is not theme]
+    return sorted(ours, key=lambda name: (not name.startswith("llmchat"), name))
+
+
+class ThemeChoices(Provider):
+    """The command palette's theme list (Textual's own lists its built-ins too). Picking one runs
+    the app's `use_theme` action, so the choice is applied and saved the way F10's is."""
+
+    def _choices(self) -> list[tuple[str, Callable[[], Any]]]:
+        app = self.app
+        return [(name, functools.partial(app.run_action, f"use_theme({name!r})")) for name in theme_cycle(app)]
+
+    async def discover(self) -> Hits:
+        for name, choose in self._choices():
+            yield DiscoveryHit(name, choose, help="the current theme" if name == self.app.theme else None)
+
+    async def search(self, query: str) -> Hits:
+        matcher = self.matcher(query)
+        for name, choose in self._choices():
+            score = matcher.match(name)
+            if score > 0:
+                yield Hit(score, matcher.highlight(name), choose, text=name)

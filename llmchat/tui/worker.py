@@ -1,7 +1,7 @@
 """The bridge between the engine (worker thread) and the UI thread.
 
 The engine yields one event per token; the UI must not redraw per token or rendering would cap
-the token rate. `Coalescer` folds events into `Batch`es: at most one per `interval` seconds, plus
+the token rate. `Coalescer` folds events into `Batch`es: about one per `interval` seconds, plus
 one at once for every event that changes the phase (prefill done, finished). `run_generation`
 drives a generation in the calling (worker) thread and hands each batch to `post`.
 """
@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from llmchat.engine import Finished, PrefillDone, PrefillProgress, TokenEvent
 from llmchat.engine.events import ForcedPrefix, GenerationEvent
 
-# 10 UI updates per second at most. Each one costs the UI thread a Markdown re-parse, a layout and
-# a repaint (~10-15 ms of Python), and all that time the decode loop waits for the GIL between
-# kernels; measured on the demo model (benchmarks/tui_speed.py), 25/s cost a third of the token
-# rate. `FrameBudget` spaces frames further when the UI thread still takes too much.
+# About 10 UI updates per second: streaming reads as smooth from there on. Each one costs the UI
+# thread a parse of the growing block and a repaint (benchmarks/tui_speed.py --frames), and all
+# that time the decode loop waits for the GIL between kernels; measured on the demo model, 25/s cost
+# a third of the token rate. `FrameBudget` spaces frames further when the UI thread takes too much.
 DEFAULT_INTERVAL = 0.1
 
 
@@ -46,33 +46,38 @@ class FrameBudget:
     """Spaces UI frames so the UI thread stays under `share` of one core while tokens stream.
 
     Why: on a 2-core CPU the UI thread's work lands on a core one of torch's threads is using, and
-    a decode step waits for its slowest thread, so the token rate lost is about twice the UI's CPU
-    share (benchmarks/tui_speed.py: 3% held decode at 0.89-0.96 of the bare engine, 5% at 0.85-0.91).
-    A frame costs 15-35 ms (Markdown append, layout as the answer grows, repaint), so on such a
-    machine frames settle near the slowest rate; on a fast one they stay at the fastest.
+    a decode step waits for its slowest thread. With the GIL handed back every 0.1 ms (app.py), a
+    10% share keeps ~10 frames/s and decode at 0.86-0.93 of the bare engine on 2 cores (5%: ~5.5
+    frames/s at 0.84-1.0; benchmarks/tui_speed.py --share, 2026-12-02, AMD EPYC).
 
-    The app calls `observe()` on the UI thread once per frame; the CPU time that thread used since
-    the previous call (handling the batch, layout, repaint) over the wall time is its share. Above
-    the budget the interval grows by a quarter, well under it shrinks back, within [fastest, slowest].
-    The worker reads `interval` before each flush.
+    Two rates are budgeted, the text's first: `interval` (the answer's frames) and `panel_interval`
+    (the side panels and status bar, whose repaint costs as much as a few text frames). The app
+    calls `observe()` on the UI thread once per frame; the CPU time that thread used since the
+    previous call (handling the batch, layout, repaints) over the wall time is its share. Above the
+    budget the panels slow down by a quarter at a time to `panel_slowest`, and only then the text,
+    to `slowest`; well under it the text comes back to `fastest` first, then the panels to
+    `panel_fastest`. The worker reads `interval` before each flush.
     """
 
     def __init__(
         self,
-        share: float = 0.03,
+        share: float = 0.1,
         fastest: float = DEFAULT_INTERVAL,
         slowest: float = 0.5,
+        panel_fastest: float = 0.25,
+        panel_slowest: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         cpu: Callable[[], float] = time.thread_time,
     ) -> None:
         self.share, self.fastest, self.slowest = share, fastest, slowest
+        self.panel_fastest, self.panel_slowest = panel_fastest, panel_slowest
         self._clock, self._cpu = clock, cpu
-        self.interval = fastest
+        self.interval, self.panel_interval = fastest, panel_fastest
         self._last: tuple[float, float] | None = None
 
     def restart(self) -> None:
-        """A new answer: start from the fastest rate again."""
-        self.interval, self._last = self.fastest, None
+        """A new answer: start from the fastest rates again."""
+        self.interval, self.panel_interval, self._last = self.fastest, self.panel_fastest, None
 
     def observe(self) -> float:
         """Account for the UI thread's work since the last call; returns the share it used."""
@@ -81,11 +86,43 @@ class FrameBudget:
         if self._last is not None:
             busy = (used - self._last[1]) / max(now - self._last[0], 1e-6)
             if busy > self.share:
-                self.interval = min(self.interval * 1.25, self.slowest)
+                if self.panel_interval < self.panel_slowest:
+                    self.panel_interval = min(self.panel_interval * 1.25, self.panel_slowest)
+                else:
+                    self.interval = min(self.interval * 1.25, self.slowest)
             elif busy < self.share / 2:
-                self.interval = max(self.interval / 1.25, self.fastest)
+                if self.interval > self.fastest:
+                    self.interval = max(self.interval / 1.25, self.fastest)
+                else:
+                    self.panel_interval = max(self.panel_interval / 1.25, self.panel_fastest)
         self._last = (now, used)
         return busy
+
+
+class DecodeRate:
+    """Decode tokens per second of the answer streaming now, counted as `Finished` counts it.
+
+    The steps after the first token over their time (`TokenEvent.seconds`); the first token's time
+    is the prefill's. So the number the status bar shows live ends where the stats line begins.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.seconds = 0.0
+        self._first = True
+
+    def add(self, tokens: Iterable[TokenEvent]) -> None:
+        for token in tokens:
+            if self._first:
+                self._first = False
+                continue
+            self.steps += 1
+            self.seconds += token.seconds
+
+    @property
+    def per_second(self) -> float | None:
+        """None until two tokens have come."""
+        return self.steps / self.seconds if self.steps and self.seconds > 0 else None
 
 
 class Coalescer:
@@ -102,6 +139,7 @@ class Coalescer:
         self._reasoning: list[str] = []
         self._content: list[str] = []
         self._last_flush = -float("inf")
+        self._last_event: float | None = None
         self._streamed_reasoning = self._streamed_content = 0  # characters handed out so far
 
     def add(self, event: GenerationEvent) -> Batch | None:
@@ -125,7 +163,13 @@ class Coalescer:
             self._batch.prefill = event
             urgent = isinstance(event, PrefillDone)
         interval = self.interval() if callable(self.interval) else self.interval
-        if urgent or self._clock() - self._last_flush >= interval:
+        now = self._clock()
+        # The frame goes out with the event nearest its time: waiting for the next event (about one
+        # gap away) would overshoot more than this one falls short. At 30 tok/s and 0.1 s the frame
+        # then takes 3 tokens (0.10 s), where "at least 0.1 s" took 4 (0.13 s: 7.5 frames/s).
+        gap = now - self._last_event if self._last_event is not None else 0.0
+        self._last_event = now
+        if urgent or now - self._last_flush >= interval - gap / 2:
             return self.flush()
         return None
 

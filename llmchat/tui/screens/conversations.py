@@ -4,20 +4,28 @@ The screen works on the store directly (rename and delete happen here, each afte
 and dismisses with the id of the conversation to open, or None. It posts `Renamed` and `Deleted`
 messages, which bubble to the App, so the app can follow a rename of the conversation it has open
 (its in-memory title would otherwise be saved over the new one).
+
+Search runs on an in-memory index of the messages, read once in a thread when the screen opens,
+so each key filters at once; titles match from the first key, messages as soon as the index is in.
+(Conversation files reach a megabyte each, mostly per-token top-k: on 40 such files, 30 MB, reading
+the folder again took 4.6 s per key on the UI thread; filtering the index takes 0.7 ms.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from rich.cells import cell_len
 from rich.text import Text
-from textual import events, on
+from textual import events, on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Input, Static
+from textual.worker import Worker, WorkerState, get_current_worker
 
 from llmchat.chat.conversation import parse_iso
 from llmchat.chat.store import ConversationStore, StoreError, Summary, Unreadable
@@ -27,6 +35,8 @@ from llmchat.tui.widgets.format import printable
 CURRENT_MARK = "● "
 EMPTY_STORE = "No saved conversations yet."
 HINT = "Enter open · Ctrl+R/F2 rename · Del/Ctrl+D delete · type to search · Esc close"
+MIN_TITLE = 12  # columns the title keeps before the model column gives up its own
+SEPARATOR = "\0"  # between messages in the index: a typed search text never contains it
 
 
 def local_time(iso: str) -> str:
@@ -51,10 +61,120 @@ def unreadable_text(files: list[Unreadable]) -> Text:
     return Text("\n".join(lines))
 
 
+def matches(summaries: Iterable[Summary], text: str, index: dict[str, str] | None) -> list[Summary]:
+    """The summaries whose title, or (with an index) any message, contains `text`, ignoring case:
+    the same rule as `ConversationStore.search`, on text already in memory."""
+    needle = text.strip().casefold()
+    if not needle:
+        return list(summaries)
+    return [s for s in summaries if needle in s.title.casefold() or needle in (index or {}).get(s.id, "")]
+
+
+def column_widths(available: int, models: list[str], turns: list[int], padding: int = 1) -> dict[str, int]:
+    """Content widths of the four columns for a table `available` cells wide.
+
+    Updated and Turns always get their full width and the model its longest name; the title takes
+    what is left. On a narrow table the model column shrinks (its names then end in "…") before the
+    title drops below MIN_TITLE; below that the table scrolls sideways rather than clip a date.
+    """
+    widths = {
+        "updated": cell_len("2026-12-31 23:59"),
+        "turns": max([cell_len("Turns"), *(len(str(n)) for n in turns)]),
+        "model": max([cell_len("Model"), *(cell_len(m) for m in models)]),
+    }
+    gaps = 2 * padding * 4
+    title = available - gaps - sum(widths.values())
+    if title < MIN_TITLE:
+        widths["model"] = max(cell_len("Model"), widths["model"] - (MIN_TITLE - title))
+        title = max(MIN_TITLE, available - gaps - sum(widths.values()))
+    return {"title": title, **widths}
+
+
+class ConversationTable(DataTable[Text]):
+    """The list: columns sized to the table's width, and typing (or a paste) goes to the search box.
+
+    The keys are handled here, on the widget they were delivered to, not where they bubble: a
+    terminal hands over a word typed fast in one read, every key of it is forwarded to the table
+    before the focus moves to the search box, and a check of "is the table focused" further up
+    dropped all but the first letter.
+    """
+
+    DEFAULT_CSS = """
+    ConversationTable {
+        width: 100%;
+    }
+    """
+
+    def __init__(self, search: Input, *, id: str | None = None) -> None:
+        super().__init__(id=id, cursor_type="row", zebra_stripes=True)
+        self.search = search
+        self.summaries: list[Summary] = []
+        self.current_id: str | None = None
+        self._laid_out_for = -1  # the content width the columns were sized for
+
+    def show(self, summaries: list[Summary], current_id: str | None, cursor: int | None) -> None:
+        """Replace the rows; the cursor goes to row `cursor` (kept in range) when given."""
+        self.summaries, self.current_id = summaries, current_id
+        self._rebuild(cursor)
+
+    def _rebuild(self, cursor: int | None) -> None:
+        width = self.scrollable_content_region.width
+        self._laid_out_for = width
+        self.clear(columns=True)
+        models, turns = [printable(s.model) for s in self.summaries], [s.turns for s in self.summaries]
+        # Not laid out yet (width 0): size to the content until the first resize.
+        sizes = column_widths(width, models, turns, self.cell_padding) if width > 0 else {}
+        self.add_column("Title", key="title", width=sizes.get("title"))
+        self.add_column("Model", key="model", width=sizes.get("model"))
+        self.add_column("Updated", key="updated", width=sizes.get("updated"))
+        self.add_column(Text("Turns", justify="right"), key="turns", width=sizes.get("turns"))
+        for summary in self.summaries:
+            current = summary.id == self.current_id
+            mark = CURRENT_MARK if current else "  "
+            self.add_row(
+                Text(mark + printable(summary.title), style="bold" if current else "", overflow="ellipsis"),
+                Text(printable(summary.model), overflow="ellipsis"),
+                Text(local_time(summary.updated)),
+                Text(str(summary.turns), justify="right"),
+                key=summary.id,
+            )
+        if cursor is not None and self.summaries:
+            self.move_cursor(row=min(max(cursor, 0), len(self.summaries) - 1))
+        self.call_after_refresh(self._fit)  # once laid out: a vertical scrollbar may have taken room
+
+    def _fit(self) -> None:
+        """Size the columns again if the room for them changed (a resize, a scrollbar came or went)."""
+        if self.is_attached and self.scrollable_content_region.width != self._laid_out_for:
+            self._rebuild(self.cursor_row)
+
+    def on_resize(self) -> None:
+        self._fit()
+
+    def _type(self, text: str) -> None:
+        self.screen.set_focus(self.search)  # at once, so the next key goes straight to the box
+        self.search.insert_text_at_cursor(text)
+
+    def on_key(self, event: events.Key) -> None:
+        if event.is_printable and event.character:
+            event.stop()
+            event.prevent_default()
+            self._type(event.character)
+
+    def on_paste(self, event: events.Paste) -> None:
+        event.stop()
+        lines = event.text.splitlines()
+        if lines:  # one line, as the search box itself takes a paste
+            self._type(lines[0])
+
+
 class ConversationsScreen(Dialog[str | None]):
     """Lists a store's conversations, newest first; dismisses with the id to open, or None."""
 
     DEFAULT_CSS = """
+    ConversationsScreen > Vertical.dialog {
+        width: 96%;
+        max-width: 110;  /* as wide as the other dialogs on a wide screen, nearly all of a narrow one */
+    }
     ConversationsScreen #search {
         margin: 1 0 0 0;
     }
@@ -103,29 +223,27 @@ class ConversationsScreen(Dialog[str | None]):
         self.current_id = current_id
         self.summaries: list[Summary] = []  # the rows shown, in order
         self.unreadable: list[Unreadable] = []
-        self._total = 0  # readable conversations in the store, whatever the search
+        self.index: dict[str, str] | None = None  # id → its messages, casefolded; None until read
+        self._listed: list[Summary] = []  # every readable conversation, newest first
 
     # --- layout --------------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
+        search = Input(placeholder="Search titles and messages…", id="search", select_on_focus=False)
         with Vertical(classes="dialog") as dialog:
             dialog.border_title = "Conversations"
-            yield Input(placeholder="Search titles and messages…", id="search", select_on_focus=False)
-            yield DataTable(id="table", cursor_type="row", zebra_stripes=True)
+            yield search
+            yield ConversationTable(search, id="table")
             yield Static(id="empty", markup=False)
             with VerticalScroll(id="unreadable-box"):
                 yield Static(id="unreadable", classes="error-text", markup=False)
             yield Static(HINT, classes="hint", markup=False)
 
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        table.add_column("Title", key="title")
-        table.add_column("Model", key="model")
-        table.add_column("Updated", key="updated")
-        table.add_column("Turns", key="turns")
         self.reload(keep=self.current_id)
+        self._read_index()
         if self.summaries:
-            table.focus()
+            self.query_one(ConversationTable).focus()
         else:
             self.query_one("#search", Input).focus()
 
@@ -139,52 +257,52 @@ class ConversationsScreen(Dialog[str | None]):
         except OSError as err:
             self.notify(f"cannot read {self.store.directory}: {err.strerror or err}", severity="error", markup=False)
             return
-        self._total = len(listing.conversations)
+        self._listed = listing.conversations
         self.unreadable = listing.unreadable
         self.query_one("#unreadable", Static).update(unreadable_text(listing.unreadable))
         self.query_one("#unreadable-box").display = bool(listing.unreadable)
-        text = self.query_one("#search", Input).value.strip()
-        self._show(self.store.search(text) if text else listing.conversations, keep, row)
+        self._show(keep, row)
 
-    def _refilter(self) -> None:
-        text = self.query_one("#search", Input).value.strip()
-        try:
-            rows = self.store.search(text) if text else self.store.list().conversations
-        except OSError as err:
-            self.notify(f"cannot read {self.store.directory}: {err.strerror or err}", severity="error", markup=False)
-            return
-        self._show(rows, keep=self.selected_id)
+    @work(thread=True, exclusive=True, group="conversations-index")
+    def _read_index(self) -> dict[str, str]:
+        """Every readable conversation's messages, casefolded (a thread: it reads every file)."""
+        worker = get_current_worker()
+        index: dict[str, str] = {}
+        for summary in list(self._listed):
+            if worker.is_cancelled:  # the screen closed: stop reading for nobody
+                break
+            try:
+                conversation = self.store.load(summary.id)
+            except StoreError:
+                continue  # gone or broken since the listing: the next reload says so
+            index[summary.id] = SEPARATOR.join(m.content.casefold() for m in conversation.messages)
+        return index
 
-    def _show(self, summaries: list[Summary], keep: str | None = None, row: int | None = None) -> None:
-        self.summaries = summaries
-        table = self.query_one(DataTable)
-        table.clear()
-        for summary in summaries:
-            mark = CURRENT_MARK if summary.id == self.current_id else "  "
-            table.add_row(
-                Text(mark + printable(summary.title), style="bold" if summary.id == self.current_id else ""),
-                Text(printable(summary.model)),
-                Text(local_time(summary.updated)),
-                Text(str(summary.turns), justify="right"),
-                key=summary.id,
-            )
-        ids = [s.id for s in summaries]
-        if keep in ids:
-            table.move_cursor(row=ids.index(keep))
-        elif row is not None and summaries:
-            table.move_cursor(row=min(row, len(summaries) - 1))
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker.group == "conversations-index" and event.state is WorkerState.SUCCESS:
+            self.index = event.worker.result
+            if self.query_one("#search", Input).value.strip():
+                self._show(keep=self.selected_id)
+
+    def _show(self, keep: str | None = None, row: int | None = None) -> None:
+        text = self.query_one("#search", Input).value.strip()
+        self.summaries = matches(self._listed, text, self.index)
+        ids = [s.id for s in self.summaries]
+        cursor = ids.index(keep) if keep in ids else row
+        table = self.query_one(ConversationTable)
+        table.show(self.summaries, self.current_id, cursor)
         empty = self.query_one("#empty", Static)
-        if self._total == 0:
+        if not self._listed:
             empty.update(EMPTY_STORE)
-        elif not summaries:
-            empty.update(f"No conversation matches “{self.query_one('#search', Input).value.strip()}”.")
-        table.display = bool(summaries)
-        empty.display = not summaries
+        elif not self.summaries:
+            empty.update(f"No conversation matches “{text}”.")
+        table.display = bool(self.summaries)
+        empty.display = not self.summaries
 
     @property
     def selected(self) -> Summary | None:
         """The highlighted conversation, if the list shows any."""
-        table = self.query_one(DataTable)
+        table = self.query_one(ConversationTable)
         if not self.summaries or not 0 <= table.cursor_row < len(self.summaries):
             return None
         return self.summaries[table.cursor_row]
@@ -199,7 +317,7 @@ class ConversationsScreen(Dialog[str | None]):
     @on(Input.Changed, "#search")
     def _search_changed(self, event: Input.Changed) -> None:
         event.stop()
-        self._refilter()
+        self._show(keep=self.selected_id)
 
     @on(Input.Submitted, "#search")
     def _search_submitted(self, event: Input.Submitted) -> None:
@@ -210,16 +328,6 @@ class ConversationsScreen(Dialog[str | None]):
     def _row_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()
         self.action_open()
-
-    def on_key(self, event: events.Key) -> None:
-        """Typing in the list goes to the search box."""
-        table = self.query_one(DataTable)
-        if self.focused is table and event.is_printable and event.character:
-            event.stop()
-            event.prevent_default()
-            search = self.query_one("#search", Input)
-            search.focus()
-            search.insert_text_at_cursor(event.character)
 
     # --- actions -------------------------------------------------------------------------------
 

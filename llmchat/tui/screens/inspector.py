@@ -1,13 +1,15 @@
 """The inspector: the decoding policy of a step, the prompt as the model sees it, and the timeline.
 
-A full screen over the chat rather than a modal dialog: the chat's keys keep working here, so
-F2–F7 change the sampling settings and the policy view recomputes at once ("what if"), and F8/F9
-move the token cursor to another step. The app computes the views (tensors stay on worker
-threads) and hands them over with `show_*`; the screen only draws.
+A full screen over the chat rather than a modal dialog: the chat's keys keep working here. F2–F7
+try other sampling settings: they change the screen's `what_if` copy, not the chat's settings,
+and the policy view recomputes at once; A applies the what-if to the chat, leaving the inspector
+drops it. F8/F9 move the token cursor to another step. The app computes the views (tensors stay
+on worker threads) and hands them over with `show_*`; the screen only draws.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 from rich.text import Text
@@ -15,10 +17,12 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Sparkline, Static, TabbedContent, TabPane
 
 from llmchat.engine.inspector import PolicyView, PromptView
+from llmchat.engine.sampling import SamplingParams
 from llmchat.tui.widgets.inspector import (
     Timeline,
     policy_text,
@@ -29,9 +33,14 @@ from llmchat.tui.widgets.inspector import (
     timeline_trend,
 )
 
+CHAT_HEADING = "Rendered text (exactly what the chat template produced)"
+COMPLETION_HEADING = "The transcript as plain text (completion mode: no chat template; the model continues it)"
 TABS = {"policy": "Policy", "prompt": "Prompt", "timeline": "Timeline"}
 _PANE = "inspect-"  # pane ids are prefixed: the chat screen's CSS already styles a #prompt
-HINT = "Alt+P policy · Alt+V prompt · Alt+L timeline · F8/F9 step · F2–F7 sampling · Esc back to the chat"
+HINT = (
+    "Alt+P policy · Alt+V prompt · Alt+L timeline · F8/F9 step · F2–F7 what-if sampling · A apply it · "
+    "Esc back to the chat"
+)
 
 
 class InspectorScreen(Screen[None]):
@@ -73,11 +82,20 @@ class InspectorScreen(Screen[None]):
     }
     """
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "app.pop_screen", "Back", show=False)]
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "app.pop_screen", "Back", show=False),
+        Binding("a", "apply_sampling", "Apply what-if"),
+    ]
+
+    @dataclass
+    class ApplySampling(Message):
+        """The user asked for the what-if settings to become the chat's."""
 
     def __init__(self, tab: str = "policy") -> None:
         super().__init__()
         self.initial_tab = tab
+        # Sampling settings tried here (F2–F7), not the chat's until applied; None: the chat's shown.
+        self.what_if: SamplingParams | None = None
         # What is drawn now, as data (tests read these).
         self.policy: PolicyView | None = None
         self.prompt: PromptView | None = None
@@ -92,7 +110,7 @@ class InspectorScreen(Screen[None]):
             with TabPane(TABS["prompt"], id=_PANE + "prompt"), VerticalScroll():
                 yield Static(id="prompt-counts", markup=False)
                 yield Static(id="prompt-chips")
-                yield Static("Rendered text (exactly what the chat template produced)", classes="section")
+                yield Static(CHAT_HEADING, id="prompt-heading", classes="section", markup=False)
                 yield Static(id="prompt-text", markup=False)
             with TabPane(TABS["timeline"], id=_PANE + "timeline"), VerticalScroll():
                 yield Static(id="timeline-prefill")
@@ -105,6 +123,9 @@ class InspectorScreen(Screen[None]):
     def active_tab(self) -> str:
         """ "policy", "prompt" or "timeline"."""
         return self.query_one(TabbedContent).active.removeprefix(_PANE) or self.initial_tab
+
+    def action_apply_sampling(self) -> None:
+        self.post_message(self.ApplySampling())
 
     def show_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = _PANE + tab
@@ -125,7 +146,8 @@ class InspectorScreen(Screen[None]):
         """A step's title and either its sampler chain (a PolicyView) or a note / its saved top-k."""
         self.policy = body if isinstance(body, PolicyView) else None
         if isinstance(body, PolicyView):
-            body = policy_text(body, self._colour("accent", "cyan"), self._colour("error", "red"))
+            chat = getattr(self.app, "sampling", None)
+            body = policy_text(body, self._colour("accent", "cyan"), self._colour("error", "red"), chat=chat)
         self.query_one("#policy-step", Static).update(step)
         self.query_one("#policy-body", Static).update(body)
 
@@ -144,6 +166,7 @@ class InspectorScreen(Screen[None]):
         new_style = f"bold {self._colour('background', 'black')} on {self._colour('accent', 'cyan')}"
         self.query_one("#prompt-chips", Static).update(prompt_chips(view, reused_style, new_style))
         self.query_one("#prompt-text", Static).update(view.text)
+        self.query_one("#prompt-heading", Static).update(COMPLETION_HEADING if view.completion else CHAT_HEADING)
 
     def show_timeline(self, timeline: Timeline | None, note: str = "") -> None:
         self.timeline = timeline

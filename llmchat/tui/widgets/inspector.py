@@ -6,7 +6,7 @@ text, so they are easy to test and cost the UI thread only string work.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,12 +49,27 @@ def step_title(token: TokenEvent, index: int, total: int) -> Text:
     return text
 
 
-def policy_text(view: PolicyView, accent: str = "cyan", cut: str = "red") -> Text:
-    """The chain as two tables: each stage's effect, then each candidate's probability per stage."""
+def policy_text(view: PolicyView, accent: str = "cyan", cut: str = "red", chat: SamplingParams | None = None) -> Text:
+    """The chain as two tables: each stage's effect, then each candidate's probability per stage.
+
+    `chat`: the chat's own settings; when the view was computed with others, it is a what-if and
+    says so, with both.
+    """
     out = Text()
-    out.append("what if: ", style="dim")
-    out.append(settings_line(view.params))
-    out.append("\nF2–F7 change the settings: only the policy is recomputed, never the model\n\n", style="dim")
+    if chat is not None and view.params != chat:
+        out.append("what if (not applied): ", style=f"bold {accent}")
+        out.append(settings_line(view.params))
+        out.append("\nthe chat's settings:    ", style="dim")
+        out.append(settings_line(chat), style="dim")
+        out.append("\nA applies the what-if to the chat · F2–F7 change it · Esc drops it\n\n", style="dim")
+    else:
+        out.append("the chat's settings: ", style="dim")
+        out.append(settings_line(view.params))
+        out.append(
+            "\nF2–F7 try other settings here (a what-if: only the policy is recomputed, never the model; "
+            "the chat keeps its own until you apply)\n\n",
+            style="dim",
+        )
     out.append(f"{'stage':<22}{'setting':>18}{'kept':>9}{'cut':>9}{'entropy':>13}\n", style="bold")
     for stage in view.stages:
         style = "" if stage.active else "dim"
@@ -122,28 +137,47 @@ def prompt_chips(view: PromptView, reused_style: str, new_style: str) -> Text:
     return out
 
 
+def inherited_tokens(forced: Iterable[int]) -> int:
+    """How many leading tokens of an answer its own request did not generate.
+
+    A branch at token i keeps tokens 0..i-1 of the earlier answer and puts the picked token at i
+    (marked forced, as are earlier branches' picks it keeps); its request generates from i + 1 on.
+    The latest branch point is the highest forced index: a kept pick always lies before it.
+    """
+    return max(forced, default=-1) + 1
+
+
 @dataclass(frozen=True)
 class Timeline:
-    """One request's time: prefill chunks, then the decode steps."""
+    """One request's time: prefill chunks, then the decode steps it ran.
 
-    prompt_tokens: int
+    A branched answer starts with `inherited` tokens its request did not generate (kept from the
+    earlier answer, then the pick): their timings belong to that earlier request, so they are
+    left out and counted apart.
+    """
+
+    prompt_tokens: int  # what the request sent: the prompt, and a branch's kept tokens
     reused_tokens: int
     prefill_chunks: tuple[tuple[int, float], ...]  # (tokens, seconds)
-    decode_seconds: tuple[float, ...]  # per decode step (the tokens after the first)
-    first_token_seconds: float  # request start to the first token
+    decode_seconds: tuple[float, ...]  # per decode step of this request (the tokens after its first)
+    first_token_seconds: float | None  # request start to its first token (None: it generated none)
+    inherited: int = 0  # leading tokens of the answer that came from the earlier answer (a branch)
 
     @classmethod
-    def of_answer(cls, tokens: Sequence[TokenEvent], stats: dict[str, Any]) -> Timeline | None:
-        """From an answer's token events and its (saved or live) stats; None when no timings were kept."""
+    def of_answer(cls, tokens: Sequence[TokenEvent], stats: dict[str, Any], inherited: int = 0) -> Timeline | None:
+        """From an answer's steps and its (saved or live) stats; `inherited`: its leading tokens that
+        another request generated (see `inherited_tokens`). None when no timings were kept."""
         chunks = tuple((int(t), float(s)) for t, s in stats.get("prefill_chunks", []) or [])
-        if not tokens or (not chunks and all(t.seconds == 0 for t in tokens)):
+        own = tokens[inherited:]
+        if not tokens or (not chunks and all(t.seconds == 0 for t in own)):
             return None
         return cls(
             prompt_tokens=int(stats.get("prompt_tokens", 0)),
             reused_tokens=int(stats.get("reused_tokens", 0)),
             prefill_chunks=chunks,
-            decode_seconds=tuple(t.seconds for t in tokens[1:]),
-            first_token_seconds=tokens[0].seconds,
+            decode_seconds=tuple(t.seconds for t in own[1:]),
+            first_token_seconds=own[0].seconds if own else None,
+            inherited=min(inherited, len(tokens)),
         )
 
     @property
@@ -173,7 +207,22 @@ def timeline_prefill(timeline: Timeline, accent: str = "cyan") -> Text:
         out.append(f"  chunk {i + 1:<3}{tokens:>6,} tok {seconds * 1000:>8,.0f} ms {_rate(tokens, seconds):>12}  ")
         out.append(bar(seconds / longest if longest else 0, 30), style=accent)
         out.append("\n")
-    out.append(f"  first token after {timeline.first_token_seconds * 1000:,.0f} ms (TTFT)", style="dim")
+    if timeline.inherited:
+        n = timeline.inherited
+        kept = (
+            f"tokens 1–{n - 1:,} kept from the earlier answer and "
+            if n > 2
+            else ("token 1 kept from the earlier answer and " if n == 2 else "")
+        )
+        out.append(
+            f"  branch: {kept}token {n:,} picked are inherited, not generated by this request "
+            "(their timings are left out)\n",
+            style="italic",
+        )
+    if timeline.first_token_seconds is None:
+        out.append("  no token generated by this request", style="dim")
+    else:
+        out.append(f"  first token after {timeline.first_token_seconds * 1000:,.0f} ms (TTFT)", style="dim")
     return out
 
 
@@ -182,7 +231,7 @@ def timeline_decode(timeline: Timeline) -> Text:
     steps = timeline.decode_seconds
     out.append("Decode", style="bold")
     if not steps:
-        out.append("  no decode step (the answer is one token)")
+        out.append("  no decode step (this request generated at most one token)")
         return out
     total = sum(steps)
     ms = [s * 1000 for s in steps]

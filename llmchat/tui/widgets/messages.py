@@ -1,8 +1,9 @@
 """The chat transcript: user messages, streaming assistant answers, and their stats lines.
 
-An assistant answer streams through `Markdown.get_stream()`, which appends fragments to the
-document instead of re-parsing the whole chat per token. Reasoning (`<think>` content) streams
-into its own Markdown inside a collapsible block, apart from the answer.
+An assistant answer streams into a `StreamingMarkdown` (widgets/stream.py), one fragment per
+frame, at a cost that does not grow with the answer. Reasoning (`<think>` content) streams into
+its own one inside a collapsible block, apart from the answer. Both show the line breaks the
+model wrote (`chat.markdown`: single newlines become hard breaks, as in the Markdown export).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Collapsible, Markdown, Static
-from textual.widgets.markdown import MarkdownStream
 
+from llmchat.chat.markdown import LineBreaks, hard_line_breaks
 from llmchat.engine import Finished, TokenEvent
 from llmchat.engine.tool_calls import tool_calls_json
 from llmchat.tui.widgets.format import printable
+from llmchat.tui.widgets.stream import StreamingMarkdown, quiet_virtual_size
 from llmchat.tui.widgets.tokens import TokenView
 
 _REASONS = {
@@ -88,6 +90,8 @@ class UserMessage(Static):
 class AssistantMessage(Vertical):
     """One answer: an optional reasoning block, the Markdown answer, a stats line."""
 
+    virtual_size = quiet_virtual_size()
+
     def __init__(
         self,
         title: str = "assistant",
@@ -105,13 +109,13 @@ class AssistantMessage(Vertical):
         self.end: TokenEvent | None = None  # the step that chose end-of-sequence (not in the text)
         self.token_mode = "text"  # or "heatmap" / "ids": the token view replaces the Markdown
         self.finished: Finished | None = None
-        self._content_stream: MarkdownStream | None = None
-        self._reasoning_stream: MarkdownStream | None = None
+        # Streamed text as Markdown with the model's line breaks (each newline converted once).
+        self._content_breaks, self._reasoning_breaks = LineBreaks(), LineBreaks()
 
     def compose(self) -> ComposeResult:
         with Collapsible(title="reasoning", collapsed=True, classes="reasoning"):
-            yield Markdown(classes="reasoning-text")
-        yield Markdown(classes="content")
+            yield StreamingMarkdown(classes="reasoning-text")
+        yield StreamingMarkdown(classes="content")
         yield Static("", classes="stats")
 
     def on_mount(self) -> None:
@@ -121,25 +125,23 @@ class AssistantMessage(Vertical):
         """Stream new text in; each Markdown widget gets one fragment per UI frame at most."""
         self.tokens.extend(tokens)
         if reasoning:
-            if self._reasoning_stream is None:
+            if not self.reasoning_text:
                 self.query_one(".reasoning", Collapsible).display = True
-                self._reasoning_stream = Markdown.get_stream(self.query_one(".reasoning-text", Markdown))
             self.reasoning_text += reasoning
-            await self._reasoning_stream.write(printable(reasoning))
+            await self._markdown(".reasoning-text").write(self._reasoning_breaks.feed(printable(reasoning)))
         if content:
-            if self._content_stream is None:
-                self._content_stream = Markdown.get_stream(self.query_one(".content", Markdown))
             self.content_text += content
-            await self._content_stream.write(printable(content))
+            await self._markdown(".content").write(self._content_breaks.feed(printable(content)))
+
+    def _markdown(self, selector: str) -> StreamingMarkdown:
+        return self.query_one(selector, StreamingMarkdown)
 
     async def finish(self, done: Finished) -> None:
         """Close the streams and show the stats line (a stopped answer stays, marked as stopped)."""
         self.finished = done
         self.end = done.end_step
-        for stream in (self._reasoning_stream, self._content_stream):
-            if stream is not None:
-                await stream.stop()
-        self._reasoning_stream = self._content_stream = None
+        for selector in (".reasoning-text", ".content"):
+            await self._markdown(selector).finish()
         self.show_stats(stats_line(done))
         if done.reason == "cancelled":
             self.add_class("stopped")
@@ -149,14 +151,14 @@ class AssistantMessage(Vertical):
         self.reasoning_text, self.content_text = reasoning, content
         if reasoning:
             self.query_one(".reasoning", Collapsible).display = True
-            await self.query_one(".reasoning-text", Markdown).update(printable(reasoning))
-        await self.query_one(".content", Markdown).update(printable(content))
+            await self._markdown(".reasoning-text").update(hard_line_breaks(printable(reasoning)))
+        await self._markdown(".content").update(hard_line_breaks(printable(content)))
         self.show_stats(stats)
 
     async def set_content(self, content: str) -> None:
         """Replace the answer text (a finished answer whose tool calls moved into their own block)."""
         self.content_text = content
-        await self.query_one(".content", Markdown).update(printable(content))
+        await self._markdown(".content").update(hard_line_breaks(printable(content)))
 
     def show_stats(self, line: str) -> None:
         """The stats line, with a clickable `tokens` link that opens the token view."""
@@ -206,6 +208,8 @@ class AssistantMessage(Vertical):
 
 class ChatView(VerticalScroll):
     """The transcript; follows the newest text unless the user scrolled up to read."""
+
+    virtual_size = quiet_virtual_size()  # see there: one layout per new line of an answer, not two
 
     def on_mount(self) -> None:
         self.anchor()

@@ -43,6 +43,9 @@ class CacheState:
     bytes_capacity: int = 0
     reused: int = 0  # tokens the last turn took from the cache
     prefilled: int = 0  # tokens the last turn pushed through the model
+    # Tokens of another conversation still in the engine's cache (a new or an opened chat, before its
+    # first turn): the next request keeps only the start they share with its prompt.
+    left_over: int = 0
 
 
 class KVCachePanel(Panel):
@@ -67,6 +70,10 @@ class KVCachePanel(Panel):
         lines.append(f"{share:.0%}\n", style="bold")
         lines.append(bar(share, BAR_WIDTH), style=self.themed("$accent" if share < 0.9 else "$error"))
         lines.append("\n")
+        if s.left_over:  # this chat has no turn yet; the cache still holds the last one's tokens
+            lines.append(f"{s.left_over:,} tokens left from the last chat\n", style="dim")
+            lines.append("the next message reuses what matches", style="dim")
+            return lines
         lines.append(f"{human_bytes(s.bytes_used)} of {human_bytes(s.bytes_capacity)}\n")
         lines.append("last turn: ", style="dim")
         lines.append(f"{s.reused:,} reused", style=self.themed("$success"))

@@ -100,7 +100,8 @@ def heat(prob: float) -> tuple[str, str]:
 
 def legend(mode: str) -> Text:
     """What the colours (and marks) of the token view mean, and the keys that work on it."""
-    text = Text("p(token) ", style="dim")
+    text = Text()  # not Text(..., style="dim"): that style is the whole text's, chips appended to it too
+    text.append("p(token) ", style="dim")
     for _, background, foreground, label in HEAT:
         text.append(f" {label} ", Style(color=foreground, bgcolor=background))
         text.append(" ")
@@ -156,6 +157,9 @@ class TokenView(Static):
 
     def __init__(self, message_id: str, **kwargs: Any) -> None:
         super().__init__("", **kwargs)
+        # Each chip is a click target (`@click` meta); Textual would draw every one as a link,
+        # underlined and in the link colour, over the heat colours and the "underlined: picked" mark.
+        self.auto_links = False
         self.message_id = message_id
         self.selected: int | None = None
         self.mode = "heatmap"
