@@ -239,11 +239,14 @@ async def test_a_paste_goes_into_the_search_box(store: ConversationStore) -> Non
 async def test_search_reads_the_folder_once_not_per_key(
     store: ConversationStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The messages are indexed once when the screen opens; each key filters that index."""
-    loads: list[str] = []
+    """Each file is read once when the screen opens (listing and search index alike); each key
+    filters the index in memory."""
+    import llmchat.chat.store as store_module
+
+    reads: list[str] = []
     listings: list[int] = []
-    real_load, real_list = store.load, store.list
-    monkeypatch.setattr(store, "load", lambda cid: loads.append(cid) or real_load(cid))
+    real_read, real_list = store_module.read_conversation, store.list
+    monkeypatch.setattr(store_module, "read_conversation", lambda path: reads.append(path.stem) or real_read(path))
     monkeypatch.setattr(store, "list", lambda: listings.append(1) or real_list())
     monkeypatch.setattr(store, "search", lambda text: pytest.fail("searched the folder again"))
     app = Host(ConversationsScreen(store))
@@ -254,7 +257,7 @@ async def test_search_reads_the_folder_once_not_per_key(
             screen.query_one("#search", Input).value = ""
             await pilot.press(*("space" if ch == " " else ch for ch in text))
             assert _titles(screen) == titles
-    assert sorted(loads) == sorted(NEWEST_FIRST) and listings == [1]
+    assert sorted(reads) == sorted(path.stem for path in store.directory.glob("*.json")) and listings == [1]
 
 
 async def test_the_index_is_read_in_a_thread_and_titles_match_before_it(
@@ -264,14 +267,14 @@ async def test_the_index_is_read_in_a_thread_and_titles_match_before_it(
     import threading
 
     release = threading.Event()
-    real_load = store.load
+    real_texts = store.search_texts
 
-    def slow_load(conversation_id: str) -> Conversation:
+    def slow_texts() -> dict[str, str]:
         assert threading.current_thread() is not threading.main_thread()  # never on the UI thread
         release.wait(10)
-        return real_load(conversation_id)
+        return real_texts()
 
-    monkeypatch.setattr(store, "load", slow_load)
+    monkeypatch.setattr(store, "search_texts", slow_texts)
     app = Host(ConversationsScreen(store))
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()

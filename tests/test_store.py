@@ -194,6 +194,42 @@ def test_search_title_and_content_ignoring_case(tmp_path: Path) -> None:
     assert store.search("nowhere to be found") == []
 
 
+def test_the_folder_is_read_once_and_then_only_what_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listing after a listing reads no file; a file saved, changed behind the store's back, given a
+    journal, or removed is noticed (the chat lists at start and on every Ctrl+O)."""
+    import os
+
+    import llmchat.chat.store as store_module
+
+    store = ConversationStore(tmp_path)
+    first, second = rich_conversation("first"), rich_conversation("second")
+    for conversation in (first, second):
+        store.save(conversation)
+    reads: list[str] = []
+    real_read = store_module.read_conversation
+    monkeypatch.setattr(store_module, "read_conversation", lambda path: reads.append(path.stem) or real_read(path))
+    assert len(store.list().conversations) == 2 and sorted(reads) == sorted([first.id, second.id])
+    reads.clear()
+    assert len(store.list().conversations) == 2 and store.search_texts() and reads == []
+    first.title = "first, renamed"
+    store.save(first)
+    assert [s.title for s in store.list().conversations if s.id == first.id] == ["first, renamed"] and reads == [
+        first.id
+    ]
+    reads.clear()
+    path = store.path_for(second.id)
+    path.write_text("{not json", encoding="utf-8")  # another program wrote it
+    os.utime(path, ns=(1, 1))  # even with an old time stamp: the size differs
+    listing = store.list()
+    assert [u.path for u in listing.unreadable] == [path] and reads == [second.id]
+    reads.clear()
+    path.unlink()
+    journal = store_module.journal_path(store.path_for(first.id))
+    journal.write_text("", encoding="utf-8")  # a journal beside it: the file is read again with it
+    listing = store.list()
+    assert [s.id for s in listing.conversations] == [first.id] and not listing.unreadable and reads == [first.id]
+
+
 def test_rename_changes_the_title_but_not_the_order(tmp_path: Path) -> None:
     store = ConversationStore(tmp_path)
     conv = rich_conversation(updated="2024-01-01T00:00:00.000+00:00")

@@ -125,14 +125,18 @@ async def test_a_single_problem_is_shown_in_full_and_none_shows_nothing(folder: 
     store.directory.mkdir(parents=True)
     (store.directory / "broken.json").write_text("{not json", encoding="utf-8")
     app = _app(folder, tmp_path)
-    async with app.run_test(size=SIZE):
+    async with app.run_test(size=SIZE) as pilot:
+        await _until(pilot, lambda: app.startup_checked, "the conversations to be checked")
+        await pilot.pause()  # the toast is a message the app handles next
         assert [n.title for n in app._notifications] == ["Conversations"]
         assert "broken.json: not valid JSON" in _notes(app)[0] and "Ctrl+O" in _notes(app)[0]
         assert f"{PROBLEMS_COMMAND} (1)" in [c.title for c in app.get_system_commands(app.screen)]
 
     (store.directory / "broken.json").unlink()
     app = _app(folder, tmp_path)
-    async with app.run_test(size=SIZE):
+    async with app.run_test(size=SIZE) as pilot:
+        await _until(pilot, lambda: app.startup_checked, "the conversations to be checked")
+        await pilot.pause()  # the toast is a message the app handles next
         assert _notes(app) == []
         assert not any(c.title.startswith(PROBLEMS_COMMAND) for c in app.get_system_commands(app.screen))
 

@@ -222,6 +222,7 @@ class LLMChatApp(InspectingApp):
         self.settings = settings or Settings()
         # What start-up found wrong: one toast sums them up, Ctrl+P "Start-up problems" lists them.
         self.startup_problems = [Problem("Settings", text) for text in settings_problems or []]
+        self.startup_checked = False  # the conversations folder has been checked and start-up reported
         self.startup_problems += [Problem("Themes", text) for text in register_themes(self)]
         problem = apply_theme(self, self.settings.theme)
         if problem:
@@ -306,17 +307,31 @@ class LLMChatApp(InspectingApp):
         if self.model_path is not None:
             self.load_model(self.model_path)
         await self._show_conversation()
-        self.startup_problems += self._unreadable_conversations()
-        self._report_startup_problems()
+        self._check_conversations()
 
-    def _unreadable_conversations(self) -> list[Problem]:
-        if self.store is None:
-            return []
-        try:
-            unreadable = self.store.list().unreadable
-        except (LLMChatError, OSError) as err:
-            return [Problem("Conversations", str(err))]
-        return [Problem("Conversations", f"{u.path}: {u.reason}; left untouched (Ctrl+O lists it)") for u in unreadable]
+    @work(thread=True, group="startup")
+    def _check_conversations(self) -> None:
+        """Find the unreadable conversation files, then report what start-up found (one toast).
+
+        A thread: it reads every file the store has not read yet (0.6 s for 29 MB of conversations on
+        2 cores, which held the first frame back); the store keeps what it read, so Ctrl+O opens at once."""
+        problems: list[Problem] = []
+        if self.store is not None:
+            try:
+                unreadable = self.store.list().unreadable
+            except (LLMChatError, OSError) as err:
+                problems = [Problem("Conversations", str(err))]
+            else:
+                problems = [
+                    Problem("Conversations", f"{u.path}: {u.reason}; left untouched (Ctrl+O lists it)")
+                    for u in unreadable
+                ]
+        self.call_from_thread(self._conversations_checked, problems)
+
+    def _conversations_checked(self, problems: list[Problem]) -> None:
+        self.startup_problems += problems
+        self._report_startup_problems()
+        self.startup_checked = True
 
     def _report_startup_problems(self) -> None:
         """One toast for everything start-up found: a toast per problem stacked past the top of

@@ -5,7 +5,7 @@ and dismisses with the id of the conversation to open, or None. It posts `Rename
 messages, which bubble to the App, so the app can follow a rename of the conversation it has open
 (its in-memory title would otherwise be saved over the new one).
 
-Search runs on an in-memory index of the messages, read once in a thread when the screen opens,
+Search runs on an in-memory index of the messages (the store's, read in a thread when the screen opens),
 so each key filters at once; titles match from the first key, messages as soon as the index is in.
 (Conversation files reach a megabyte each, mostly per-token top-k: on 40 such files, 30 MB, reading
 the folder again took 4.6 s per key on the UI thread; filtering the index takes 0.7 ms.)
@@ -25,7 +25,7 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
 from textual.widgets import DataTable, Input, Static
-from textual.worker import Worker, WorkerState, get_current_worker
+from textual.worker import Worker, WorkerState
 
 from llmchat.chat.conversation import parse_iso
 from llmchat.chat.store import ConversationStore, StoreError, Summary, Unreadable
@@ -36,7 +36,6 @@ CURRENT_MARK = "● "
 EMPTY_STORE = "No saved conversations yet."
 HINT = "Enter open · Ctrl+R/F2 rename · Del/Ctrl+D delete · type to search · Esc close"
 MIN_TITLE = 12  # columns the title keeps before the model column gives up its own
-SEPARATOR = "\0"  # between messages in the index: a typed search text never contains it
 
 
 def local_time(iso: str) -> str:
@@ -265,18 +264,12 @@ class ConversationsScreen(Dialog[str | None]):
 
     @work(thread=True, exclusive=True, group="conversations-index")
     def _read_index(self) -> dict[str, str]:
-        """Every readable conversation's messages, casefolded (a thread: it reads every file)."""
-        worker = get_current_worker()
-        index: dict[str, str] = {}
-        for summary in list(self._listed):
-            if worker.is_cancelled:  # the screen closed: stop reading for nobody
-                break
-            try:
-                conversation = self.store.load(summary.id)
-            except StoreError:
-                continue  # gone or broken since the listing: the next reload says so
-            index[summary.id] = SEPARATOR.join(m.content.casefold() for m in conversation.messages)
-        return index
+        """Every readable conversation's title and messages, casefolded (a thread: a file the store
+        has not read yet, or that changed since, is read now)."""
+        try:
+            return self.store.search_texts()
+        except OSError:
+            return {}  # the folder went away: the listing says so
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.worker.group == "conversations-index" and event.state is WorkerState.SUCCESS:
