@@ -12,8 +12,8 @@ list one list — so its frames would cost more and more. `StreamingMarkdown`:
   between two items of a list); its widget keeps the part above, sealed, the seam drawn without a
   gap, and a new widget takes the tail. A block followed by another is finished: its widget is
   never parsed, built or touched again;
-- keeps `RUNWAY` blank lines of room under the open block (its min-height), so that a frame whose
-  text fits in it repaints that block alone: no layout of the screen (~20 ms on 2 cores with a
+- keeps `RUNWAY` blank lines of room under the open block (its min-height, from the moment it
+  becomes the open block), so that a frame whose text fits in it repaints that block alone: no layout of the screen (~20 ms on 2 cores with a
   long chat) and no scroll of the chat (a repaint of all of it); both happen once per few lines.
 
 - pins the height of each finished block while the answer streams (`styles.height`, the height it
@@ -80,6 +80,13 @@ def _fits(block: MarkdownBlock, height: int) -> bool:
         return True
     block.styles.min_height = height + RUNWAY
     return False
+
+
+def _keep_room(block: MarkdownBlock | None) -> None:
+    """Room under a paragraph that has just become the open block, before its first layout, so that
+    its next frames fit (without it, the first frame after each new block laid the screen out again)."""
+    if isinstance(block, _QuietParagraph):
+        block.styles.min_height = 1 + RUNWAY
 
 
 def release_room(block: MarkdownBlock | None) -> None:
@@ -371,6 +378,8 @@ class StreamingMarkdown(Markdown):
             self._open = "".join(self._open.splitlines(keepends=True)[groups[-1][0] :])
             self._continued = False
         self._open_block = shown[-1] if built[-1] else None
+        if self._open_block is not old:
+            _keep_room(self._open_block)
 
     async def _update_in_place(self, tokens: list[Token]) -> bool:
         """The common frame: the open paragraph, code block or list grew. New content for its
@@ -412,6 +421,7 @@ class StreamingMarkdown(Markdown):
             if len(sealed) != 1 or not _take_content(block, sealed[0]):
                 return
         release_room(block)
+        _keep_room(rest[0])
         await self.mount(rest[0])
         _join_below(block)
         _join_above(rest[0])
