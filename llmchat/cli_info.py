@@ -22,10 +22,11 @@ def _dtype_name(dtype: Any) -> str:
 
 def describe(package: Any, traits: Any) -> dict[str, Any]:
     """Everything `info` reports, as plain data."""
-    from llmchat.engine.memory import model_context_length, parameter_count
+    from llmchat.engine.memory import active_parameter_count, model_context_length, parameter_count
 
     config = package.config
-    return {
+    moe = {"active_parameters": active_parameter_count(config)} if config.num_experts else {}
+    return moe | {
         "name": package.name,
         "path": str(package.path),
         "architecture": config.architecture,
@@ -65,12 +66,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     c = package.config
     rope = f"rope {c.rope.type}, theta {c.rope.theta:g}" + (f", factor {c.rope.factor:g}" if c.rope.factor != 1 else "")
     window = f", sliding window {c.sliding_window} on {sum(c.sliding_layers)} layers" if c.sliding_window else ""
+    active = f" ({data['active_parameters'] / 1e6:.1f}M active per token)" if "active_parameters" in data else ""
+    mlp = f"MLP {c.intermediate_size}"
+    if c.num_experts:
+        mlp = f"{c.num_experts} experts of {c.moe_intermediate_size} ({c.num_experts_per_tok} per token) on "
+        mlp += f"{sum(c.moe_layers)} layers" + (f", dense MLP {c.intermediate_size}" if not all(c.moe_layers) else "")
     lines = [
-        f"{data['name']}: {c.architecture}, {data['parameters'] / 1e6:.1f}M parameters, {data['model_type']} model"
-        + (f" ({', '.join(data['capabilities'])})" if data["capabilities"] else ""),
+        f"{data['name']}: {c.architecture}, {data['parameters'] / 1e6:.1f}M parameters{active}, "
+        f"{data['model_type']} model" + (f" ({', '.join(data['capabilities'])})" if data["capabilities"] else ""),
         f"  file        {data['format']}, {data['quantization']}, {data['file_bytes'] / MiB:.1f} MiB",
         f"  on CPU      {data['cpu_weights']}",
-        f"  shape       {c.num_layers} layers, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
+        f"  shape       {c.num_layers} layers, hidden {c.hidden_size}, {mlp}, "
         f"heads {c.num_heads} (KV {c.num_kv_heads}), head_dim {c.head_dim}",
         f"  context     {data['context_length']} tokens, {rope}{window}",
         f"  vocab       {c.vocab_size} (tokenizer {data['tokenizer_vocab']}), eos ids {data['eos_token_ids']}",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,11 @@ GGUF_ARCH = {
     "gemma3": gguf.MODEL_ARCH.GEMMA3,
     "gemma3_text": gguf.MODEL_ARCH.GEMMA3,
     "phi3": gguf.MODEL_ARCH.PHI3,
+    "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
+    "mixtral": gguf.MODEL_ARCH.LLAMA,  # Mixtral is converted as llama with experts
 }
+# One matrix per expert, as save_pretrained writes them: the converter stacks them per layer.
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts)\.(\d+)\.(\w+)\.weight$")
 _FILE_TYPES = {
     GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
     GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
@@ -135,6 +140,15 @@ def _write_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], arch: gguf.M
         sliding = [t == "sliding_attention" for t in config.get("layer_types") or []]
         if sliding and sliding != [i % 6 < 5 for i in range(len(sliding))]:
             writer.add_sliding_window_pattern(sliding)
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        if config["model_type"] == "qwen3_moe":
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+            writer.add_expert_weights_norm(bool(config.get("norm_topk_prob", False)))
+        elif config.get("sliding_window"):
+            writer.add_sliding_window(config["sliding_window"])
     if arch == gguf.MODEL_ARCH.PHI3:
         writer.add_rope_dimension_count(int(params.get("partial_rotary_factor", 1.0) * head_dim))
         writer.add_sliding_window(config.get("sliding_window") or 0)
@@ -226,6 +240,7 @@ def _write_tensors(
     raw_types: dict[str, GGMLQuantizationType],
 ) -> None:
     names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    dense_names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, config["num_hidden_layers"])
     n_head = config["num_attention_heads"]
     n_kv_head = config.get("num_key_value_heads", n_head)
     rng = np.random.default_rng(0)
@@ -236,12 +251,17 @@ def _write_tensors(
     if arch == gguf.MODEL_ARCH.PHI3 and params.get("long_factor"):
         writer.add_tensor("rope_factors_long.weight", np.asarray(params["long_factor"], dtype=np.float32))
         writer.add_tensor("rope_factors_short.weight", np.asarray(params["short_factor"], dtype=np.float32))
+    stacks: dict[str, dict[int, torch.Tensor]] = {}  # "model.layers.N.mlp.experts.gate_proj" -> expert -> matrix
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():
                 if arch == gguf.MODEL_ARCH.GEMMA2 and name == "lm_head.weight":
                     continue
                 tensor = handle.get_tensor(name).to(torch.float32)
+                expert = _EXPERT.match(name)
+                if expert:
+                    stacks.setdefault(f"{expert.group(1)}.{expert.group(3)}", {})[int(expert.group(2))] = tensor
+                    continue
                 if arch == gguf.MODEL_ARCH.LLAMA:
                     if name.endswith(("q_proj.weight", "q_proj.bias")):
                         tensor = _permute(tensor, n_head, n_head)
@@ -250,12 +270,21 @@ def _write_tensors(
                 if arch in (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3) and name.endswith("norm.weight"):
                     tensor = tensor + 1
                 new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+                if new_name is None and arch == gguf.MODEL_ARCH.QWEN3MOE:
+                    # a dense layer (mlp_only_layers), which llama.cpp's qwen3moe lacks: qwen3's names
+                    new_name = dense_names.get_name(name, try_suffixes=(".weight", ".bias"))
                 assert new_name is not None, f"gguf-py has no name for {name}"
                 if new_name in raw_types:
                     _add_random(writer, new_name, tuple(tensor.shape), raw_types[new_name], rng)
                     continue
                 data, stored = _store(tensor, qtype)
                 writer.add_tensor(new_name, data, raw_dtype=stored if stored != GGMLQuantizationType.F32 else None)
+    for name, by_expert in sorted(stacks.items()):
+        tensor = torch.stack([by_expert[e] for e in range(len(by_expert))])  # [experts, out, in]
+        new_name = names.get_name(name + ".weight", try_suffixes=(".weight",))
+        assert new_name is not None, f"gguf-py has no name for {name}"
+        data, stored = _store(tensor, qtype)
+        writer.add_tensor(new_name, data, raw_dtype=stored if stored != GGMLQuantizationType.F32 else None)
 
 
 def _add_random(

@@ -40,6 +40,10 @@ KINDS = (
     "phi3-longrope",
 )
 CONFIG_STYLES = ("new", "old")
+# Mixture-of-experts kinds (tests/test_moe.py): 8 experts, 2 per token. Qwen3-MoE without
+# renormalization and a dense layer 1 (mlp_only_layers); with renormalization and only every second
+# layer sparse (decoder_sparse_step); Mixtral with a window of 8.
+MOE_KINDS = ("qwen3-moe", "qwen3-moe-step", "mixtral")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -174,6 +178,42 @@ _KIND_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             "rope_parameters": _rope(10000.0, partial_rotary_factor=0.5),
         },
     ),
+    "qwen3-moe": (
+        "qwen3_moe",
+        {
+            "num_hidden_layers": 3,
+            "head_dim": 16,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [1],
+            "rope_parameters": _rope(1000000.0),
+        },
+    ),
+    "qwen3-moe-step": (
+        "qwen3_moe",
+        {
+            "num_hidden_layers": 3,
+            "head_dim": 16,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 2,
+            "rope_parameters": _rope(1000000.0),
+        },
+    ),
+    "mixtral": (
+        "mixtral",
+        {
+            "intermediate_size": 64,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "sliding_window": 8,
+            "rope_parameters": _rope(1000000.0),
+        },
+    ),
     # Phi3Config keeps the original length at the top level too, and that one wins in transformers.
     "phi3-longrope": ("phi3", {**_PHI3, "original_max_position_embeddings": 24, "rope_parameters": _LONGROPE}),
 }
@@ -224,8 +264,8 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             elif name.startswith("lm_head"):
                 param.copy_(0.5 * noise)
             else:
-                gain = 2.0 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
-                param.copy_(gain * noise * param.shape[1] ** -0.5)
+                gain = 2.0 if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")) else 1.0
+                param.copy_(gain * noise * param.shape[-1] ** -0.5)  # fan-in (stacked experts: [E, out, in])
 
 
 def _old_rope(rope: dict[str, Any], model_type: str) -> tuple[float, dict[str, Any] | None]:

@@ -50,7 +50,7 @@ class RopeConfig:
 class ModelConfig:
     """Everything the Transformer needs to know about a checkpoint."""
 
-    architecture: str  # family name: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3
+    architecture: str  # family name: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, qwen3_moe, mixtral
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -81,6 +81,13 @@ class ModelConfig:
     final_softcap: float | None = None  # Gemma 2: the same on the output logits
     # Gemma 3: sliding layers rotate with their own (local) RoPE; None means every layer uses `rope`.
     local_rope: RopeConfig | None = None
+    # Mixture of experts (Qwen3-MoE, Mixtral): 0 experts means every layer has the dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # width of one expert's gated MLP
+    norm_topk_prob: bool = False  # renormalize the chosen experts' router probabilities to sum 1
+    moe_float_weights: bool = False  # Mixtral: expert outputs are weighted in float32, then rounded
+    moe_layers: tuple[bool, ...] = ()  # per layer: sparse MoE block (True) or dense MLP
 
     @property
     def q_size(self) -> int:
@@ -95,6 +102,10 @@ class ModelConfig:
         if self.sliding_window is None or not self.sliding_layers[layer]:
             return None
         return self.sliding_window
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether a layer's MLP is a sparse mixture of experts."""
+        return self.num_experts > 0 and bool(self.moe_layers) and self.moe_layers[layer]
 
     def uses_local_rope(self, layer: int) -> bool:
         """Whether a layer rotates with `local_rope` (Gemma 3's sliding layers) instead of `rope`."""
@@ -113,13 +124,17 @@ class _Family:
     o_bias: bool | None = None
     qk_norm: bool = False
     # Which layers honour `sliding_window`: never | all | use_sliding_window (Qwen: a flag plus
-    # max_window_layers) | pattern (Gemma: `layer_types`, else every `window_pattern`-th layer is full).
+    # max_window_layers) | use_sliding_window_all (Qwen3-MoE: the flag alone, then every layer) |
+    # pattern (Gemma: `layer_types`, else every `window_pattern`-th layer is full).
     sliding: str = "never"
     window_pattern: int = 0
     window_pattern_key: str | None = None  # config key that may override window_pattern
     gemma: bool = False  # (1 + w) norms, scaled embeddings, sandwich norms, query_pre_attn_scalar
     local_rope: bool = False  # Gemma 3: sliding layers have a RoPE of their own
     rope_aliases: Mapping[str, str] = field(default_factory=dict)  # legacy rope type names
+    # Mixture of experts: "" (dense), "qwen3_moe" (moe_intermediate_size, norm_topk_prob,
+    # decoder_sparse_step, mlp_only_layers) or "mixtral" (every layer, intermediate_size, renormalized).
+    moe: str = ""
     # transformers' config-class defaults for keys a config.json may leave out
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
@@ -163,6 +178,21 @@ _FAMILIES: dict[str, _Family] = {
             "rope_local_base_freq": 10_000.0,
         },
     ),
+    "qwen3_moe": _Family(
+        "qwen3_moe",
+        qk_norm=True,
+        sliding="use_sliding_window_all",
+        moe="qwen3_moe",
+        defaults={"num_experts_per_tok": 8, "moe_intermediate_size": 768, "decoder_sparse_step": 1},
+    ),
+    "mixtral": _Family(
+        "mixtral",
+        qkv_bias=False,
+        o_bias=False,
+        sliding="all",
+        moe="mixtral",
+        defaults={"rms_norm_eps": 1e-5, "num_local_experts": 8, "num_experts_per_tok": 2},
+    ),
     "phi3": _Family(
         "phi3",
         qkv_bias=False,
@@ -180,6 +210,8 @@ _ARCH_TO_TYPE = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
     "Phi3ForCausalLM": "phi3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
 }
 SUPPORTED_ARCHITECTURES = tuple(_ARCH_TO_TYPE)
 _UNSUPPORTED_HINTS = {
@@ -308,8 +340,10 @@ def _sliding(raw: dict[str, Any], family: _Family, num_layers: int, source: str)
         return (int(window) if window else None), types
     if rule == "never" or window is None:
         return None, (False,) * num_layers
-    if rule == "use_sliding_window" and not raw.get("use_sliding_window", False):
+    if rule in ("use_sliding_window", "use_sliding_window_all") and not raw.get("use_sliding_window", False):
         return None, (False,) * num_layers
+    if rule == "use_sliding_window_all":  # transformers' Qwen3-MoE: one window for every layer
+        return int(window), (True,) * num_layers
     given = _layer_types(raw, num_layers, source)
     if given is not None:
         return int(window), given
@@ -335,6 +369,37 @@ def _gemma_switches(raw: dict[str, Any], family: _Family, hidden: int, source: s
         "attn_scale": float(raw["query_pre_attn_scalar"]) ** -0.5,
         "attn_softcap": float(attn_cap) if attn_cap else None,
         "final_softcap": float(final_cap) if final_cap else None,
+    }
+
+
+def _moe_fields(raw: dict[str, Any], family: _Family, num_layers: int, source: str) -> dict[str, Any]:
+    """ModelConfig fields of a mixture-of-experts family (nothing for a dense one)."""
+    if not family.moe:
+        return {}
+    experts = raw.get("num_experts") if raw.get("num_experts") is not None else raw.get("num_local_experts")
+    if experts is None:
+        raise ModelLoadError(f"{source}: required key 'num_experts' is missing")
+    experts, used = int(experts), int(_require(raw, "num_experts_per_tok", source))
+    if experts > 0 and not 1 <= used <= experts:
+        raise ModelLoadError(f"{source}: num_experts_per_tok {used} is not between 1 and num_experts {experts}")
+    if family.moe == "mixtral":  # every layer sparse, experts as wide as intermediate_size, renormalized
+        width = int(_require(raw, "intermediate_size", source))
+        return {
+            "num_experts": experts,
+            "num_experts_per_tok": used,
+            "moe_intermediate_size": width,
+            "norm_topk_prob": True,
+            "moe_float_weights": True,
+            "moe_layers": (experts > 0,) * num_layers,
+        }
+    step = int(raw.get("decoder_sparse_step") or 1)
+    dense = {int(i) for i in raw.get("mlp_only_layers") or []}
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": used,
+        "moe_intermediate_size": int(_require(raw, "moe_intermediate_size", source)),
+        "norm_topk_prob": bool(raw.get("norm_topk_prob", False)),
+        "moe_layers": tuple(experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
     }
 
 
@@ -391,4 +456,5 @@ def from_hf_config(raw: dict[str, Any], *, source: str = "config.json") -> Model
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_ids(raw.get("eos_token_id")),
         **_gemma_switches(raw, family, hidden, source),
+        **_moe_fields(raw, family, layers, source),
     )

@@ -33,9 +33,10 @@ READABLE_VERSIONS = (2, 3)
 
 # GGUF `general.architecture` → the Hugging Face class the same weights load as.
 HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",  # Mistral checkpoints are converted as llama too
+    "llama": "LlamaForCausalLM",  # Mistral checkpoints are converted as llama too (Mixtral: with experts)
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
@@ -68,7 +69,21 @@ _GEMMA_BLOCK_NAMES = _BLOCK_NAMES | {
 }
 # Phi-3 keeps its fused projections: attn_qkv is q|k|v, ffn_up is gate|up.
 _PHI3_BLOCK_NAMES = _BLOCK_NAMES | {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
-_LAYER_NAMES = {"gemma2": _GEMMA_BLOCK_NAMES, "gemma3": _GEMMA_BLOCK_NAMES, "phi3": _PHI3_BLOCK_NAMES}
+# Mixture of experts: the router and the experts stacked [experts, out, in] (see moe.expert_part).
+_MOE_BLOCK_NAMES = _BLOCK_NAMES | {
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+}
+_EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+_LAYER_NAMES = {
+    "gemma2": _GEMMA_BLOCK_NAMES,
+    "gemma3": _GEMMA_BLOCK_NAMES,
+    "phi3": _PHI3_BLOCK_NAMES,
+    "llama": _MOE_BLOCK_NAMES,  # Mixtral
+    "qwen3moe": _MOE_BLOCK_NAMES,
+}
 _EMBEDDING = "token_embd.weight"
 _GLOBAL_NAMES = {
     _EMBEDDING: "model.embed_tokens.weight",
@@ -272,7 +287,55 @@ class GGUFFile:
         elif arch == "phi3":
             window = self._key("attention.sliding_window")
             raw["sliding_window"] = window or None  # Phi-4 writes 0 for "no window"
+        if self._key("expert_count"):
+            raw.update(self._moe_config())
         return {key: value for key, value in raw.items() if value is not None}
+
+    def _moe_config(self) -> dict[str, Any]:
+        """Expert count, experts per token and width, and which layers are sparse, checked against the tensors.
+
+        Mixtral is converted as llama with experts; llama.cpp's qwen3moe renormalizes the chosen
+        experts' weights unless `expert_weights_norm` says otherwise. A qwen3moe layer with neither
+        a router (ffn_gate_inp) nor experts is a dense one (transformers' mlp_only_layers).
+        """
+        arch, experts = self.architecture, int(self._key("expert_count"))
+        layers = int(self._key("block_count") or 0)
+        moe_parts = ("ffn_gate_inp", *_EXPERT_TENSORS)
+        sparse = [any(f"blk.{i}.{part}.weight" in self.tensor_info for part in moe_parts) for i in range(layers)]
+        for i in range(layers):
+            for part in _EXPERT_TENSORS if sparse[i] else ():
+                info = self.tensor_info.get(f"blk.{i}.{part}.weight")
+                if info is None:
+                    raise ModelLoadError(f"{self.path}: MoE layer {i} has no blk.{i}.{part}.weight")
+                if len(info.shape) != 3 or info.shape[0] != experts:
+                    raise ModelLoadError(
+                        f"{self.path}: {arch}.expert_count is {experts} but blk.{i}.{part}.weight has shape "
+                        f"{info.shape} ({info.shape[0] if len(info.shape) == 3 else 'not'} stacked experts)"
+                    )
+            router = self.tensor_info.get(f"blk.{i}.ffn_gate_inp.weight")
+            if router is not None and router.shape[0] != experts:
+                raise ModelLoadError(
+                    f"{self.path}: {arch}.expert_count is {experts} but blk.{i}.ffn_gate_inp.weight routes "
+                    f"to {router.shape[0]} experts"
+                )
+        width = self._key("expert_feed_forward_length") or self._per_model("feed_forward_length")
+        raw: dict[str, Any] = {
+            "num_experts": experts,
+            "num_local_experts": experts,
+            "num_experts_per_tok": self._key("expert_used_count"),
+        }
+        if arch == "llama":
+            if not all(sparse):
+                raise ModelLoadError(f"{self.path}: a llama file with experts needs a router in every layer")
+            raw["architectures"] = ["MixtralForCausalLM"]
+            raw["intermediate_size"] = width
+            window = self._key("attention.sliding_window")
+            raw["sliding_window"] = window or None
+        else:
+            raw["moe_intermediate_size"] = width
+            raw["norm_topk_prob"] = bool(self._key("expert_weights_norm", True))
+            raw["mlp_only_layers"] = [i for i in range(layers) if not sparse[i]]
+        return raw
 
     def _vocab_size(self) -> int | None:
         """Rows of the embedding (what the model computes logits for), else what the metadata says."""

@@ -54,10 +54,19 @@ def parameter_count(config: ModelConfig) -> int:
     c = config
     attn = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
     attn += (c.q_size + 2 * c.kv_size) * c.qkv_bias + c.hidden_size * c.o_bias + 2 * c.head_dim * c.qk_norm
-    mlp = 3 * c.hidden_size * c.intermediate_size + (2 * c.intermediate_size + c.hidden_size) * c.mlp_bias
-    per_layer = attn + mlp + (4 if c.sandwich_norms else 2) * c.hidden_size  # Gemma norms each branch twice
+    dense = 3 * c.hidden_size * c.intermediate_size + (2 * c.intermediate_size + c.hidden_size) * c.mlp_bias
+    sparse = c.num_experts * (c.hidden_size + 3 * c.hidden_size * c.moe_intermediate_size)  # router + experts
+    per_layer = attn + (4 if c.sandwich_norms else 2) * c.hidden_size  # Gemma norms each branch twice
+    mlps = sum(sparse if c.is_moe_layer(i) else dense for i in range(c.num_layers))
     embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    return c.num_layers * per_layer + embeddings + c.hidden_size
+    return c.num_layers * per_layer + mlps + embeddings + c.hidden_size
+
+
+def active_parameter_count(config: ModelConfig) -> int:
+    """Parameters one token uses: a mixture of experts runs num_experts_per_tok of its experts."""
+    c = config
+    idle = (c.num_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+    return parameter_count(config) - idle * sum(c.is_moe_layer(i) for i in range(c.num_layers))
 
 
 def matrix_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -67,6 +76,8 @@ def matrix_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     for i in range(c.num_layers):
         shapes[f"layers.{i}.attn.qkv.weight"] = (c.q_size + 2 * c.kv_size, c.hidden_size)
         shapes[f"layers.{i}.attn.o.weight"] = (c.hidden_size, c.q_size)
+        if c.is_moe_layer(i):  # router and stacked experts: float, never packed (see moe.py)
+            continue
         shapes[f"layers.{i}.mlp.gate_up.weight"] = (2 * c.intermediate_size, c.hidden_size)
         shapes[f"layers.{i}.mlp.down.weight"] = (c.hidden_size, c.intermediate_size)
     return shapes
@@ -201,6 +212,7 @@ def estimate(
         c.vocab_size * c.hidden_size,
         c.hidden_size * (c.q_size + 2 * c.kv_size),
         2 * c.hidden_size * c.intermediate_size,
+        2 * c.num_experts * c.hidden_size * c.moe_intermediate_size,  # a layer's stacked experts (gate|up)
     )
     activations = activation_bytes(config, dtype, chunk, context_length)
     if packed and chunk >= DEQUANTIZE_FROM_ROWS:  # a prefill chunk dequantizes one matrix at a time

@@ -3,8 +3,8 @@
 The parts, in the order a token meets them:
   token embedding (× a scale for Gemma) → N × [RMSNorm → attention (fused QKV, optional q/k norm,
   RoPE, GQA, KV cache, optional sliding window, optional score soft-capping) → (Gemma: RMSNorm) →
-  residual add → RMSNorm → gated MLP → (Gemma: RMSNorm) → residual add] → final RMSNorm →
-  output projection (logits, optionally soft-capped).
+  residual add → RMSNorm → gated MLP (or a mixture of experts, moe.py) → (Gemma: RMSNorm) →
+  residual add] → final RMSNorm → output projection (logits, optionally soft-capped).
 Architectures differ only through ModelConfig fields; checkpoint names are mapped to this one
 layout at load time (q/k/v and gate/up are fused into one matmul each, which decoding likes;
 Phi-3 ships them fused already).
@@ -24,6 +24,7 @@ from llmchat.engine.config import ModelConfig
 from llmchat.engine.errors import ModelLoadError
 from llmchat.engine.kv_cache import KVCache
 from llmchat.engine.memory import matrix_shapes
+from llmchat.engine.moe import MoE, assemble, check_expert_parts, expert_part, is_expert_target
 from llmchat.engine.packed import PackedLinear, fits_int4, layout_for
 from llmchat.engine.rope import RotaryEmbedding, apply_rotary
 
@@ -244,6 +245,12 @@ def capped_attention(
     return (probs @ values).view(heads, n, head_dim)
 
 
+def _activation(config: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    if config.hidden_act not in ACTIVATIONS:
+        raise ModelLoadError(f"unsupported hidden_act {config.hidden_act!r}")
+    return ACTIVATIONS[config.hidden_act]
+
+
 class MLP(nn.Module):
     """Gated feed-forward: down(act(gate(x)) * up(x)), gate and up fused into one matmul."""
 
@@ -254,9 +261,7 @@ class MLP(nn.Module):
             config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias, transposed=transposed
         )
         self.down = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias, transposed=transposed)
-        if config.hidden_act not in ACTIVATIONS:
-            raise ModelLoadError(f"unsupported hidden_act {config.hidden_act!r}")
-        self.act = ACTIVATIONS[config.hidden_act]
+        self.act = _activation(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.intermediate, dim=-1)
@@ -274,7 +279,9 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config, config.hidden_size)
         self.attn = Attention(config, layer, transposed)
         self.mlp_norm = make_norm(config, config.hidden_size)
-        self.mlp = MLP(config, transposed)
+        self.mlp: MLP | MoE = (
+            MoE(config, transposed, _activation(config)) if config.is_moe_layer(layer) else MLP(config, transposed)
+        )
         self.attn_post_norm = make_norm(config, config.hidden_size) if config.sandwich_norms else None
         self.mlp_post_norm = make_norm(config, config.hidden_size) if config.sandwich_norms else None
         self.rope_index = int(config.uses_local_rope(layer))  # which of the rotary tables it uses
@@ -451,6 +458,9 @@ def internal_name(name: str, tied: bool, sandwich_norms: bool = False) -> tuple[
     if match and match.group(2) in names:
         target, part = names[match.group(2)]
         return f"layers.{match.group(1)}.{target}", part
+    expert = expert_part(match.group(2)) if match else None
+    if match and expert is not None:
+        return f"layers.{match.group(1)}.{expert[0]}", expert[1]
     if name.endswith("rotary_emb.inv_freq"):
         return None
     raise ModelLoadError(f"unexpected tensor {name!r} in the checkpoint (not part of this architecture)")
@@ -468,9 +478,11 @@ def packing_plan(quantized: dict[str, str], config: ModelConfig) -> dict[str, tu
     sources: dict[str, set[str]] = {}
     parts: dict[str, int] = {}  # quantized pieces seen per matrix
     fused: set[str] = set()
+    shapes = matrix_shapes(config)
     for name, kind in quantized.items():
         mapped = internal_name(name, config.tie_word_embeddings, config.sandwich_norms)
-        if mapped is not None and mapped[0].endswith(".weight"):
+        # the MoE router and experts are not in matrix_shapes: they are dequantized at load
+        if mapped is not None and mapped[0].endswith(".weight") and mapped[0] in shapes:
             target, part = mapped
             sources.setdefault(target, set()).add(kind)
             parts[target] = parts.get(target, 0) + 1
@@ -478,7 +490,6 @@ def packing_plan(quantized: dict[str, str], config: ModelConfig) -> dict[str, tu
                 fused.add(target)
     # a matrix fused from parts some of which are stored as floats stays float
     partly_float = {t for t in fused if parts[t] < _FUSED_PARTS[".".join(t.split(".")[2:4])]}
-    shapes = matrix_shapes(config)
     plan: dict[str, tuple[str, frozenset[str]]] = {}
     for target, kinds in sources.items():
         layout = layout_for(kinds, output=target == "lm_head.weight")
@@ -521,6 +532,7 @@ def build_transformer(
     projections = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Linear)}
     state: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[int, torch.Tensor]] = {}
+    expert_parts: dict[str, dict[int, torch.Tensor]] = {}  # stacked MoE experts (moe.assemble)
     packed_modules: dict[str, PackedLinear] = {}
     for name, tensor in tensors:
         mapped = internal_name(name, config.tie_word_embeddings, config.sandwich_norms)
@@ -532,6 +544,19 @@ def build_transformer(
         if target not in expected:
             raise ModelLoadError(f"tensor {name!r} does not fit this configuration")
         tensor = tensor.to(device=device, dtype=torch.float32 if target in packed else dtype)
+        if is_expert_target(target):  # stacked [experts, out, in]; never packed
+            if part is not None:
+                pieces = expert_parts.setdefault(target, {})
+                pieces[part] = tensor
+                check_expert_parts(target, pieces, config.num_experts)
+                stacked = assemble(target, pieces, config.num_experts)
+                if stacked is None:
+                    continue
+                tensor = stacked
+                del expert_parts[target]
+            state[target] = tensor.transpose(1, 2).contiguous() if transposed else tensor
+            _check_shape(target, state[target], expected[target], transposed=False)
+            continue
         if part is not None:
             parts.setdefault(target, {})[part] = tensor
             count = _FUSED_PARTS[".".join(target.split(".")[2:4])]
@@ -547,8 +572,8 @@ def build_transformer(
             continue
         state[target] = tensor.t().contiguous() if transposed and target in projections else tensor
         _check_shape(target, state[target], expected[target], transposed=False)
-    if parts:
-        raise ModelLoadError(f"checkpoint is missing parts of {', '.join(sorted(parts))}")
+    if parts or expert_parts:
+        raise ModelLoadError(f"checkpoint is missing parts of {', '.join(sorted({**parts, **expert_parts}))}")
     missing = [k for k in expected if k not in state]
     if missing:
         raise ModelLoadError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]!r}")

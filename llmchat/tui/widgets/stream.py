@@ -13,9 +13,9 @@ list one list — so its frames would cost more and more. `StreamingMarkdown`:
   gap, and a new widget takes the tail. A block followed by another is finished: its widget is
   never parsed, built or touched again;
 - keeps `RUNWAY` blank lines of room under the open block (its min-height, from the moment it
-  becomes the open block), so that a frame whose text fits in it repaints that block alone: no layout of the screen (~20 ms on 2 cores with a
-  long chat) and no scroll of the chat (a repaint of all of it); both happen once per few lines.
-
+  becomes the open block), so that a frame whose text fits in it repaints that block alone: no
+  layout of the screen (~20 ms on 2 cores with a long chat) and no scroll of the chat (a repaint
+  of all of it); both happen once per few lines;
 - pins the height of each finished block while the answer streams (`styles.height`, the height it
   was laid out at): a layout then takes its height as given instead of wrapping its text again, so
   a layout costs the same after thousands of characters as at the start (measured: 22 ms at 100

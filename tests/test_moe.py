@@ -1,0 +1,274 @@
+"""Mixture-of-experts models (Qwen3-MoE, Mixtral) against transformers, from folders and GGUF files.
+
+Tiny random models (tiny_models.MOE_KINDS: 8 experts, 2 per token) built with transformers' own
+classes: the router picks many experts across a sequence, the float32 logits of a 40-token input
+agree within TOL, 20 greedy tokens (prefill, then KV-cached decoding) are those of `generate`, and
+the same holds for the GGUF export. Then the loading details: transformers 5's fused expert
+parameters, which layers are sparse, quantized experts (dequantized at load), and the errors for
+missing expert tensors and a GGUF whose expert_count disagrees with its tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
+
+import llmchat
+from llmchat.engine.config import from_hf_config
+from llmchat.engine.errors import ModelLoadError
+from llmchat.engine.events import TokenEvent
+from llmchat.engine.moe import MoE
+from tests.gguf_export import export_gguf
+from tests.tiny_models import MOE_KINDS
+
+TOL = 1e-4
+LOGITS_LEN = 40  # beyond Mixtral's window of 8
+PROMPT_LEN = 12
+NEW_TOKENS = 20
+
+TinyModelFactory = Callable[..., Path]
+hf_logging.disable_progress_bar()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory: pytest.TempPathFactory, tiny_model: TinyModelFactory) -> Callable[..., Path]:
+    """`gguf_file(kind, qtype=F32)` -> the kind's folder exported as GGUF, each written once."""
+    root = tmp_path_factory.mktemp("moe_gguf")
+    made: dict[tuple[str, gguf.GGMLQuantizationType], Path] = {}
+
+    def get(kind: str, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32) -> Path:
+        if (kind, qtype) not in made:
+            made[kind, qtype] = export_gguf(tiny_model(kind), root / f"{kind}-{qtype.name}.gguf", qtype=qtype)
+        return made[kind, qtype]
+
+    return get
+
+
+def _ids(folder: Path, n: int, seed: int) -> list[int]:
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _hf_model(folder: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _hf_logits(model: PreTrainedModel, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]
+
+
+def _hf_greedy(model: PreTrainedModel, prompt: list[int]) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def _greedy(model: Any, prompt: list[int], n: int) -> list[int]:
+    sampling = llmchat.SamplingParams(temperature=0)
+    events = model.generate(prompt, sampling=sampling, max_new_tokens=n, stop_on_eos=False)
+    return [e.token_id for e in events if isinstance(e, TokenEvent)]
+
+
+def _moe_blocks(model: Any) -> list[MoE]:
+    return [block.mlp for block in model.model.layers if isinstance(block.mlp, MoE)]
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_the_router_picks_many_experts(kind: str, tiny_model: TinyModelFactory) -> None:
+    """Self-check of the tiny models: in transformers, tokens of one sequence go to different experts."""
+    model = _hf_model(tiny_model(kind))
+    chosen: list[set[int]] = []
+
+    def record(module: torch.nn.Module, args: Any, output: tuple[torch.Tensor, ...]) -> None:
+        chosen.append(set(output[2].reshape(-1).tolist()))  # (logits, weights, expert ids)
+
+    routers = [m for name, m in model.named_modules() if name.endswith(".gate") and hasattr(m, "top_k")]
+    assert routers, f"{kind}: no router found"
+    for router in routers:
+        router.register_forward_hook(record)
+    _hf_logits(model, _ids(tiny_model(kind), LOGITS_LEN, seed=1))
+    assert len(chosen) == len(routers)
+    assert max(len(c) for c in chosen) > 2, f"{kind}: experts chosen per layer {chosen}"
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_logits_match_transformers(kind: str, tiny_model: TinyModelFactory, gguf_file: Callable[..., Path]) -> None:
+    """40 tokens, float32: the folder and its F32 GGUF give transformers' logits."""
+    folder = tiny_model(kind)
+    ids = _ids(folder, LOGITS_LEN, seed=1)
+    expected = _hf_logits(_hf_model(folder), ids)
+    assert expected.std() > 1.0, "logits too flat for greedy parity"
+    for source in (folder, gguf_file(kind)):
+        got = llmchat.load(source, device="cpu", dtype="float32", packed=False).logits(ids)
+        assert got.shape == expected.shape
+        diff = (got - expected).abs().max().item()
+        assert diff <= TOL, f"{kind} from {source.name}: max |logit diff| {diff:.3g} > {TOL}"
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_greedy_matches_transformers(kind: str, tiny_model: TinyModelFactory, gguf_file: Callable[..., Path]) -> None:
+    """A 12-token prefill, then 20 KV-cached decoding steps: transformers' greedy tokens."""
+    folder = tiny_model(kind)
+    prompt = _ids(folder, PROMPT_LEN, seed=2)
+    expected = _hf_greedy(_hf_model(folder), prompt)
+    assert len(expected) == NEW_TOKENS
+    for source in (folder, gguf_file(kind)):
+        got = _greedy(llmchat.load(source, device="cpu", dtype="float32", packed=False), prompt, NEW_TOKENS)
+        assert got == expected, f"{kind} from {source.name}: {got} != {expected}"
+
+
+def test_decoding_runs_only_the_chosen_experts(tiny_model: TinyModelFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token runs its k experts; a prefill runs each expert that got tokens once, over all of them."""
+    model = llmchat.load(tiny_model("mixtral"), device="cpu", dtype="float32")
+    calls: list[tuple[int, int, int]] = []  # (block, expert, rows)
+    original = MoE.expert
+
+    def counting(self: MoE, x: torch.Tensor, index: int) -> torch.Tensor:
+        calls.append((id(self), index, x.shape[0]))
+        return original(self, x, index)
+
+    monkeypatch.setattr(MoE, "expert", counting)
+    ids = _ids(tiny_model("mixtral"), 16, seed=5)
+    model.logits(ids)
+    layers = len(_moe_blocks(model))
+    assert sum(rows for *_, rows in calls) == layers * len(ids) * 2  # every (token, choice) pair once
+    assert len({(block, expert) for block, expert, _ in calls}) == len(calls)  # each expert once per layer
+    calls.clear()
+    model.logits(ids[:1])
+    assert len(calls) == layers * 2 and all(rows == 1 for *_, rows in calls)
+
+
+def test_fused_expert_parameters_load(tiny_model: TinyModelFactory, tmp_path: Path) -> None:
+    """A checkpoint of transformers 5's module names (experts fused into 3D gate_up_proj/down_proj,
+    Mixtral's block_sparse_moe as mlp) loads to the same logits as the per-expert one."""
+    for kind in ("qwen3-moe", "mixtral"):
+        folder = tiny_model(kind)
+        fused = tmp_path / kind
+        shutil.copytree(folder, fused, ignore=shutil.ignore_patterns("*.safetensors*"))
+        state = {k: v.contiguous() for k, v in _hf_model(folder).state_dict().items()}
+        assert any(k.endswith("mlp.experts.gate_up_proj") and v.dim() == 3 for k, v in state.items())
+        save_file(state, str(fused / "model.safetensors"), metadata={"format": "pt"})
+        ids = _ids(folder, LOGITS_LEN, seed=1)
+        reference = llmchat.load(folder, device="cpu", dtype="float32").logits(ids)
+        assert torch.equal(llmchat.load(fused, device="cpu", dtype="float32").logits(ids), reference)
+
+
+def test_config_says_which_layers_are_sparse(tiny_model: TinyModelFactory, gguf_file: Callable[..., Path]) -> None:
+    """mlp_only_layers and decoder_sparse_step (Qwen3-MoE), every layer (Mixtral); the GGUF agrees."""
+    expected = {
+        "qwen3-moe": ((True, False, True), False, None),
+        "qwen3-moe-step": ((False, True, False), True, None),
+        "mixtral": ((True, True), True, 8),
+    }
+    for kind, (layers, renormalize, window) in expected.items():
+        for source in (tiny_model(kind), gguf_file(kind)):
+            config = llmchat.load(source, device="cpu", dtype="float32").config
+            assert config.num_experts == 8 and config.num_experts_per_tok == 2, source
+            assert config.moe_layers == layers and config.norm_topk_prob is renormalize, source
+            assert config.sliding_window == window, source
+    base = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "intermediate_size": 128}
+    base |= {"num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 10, "moe_intermediate_size": 32}
+    with pytest.raises(ModelLoadError, match="num_experts"):
+        from_hf_config(base)
+    with pytest.raises(ModelLoadError, match="num_experts_per_tok 9"):
+        from_hf_config({**base, "num_experts": 8, "num_experts_per_tok": 9})
+
+
+def test_quantized_experts_are_dequantized_at_load(
+    tiny_model: TinyModelFactory, gguf_file: Callable[..., Path]
+) -> None:
+    """A Q8_0 MoE GGUF: the dense matrices may stay packed, the router and experts are float32."""
+    path = gguf_file("qwen3-moe", gguf.GGMLQuantizationType.Q8_0)
+    experts = [t for t in gguf.GGUFReader(path).tensors if "exps" in t.name]
+    assert experts and all(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in experts)
+    packed = llmchat.load(path, device="cpu", dtype="float32")
+    plain = llmchat.load(path, device="cpu", dtype="float32", packed=False)
+    assert not any("exps" in t or "router" in t for t in packed.info.plan)
+    for block in _moe_blocks(packed):
+        assert block.gate_up_exps.dtype == block.down_exps.dtype == torch.float32
+        assert block.router.weight.dtype == torch.float32
+    ids = _ids(tiny_model("qwen3-moe"), LOGITS_LEN, seed=1)
+    reference = _hf_logits(_hf_model(tiny_model("qwen3-moe")), ids)
+    ours = plain.logits(ids)
+    assert 1e-3 < (ours - reference).abs().max().item() < 0.1 * reference.abs().max().item()
+    agree = (packed.logits(ids).argmax(-1) == ours.argmax(-1)).float().mean().item()
+    assert agree >= 0.8, f"packed argmax agrees on {agree:.0%} of positions"
+
+
+def _without(folder: Path, out: Path, drop: Callable[[str], bool]) -> Path:
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors*"))
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            tensors |= {name: handle.get_tensor(name) for name in handle.keys() if not drop(name)}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("drop", "message"),
+    [
+        (lambda name: ".experts." in name, "missing 4 tensor"),  # 2 layers x (gate_up, down)
+        (lambda name: "layers.1.block_sparse_moe.experts.5.w3" in name, "missing parts of layers.1.mlp.gate_up_exps"),
+        (lambda name: name.endswith("layers.0.block_sparse_moe.gate.weight"), "layers.0.mlp.router.weight"),
+    ],
+    ids=["no-experts", "one-expert-matrix", "no-router"],
+)
+def test_missing_expert_tensors_are_one_line_errors(
+    drop: Callable[[str], bool], message: str, tiny_model: TinyModelFactory, tmp_path: Path
+) -> None:
+    folder = _without(tiny_model("mixtral"), tmp_path / "broken", drop)
+    with pytest.raises(ModelLoadError, match=message) as error:
+        llmchat.load(folder, device="cpu", dtype="float32")
+    assert "\n" not in str(error.value)
+
+
+def test_gguf_expert_count_must_match_its_tensors(tiny_model: TinyModelFactory, tmp_path: Path) -> None:
+    """A file that says 6 experts but stacks 8 is refused when opened, in one line."""
+    folder = tmp_path / "six"
+    shutil.copytree(tiny_model("qwen3-moe"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_local_experts"] = config["num_experts"] = 6
+    (folder / "config.json").write_text(json.dumps(config))
+    path = export_gguf(folder, tmp_path / "six.gguf")
+    with pytest.raises(ModelLoadError, match=r"expert_count is 6 but blk\.0\.ffn_gate_exps\.weight") as error:
+        llmchat.load(path, device="cpu", dtype="float32")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_parameter_counts(kind: str, tiny_model: TinyModelFactory) -> None:
+    """The total is transformers' count; a token uses the router, its 2 experts and everything else."""
+    from llmchat.engine.memory import active_parameter_count, parameter_count
+
+    folder = tiny_model(kind)
+    config = llmchat.load(folder, device="cpu", dtype="float32").config
+    hf = _hf_model(folder)
+    total = sum(p.numel() for p in hf.parameters())
+    assert parameter_count(config) == total
+    experts = [p for name, p in hf.named_parameters() if ".experts." in name]
+    idle = sum(p.numel() for p in experts) * (8 - 2) // 8
+    assert active_parameter_count(config) == total - idle
