@@ -295,7 +295,7 @@ class LLMChatApp(InspectingApp):
         # The decode loop needs the GIL back after every kernel; while the UI thread runs Python
         # (a repaint), the default 5 ms switch interval would stall it once per kernel. Measured
         # (benchmarks/tui_speed.py, 2 cores): 1 ms held decode at 0.55-0.78 of the bare engine
-        # at 7 frames/s, 0.1 ms at 0.84-0.93 at 10 frames/s.
+        # at 7 frames/s, 0.1 ms at 0.84-1.02 at 5.5 frames/s (a 5% frame budget).
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         self.query_one(PromptInput).focus()

@@ -47,8 +47,8 @@ class FrameBudget:
 
     Why: on a 2-core CPU the UI thread's work lands on a core one of torch's threads is using, and
     a decode step waits for its slowest thread. With the GIL handed back every 0.1 ms (app.py), a
-    10% share keeps ~10 frames/s and decode at 0.86-0.93 of the bare engine on 2 cores (5%: ~5.5
-    frames/s at 0.84-1.0; benchmarks/tui_speed.py --share, 2026-12-02, AMD EPYC).
+    10% share gave ~10 frames/s with decode at 0.76-0.95 of the bare engine on 2 cores, 5% ~5.5
+    frames/s at 0.84-1.0 (benchmarks/tui_speed.py --share, 2026-12-02, AMD EPYC; runs vary a lot).
 
     Two rates are budgeted, the text's first: `interval` (the answer's frames) and `panel_interval`
     (the side panels and status bar, whose repaint costs as much as a few text frames). The app
