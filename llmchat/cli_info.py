@@ -71,6 +71,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     if c.num_experts:
         mlp = f"{c.num_experts} experts of {c.moe_intermediate_size} ({c.num_experts_per_tok} per token) on "
         mlp += f"{sum(c.moe_layers)} layers" + (f", dense MLP {c.intermediate_size}" if not all(c.moe_layers) else "")
+        mlp += f", shared expert {c.shared_expert_intermediate_size}" if c.shared_expert_intermediate_size else ""
     lines = [
         f"{data['name']}: {c.architecture}, {data['parameters'] / 1e6:.1f}M parameters{active}, "
         f"{data['model_type']} model" + (f" ({', '.join(data['capabilities'])})" if data["capabilities"] else ""),

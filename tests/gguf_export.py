@@ -34,6 +34,8 @@ GGUF_ARCH = {
     "phi3": gguf.MODEL_ARCH.PHI3,
     "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE,
     "mixtral": gguf.MODEL_ARCH.LLAMA,  # Mixtral is converted as llama with experts
+    "olmoe": gguf.MODEL_ARCH.OLMOE,
+    "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
 }
 # One matrix per expert, as save_pretrained writes them: the converter stacks them per layer.
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts)\.(\d+)\.(\w+)\.weight$")
@@ -147,8 +149,16 @@ def _write_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], arch: gguf.M
         if config["model_type"] == "qwen3_moe":
             writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
             writer.add_expert_weights_norm(bool(config.get("norm_topk_prob", False)))
+        elif config["model_type"] == "qwen2_moe":
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+            writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+        elif config["model_type"] == "olmoe":
+            if config.get("clip_qkv") is not None:
+                writer.add_clamp_kqv(config["clip_qkv"])
         elif config.get("sliding_window"):
             writer.add_sliding_window(config["sliding_window"])
+        if config["model_type"] in ("qwen2_moe", "olmoe") and config.get("norm_topk_prob"):
+            writer.add_expert_weights_norm(True)  # llama.cpp's default for these is not to renormalize
     if arch == gguf.MODEL_ARCH.PHI3:
         writer.add_rope_dimension_count(int(params.get("partial_rotary_factor", 1.0) * head_dim))
         writer.add_sliding_window(config.get("sliding_window") or 0)
@@ -270,10 +280,12 @@ def _write_tensors(
                 if arch in (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3) and name.endswith("norm.weight"):
                     tensor = tensor + 1
                 new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-                if new_name is None and arch == gguf.MODEL_ARCH.QWEN3MOE:
-                    # a dense layer (mlp_only_layers), which llama.cpp's qwen3moe lacks: qwen3's names
+                if new_name is None and arch in (gguf.MODEL_ARCH.QWEN3MOE, gguf.MODEL_ARCH.QWEN2MOE):
+                    # a dense layer (mlp_only_layers), which llama.cpp's qwen3moe/qwen2moe lack: qwen3's names
                     new_name = dense_names.get_name(name, try_suffixes=(".weight", ".bias"))
                 assert new_name is not None, f"gguf-py has no name for {name}"
+                if new_name.endswith("ffn_gate_inp_shexp.weight"):
+                    tensor = tensor.squeeze()  # the converter squeezes [1, hidden]; llama.cpp reads [hidden]
                 if new_name in raw_types:
                     _add_random(writer, new_name, tuple(tensor.shape), raw_types[new_name], rng)
                     continue

@@ -1,11 +1,12 @@
-"""Mixture-of-experts models (Qwen3-MoE, Mixtral) against transformers, from folders and GGUF files.
+"""Mixture-of-experts models (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE) against transformers, from folders and GGUF files.
 
 Tiny random models (tiny_models.MOE_KINDS: 8 experts, 2 per token) built with transformers' own
 classes: the router picks many experts across a sequence, the float32 logits of a 40-token input
 agree within TOL, 20 greedy tokens (prefill, then KV-cached decoding) are those of `generate`, and
 the same holds for the GGUF export. Then the loading details: transformers 5's fused expert
 parameters, which layers are sparse, quantized experts (dequantized at load), and the errors for
-missing expert tensors and a GGUF whose expert_count disagrees with its tensors.
+missing expert tensors and a GGUF whose expert_count disagrees with its tensors. OLMoE's q/k norms
+span the whole projection and its q/k/v are clipped; Qwen2-MoE adds a gated shared expert.
 """
 
 from __future__ import annotations
@@ -140,9 +141,13 @@ def test_greedy_matches_transformers(kind: str, tiny_model: TinyModelFactory, gg
         assert got == expected, f"{kind} from {source.name}: {got} != {expected}"
 
 
-def test_decoding_runs_only_the_chosen_experts(tiny_model: TinyModelFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One token runs its k experts; a prefill runs each expert that got tokens once, over all of them."""
-    model = llmchat.load(tiny_model("mixtral"), device="cpu", dtype="float32")
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe"])
+def test_decoding_runs_only_the_chosen_experts(
+    kind: str, tiny_model: TinyModelFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One token runs its k experts; a prefill runs each expert that got tokens once, over all of them.
+    A shared expert (Qwen2-MoE) runs once per block over all the tokens."""
+    model = llmchat.load(tiny_model(kind), device="cpu", dtype="float32")
     calls: list[tuple[int, int, int]] = []  # (block, expert, rows)
     original = MoE.expert
 
@@ -151,20 +156,27 @@ def test_decoding_runs_only_the_chosen_experts(tiny_model: TinyModelFactory, mon
         return original(self, x, index)
 
     monkeypatch.setattr(MoE, "expert", counting)
-    ids = _ids(tiny_model("mixtral"), 16, seed=5)
+    shared_rows: list[int] = []
+    for block in _moe_blocks(model):
+        if block.shared is not None:
+            block.shared.register_forward_hook(lambda module, args, out: shared_rows.append(args[0].shape[0]))
+    ids = _ids(tiny_model(kind), 16, seed=5)
     model.logits(ids)
     layers = len(_moe_blocks(model))
     assert sum(rows for *_, rows in calls) == layers * len(ids) * 2  # every (token, choice) pair once
     assert len({(block, expert) for block, expert, _ in calls}) == len(calls)  # each expert once per layer
+    assert shared_rows == ([len(ids)] * layers if kind == "qwen2-moe" else [])
     calls.clear()
+    shared_rows.clear()
     model.logits(ids[:1])
     assert len(calls) == layers * 2 and all(rows == 1 for *_, rows in calls)
+    assert shared_rows == ([1] * layers if kind == "qwen2-moe" else [])
 
 
 def test_fused_expert_parameters_load(tiny_model: TinyModelFactory, tmp_path: Path) -> None:
     """A checkpoint of transformers 5's module names (experts fused into 3D gate_up_proj/down_proj,
     Mixtral's block_sparse_moe as mlp) loads to the same logits as the per-expert one."""
-    for kind in ("qwen3-moe", "mixtral"):
+    for kind in ("qwen3-moe", "mixtral", "olmoe", "qwen2-moe"):
         folder = tiny_model(kind)
         fused = tmp_path / kind
         shutil.copytree(folder, fused, ignore=shutil.ignore_patterns("*.safetensors*"))
@@ -182,6 +194,8 @@ def test_config_says_which_layers_are_sparse(tiny_model: TinyModelFactory, gguf_
         "qwen3-moe": ((True, False, True), False, None),
         "qwen3-moe-step": ((False, True, False), True, None),
         "mixtral": ((True, True), True, 8),
+        "olmoe": ((True, True), False, None),
+        "qwen2-moe": ((True, False, True), False, None),
     }
     for kind, (layers, renormalize, window) in expected.items():
         for source in (tiny_model(kind), gguf_file(kind)):
@@ -189,6 +203,15 @@ def test_config_says_which_layers_are_sparse(tiny_model: TinyModelFactory, gguf_
             assert config.num_experts == 8 and config.num_experts_per_tok == 2, source
             assert config.moe_layers == layers and config.norm_topk_prob is renormalize, source
             assert config.sliding_window == window, source
+    for source in (tiny_model("olmoe"), gguf_file("olmoe")):
+        config = llmchat.load(source, device="cpu", dtype="float32").config
+        assert config.qk_norm and config.qk_norm_whole and config.clip_qkv == 2.0, source
+        assert config.moe_intermediate_size == 32 and config.shared_expert_intermediate_size == 0, source
+    for source in (tiny_model("qwen2-moe"), gguf_file("qwen2-moe")):
+        config = llmchat.load(source, device="cpu", dtype="float32").config
+        assert config.qkv_bias and not config.o_bias and not config.qk_norm and config.clip_qkv is None, source
+        assert (config.moe_intermediate_size, config.shared_expert_intermediate_size) == (32, 64), source
+        assert config.intermediate_size == 128, source  # the dense layer's
     base = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "intermediate_size": 128}
     base |= {"num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 10, "moe_intermediate_size": 32}
     with pytest.raises(ModelLoadError, match="num_experts"):
@@ -268,7 +291,83 @@ def test_parameter_counts(kind: str, tiny_model: TinyModelFactory) -> None:
     config = llmchat.load(folder, device="cpu", dtype="float32").config
     hf = _hf_model(folder)
     total = sum(p.numel() for p in hf.parameters())
+    assert hf.num_parameters() == total
     assert parameter_count(config) == total
     experts = [p for name, p in hf.named_parameters() if ".experts." in name]
     idle = sum(p.numel() for p in experts) * (8 - 2) // 8
     assert active_parameter_count(config) == total - idle
+
+
+def test_olmoe_norms_span_the_whole_projection(tiny_model: TinyModelFactory) -> None:
+    """OLMoE's q_norm has num_heads * head_dim weights and k_norm num_kv_heads * head_dim (one
+    RMS over all heads), and clip_qkv changes the result (so the tiny model exercises it)."""
+    model = llmchat.load(tiny_model("olmoe"), device="cpu", dtype="float32", packed=False)
+    config = model.config
+    for block in model.model.layers:
+        assert block.attn.q_norm.weight.shape == (config.q_size,)
+        assert block.attn.k_norm.weight.shape == (config.kv_size,)
+    ids = _ids(tiny_model("olmoe"), LOGITS_LEN, seed=1)
+    clipped = model.logits(ids)
+    for block in model.model.layers:
+        block.attn.clip = None
+    assert (model.logits(ids) - clipped).abs().max().item() > 0.1
+
+
+def test_qwen2_moe_sliding_layers_follow_transformers() -> None:
+    """Without layer_types, Qwen2-MoE slides on the even layers below max_window_layers (transformers'
+    Qwen2MoeConfig), and not at all without use_sliding_window."""
+    from transformers import Qwen2MoeConfig
+
+    base = {"architectures": ["Qwen2MoeForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "vocab_size": 10}
+    base |= {"num_hidden_layers": 6, "num_attention_heads": 4, "num_experts": 8, "num_experts_per_tok": 2}
+    base |= {"sliding_window": 8, "max_window_layers": 4}
+    for flag in (True, False):
+        hf = Qwen2MoeConfig(**{k: v for k, v in base.items() if k != "architectures"}, use_sliding_window=flag)
+        config = from_hf_config({**base, "use_sliding_window": flag})
+        assert [t == "sliding_attention" for t in hf.layer_types] == list(config.sliding_layers)
+        assert config.sliding_window == (8 if flag else None)
+    sliding = from_hf_config({**base, "use_sliding_window": True}).sliding_layers
+    assert sliding == (True, False, True, False, False, False)
+
+
+@pytest.mark.parametrize(
+    ("drop", "message"),
+    [
+        (lambda name: name.endswith("layers.2.mlp.shared_expert.up_proj.weight"), "parts of layers.2.mlp.shared"),
+        (lambda name: name.endswith("layers.0.mlp.shared_expert.down_proj.weight"), "layers.0.mlp.shared.down"),
+        (lambda name: name.endswith("layers.0.mlp.shared_expert_gate.weight"), "layers.0.mlp.shared_gate"),
+    ],
+    ids=["up", "down", "gate"],
+)
+def test_missing_shared_expert_tensors_are_one_line_errors(
+    drop: Callable[[str], bool], message: str, tiny_model: TinyModelFactory, tmp_path: Path
+) -> None:
+    """From the folder (the engine's names) and from its GGUF export (the file's names)."""
+    folder = _without(tiny_model("qwen2-moe"), tmp_path / "broken", drop)
+    with pytest.raises(ModelLoadError, match=message) as error:
+        llmchat.load(folder, device="cpu", dtype="float32")
+    assert "\n" not in str(error.value)
+    path = export_gguf(folder, tmp_path / "broken.gguf")
+    with pytest.raises(ModelLoadError, match=r"MoE layer \d has no shared expert blk\.\d\.ffn_\w+_shexp") as error:
+        llmchat.load(path, device="cpu", dtype="float32")
+    assert "\n" not in str(error.value)
+
+
+def test_quantized_shared_expert_is_dequantized_at_load(
+    tiny_model: TinyModelFactory, gguf_file: Callable[..., Path]
+) -> None:
+    """A Q8_0 Qwen2-MoE GGUF: the shared expert (quantized in the file) loads as float32, its gate
+    as [1, hidden], and the packed model's argmax agrees with the float one's."""
+    path = gguf_file("qwen2-moe", gguf.GGMLQuantizationType.Q8_0)
+    shexp = [t for t in gguf.GGUFReader(path).tensors if "_shexp" in t.name and "inp" not in t.name]
+    assert shexp and all(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in shexp)
+    packed = llmchat.load(path, device="cpu", dtype="float32")
+    assert not any("shared" in t for t in packed.info.plan)
+    for block in _moe_blocks(packed):
+        assert block.shared is not None and block.shared_gate is not None
+        assert block.shared.gate_up.weight.dtype == block.shared.down.weight.dtype == torch.float32
+        assert block.shared_gate.weight.numel() == packed.config.hidden_size
+    ids = _ids(tiny_model("qwen2-moe"), LOGITS_LEN, seed=1)
+    plain = llmchat.load(path, device="cpu", dtype="float32", packed=False).logits(ids)
+    agree = (packed.logits(ids).argmax(-1) == plain.argmax(-1)).float().mean().item()
+    assert agree >= 0.8, f"packed argmax agrees on {agree:.0%} of positions"

@@ -43,7 +43,9 @@ CONFIG_STYLES = ("new", "old")
 # Mixture-of-experts kinds (tests/test_moe.py): 8 experts, 2 per token. Qwen3-MoE without
 # renormalization and a dense layer 1 (mlp_only_layers); with renormalization and only every second
 # layer sparse (decoder_sparse_step); Mixtral with a window of 8.
-MOE_KINDS = ("qwen3-moe", "qwen3-moe-step", "mixtral")
+# OLMoE (experts as wide as intermediate_size, whole-projection q/k norms, clip_qkv) and Qwen2-MoE
+# (q/k/v biases, a sigmoid-gated shared expert, a dense layer 1) route without renormalization.
+MOE_KINDS = ("qwen3-moe", "qwen3-moe-step", "mixtral", "olmoe", "qwen2-moe")
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -211,6 +213,31 @@ _KIND_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             "num_local_experts": 8,
             "num_experts_per_tok": 2,
             "sliding_window": 8,
+            "rope_parameters": _rope(1000000.0),
+        },
+    ),
+    "olmoe": (
+        "olmoe",
+        {
+            "intermediate_size": 32,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "norm_topk_prob": False,
+            "clip_qkv": 2.0,
+            "pad_token_id": None,
+            "rope_parameters": _rope(10000.0),
+        },
+    ),
+    "qwen2-moe": (
+        "qwen2_moe",
+        {
+            "num_hidden_layers": 3,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 64,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [1],
             "rope_parameters": _rope(1000000.0),
         },
     ),

@@ -50,7 +50,8 @@ class RopeConfig:
 class ModelConfig:
     """Everything the Transformer needs to know about a checkpoint."""
 
-    architecture: str  # family name: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, qwen3_moe, mixtral
+    # family name: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, qwen3_moe, mixtral, olmoe, qwen2_moe
+    architecture: str
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -67,6 +68,8 @@ class ModelConfig:
     o_bias: bool = False  # bias on the attention output projection
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
+    qk_norm_whole: bool = False  # OLMoE: the q/k norms span the whole projection (q_size, kv_size), not a head
+    clip_qkv: float | None = None  # OLMoE: q, k (after their norms) and v are clamped to [-clip, clip]
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] = ()  # per layer: does it use the sliding window?
     dtype: str | None = None  # dtype the checkpoint was published in
@@ -88,6 +91,8 @@ class ModelConfig:
     norm_topk_prob: bool = False  # renormalize the chosen experts' router probabilities to sum 1
     moe_float_weights: bool = False  # Mixtral: expert outputs are weighted in float32, then rounded
     moe_layers: tuple[bool, ...] = ()  # per layer: sparse MoE block (True) or dense MLP
+    # Qwen2-MoE: every sparse block also runs a shared expert of this width, scaled by a sigmoid gate
+    shared_expert_intermediate_size: int = 0
 
     @property
     def q_size(self) -> int:
@@ -123,8 +128,11 @@ class _Family:
     qkv_bias: bool | None = None  # None: the config's `attention_bias` decides
     o_bias: bool | None = None
     qk_norm: bool = False
+    qk_norm_whole: bool = False  # OLMoE: q/k norms over the whole projection
+    bias_key: str = "attention_bias"  # the config key that decides q/k/v (and o) biases when they are None
     # Which layers honour `sliding_window`: never | all | use_sliding_window (Qwen: a flag plus
     # max_window_layers) | use_sliding_window_all (Qwen3-MoE: the flag alone, then every layer) |
+    # use_sliding_window_even (Qwen2-MoE: the flag, then the even layers below max_window_layers) |
     # pattern (Gemma: `layer_types`, else every `window_pattern`-th layer is full).
     sliding: str = "never"
     window_pattern: int = 0
@@ -133,7 +141,8 @@ class _Family:
     local_rope: bool = False  # Gemma 3: sliding layers have a RoPE of their own
     rope_aliases: Mapping[str, str] = field(default_factory=dict)  # legacy rope type names
     # Mixture of experts: "" (dense), "qwen3_moe" (moe_intermediate_size, norm_topk_prob,
-    # decoder_sparse_step, mlp_only_layers) or "mixtral" (every layer, intermediate_size, renormalized).
+    # decoder_sparse_step, mlp_only_layers), "qwen2_moe" (the same plus a shared expert), "mixtral"
+    # (every layer, intermediate_size, renormalized) or "olmoe" (every layer, intermediate_size, norm_topk_prob).
     moe: str = ""
     # transformers' config-class defaults for keys a config.json may leave out
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -193,6 +202,34 @@ _FAMILIES: dict[str, _Family] = {
         moe="mixtral",
         defaults={"rms_norm_eps": 1e-5, "num_local_experts": 8, "num_experts_per_tok": 2},
     ),
+    "olmoe": _Family(
+        "olmoe",
+        qk_norm=True,
+        qk_norm_whole=True,
+        moe="olmoe",
+        defaults={
+            "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 4096,
+            "num_local_experts": 64,  # OlmoeConfig's num_experts (num_local_experts is its alias)
+            "num_experts_per_tok": 8,
+        },
+    ),
+    "qwen2_moe": _Family(
+        "qwen2_moe",
+        o_bias=False,
+        bias_key="qkv_bias",
+        sliding="use_sliding_window_even",
+        moe="qwen2_moe",
+        defaults={
+            "qkv_bias": True,
+            "sliding_window": 4096,
+            "max_window_layers": 28,
+            "num_experts_per_tok": 4,
+            "moe_intermediate_size": 1408,
+            "shared_expert_intermediate_size": 5632,
+            "decoder_sparse_step": 1,
+        },
+    ),
     "phi3": _Family(
         "phi3",
         qkv_bias=False,
@@ -212,6 +249,8 @@ _ARCH_TO_TYPE = {
     "Phi3ForCausalLM": "phi3",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "MixtralForCausalLM": "mixtral",
+    "OlmoeForCausalLM": "olmoe",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
 }
 SUPPORTED_ARCHITECTURES = tuple(_ARCH_TO_TYPE)
 _UNSUPPORTED_HINTS = {
@@ -340,7 +379,7 @@ def _sliding(raw: dict[str, Any], family: _Family, num_layers: int, source: str)
         return (int(window) if window else None), types
     if rule == "never" or window is None:
         return None, (False,) * num_layers
-    if rule in ("use_sliding_window", "use_sliding_window_all") and not raw.get("use_sliding_window", False):
+    if rule.startswith("use_sliding_window") and not raw.get("use_sliding_window", False):
         return None, (False,) * num_layers
     if rule == "use_sliding_window_all":  # transformers' Qwen3-MoE: one window for every layer
         return int(window), (True,) * num_layers
@@ -350,6 +389,9 @@ def _sliding(raw: dict[str, Any], family: _Family, num_layers: int, source: str)
     if rule == "use_sliding_window":
         first = int(raw.get("max_window_layers", num_layers))
         return int(window), tuple(i >= first for i in range(num_layers))
+    if rule == "use_sliding_window_even":  # transformers' Qwen2MoeConfig: layers 0, 2, 4 ... below the limit
+        below = int(raw.get("max_window_layers", num_layers))
+        return int(window), tuple(i % 2 == 0 and i < below for i in range(num_layers))
     return int(window), (True,) * num_layers
 
 
@@ -382,24 +424,27 @@ def _moe_fields(raw: dict[str, Any], family: _Family, num_layers: int, source: s
     experts, used = int(experts), int(_require(raw, "num_experts_per_tok", source))
     if experts > 0 and not 1 <= used <= experts:
         raise ModelLoadError(f"{source}: num_experts_per_tok {used} is not between 1 and num_experts {experts}")
-    if family.moe == "mixtral":  # every layer sparse, experts as wide as intermediate_size, renormalized
+    if family.moe in ("mixtral", "olmoe"):  # every layer sparse, experts as wide as intermediate_size
         width = int(_require(raw, "intermediate_size", source))
+        mixtral = family.moe == "mixtral"  # always renormalized, weighted in float32
         return {
             "num_experts": experts,
             "num_experts_per_tok": used,
             "moe_intermediate_size": width,
-            "norm_topk_prob": True,
-            "moe_float_weights": True,
+            "norm_topk_prob": mixtral or bool(raw.get("norm_topk_prob", False)),
+            "moe_float_weights": mixtral,
             "moe_layers": (experts > 0,) * num_layers,
         }
     step = int(raw.get("decoder_sparse_step") or 1)
     dense = {int(i) for i in raw.get("mlp_only_layers") or []}
+    shared = int(_require(raw, "shared_expert_intermediate_size", source)) if family.moe == "qwen2_moe" else 0
     return {
         "num_experts": experts,
         "num_experts_per_tok": used,
         "moe_intermediate_size": int(_require(raw, "moe_intermediate_size", source)),
         "norm_topk_prob": bool(raw.get("norm_topk_prob", False)),
         "moe_layers": tuple(experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
+        "shared_expert_intermediate_size": shared,
     }
 
 
@@ -426,7 +471,7 @@ def from_hf_config(raw: dict[str, Any], *, source: str = "config.json") -> Model
         raise ModelLoadError(f"{source}: {heads} attention heads are not a multiple of {kv_heads} KV heads")
     head_dim = int(raw.get("head_dim") or hidden // heads)
     max_pos = int(raw.get("max_position_embeddings") or 2048)
-    attention_bias = bool(raw.get("attention_bias", False))
+    attention_bias = bool(raw.get(family.bias_key, False))
     window, sliding_layers = _sliding(raw, family, layers, source)
     full_rope, local_rope = _rope_parameters(raw, family)
     # Gemma's MLP reads `hidden_activation` (its `hidden_act` is a leftover that transformers ignores).
@@ -450,6 +495,8 @@ def from_hf_config(raw: dict[str, Any], *, source: str = "config.json") -> Model
         o_bias=attention_bias if family.o_bias is None else family.o_bias,
         mlp_bias=bool(raw.get("mlp_bias", False)) if model_type == "llama" else False,
         qk_norm=family.qk_norm,
+        qk_norm_whole=family.qk_norm_whole,
+        clip_qkv=float(raw["clip_qkv"]) if raw.get("clip_qkv") is not None else None,
         sliding_window=window,
         sliding_layers=sliding_layers,
         dtype=raw.get("dtype") or raw.get("torch_dtype"),

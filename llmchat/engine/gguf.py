@@ -37,6 +37,8 @@ HF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3moe": "Qwen3MoeForCausalLM",
+    "qwen2moe": "Qwen2MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
@@ -77,13 +79,24 @@ _MOE_BLOCK_NAMES = _BLOCK_NAMES | {
     "ffn_down_exps": "mlp.experts.down_proj",
 }
 _EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+# Qwen2-MoE's shared expert and its sigmoid gate ([hidden] or [1, hidden] in the file).
+_SHARED_EXPERT_NAMES = {
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+}
 _LAYER_NAMES = {
     "gemma2": _GEMMA_BLOCK_NAMES,
     "gemma3": _GEMMA_BLOCK_NAMES,
     "phi3": _PHI3_BLOCK_NAMES,
     "llama": _MOE_BLOCK_NAMES,  # Mixtral
     "qwen3moe": _MOE_BLOCK_NAMES,
+    "olmoe": _MOE_BLOCK_NAMES,  # attn_q_norm / attn_k_norm span the whole projection there
+    "qwen2moe": _MOE_BLOCK_NAMES | _SHARED_EXPERT_NAMES,
 }
+# Whether llama.cpp renormalizes the chosen experts' weights when `expert_weights_norm` is absent.
+_EXPERT_WEIGHTS_NORM = {"qwen3moe": True, "olmoe": False, "qwen2moe": False}
 _EMBEDDING = "token_embd.weight"
 _GLOBAL_NAMES = {
     _EMBEDDING: "model.embed_tokens.weight",
@@ -295,8 +308,10 @@ class GGUFFile:
         """Expert count, experts per token and width, and which layers are sparse, checked against the tensors.
 
         Mixtral is converted as llama with experts; llama.cpp's qwen3moe renormalizes the chosen
-        experts' weights unless `expert_weights_norm` says otherwise. A qwen3moe layer with neither
-        a router (ffn_gate_inp) nor experts is a dense one (transformers' mlp_only_layers).
+        experts' weights unless `expert_weights_norm` says otherwise, olmoe and qwen2moe do not. A
+        qwen3moe/qwen2moe layer with neither a router (ffn_gate_inp) nor experts is a dense one
+        (transformers' mlp_only_layers). OLMoE's experts are as wide as feed_forward_length; every
+        sparse qwen2moe layer has a shared expert (ffn_*_shexp) and its gate (ffn_gate_inp_shexp).
         """
         arch, experts = self.architecture, int(self._key("expert_count"))
         layers = int(self._key("block_count") or 0)
@@ -331,10 +346,27 @@ class GGUFFile:
             raw["intermediate_size"] = width
             window = self._key("attention.sliding_window")
             raw["sliding_window"] = window or None
-        else:
-            raw["moe_intermediate_size"] = width
-            raw["norm_topk_prob"] = bool(self._key("expert_weights_norm", True))
-            raw["mlp_only_layers"] = [i for i in range(layers) if not sparse[i]]
+            return raw
+        raw["norm_topk_prob"] = bool(self._key("expert_weights_norm", _EXPERT_WEIGHTS_NORM[arch]))
+        if arch == "olmoe":
+            if not all(sparse):
+                raise ModelLoadError(f"{self.path}: an olmoe file needs a router and experts in every layer")
+            raw["intermediate_size"] = width
+            raw["clip_qkv"] = self._key("attention.clamp_kqv")
+            return raw
+        raw["moe_intermediate_size"] = width
+        raw["mlp_only_layers"] = [i for i in range(layers) if not sparse[i]]
+        if arch == "qwen2moe":
+            for i in range(layers):
+                for part in _SHARED_EXPERT_NAMES if sparse[i] else ():
+                    if f"blk.{i}.{part}.weight" not in self.tensor_info:
+                        raise ModelLoadError(f"{self.path}: MoE layer {i} has no shared expert blk.{i}.{part}.weight")
+            first = next((i for i in range(layers) if sparse[i]), None)
+            shared = self._key("expert_shared_feed_forward_length")
+            if shared is None and first is not None:
+                shared = self.tensor_info[f"blk.{first}.ffn_up_shexp.weight"].shape[0]
+            raw["shared_expert_intermediate_size"] = shared
+            raw["qkv_bias"] = "blk.0.attn_q.bias" in self.tensor_info
         return raw
 
     def _vocab_size(self) -> int | None:
@@ -502,6 +534,8 @@ class GGUFWeights:
                 return unpermute_rows(tensor, self.heads[projection])
         elif arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
             return tensor - 1.0  # Gemma's RMSNorm scales by 1 + w; llama.cpp stores 1 + w
+        elif arch == "qwen2moe" and hf_name.endswith("shared_expert_gate.weight"):
+            return tensor.reshape(1, -1)  # a [1, hidden] projection, stored as [hidden] or [1, hidden]
         return tensor
 
 

@@ -53,9 +53,11 @@ def parameter_count(config: ModelConfig) -> int:
     """Parameters implied by the config (tied embeddings counted once)."""
     c = config
     attn = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
-    attn += (c.q_size + 2 * c.kv_size) * c.qkv_bias + c.hidden_size * c.o_bias + 2 * c.head_dim * c.qk_norm
+    attn += (c.q_size + 2 * c.kv_size) * c.qkv_bias + c.hidden_size * c.o_bias
+    attn += ((c.q_size + c.kv_size) if c.qk_norm_whole else 2 * c.head_dim) * c.qk_norm  # OLMoE: whole-projection norms
     dense = 3 * c.hidden_size * c.intermediate_size + (2 * c.intermediate_size + c.hidden_size) * c.mlp_bias
     sparse = c.num_experts * (c.hidden_size + 3 * c.hidden_size * c.moe_intermediate_size)  # router + experts
+    sparse += c.hidden_size * (3 * c.shared_expert_intermediate_size + 1) * bool(c.shared_expert_intermediate_size)
     per_layer = attn + (4 if c.sandwich_norms else 2) * c.hidden_size  # Gemma norms each branch twice
     mlps = sum(sparse if c.is_moe_layer(i) else dense for i in range(c.num_layers))
     embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
@@ -63,7 +65,8 @@ def parameter_count(config: ModelConfig) -> int:
 
 
 def active_parameter_count(config: ModelConfig) -> int:
-    """Parameters one token uses: a mixture of experts runs num_experts_per_tok of its experts."""
+    """Parameters one token uses: a mixture of experts runs num_experts_per_tok of its experts
+    (and its shared expert, which every token runs)."""
     c = config
     idle = (c.num_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
     return parameter_count(config) - idle * sum(c.is_moe_layer(i) for i in range(c.num_layers))

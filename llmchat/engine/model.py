@@ -135,8 +135,12 @@ class Attention(nn.Module):
         self.splits = (config.q_size, config.kv_size, config.kv_size)
         self.qkv = Linear(config.hidden_size, sum(self.splits), bias=config.qkv_bias, transposed=transposed)
         self.o = Linear(config.q_size, config.hidden_size, bias=config.o_bias, transposed=transposed)
-        self.q_norm = make_norm(config, config.head_dim) if config.qk_norm else None
-        self.k_norm = make_norm(config, config.head_dim) if config.qk_norm else None
+        # per head (Qwen3, Gemma 3), or over the whole q / k projection (OLMoE: qk_norm_whole)
+        self.qk_norm_whole = config.qk_norm_whole
+        q_dim, k_dim = (config.q_size, config.kv_size) if config.qk_norm_whole else (config.head_dim, config.head_dim)
+        self.q_norm = make_norm(config, q_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, k_dim) if config.qk_norm else None
+        self.clip = config.clip_qkv
         self.scale = config.attn_scale  # None: SDPA's default head_dim ** -0.5
         self.softcap = config.attn_softcap
 
@@ -144,9 +148,15 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int
     ) -> torch.Tensor:
         n = x.shape[0]
-        heads = self.qkv(x).view(n, -1, self.head_dim).transpose(0, 1)  # [q + k + v heads, n, head_dim]
+        projected = self.qkv(x)
+        if self.qk_norm_whole and self.q_norm is not None and self.k_norm is not None:  # OLMoE
+            q, k, v = projected.split(self.splits, dim=-1)
+            projected = torch.cat((self.q_norm(q), self.k_norm(k), v), dim=-1)
+        if self.clip is not None:  # OLMoE: after the norms, on q, k and v alike
+            projected = projected.clamp(-self.clip, self.clip)
+        heads = projected.view(n, -1, self.head_dim).transpose(0, 1)  # [q + k + v heads, n, head_dim]
         qk, v = heads[: self.num_heads + self.num_kv_heads], heads[self.num_heads + self.num_kv_heads :]
-        if self.q_norm is not None and self.k_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None and not self.qk_norm_whole:
             qk = torch.cat((self.q_norm(qk[: self.num_heads]), self.k_norm(qk[self.num_heads :])))
         qk = apply_rotary(qk, cos, sin)  # queries and keys rotate alike: one pass over both
         q, k = qk[: self.num_heads], qk[self.num_heads :]
@@ -442,7 +452,12 @@ _SANDWICH_NAMES = {
     "pre_feedforward_layernorm.weight": ("mlp_norm.weight", None),
     "post_feedforward_layernorm.weight": ("mlp_post_norm.weight", None),
 }
-_FUSED_PARTS = {"attn.qkv": 3, "mlp.gate_up": 2}
+_FUSED_PARTS = {"qkv": 3, "gate_up": 2}  # by the module's own name (the shared expert's gate_up too)
+
+
+def _fused_count(target: str) -> int:
+    """How many checkpoint tensors an internal fused weight is made of."""
+    return _FUSED_PARTS[target.rsplit(".", 2)[-2]]
 
 
 def internal_name(name: str, tied: bool, sandwich_norms: bool = False) -> tuple[str, int | None] | None:
@@ -489,7 +504,7 @@ def packing_plan(quantized: dict[str, str], config: ModelConfig) -> dict[str, tu
             if part is not None:
                 fused.add(target)
     # a matrix fused from parts some of which are stored as floats stays float
-    partly_float = {t for t in fused if parts[t] < _FUSED_PARTS[".".join(t.split(".")[2:4])]}
+    partly_float = {t for t in fused if parts[t] < _fused_count(t)}
     plan: dict[str, tuple[str, frozenset[str]]] = {}
     for target, kinds in sources.items():
         layout = layout_for(kinds, output=target == "lm_head.weight")
@@ -559,7 +574,7 @@ def build_transformer(
             continue
         if part is not None:
             parts.setdefault(target, {})[part] = tensor
-            count = _FUSED_PARTS[".".join(target.split(".")[2:4])]
+            count = _fused_count(target)
             if len(parts[target]) < count:
                 continue
             pieces = parts.pop(target)

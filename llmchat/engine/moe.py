@@ -1,4 +1,4 @@
-"""Sparse mixture-of-experts MLP (Qwen3-MoE, Mixtral): a router picks k experts per token.
+"""Sparse mixture-of-experts MLP (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE): a router picks k experts per token.
 
 The router is a [num_experts, hidden] projection run in the model's dtype; its softmax, the top-k
 and the optional renormalization run in float32, as transformers computes them. The experts'
@@ -16,12 +16,18 @@ Checkpoints name expert weights in three ways, all mapped here (`expert_part`): 
 expert (`mlp.experts.3.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.3.w1.weight`),
 transformers 5's fused 3D parameters (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`), and
 GGUF's stacked `ffn_{gate,up,down}_exps` (served as `mlp.experts.{gate,up,down}_proj.weight`).
+
+Qwen2-MoE adds a shared expert that every token runs: a dense gated MLP (`shared`, gate and up
+fused like the dense MLP's) whose output is scaled by sigmoid(shared_gate(x)), a [1, hidden]
+projection, and added to the routed experts' sum (`mlp.shared_expert.*`, `mlp.shared_expert_gate`;
+GGUF's `ffn_{gate,up,down}_shexp` and `ffn_gate_inp_shexp`). It is stored as plain float matrices.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +36,19 @@ from torch import nn
 from llmchat.engine.config import ModelConfig
 from llmchat.engine.errors import ModelLoadError
 
+if TYPE_CHECKING:
+    from llmchat.engine.model import MLP, Linear
+
 GATE_UP, DOWN = "mlp.gate_up_exps", "mlp.down_exps"  # internal names, after "layers.N."
 EXPERT_TARGETS = (GATE_UP, DOWN)
 ROUTER = "mlp.router.weight"
+SHARED_GATE = "mlp.shared_gate.weight"
+_SHARED = {  # Qwen2-MoE's shared expert: (internal name, part of the fused gate_up)
+    "mlp.shared_expert.gate_proj.weight": ("mlp.shared.gate_up.weight", 0),
+    "mlp.shared_expert.up_proj.weight": ("mlp.shared.gate_up.weight", 1),
+    "mlp.shared_expert.down_proj.weight": ("mlp.shared.down.weight", None),
+    "mlp.shared_expert_gate.weight": (SHARED_GATE, None),
+}
 
 _PREFIX = r"(?:mlp|block_sparse_moe)"
 _PER_EXPERT = re.compile(rf"^{_PREFIX}\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
@@ -51,6 +67,8 @@ def expert_part(suffix: str) -> tuple[str, int | None] | None:
     """
     if suffix in ("mlp.gate.weight", "block_sparse_moe.gate.weight"):
         return ROUTER, None
+    if suffix in _SHARED:
+        return _SHARED[suffix]
     match = _PER_EXPERT.match(suffix)
     if match:
         expert, kind = int(match.group(1)), _PER_EXPERT_PART[match.group(2)]
@@ -98,11 +116,12 @@ def check_expert_parts(target: str, pieces: dict[int, torch.Tensor], num_experts
 
 
 class MoE(nn.Module):
-    """Router + stacked experts; out = sum over the chosen experts of weight * expert(x)."""
+    """Router + stacked experts; out = sum over the chosen experts of weight * expert(x)
+    (+ sigmoid(shared_gate(x)) * shared(x) with a shared expert)."""
 
     def __init__(self, config: ModelConfig, transposed: bool, act: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
-        from llmchat.engine.model import Linear  # model.py imports this module
+        from llmchat.engine.model import MLP, Linear  # model.py imports this module
 
         experts, width, hidden = config.num_experts, config.moe_intermediate_size, config.hidden_size
         self.num_experts, self.top_k, self.width = experts, config.num_experts_per_tok, width
@@ -115,6 +134,11 @@ class MoE(nn.Module):
         self.gate_up_exps = nn.Parameter(torch.empty(gate_up))
         self.down_exps = nn.Parameter(torch.empty(down))
         self.act = act
+        self.shared: MLP | None = None  # Qwen2-MoE's shared expert and its gate
+        self.shared_gate: Linear | None = None
+        if config.shared_expert_intermediate_size:
+            self.shared = MLP(config.with_changes(intermediate_size=config.shared_expert_intermediate_size), transposed)
+            self.shared_gate = Linear(hidden, 1, bias=False, transposed=transposed)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [n, k], expert ids [n, k]) of every token; the weights in x's dtype, or in
@@ -134,6 +158,13 @@ class MoE(nn.Module):
         return self._matmul(self.act(gate) * up, self.down_exps[index])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._routed(x)
+        if self.shared is not None and self.shared_gate is not None:
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
+        return out
+
+    def _routed(self, x: torch.Tensor) -> torch.Tensor:
+        """The chosen experts' weighted sum, in x's dtype."""
         weights, ids = self.route(x)
         if x.shape[0] == 1:  # decoding: the k chosen experts, on views of the stacked weights
             out = None
@@ -157,4 +188,5 @@ class MoE(nn.Module):
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.num_experts} experts of width {self.width}, top {self.top_k}"
+        shared = f", a shared expert of width {self.shared.intermediate}" if self.shared is not None else ""
+        return f"{self.num_experts} experts of width {self.width}, top {self.top_k}{shared}"
