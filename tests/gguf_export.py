@@ -36,6 +36,7 @@ GGUF_ARCH = {
     "mixtral": gguf.MODEL_ARCH.LLAMA,  # Mixtral is converted as llama with experts
     "olmoe": gguf.MODEL_ARCH.OLMOE,
     "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE,
+    "smollm3": gguf.MODEL_ARCH.SMOLLM3,  # LlamaModel's conversion; llama.cpp fixes the NoPE step at 4
 }
 # One matrix per expert, as save_pretrained writes them: the converter stacks them per layer.
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.(?:mlp|block_sparse_moe)\.experts)\.(\d+)\.(\w+)\.weight$")
@@ -125,7 +126,7 @@ def _write_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], arch: gguf.M
         writer.add_key_length(config["head_dim"])
         writer.add_value_length(config["head_dim"])
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    if arch == gguf.MODEL_ARCH.LLAMA:
+    if arch in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.SMOLLM3):
         writer.add_vocab_size(config["vocab_size"])
         writer.add_rope_dimension_count(head_dim)
     if arch == gguf.MODEL_ARCH.GEMMA2:
@@ -255,7 +256,7 @@ def _write_tensors(
     n_kv_head = config.get("num_key_value_heads", n_head)
     rng = np.random.default_rng(0)
     params = _rope_params(config)
-    if arch == gguf.MODEL_ARCH.LLAMA and params.get("rope_type") == "llama3":
+    if arch in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.SMOLLM3) and params.get("rope_type") == "llama3":
         dim = config.get("head_dim") or config["hidden_size"] // n_head
         writer.add_tensor("rope_freqs.weight", _llama3_rope_factors(params, dim).numpy())
     if arch == gguf.MODEL_ARCH.PHI3 and params.get("long_factor"):
@@ -272,7 +273,7 @@ def _write_tensors(
                 if expert:
                     stacks.setdefault(f"{expert.group(1)}.{expert.group(3)}", {})[int(expert.group(2))] = tensor
                     continue
-                if arch == gguf.MODEL_ARCH.LLAMA:
+                if arch in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.SMOLLM3):  # LlamaModel.modify_tensors
                     if name.endswith(("q_proj.weight", "q_proj.bias")):
                         tensor = _permute(tensor, n_head, n_head)
                     if name.endswith(("k_proj.weight", "k_proj.bias")):

@@ -38,6 +38,7 @@ KINDS = (
     "gemma3-linear",
     "phi3",
     "phi3-longrope",
+    "smollm3",
 )
 CONFIG_STYLES = ("new", "old")
 # Mixture-of-experts kinds (tests/test_moe.py): 8 experts, 2 per token. Qwen3-MoE without
@@ -241,6 +242,25 @@ _KIND_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             "rope_parameters": _rope(1000000.0),
         },
     ),
+    # Four layers, a NoPE layer every 4th (SmolLM3's default, and llama.cpp's fixed step): layer 3
+    # attends without RoPE. Tied embeddings (the config default); no window (use_sliding_window False).
+    "smollm3": (
+        "smollm3",
+        {"num_hidden_layers": 4, "no_rope_layer_interval": 4, "pad_token_id": None, "rope_parameters": _rope(2e6)},
+    ),
+    # Not in KINDS (tests/test_smollm3.py): explicit NoPE layers 1 and 3, and with use_sliding_window
+    # SmolLM3Config makes exactly those slide (window 8). llama.cpp has no such layout (no GGUF twin).
+    "smollm3-sliding": (
+        "smollm3",
+        {
+            "num_hidden_layers": 4,
+            "no_rope_layers": [1, 0, 1, 0],
+            "use_sliding_window": True,
+            "sliding_window": 8,
+            "pad_token_id": None,
+            "rope_parameters": _rope(2e6),
+        },
+    ),
     # Phi3Config keeps the original length at the top level too, and that one wins in transformers.
     "phi3-longrope": ("phi3", {**_PHI3, "original_max_position_embeddings": 24, "rope_parameters": _LONGROPE}),
 }
@@ -329,6 +349,13 @@ def _to_old_style(config: dict[str, Any]) -> dict[str, Any]:
         old.pop("layer_types")
         if not old["use_sliding_window"]:
             old["sliding_window"] = 8
+    if model_type == "smollm3":
+        # Left to be derived from use_sliding_window and the NoPE layers instead, and those from
+        # no_rope_layer_interval when it gives the same list.
+        old.pop("layer_types")
+        interval = old["no_rope_layer_interval"]
+        if old["no_rope_layers"] == [int((i + 1) % interval != 0) for i in range(old["num_hidden_layers"])]:
+            old.pop("no_rope_layers")
     if model_type in ("gemma2", "gemma3_text"):
         # Derived from the alternation (Gemma 2) or sliding_window_pattern (Gemma 3) instead;
         # Gemma 2 configs also carry a `hidden_act` that transformers ignores.

@@ -50,7 +50,7 @@ class RopeConfig:
 class ModelConfig:
     """Everything the Transformer needs to know about a checkpoint."""
 
-    # family name: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, qwen3_moe, mixtral, olmoe, qwen2_moe
+    # family name: llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, qwen3_moe, mixtral, olmoe, qwen2_moe, smollm3
     architecture: str
     vocab_size: int
     hidden_size: int
@@ -72,6 +72,7 @@ class ModelConfig:
     clip_qkv: float | None = None  # OLMoE: q, k (after their norms) and v are clamped to [-clip, clip]
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] = ()  # per layer: does it use the sliding window?
+    rope_layers: tuple[bool, ...] = ()  # per layer: does it rotate q/k (SmolLM3's NoPE layers)? empty: all do
     dtype: str | None = None  # dtype the checkpoint was published in
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -108,6 +109,10 @@ class ModelConfig:
             return None
         return self.sliding_window
 
+    def uses_rope(self, layer: int) -> bool:
+        """Whether a layer rotates its queries and keys (SmolLM3 leaves some without position encoding)."""
+        return not self.rope_layers or self.rope_layers[layer]
+
     def is_moe_layer(self, layer: int) -> bool:
         """Whether a layer's MLP is a sparse mixture of experts."""
         return self.num_experts > 0 and bool(self.moe_layers) and self.moe_layers[layer]
@@ -133,12 +138,14 @@ class _Family:
     # Which layers honour `sliding_window`: never | all | use_sliding_window (Qwen: a flag plus
     # max_window_layers) | use_sliding_window_all (Qwen3-MoE: the flag alone, then every layer) |
     # use_sliding_window_even (Qwen2-MoE: the flag, then the even layers below max_window_layers) |
-    # pattern (Gemma: `layer_types`, else every `window_pattern`-th layer is full).
+    # pattern (Gemma: `layer_types`, else every `window_pattern`-th layer is full) |
+    # use_sliding_window_nope (SmolLM3: the flag, then `layer_types`, else the layers without RoPE).
     sliding: str = "never"
     window_pattern: int = 0
     window_pattern_key: str | None = None  # config key that may override window_pattern
     gemma: bool = False  # (1 + w) norms, scaled embeddings, sandwich norms, query_pre_attn_scalar
     local_rope: bool = False  # Gemma 3: sliding layers have a RoPE of their own
+    nope: bool = False  # SmolLM3: `no_rope_layers` (else every `no_rope_layer_interval`-th layer) skips RoPE
     rope_aliases: Mapping[str, str] = field(default_factory=dict)  # legacy rope type names
     # Mixture of experts: "" (dense), "qwen3_moe" (moe_intermediate_size, norm_topk_prob,
     # decoder_sparse_step, mlp_only_layers), "qwen2_moe" (the same plus a shared expert), "mixtral"
@@ -230,6 +237,17 @@ _FAMILIES: dict[str, _Family] = {
             "decoder_sparse_step": 1,
         },
     ),
+    "smollm3": _Family(
+        "smollm3",
+        sliding="use_sliding_window_nope",
+        nope=True,
+        defaults={
+            "max_position_embeddings": 32768,
+            "rope_theta": 2_000_000.0,
+            "no_rope_layer_interval": 4,
+            "tie_word_embeddings": True,
+        },
+    ),
     "phi3": _Family(
         "phi3",
         qkv_bias=False,
@@ -251,6 +269,7 @@ _ARCH_TO_TYPE = {
     "MixtralForCausalLM": "mixtral",
     "OlmoeForCausalLM": "olmoe",
     "Qwen2MoeForCausalLM": "qwen2_moe",
+    "SmolLM3ForCausalLM": "smollm3",
 }
 SUPPORTED_ARCHITECTURES = tuple(_ARCH_TO_TYPE)
 _UNSUPPORTED_HINTS = {
@@ -365,7 +384,26 @@ def _layer_types(raw: dict[str, Any], num_layers: int, source: str) -> tuple[boo
     return tuple(t == "sliding_attention" for t in layer_types)
 
 
-def _sliding(raw: dict[str, Any], family: _Family, num_layers: int, source: str) -> tuple[int | None, tuple[bool, ...]]:
+def _rope_layers(raw: dict[str, Any], family: _Family, num_layers: int, source: str) -> tuple[bool, ...]:
+    """Per layer: does it apply RoPE (empty: every layer does).
+
+    SmolLM3Config: `no_rope_layers` (1 = RoPE, 0 = none; at least one entry per layer), else a NoPE
+    layer every `no_rope_layer_interval` layers: layer i rotates unless (i + 1) % interval == 0.
+    """
+    if not family.nope:
+        return ()
+    given = raw.get("no_rope_layers")
+    if given is not None:
+        if len(given) < num_layers:
+            raise ModelLoadError(f"{source}: no_rope_layers has {len(given)} entries for {num_layers} layers")
+        return tuple(bool(flag) for flag in given[:num_layers])
+    interval = int(raw.get("no_rope_layer_interval") or 4)
+    return tuple((i + 1) % interval != 0 for i in range(num_layers))
+
+
+def _sliding(
+    raw: dict[str, Any], family: _Family, num_layers: int, source: str, rope_layers: tuple[bool, ...] = ()
+) -> tuple[int | None, tuple[bool, ...]]:
     """Which layers slide, and over how many tokens."""
     rule = family.sliding
     window = raw.get("sliding_window")
@@ -389,6 +427,8 @@ def _sliding(raw: dict[str, Any], family: _Family, num_layers: int, source: str)
     if rule == "use_sliding_window":
         first = int(raw.get("max_window_layers", num_layers))
         return int(window), tuple(i >= first for i in range(num_layers))
+    if rule == "use_sliding_window_nope":  # SmolLM3Config: the NoPE layers slide
+        return int(window), tuple(not rotates for rotates in rope_layers)
     if rule == "use_sliding_window_even":  # transformers' Qwen2MoeConfig: layers 0, 2, 4 ... below the limit
         below = int(raw.get("max_window_layers", num_layers))
         return int(window), tuple(i % 2 == 0 and i < below for i in range(num_layers))
@@ -472,7 +512,8 @@ def from_hf_config(raw: dict[str, Any], *, source: str = "config.json") -> Model
     head_dim = int(raw.get("head_dim") or hidden // heads)
     max_pos = int(raw.get("max_position_embeddings") or 2048)
     attention_bias = bool(raw.get(family.bias_key, False))
-    window, sliding_layers = _sliding(raw, family, layers, source)
+    rope_layers = _rope_layers(raw, family, layers, source)
+    window, sliding_layers = _sliding(raw, family, layers, source, rope_layers)
     full_rope, local_rope = _rope_parameters(raw, family)
     # Gemma's MLP reads `hidden_activation` (its `hidden_act` is a leftover that transformers ignores).
     activation = raw.get("hidden_activation") or "gelu_pytorch_tanh" if family.gemma else raw.get("hidden_act", "silu")
@@ -493,12 +534,13 @@ def from_hf_config(raw: dict[str, Any], *, source: str = "config.json") -> Model
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=attention_bias if family.qkv_bias is None else family.qkv_bias,
         o_bias=attention_bias if family.o_bias is None else family.o_bias,
-        mlp_bias=bool(raw.get("mlp_bias", False)) if model_type == "llama" else False,
+        mlp_bias=bool(raw.get("mlp_bias", False)) if model_type in ("llama", "smollm3") else False,
         qk_norm=family.qk_norm,
         qk_norm_whole=family.qk_norm_whole,
         clip_qkv=float(raw["clip_qkv"]) if raw.get("clip_qkv") is not None else None,
         sliding_window=window,
         sliding_layers=sliding_layers,
+        rope_layers=rope_layers,
         dtype=raw.get("dtype") or raw.get("torch_dtype"),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=_eos_ids(raw.get("eos_token_id")),

@@ -42,6 +42,7 @@ HF_ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
 }
 SUPPORTED_TYPES = frozenset(
     GGMLQuantizationType[name]
@@ -112,6 +113,7 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
 _SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # these scale queries by hidden/heads, not head_dim
 _GEMMA_LOCAL_ROPE_BASE = 10000.0
+_SMOLLM3_NO_ROPE_STEP = 4  # llama.cpp's hparams.n_no_rope_layer_step for smollm3
 
 
 def hf_tensor_name(name: str, architecture: str) -> str | None:
@@ -297,6 +299,10 @@ class GGUFFile:
         raw.update(self._token_ids())
         if arch in ("gemma2", "gemma3"):
             raw.update(self._gemma_config(hidden, heads, head_dim))
+        elif arch == "smollm3":
+            # llama.cpp hard-codes the NoPE layers (n_no_rope_layer_step = 4, no GGUF key): every
+            # 4th layer skips RoPE, and it has no sliding window for this architecture.
+            raw["no_rope_layer_interval"] = _SMOLLM3_NO_ROPE_STEP
         elif arch == "phi3":
             window = self._key("attention.sliding_window")
             raw["sliding_window"] = window or None  # Phi-4 writes 0 for "no window"
@@ -528,7 +534,7 @@ class GGUFWeights:
     def _to_hf(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Undo what convert_hf_to_gguf.py changed in the values."""
         arch = self.file.architecture
-        if arch == "llama":
+        if arch in ("llama", "smollm3"):  # converted by LlamaModel, which permutes Q/K
             projection = hf_name.rsplit(".", 2)[-2]
             if projection in self.heads:
                 return unpermute_rows(tensor, self.heads[projection])

@@ -143,6 +143,7 @@ class Attention(nn.Module):
         self.clip = config.clip_qkv
         self.scale = config.attn_scale  # None: SDPA's default head_dim ** -0.5
         self.softcap = config.attn_softcap
+        self.rotates = config.uses_rope(layer)  # SmolLM3's NoPE layers attend without positions
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, start: int
@@ -158,7 +159,8 @@ class Attention(nn.Module):
         qk, v = heads[: self.num_heads + self.num_kv_heads], heads[self.num_heads + self.num_kv_heads :]
         if self.q_norm is not None and self.k_norm is not None and not self.qk_norm_whole:
             qk = torch.cat((self.q_norm(qk[: self.num_heads]), self.k_norm(qk[self.num_heads :])))
-        qk = apply_rotary(qk, cos, sin)  # queries and keys rotate alike: one pass over both
+        if self.rotates:
+            qk = apply_rotary(qk, cos, sin)  # queries and keys rotate alike: one pass over both
         q, k = qk[: self.num_heads], qk[self.num_heads :]
         # A sliding layer's ring holds a query's window only for chunks within its slack: a longer
         # one is written and attended in parts (the projections above ran over all of it at once).
