@@ -22,7 +22,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 import llmchat
@@ -31,6 +30,7 @@ from llmchat.engine.errors import ModelLoadError
 from llmchat.engine.events import TokenEvent
 from llmchat.engine.moe import MoE
 from tests.gguf_export import export_gguf
+from tests.hf_reference import hf_greedy, hf_logits, hf_model, random_ids, vocab_size
 from tests.tiny_models import MOE_KINDS
 
 TOL = 1e-4
@@ -65,26 +65,7 @@ def gguf_file(tmp_path_factory: pytest.TempPathFactory, tiny_model: TinyModelFac
 
 
 def _ids(folder: Path, n: int, seed: int) -> list[int]:
-    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _hf_model(folder: Path) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def _hf_logits(model: PreTrainedModel, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
-
-
-def _hf_greedy(model: PreTrainedModel, prompt: list[int]) -> list[int]:
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None
-        )
-    return out[0, len(prompt) :].tolist()
+    return random_ids(n, vocab_size(folder), seed)
 
 
 def _greedy(model: Any, prompt: list[int], n: int) -> list[int]:
@@ -100,7 +81,7 @@ def _moe_blocks(model: Any) -> list[MoE]:
 @pytest.mark.parametrize("kind", MOE_KINDS)
 def test_the_router_picks_many_experts(kind: str, tiny_model: TinyModelFactory) -> None:
     """Self-check of the tiny models: in transformers, tokens of one sequence go to different experts."""
-    model = _hf_model(tiny_model(kind))
+    model = hf_model(tiny_model(kind))
     chosen: list[set[int]] = []
 
     def record(module: torch.nn.Module, args: Any, output: tuple[torch.Tensor, ...]) -> None:
@@ -110,7 +91,7 @@ def test_the_router_picks_many_experts(kind: str, tiny_model: TinyModelFactory) 
     assert routers, f"{kind}: no router found"
     for router in routers:
         router.register_forward_hook(record)
-    _hf_logits(model, _ids(tiny_model(kind), LOGITS_LEN, seed=1))
+    hf_logits(model, _ids(tiny_model(kind), LOGITS_LEN, seed=1))
     assert len(chosen) == len(routers)
     assert max(len(c) for c in chosen) > 2, f"{kind}: experts chosen per layer {chosen}"
 
@@ -120,7 +101,7 @@ def test_logits_match_transformers(kind: str, tiny_model: TinyModelFactory, gguf
     """40 tokens, float32: the folder and its F32 GGUF give transformers' logits."""
     folder = tiny_model(kind)
     ids = _ids(folder, LOGITS_LEN, seed=1)
-    expected = _hf_logits(_hf_model(folder), ids)
+    expected = hf_logits(hf_model(folder), ids)
     assert expected.std() > 1.0, "logits too flat for greedy parity"
     for source in (folder, gguf_file(kind)):
         got = llmchat.load(source, device="cpu", dtype="float32", packed=False).logits(ids)
@@ -134,7 +115,7 @@ def test_greedy_matches_transformers(kind: str, tiny_model: TinyModelFactory, gg
     """A 12-token prefill, then 20 KV-cached decoding steps: transformers' greedy tokens."""
     folder = tiny_model(kind)
     prompt = _ids(folder, PROMPT_LEN, seed=2)
-    expected = _hf_greedy(_hf_model(folder), prompt)
+    expected = hf_greedy(hf_model(folder), prompt, NEW_TOKENS)
     assert len(expected) == NEW_TOKENS
     for source in (folder, gguf_file(kind)):
         got = _greedy(llmchat.load(source, device="cpu", dtype="float32", packed=False), prompt, NEW_TOKENS)
@@ -180,7 +161,7 @@ def test_fused_expert_parameters_load(tiny_model: TinyModelFactory, tmp_path: Pa
         folder = tiny_model(kind)
         fused = tmp_path / kind
         shutil.copytree(folder, fused, ignore=shutil.ignore_patterns("*.safetensors*"))
-        state = {k: v.contiguous() for k, v in _hf_model(folder).state_dict().items()}
+        state = {k: v.contiguous() for k, v in hf_model(folder).state_dict().items()}
         assert any(k.endswith("mlp.experts.gate_up_proj") and v.dim() == 3 for k, v in state.items())
         save_file(state, str(fused / "model.safetensors"), metadata={"format": "pt"})
         ids = _ids(folder, LOGITS_LEN, seed=1)
@@ -234,7 +215,7 @@ def test_quantized_experts_are_dequantized_at_load(
         assert block.gate_up_exps.dtype == block.down_exps.dtype == torch.float32
         assert block.router.weight.dtype == torch.float32
     ids = _ids(tiny_model("qwen3-moe"), LOGITS_LEN, seed=1)
-    reference = _hf_logits(_hf_model(tiny_model("qwen3-moe")), ids)
+    reference = hf_logits(hf_model(tiny_model("qwen3-moe")), ids)
     ours = plain.logits(ids)
     assert 1e-3 < (ours - reference).abs().max().item() < 0.1 * reference.abs().max().item()
     agree = (packed.logits(ids).argmax(-1) == ours.argmax(-1)).float().mean().item()
@@ -289,7 +270,7 @@ def test_parameter_counts(kind: str, tiny_model: TinyModelFactory) -> None:
 
     folder = tiny_model(kind)
     config = llmchat.load(folder, device="cpu", dtype="float32").config
-    hf = _hf_model(folder)
+    hf = hf_model(folder)
     total = sum(p.numel() for p in hf.parameters())
     assert hf.num_parameters() == total
     assert parameter_count(config) == total

@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 import torch
 from tokenizers import Tokenizer
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from tests.hf_reference import hf_greedy, hf_logits, hf_model, random_ids, vocab_size
 from tests.tiny_models import CONFIG_STYLES, IM_END, KINDS
 
 TOL = 1e-4
@@ -68,39 +69,6 @@ def _label(kind: str, style: str, sharded: bool = False) -> str:
     return f"{kind} ({style}-style config{', sharded' if sharded else ''})"
 
 
-def _vocab_size(folder: Path) -> int:
-    return json.loads((folder / "config.json").read_text())["vocab_size"]
-
-
-def _random_ids(n: int, vocab: int, seed: int) -> list[int]:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _hf_model(folder: Path) -> PreTrainedModel:
-    """A fresh transformers model: dynamic RoPE keeps state between calls, so none is shared."""
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-
-
-def _hf_logits(model: PreTrainedModel, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
-
-
-def _hf_greedy(model: PreTrainedModel, prompt: list[int]) -> list[int]:
-    """Greedy tokens of `generate`; `eos_token_id=None` turns EOS stopping off without touching logits
-    (`min_new_tokens` would instead mask EOS out of the argmax)."""
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=NEW_TOKENS,
-            eos_token_id=None,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 def _greedy(api: ModuleType, model: Any, prompt: list[int], max_new_tokens: int) -> list[Any]:
     """All events of a greedy llmchat generation that ignores EOS."""
     sampling = api.SamplingParams(temperature=0)
@@ -132,14 +100,14 @@ def test_tiny_models_load_in_transformers(kind: str, tiny_model: TinyModelFactor
     eos = json.loads((new / "generation_config.json").read_text())["eos_token_id"]
     assert tokenizer.token_to_id(IM_END) in (eos if isinstance(eos, list) else [eos])
 
-    ids = _random_ids(LOGITS_LEN, new_config["vocab_size"], seed=1)
-    models = [_hf_model(folder) for folder in (new, old, sharded)]
-    reference = _hf_logits(models[0], ids)
+    ids = random_ids(LOGITS_LEN, new_config["vocab_size"], seed=1)
+    models = [hf_model(folder) for folder in (new, old, sharded)]
+    reference = hf_logits(models[0], ids)
     assert torch.isfinite(reference).all() and reference.std() > 1.0, "logits too flat for greedy parity"
     for model in models[1:]:
         assert getattr(model.config, "layer_types", None) == getattr(models[0].config, "layer_types", None)
         assert getattr(model.config, "sliding_window", None) == getattr(models[0].config, "sliding_window", None)
-        assert torch.equal(_hf_logits(model, ids), reference), f"{kind}: styles/sharding load differently"
+        assert torch.equal(hf_logits(model, ids), reference), f"{kind}: styles/sharding load differently"
 
 
 @pytest.mark.parametrize(("kind", "style", "sharded"), CASES)
@@ -148,8 +116,8 @@ def test_logits_match_transformers(
 ) -> None:
     """A 40-token forward gives the logits of transformers."""
     folder = tiny_model(kind, style, sharded)
-    ids = _random_ids(LOGITS_LEN, _vocab_size(folder), seed=1)
-    expected = _hf_logits(_hf_model(folder), ids)
+    ids = random_ids(LOGITS_LEN, vocab_size(folder), seed=1)
+    expected = hf_logits(hf_model(folder), ids)
     got = api.load(folder, device="cpu", dtype="float32").logits(ids)
     assert got.dtype == torch.float32 and got.shape == expected.shape, f"{_label(kind, style, sharded)}: {got.shape}"
     diff = (got - expected).abs().max().item()
@@ -162,15 +130,15 @@ def test_greedy_matches_transformers(
 ) -> None:
     """20 greedy tokens (KV-cached decode) are those of transformers' `generate`."""
     folder = tiny_model(kind, style, sharded)
-    prompt = _random_ids(PROMPT_LEN, _vocab_size(folder), seed=2)
-    expected = _hf_greedy(_hf_model(folder), prompt)
+    prompt = random_ids(PROMPT_LEN, vocab_size(folder), seed=2)
+    expected = hf_greedy(hf_model(folder), prompt, NEW_TOKENS)
     assert len(expected) == NEW_TOKENS
     model = api.load(folder, device="cpu", dtype="float32")
     got = _tokens(events, _greedy(api, model, prompt, NEW_TOKENS))
     if got != expected:
         # Where it went wrong: the full-forward logits over the reference answer.
         full = prompt + expected
-        diff = (model.logits(full) - _hf_logits(_hf_model(folder), full)).abs().max().item()
+        diff = (model.logits(full) - hf_logits(hf_model(folder), full)).abs().max().item()
         step = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), min(len(got), len(expected)))
         pytest.fail(
             f"{_label(kind, style, sharded)}: greedy tokens differ from step {step}: "
@@ -188,12 +156,12 @@ def test_prefix_reuse_matches_fresh_prefill(
     and the fresh path are defined to agree; the sliding-window models (window 8) slide in both turns.
     """
     folder = tiny_model(kind)
-    vocab = _vocab_size(folder)
+    vocab = vocab_size(folder)
     model = api.load(folder, device="cpu", dtype="float32")
-    prompt1 = _random_ids(10, vocab, seed=3)
+    prompt1 = random_ids(10, vocab, seed=3)
     turn1 = _greedy(api, model, prompt1, 6)
     assert _prefill_done(events, turn1).reused_tokens == 0, f"{_label(kind, 'new')}: a fresh model reused tokens"
-    prompt2 = prompt1 + _tokens(events, turn1) + _random_ids(6, vocab, seed=4)
+    prompt2 = prompt1 + _tokens(events, turn1) + random_ids(6, vocab, seed=4)
     expected_last = model.logits(prompt2)[-1]  # between the turns: must leave the cache alone
 
     turn2 = _greedy(api, model, prompt2, 6)
@@ -222,9 +190,9 @@ HALF_MEAN_TOL = 1e-3
 @pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
 def test_gemma_bfloat16_rounds_like_transformers(kind: str, tiny_model: TinyModelFactory, api: ModuleType) -> None:
     folder = tiny_model(kind)
-    ids = _random_ids(LOGITS_LEN, _vocab_size(folder), seed=1)
+    ids = random_ids(LOGITS_LEN, vocab_size(folder), seed=1)
     reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
-    expected = _hf_logits(reference, ids).float()
+    expected = hf_logits(reference, ids).float()
     got = api.load(folder, device="cpu", dtype="bfloat16").logits(ids)
     diff = (got - expected).abs().mean().item()
     assert diff <= HALF_MEAN_TOL, f"{kind} (bfloat16): mean |logit diff| {diff:.3g} > {HALF_MEAN_TOL}"
@@ -241,8 +209,8 @@ def test_longrope_chunked_prefill_matches_one_pass(
     """A 30-token prompt prefilled 8 tokens at a time (short factors until the chunk that passes 24)
     answers like transformers, which prefills it in one pass with the long factors."""
     folder = tiny_model("phi3-longrope")
-    prompt = _random_ids(30, _vocab_size(folder), seed=5)
-    expected = _hf_greedy(_hf_model(folder), prompt)
+    prompt = random_ids(30, vocab_size(folder), seed=5)
+    expected = hf_greedy(hf_model(folder), prompt, NEW_TOKENS)
     model = api.load(folder, device="cpu", dtype="float32", prefill_chunk=8)
     assert _tokens(events, _greedy(api, model, prompt, NEW_TOKENS)) == expected
 
@@ -253,17 +221,17 @@ def test_longrope_rewind_below_original_length_matches_fresh(
     """After a turn that went past 24 positions (long factors), a turn that rewinds to 18 tokens
     reuses the cached prefix and still answers like a fresh model (short factors)."""
     folder = tiny_model("phi3-longrope")
-    vocab = _vocab_size(folder)
+    vocab = vocab_size(folder)
     model = api.load(folder, device="cpu", dtype="float32")
-    prompt1 = _random_ids(20, vocab, seed=6)
+    prompt1 = random_ids(20, vocab, seed=6)
     _greedy(api, model, prompt1, 8)  # the cache ends past 24: long factors
-    prompt2 = prompt1[:14] + _random_ids(4, vocab, seed=7)
+    prompt2 = prompt1[:14] + random_ids(4, vocab, seed=7)
     turn2 = _greedy(api, model, prompt2, 6)
     assert _prefill_done(events, turn2).reused_tokens == 14
     fresh = _greedy(api, api.load(folder, device="cpu", dtype="float32"), prompt2, 6)
     assert _tokens(events, turn2) == _tokens(events, fresh)
     first = next(e for e in turn2 if isinstance(e, events.TokenEvent))
-    expected_last = _hf_logits(_hf_model(folder), prompt2)[-1]
+    expected_last = hf_logits(hf_model(folder), prompt2)[-1]
     assert abs(first.logit - expected_last[first.token_id].item()) <= TOL
 
 
@@ -275,8 +243,8 @@ def test_chunks_told_the_request_length_match_one_pass(
     RoPE of the whole sequence (LongRoPE's long factors, dynamic NTK's base for 40 positions), so
     8-token chunks give the logits of transformers' single 40-token pass."""
     folder = tiny_model(kind)
-    ids = _random_ids(LOGITS_LEN, _vocab_size(folder), seed=1)
-    expected = _hf_logits(_hf_model(folder), ids)
+    ids = random_ids(LOGITS_LEN, vocab_size(folder), seed=1)
+    expected = hf_logits(hf_model(folder), ids)
     loaded = api.load(folder, device="cpu", dtype="float32")
     rows = []
     with torch.inference_mode():
@@ -309,7 +277,7 @@ def test_parameter_count_matches_transformers(kind: str, tiny_model: TinyModelFa
     """The memory math counts the parameters transformers builds (tied matrices once)."""
     config = importlib.import_module("llmchat.engine.config").load_hf_config(tiny_model(kind))
     count = importlib.import_module("llmchat.engine.memory").parameter_count(config)
-    assert count == sum(p.numel() for p in _hf_model(tiny_model(kind)).parameters())
+    assert count == sum(p.numel() for p in hf_model(tiny_model(kind)).parameters())
 
 
 _MINIMAL = {
@@ -435,8 +403,8 @@ def test_ring_logits_match_transformers(
     """A 40-token pass through a fresh cache whose rings hold 10 slots: attended 3 positions at a
     time in the sliding layers, and still transformers' logits."""
     folder = tiny_model(kind)
-    ids = _random_ids(LOGITS_LEN, _vocab_size(folder), seed=1)
-    expected = _hf_logits(_hf_model(folder), ids)
+    ids = random_ids(LOGITS_LEN, vocab_size(folder), seed=1)
+    expected = hf_logits(hf_model(folder), ids)
     diff = (_ring_model(api, folder).logits(ids) - expected).abs().max().item()
     assert diff <= TOL, f"{kind}: max |logit diff| {diff:.3g} > {TOL}"
 
@@ -448,13 +416,13 @@ def test_ring_decodes_past_the_window_like_transformers(
     """Prefill chunks (16) longer than the window (8) and the slack, then 20 decode steps that wrap the
     ring again and again: transformers' greedy tokens, and each step's logit its full-pass one."""
     folder = tiny_model(kind)
-    prompt = _random_ids(20, _vocab_size(folder), seed=2)
-    reference = _hf_model(folder)
-    expected = _hf_greedy(reference, prompt)
+    prompt = random_ids(20, vocab_size(folder), seed=2)
+    reference = hf_model(folder)
+    expected = hf_greedy(reference, prompt, NEW_TOKENS)
     model = _ring_model(api, folder, prefill_chunk=16)
     generated = _greedy(api, model, prompt, NEW_TOKENS)
     assert _tokens(events, generated) == expected, kind
-    full = _hf_logits(reference, prompt + expected)
+    full = hf_logits(reference, prompt + expected)
     steps = [e for e in generated if isinstance(e, events.TokenEvent)]
     worst = max(abs(e.logit - full[len(prompt) - 1 + e.index, e.token_id].item()) for e in steps)
     assert worst <= TOL, f"{kind}: a decode step's logit differs by {worst:.3g}"
@@ -469,12 +437,12 @@ def test_ring_rewinds_reuse_what_it_holds_and_prefill_the_rest(
     prefilled again), a branch 2 tokens back (within the slack: reused), one 10 back (prefilled
     again), and the next turn (reused): each answers like transformers."""
     folder = tiny_model(kind)
-    vocab = _vocab_size(folder)
-    prompt = _random_ids(PROMPT_LEN, vocab, seed=3)
-    reference = _hf_model(folder)
+    vocab = vocab_size(folder)
+    prompt = random_ids(PROMPT_LEN, vocab, seed=3)
+    reference = hf_model(folder)
     model = _ring_model(api, folder)
     first = _tokens(events, _greedy(api, model, prompt, NEW_TOKENS))
-    assert first == _hf_greedy(reference, prompt)
+    assert first == hf_greedy(reference, prompt, NEW_TOKENS)
 
     again = _greedy(api, model, prompt, NEW_TOKENS)
     assert _prefill_done(events, again).reused_tokens == 0 and _tokens(events, again) == first
@@ -492,10 +460,10 @@ def test_ring_rewinds_reuse_what_it_holds_and_prefill_the_rest(
     far = branch(8)
     assert _prefill_done(events, far).reused_tokens == 0 and _tokens(events, far) == first[8:]
 
-    prompt2 = prompt + first + _random_ids(5, vocab, seed=4)
+    prompt2 = prompt + first + random_ids(5, vocab, seed=4)
     turn2 = _greedy(api, model, prompt2, 6)
     assert _prefill_done(events, turn2).reused_tokens == PROMPT_LEN + NEW_TOKENS - 1
-    hf_next = _hf_logits(reference, prompt2)[-1]
+    hf_next = hf_logits(reference, prompt2)[-1]
     step = next(e for e in turn2 if isinstance(e, events.TokenEvent))
     assert step.token_id == int(hf_next.argmax()) and abs(step.logit - hf_next[step.token_id].item()) <= TOL
 
@@ -508,8 +476,8 @@ def test_ring_step_logits_after_the_wrap(
     earlier one by prefilling again (the rings lack its window), each transformers' logits; and the
     cache answers right afterwards."""
     folder = tiny_model(kind)
-    prompt = _random_ids(PROMPT_LEN, _vocab_size(folder), seed=5)
-    reference = _hf_model(folder)
+    prompt = random_ids(PROMPT_LEN, vocab_size(folder), seed=5)
+    reference = hf_model(folder)
     model = _ring_model(api, folder)
     answer = _tokens(events, _greedy(api, model, prompt, NEW_TOKENS))
     generator = model.generator
@@ -523,7 +491,7 @@ def test_ring_step_logits_after_the_wrap(
             with pytest.raises(ValueError, match="no longer in the KV cache"):
                 generator.step_logits(sequence)
         got = generator.step_logits(sequence, prefill=True)
-        expected = _hf_logits(reference, sequence)[-1]
+        expected = hf_logits(reference, sequence)[-1]
         diff = (got - expected).abs().max().item()
         assert diff <= TOL, f"{kind}: step {index} differs by {diff:.3g}"
         if index >= near:
@@ -540,10 +508,10 @@ def test_ring_with_longrope_rerun_matches_transformers(
     folder = Path(shutil.copytree(tiny_model("phi3-longrope"), tmp_path / "phi3-longrope-window"))
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config | {"sliding_window": 8}))
-    vocab = _vocab_size(folder)
-    prompt = _random_ids(30, vocab, seed=6)
+    vocab = vocab_size(folder)
+    prompt = random_ids(30, vocab, seed=6)
     model = _ring_model(api, folder, prefill_chunk=8)
-    assert _tokens(events, _greedy(api, model, prompt, NEW_TOKENS)) == _hf_greedy(_hf_model(folder), prompt)
-    short = prompt[:14] + _random_ids(4, vocab, seed=7)
+    assert _tokens(events, _greedy(api, model, prompt, NEW_TOKENS)) == hf_greedy(hf_model(folder), prompt, NEW_TOKENS)
+    short = prompt[:14] + random_ids(4, vocab, seed=7)
     turn = _greedy(api, model, short, 6)
-    assert _tokens(events, turn) == _hf_greedy(_hf_model(folder), short)[:6]
+    assert _tokens(events, turn) == hf_greedy(hf_model(folder), short, NEW_TOKENS)[:6]

@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, SmolLM3Config
+from transformers import SmolLM3Config
 
 from llmchat.engine.config import from_hf_config, load_hf_config
 from llmchat.engine.gguf import GGUFFile
 from tests.gguf_export import export_gguf
+from tests.hf_reference import hf_greedy, hf_logits, hf_model, random_ids
 
 TOL = 1e-4
 NEW_TOKENS = 20
@@ -32,23 +33,15 @@ def _one_thread() -> Iterator[None]:
 
 
 def _ids(vocab: int, n: int, seed: int) -> list[int]:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return random_ids(n, vocab, seed)
 
 
 def _hf_logits(folder: Path, ids: list[int]) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0]
+    return hf_logits(hf_model(folder), ids)
 
 
 def _hf_greedy(folder: Path, prompt: list[int]) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=None
-        )
-    return out[0, len(prompt) :].tolist()
+    return hf_greedy(hf_model(folder), prompt, NEW_TOKENS)
 
 
 def _greedy(model: Any, prompt: list[int]) -> list[int]:
