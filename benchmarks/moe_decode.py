@@ -12,6 +12,11 @@ per-round ratios:
 
     python benchmarks/moe_decode.py                  # 3 rounds, 64 tokens after a 32-token prompt
     python benchmarks/moe_decode.py --rounds 5 --json
+    python benchmarks/moe_decode.py --quant Q4_0     # both as Q4_0 GGUF files: experts packed as int4
+
+With --quant the folders are exported to GGUF as llama.cpp's converter writes them (the test
+suite's exporter, tests/gguf_export.py) and loaded packed: a decode step then reads the chosen
+experts' packed bytes only.
 
 The folders are kept in --cache (default: the system temp dir) and reused.
 """
@@ -66,6 +71,19 @@ def build(kind: str, folder: Path) -> Path:
     return folder
 
 
+def to_gguf(folder: Path, quant: str) -> Path:
+    """The folder written as a GGUF file of `quant` (Q4_0, Q8_0 ...), next to it."""
+    import gguf
+
+    sys.path.insert(0, str(ROOT))
+    from tests.gguf_export import export_gguf
+
+    out = folder.with_name(f"{folder.name}-{quant}.gguf")
+    if not out.exists():
+        export_gguf(folder, out, qtype=gguf.GGMLQuantizationType[quant])
+    return out
+
+
 def worker(folder: Path, tokens: int) -> dict[str, Any]:
     """One timed greedy decode in this process (run as a child)."""
     import llmchat
@@ -89,6 +107,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "llmchat-moe-bench")
+    parser.add_argument("--quant", help="export both models to GGUF of this type (e.g. Q4_0) and load them packed")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -96,6 +115,8 @@ def main() -> int:
         print(json.dumps(worker(args.worker, args.tokens)))
         return 0
     folders = {kind: build(kind, args.cache / kind) for kind in ("moe", "dense")}
+    if args.quant:
+        folders = {kind: to_gguf(folder, args.quant) for kind, folder in folders.items()}
     runs: dict[str, list[float]] = {kind: [] for kind in folders}
     counts: dict[str, dict[str, int]] = {}
     ratios = []
@@ -113,6 +134,7 @@ def main() -> int:
         ratios.append(runs["moe"][-1] / runs["dense"][-1])
     result = {
         "shape": {**SHAPE, **MOE, "dense_width": DENSE_WIDTH},
+        "weights": args.quant or "float32",
         "decode_tok_s": {kind: statistics.median(values) for kind, values in runs.items()},
         "moe_over_dense": statistics.median(ratios),
         "parameters": counts,
@@ -125,7 +147,7 @@ def main() -> int:
             total, active = counts[kind]["parameters"] / 1e6, counts[kind]["active"] / 1e6
             line = f"{kind:<6} {value:7.1f} tok/s (median of {args.rounds})"
             print(f"{line}  {total:,.0f}M parameters, {active:,.0f}M active")
-        print(f"MoE / dense (median of per-round ratios): {result['moe_over_dense']:.2f}")
+        print(f"MoE / dense (median of per-round ratios, weights {result['weights']}): {result['moe_over_dense']:.2f}")
     return 0
 
 

@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 import zipfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +31,7 @@ from types import ModuleType
 from typing import IO, Any
 
 from llmchat.engine.errors import LLMChatError, ModelLoadError
+from llmchat.engine.files import replacing, write_text_atomic
 from llmchat.paths import cache_dir, config_dir, data_dir
 
 if sys.version_info >= (3, 11):
@@ -173,30 +173,12 @@ def render_registry(registry: Registry) -> str:
     return "\n".join(lines)
 
 
-def temp_path_next_to(target: Path) -> Path:
-    """A fresh name in `target`'s folder: same filesystem, so renaming it onto `target` is atomic.
-
-    Opened with mode "x" rather than made by mkstemp, so the file gets the umask's usual
-    permissions instead of 0600.
-    """
-    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-
-
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so a crash leaves either the old file or the new one, never half of it."""
-    temp = temp_path_next_to(path)
     try:
-        with temp.open("x", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        if isinstance(exc, OSError):
-            raise RegistryError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
+        write_text_atomic(path, text)
+    except OSError as exc:
+        raise RegistryError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def save_registry(registry: Registry) -> None:
@@ -463,18 +445,14 @@ def _extract_verified(
     archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, expected: str, advance: Callable[[int], object]
 ) -> None:
     digest = hashlib.sha256()
-    temp = temp_path_next_to(target)
     try:
-        with temp.open("xb") as dst, archive.open(info) as src:
+        with replacing(target) as temp, temp.open("xb") as dst, archive.open(info) as src:
             _copy_stream(src, dst, digest, advance)
-            dst.flush()
-            os.fsync(dst.fileno())
-        if digest.hexdigest() != expected:
-            raise PullError(f"{info.filename}: sha256 is {digest.hexdigest()}, expected {expected}; not installing it")
-        os.replace(temp, target)
+            if digest.hexdigest() != expected:
+                raise PullError(
+                    f"{info.filename}: sha256 is {digest.hexdigest()}, expected {expected}; not installing it"
+                )
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise PullError(
                 f"no space left in {target.parent} while extracting {target.name} "

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmchat.actions import ACTIONS
 from llmchat.engine.errors import LLMChatError
+from llmchat.engine.knobs import KNOB
 from llmchat.models import RegistryError, toml_string, write_atomic
 from llmchat.paths import config_dir
 
@@ -31,48 +33,11 @@ SETTINGS_FILE = "settings.toml"
 DEFAULT_THEME = "llmchat-dark"
 THEME_NAME = re.compile(r"[A-Za-z0-9_-]+")  # becomes a CSS class (-theme-NAME) in Textual
 
-# The rebindable actions: id → (default key, footer description). app.py builds its bindings from this.
-ACTION_KEYS: dict[str, tuple[str, str]] = {
-    "stop": ("escape", "Stop"),
-    "new_chat": ("ctrl+n", "New chat"),
-    "temperature_down": ("f2", "Temp−"),
-    "temperature_up": ("f3", "Temp+"),
-    "top_p_down": ("f4", "Top-p−"),
-    "top_p_up": ("f5", "Top-p+"),
-    "top_k_down": ("f6", "Top-k−"),
-    "top_k_up": ("f7", "Top-k+"),
-    "regenerate": ("ctrl+r", "Regenerate"),
-    "edit_last": ("ctrl+e", "Edit"),
-    "branch_previous": ("alt+left", "◀ Branch"),
-    "branch_next": ("alt+right", "Branch ▶"),
-    "token_previous": ("f8", "◀ Token"),
-    "token_next": ("f9", "Token ▶"),
-    "token_view": ("alt+t", "Tokens"),
-    "branch_here": ("ctrl+b", "Branch here"),
-    "policy_view": ("alt+p", "Policy"),
-    "prompt_view": ("alt+v", "Prompt"),
-    "timeline_view": ("alt+l", "Timeline"),
-    "toggle_panels": ("ctrl+t", "Panels"),
-    "conversations": ("ctrl+o", "Chats"),
-    "models": ("ctrl+l", "Models"),
-    "system_prompt": ("ctrl+s", "System"),
-    "completion_mode": ("alt+m", "Completion"),
-    "theme": ("f10", "Theme"),
-    "help": ("f1", "Help"),
-    "quit": ("ctrl+q", "Quit"),
-}
+# The rebindable actions (llmchat/actions.py): id → (default key, footer label).
+ACTION_KEYS: dict[str, tuple[str, str]] = {action.id: (action.key, action.label) for action in ACTIONS}
 
 _MODIFIERS = frozenset({"ctrl", "shift", "alt", "meta", "super", "hyper"})
 _KEY_PART = re.compile(r"[A-Za-z0-9_]+")
-
-# name → (type, check, what the check means): the same ranges SamplingParams enforces.
-_SAMPLING: dict[str, tuple[type, Callable[[float], bool], str]] = {
-    "temperature": (float, lambda v: v >= 0, "must be >= 0 (0 means greedy)"),
-    "top_p": (float, lambda v: 0 < v <= 1, "is out of range (0, 1]"),
-    "top_k": (int, lambda v: v >= 0, "must be >= 0 (0 disables it)"),
-    "min_p": (float, lambda v: 0 <= v <= 1, "is out of range [0, 1]"),
-    "repetition_penalty": (float, lambda v: v > 0, "must be > 0 (1 disables it)"),
-}
 
 
 class SettingsError(LLMChatError):
@@ -147,16 +112,15 @@ def _scalar(check: Callable[[Any], bool], requirement: str, name: str) -> Callab
 def _parse_sampling(table: dict[str, Any], report: Callable[[str], None]) -> dict[str, float | int]:
     sampling: dict[str, float | int] = {}
     for name, value in table.items():
-        spec = _SAMPLING.get(name)
-        if spec is None:
-            report(f"[sampling] unknown setting {name!r} (known: {', '.join(_SAMPLING)}); ignoring it")
+        knob = KNOB.get(name)  # the same ranges SamplingParams enforces
+        if knob is None:
+            report(f"[sampling] unknown setting {name!r} (known: {', '.join(KNOB)}); ignoring it")
             continue
-        kind, in_range, requirement = spec
-        problem = _sampling_type_problem(kind, value) or (None if in_range(value) else requirement)
+        problem = _sampling_type_problem(knob.kind, value) or knob.problem(value)
         if problem:
             report(f"[sampling] {name} = {_show(value)} {problem}; using the default")
         else:
-            sampling[name] = kind(value)
+            sampling[name] = knob.kind(value)
     return sampling
 
 

@@ -83,7 +83,7 @@ async def test_a_base_model_chats_in_completion_mode_and_reuses_the_cache(base: 
 
         first = await _send(pilot, app, "The quick brown fox")
         assert first.finished is not None and first.finished.reason != "cancelled" and first.tokens
-        first_prompt = app._prompt_ids[first.message_id or ""]
+        first_prompt = app.session.prompt_ids(first.message_id or "")
         assert first_prompt == tokenizer.encode("The quick brown fox", add_special_tokens=True)
         assert first_prompt[0] == tokenizer.bos_token_id
         answer_ids = [t.token_id for t in first.tokens]
@@ -91,7 +91,7 @@ async def test_a_base_model_chats_in_completion_mode_and_reuses_the_cache(base: 
         second = await _send(pilot, app, " jumps over")
         done = second.finished
         assert done is not None
-        prompt = app._prompt_ids[second.message_id or ""]
+        prompt = app.session.prompt_ids(second.message_id or "")
         assert prompt == first_prompt + answer_ids + tokenizer.encode(" jumps over")
         assert done.reused_tokens >= len(first_prompt) + len(answer_ids) - 1  # only the new text prefilled
         assert done.prefilled_tokens == len(prompt) - done.reused_tokens
@@ -119,7 +119,7 @@ async def test_the_prompt_view_shows_the_raw_transcript(base: Path, tmp_path: Pa
         view = screen.prompt
         assert view is not None and view.completion
         assert view.text == "Once upon a time" + answer.content_text + " there was"
-        assert list(view.token_ids) == app._prompt_ids[answer.message_id or ""] + [
+        assert list(view.token_ids) == app.session.prompt_ids(answer.message_id or "") + [
             t.token_id for t in answer.tokens
         ] + open_tokenizer(base).encode(" there was")
         assert view.reused == app.model.generator.reusable(list(view.token_ids))  # type: ignore[union-attr]
@@ -137,7 +137,7 @@ async def test_the_mode_switches_with_its_key_and_is_saved(chat_model: Path, tmp
         await pilot.press("alt+m")
         assert app.conversation.mode == "completion" and "│ completion │" in _status_line(app)
         answer = await _send(pilot, app, "the fox")
-        assert app._prompt_ids[answer.message_id or ""] == tokenizer.encode("the fox", add_special_tokens=True)
+        assert app.session.prompt_ids(answer.message_id or "") == tokenizer.encode("the fox", add_special_tokens=True)
         assert _store(tmp_path).load(app.conversation.id).mode == "completion"
 
         await pilot.press("alt+m")
@@ -148,7 +148,7 @@ async def test_the_mode_switches_with_its_key_and_is_saved(chat_model: Path, tmp
         rendered = model.template.render(
             app.conversation.chat_messages(before=second.message_id), add_generation_prompt=True
         )
-        assert tokenizer.decode(app._prompt_ids[second.message_id or ""]) == tokenizer.decode(
+        assert tokenizer.decode(app.session.prompt_ids(second.message_id or "")) == tokenizer.decode(
             tokenizer.encode(rendered)
         )
         assert _store(tmp_path).load(app.conversation.id).mode == "chat"

@@ -252,7 +252,7 @@ def test_records_from_engine_events() -> None:
 
 
 def test_chat_layer_loads_without_torch() -> None:
-    code = "import sys, llmchat.chat, llmchat.chat.transcript, llmchat.cli_chats; print('torch' in sys.modules)"
+    code = "import sys, llmchat.chat, llmchat.chat.transcript, llmchat.cli.chats; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

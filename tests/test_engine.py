@@ -99,10 +99,10 @@ def test_a_sliding_layer_keeps_a_ring_of_window_plus_slack() -> None:
     _fill(cache, 7, 2)  # a branch: 7 and 8 again
     # slot 3 still holds 9 of the old branch: after the end, so masked until 9 is written again
     assert cache.view(1, 9)[2].tolist() == [6, 7, 8, 9, 4, 5]
-    saved = cache.save_position(8)
+    saved = cache.save_positions(8, 9)
     _write(cache, 8, 1, value=100.0)  # an inspector re-running step 8
     assert cache.view(1, 9)[0][0, 2, 0].item() == 108.0 and cache.view(0, 9)[0][0, 8, 0].item() == 108.0
-    cache.restore_position(8, saved)
+    cache.restore_positions(8, 9, saved)
     assert cache.view(1, 9)[0][0, 2, 0].item() == 8.0 and cache.view(0, 9)[0][0, 8, 0].item() == 8.0
     cache.truncate(0)  # back to the start is always possible
     assert cache.length == 0 and cache.resumable(0)

@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import llmchat
 from llmchat.engine.errors import ModelLoadError
 from llmchat.engine.gguf import SUPPORTED_TYPES, GGUFFile
 from llmchat.engine.package import open_package
-from tests.gguf_export import export_gguf, write_typed_tensors
+from tests.gguf_export import export_gguf, quantized_copy, write_typed_tensors
 from tests.tiny_models import BOS, CHATML_TEMPLATE, IM_END
 
 TinyModelFactory = Callable[..., Path]
@@ -52,13 +52,7 @@ PARITY_KINDS = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matmuls run fastest on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -183,24 +177,6 @@ def test_gguf_config_equals_the_folders(kind: str, hf_folder: Callable[[str], Pa
     assert _as_float32(ours) == _as_float32(theirs)
 
 
-def _roundtrip_folder(folder: Path, out: Path, qtype: Q) -> Path:
-    """A copy of `folder` whose matrices hold what quantizing them to `qtype` leaves of them.
-
-    Quantization works row by row, so quantizing the HF matrix equals quantizing the converter's
-    Q/K-permuted one and permuting back: this is the model the GGUF holds, built without llmchat.
-    """
-    shutil.copytree(folder, out)
-    block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    for path in out.glob("*.safetensors"):
-        tensors = load_file(str(path))
-        for name, tensor in tensors.items():
-            if tensor.ndim == 2 and tensor.shape[-1] % block == 0:
-                values = gguf.quants.dequantize(gguf.quants.quantize(tensor.numpy(), qtype), qtype)
-                tensors[name] = torch.from_numpy(np.ascontiguousarray(values))
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    return out
-
-
 @pytest.mark.parametrize(
     ("kind", "qtype"),
     [("llama", Q.Q8_0), ("llama-bias", Q.Q4_1), ("qwen3", Q.Q5_0)],
@@ -212,7 +188,7 @@ def test_quantized_gguf_is_the_folder_with_quantized_weights(
     path = gguf_files(kind, qtype)
     package = open_package(path)
     assert package.quantization == qtype.name
-    reference = llmchat.load(_roundtrip_folder(tiny_model(kind), tmp_path / "rt", qtype), device="cpu", dtype="float32")
+    reference = llmchat.load(quantized_copy(tiny_model(kind), tmp_path / "rt", qtype), device="cpu", dtype="float32")
     ours = llmchat.load(path, device="cpu", dtype="float32", packed=False)  # the exact float reference
     ids = _ids(reference.config.vocab_size)
     diff = (ours.logits(ids) - reference.logits(ids)).abs().max().item()

@@ -184,7 +184,7 @@ async def test_branching_at_a_token_keeps_the_prefix_and_reuses_the_cache(folder
         new = app.query(AssistantMessage).last()
         new_ids = [t.token_id for t in new.tokens]
         assert new_ids[:i] == old_ids[:i] and new_ids[i] == picked and len(new_ids) > i + 1
-        prompt_len = len(app._prompt_ids[new.message_id or ""])
+        prompt_len = len(app.session.prompt_ids(new.message_id or ""))
         cache = app.query_one(KVCachePanel).state
         assert (cache.reused, cache.prefilled) == (prompt_len + i, 1)  # no recompute: one token prefilled
         done = new.finished
@@ -250,7 +250,7 @@ async def test_the_policy_view_is_the_samplers_own_and_answers_what_if(folder: P
         what_if = screen.policy
         assert what_if is not None
 
-        sequence = app._prompt_ids[answer.message_id or ""] + [t.token_id for t in answer.tokens[:index]]
+        sequence = app.session.prompt_ids(answer.message_id or "") + [t.token_id for t in answer.tokens[:index]]
         logits = model.logits(sequence)[-1]  # an independent full forward pass
         sampler = Sampler(SAMPLED.replace(temperature=0.9), logits.shape[-1])
         sampler.observe(sequence)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -44,13 +44,7 @@ CASES += [
 hf_logging.disable_progress_bar()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matmuls run fastest on one thread (on a busy 2-core box, ten times faster than on two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -319,9 +313,11 @@ def _edited_config(folder: Path, tmp_path: Path, **changes: Any) -> tuple[dict[s
     return raw, str(tmp_path / "config.json")
 
 
-def test_multimodal_gemma3_is_refused_by_name(
+def test_multimodal_gemma3_without_its_text_config_is_refused_by_name(
     tiny_model: TinyModelFactory, tmp_path: Path, engine_config: ModuleType
 ) -> None:
+    """A Gemma3ForConditionalGeneration config carries the language model under text_config (then it loads,
+    tests/test_multimodal.py); one without it cannot be read."""
     errors = importlib.import_module("llmchat.engine.errors")
     raw, source = _edited_config(tiny_model("gemma3"), tmp_path, architectures=["Gemma3ForConditionalGeneration"])
     with pytest.raises(errors.UnsupportedArchitectureError) as info:
@@ -379,7 +375,7 @@ def test_longrope_factor_count_is_checked_at_load(
 # these sequences, so here it is 2: the window-8 layers hold a ring of 10 slots and take prefill in
 # parts of 3, and every path below runs with the ring wrapped, against transformers' full cache.
 
-RING_KINDS = ["mistral", "qwen2-sliding", "gemma2", "gemma3", "phi3"]
+RING_KINDS = ["mistral", "qwen2-sliding", "gemma2", "gemma3", "phi3", "cohere2", "exaone4"]
 SMALL_SLACK = 2
 
 

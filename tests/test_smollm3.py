@@ -6,7 +6,7 @@ The `smollm3` kind also runs through every KINDS-parametrized test of test_parit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,7 @@ NEW_TOKENS = 20
 TinyModelFactory = Callable[..., Path]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ids(vocab: int, n: int, seed: int) -> list[int]:

@@ -55,10 +55,12 @@ async def _send(pilot: object, app: LLMChatApp, text: str) -> AssistantMessage:
     return app.query(AssistantMessage).last()
 
 
-def _engine_answer(folder: Path, messages: list[dict[str, str]], sampling: SamplingParams) -> str:
+def _engine_answer(
+    folder: Path, messages: list[dict[str, str]], sampling: SamplingParams, max_new_tokens: int | None = None
+) -> str:
     model = llmchat.load(folder, device="cpu", dtype="float32", context_length=CONTEXT)
     ids = model.tokenizer.encode(model.template.render(messages, add_generation_prompt=True))
-    *_, done = model.generate(ids, sampling=sampling)
+    *_, done = model.generate(ids, sampling=sampling, max_new_tokens=max_new_tokens)
     assert isinstance(done, Finished)
     return done.text
 
@@ -84,6 +86,27 @@ async def test_send_streams_the_engines_answer_and_panels_follow_the_cache(folde
         assert second.finished is not None
         assert app.query_one(KVCachePanel).state.reused == second.finished.reused_tokens > 0
         assert second.finished.prefilled_tokens < second.finished.prompt_tokens // 2
+
+
+async def test_a_hybrid_model_chats_and_the_kv_panel_shows_its_fixed_state(tmp_path: Path) -> None:
+    """Qwen3.5 (DeltaNet layers between attention layers): the answer is the engine's, the panel adds the
+    recurrent layers' fixed state to the growing KV bytes, and the second turn reuses the first."""
+    from tests.tiny_models import build_tiny_model
+
+    hybrid = build_tiny_model("qwen3_5", tmp_path / "qwen3_5")
+    app = _app(hybrid, tmp_path, sampling=GREEDY, max_new_tokens=24)  # random weights rarely say EOS
+    async with app.run_test(size=SIZE) as pilot:
+        answer = await _send(pilot, app, "hello there")
+        expected = _engine_answer(hybrid, [{"role": "user", "content": "hello there"}], GREEDY, max_new_tokens=24)
+        assert answer.content_text == expected
+        assert app.model is not None
+        cache, panel = app.model.cache, app.query_one(KVCachePanel)
+        assert panel.state.state_bytes == cache.state_bytes + cache.snapshot_bytes > 0
+        assert panel.state.bytes_used == cache.used_bytes
+        assert "fixed state" in str(panel.render())
+        second = await _send(pilot, app, "and again")
+        assert second.finished is not None and second.finished.reused_tokens > 0
+        assert panel.state.reused == second.finished.reused_tokens
 
 
 class _PausingApp(LLMChatApp):

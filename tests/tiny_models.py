@@ -39,6 +39,15 @@ KINDS = (
     "phi3",
     "phi3-longrope",
     "smollm3",
+    "olmo2",
+    "exaone4",
+    "cohere2",
+    "glm4",
+    "granite",
+    "lfm2",
+    "qwen3_5",
+    "granite4",
+    "granite4-dense",
 )
 CONFIG_STYLES = ("new", "old")
 # Mixture-of-experts kinds (tests/test_moe.py): 8 experts, 2 per token. Qwen3-MoE without
@@ -242,6 +251,39 @@ _KIND_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             "rope_parameters": _rope(1000000.0),
         },
     ),
+    # LFM2: gated short convolutions (kernel 3) in layers 0, 2 and 3, attention in layer 1; the MLP
+    # width derived as Lfm2Config does (2/3 of 192 = 128, a multiple of 32); tied embeddings.
+    "lfm2": (
+        "lfm2",
+        {
+            "num_hidden_layers": 4,
+            "layer_types": ["conv", "full_attention", "conv", "conv"],
+            "intermediate_size": 192,
+            "block_multiple_of": 32,
+            "conv_L_cache": 3,
+            "norm_eps": 1e-5,
+            "pad_token_id": None,
+            "rope_parameters": _rope(1e6),
+        },
+    ),
+    # Qwen3.5 (text): DeltaNet layers 0 and 2 (4 key heads of 16, 8 value heads of 16: grouped), gated
+    # attention in layers 1 and 3 with a quarter of head_dim rotating, conv kernel 4 (every 2nd layer
+    # attends: a full_attention_interval llama.cpp can say too).
+    "qwen3_5": (
+        "qwen3_5_text",
+        {
+            "num_hidden_layers": 4,
+            "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+            "head_dim": 32,
+            "linear_num_key_heads": 4,
+            "linear_num_value_heads": 8,
+            "linear_key_head_dim": 16,
+            "linear_value_head_dim": 16,
+            "linear_conv_kernel_dim": 4,
+            "pad_token_id": None,
+            "rope_parameters": _rope(1e6, partial_rotary_factor=0.25),
+        },
+    ),
     # Four layers, a NoPE layer every 4th (SmolLM3's default, and llama.cpp's fixed step): layer 3
     # attends without RoPE. Tied embeddings (the config default); no window (use_sliding_window False).
     "smollm3": (
@@ -259,6 +301,152 @@ _KIND_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
             "sliding_window": 8,
             "pad_token_id": None,
             "rope_parameters": _rope(2e6),
+        },
+    ),
+    # OLMo 2: no norm in front of attention or MLP, an RMSNorm after each (post_attention_layernorm,
+    # post_feedforward_layernorm), and q/k RMSNorms over the whole projection (64 and 32 wide).
+    "olmo2": ("olmo2", {"num_hidden_layers": 3, "pad_token_id": None, "rope_parameters": _rope(500000.0)}),
+    # EXAONE 4.0 32B's layout at 4 layers: post-norms like OLMo 2, per-head q/k norms, and
+    # sliding_window_pattern 3, so layers 0, 1 and 3 slide over 8 tokens with RoPE while layer 2 is
+    # global without positions (a sliding layer after a global one; the last layer slides).
+    "exaone4": (
+        "exaone4",
+        {
+            "num_hidden_layers": 4,
+            "sliding_window": 8,
+            "sliding_window_pattern": 3,
+            "pad_token_id": None,
+            "rope_parameters": _rope(1000000.0),
+        },
+    ),
+    # Command R7B's layout: a parallel block after one LayerNorm, layers 0-2 slide over 8 tokens with
+    # interleaved RoPE and layer 3 attends fully without positions (sliding_window_pattern 4); tied
+    # embeddings, logits times logit_scale. layer_norm_eps unlike the stray rms_norm_eps of _BASE.
+    "cohere2": (
+        "cohere2",
+        {
+            "num_hidden_layers": 4,
+            "sliding_window": 8,
+            "layer_norm_eps": 1e-4,
+            "logit_scale": 0.5,
+            "pad_token_id": None,
+            "rope_parameters": _rope(50000.0),
+        },
+    ),
+    # GLM-4-0414's layout: half the head rotates, interleaved; four RMSNorms per layer, fused
+    # gate_up_proj, q/k/v biases (no o bias); head_dim set (the config default is 128).
+    "glm4": (
+        "glm4",
+        {
+            "head_dim": 32,
+            "attention_bias": True,
+            "pad_token_id": None,
+            "partial_rotary_factor": 0.5,
+            "rope_parameters": _rope(10000.0, partial_rotary_factor=0.5),
+        },
+    ),
+    # Granite 4 (H-Tiny's layout): Mamba-2 in layers 0, 2 and 3, attention without RoPE in layer 1
+    # (position_embedding_type None); 8 Mamba heads of 16 with 2 groups of B/C (state 16), SSD
+    # chunks of 16 so that the parity tests' 40-token prompts span three; 8 experts of width 32, 2 per
+    # token, beside a shared MLP of 48; Granite's multipliers as below.
+    "granite4": (
+        "granitemoehybrid",
+        {
+            "num_hidden_layers": 4,
+            "layer_types": ["mamba", "attention", "mamba", "mamba"],
+            "intermediate_size": 32,
+            "shared_intermediate_size": 48,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "mamba_n_heads": 8,
+            "mamba_d_head": 16,
+            "mamba_n_groups": 2,
+            "mamba_d_state": 16,
+            "mamba_d_conv": 4,
+            "mamba_chunk_size": 16,
+            "embedding_multiplier": 12.0,
+            "attention_multiplier": 0.2,
+            "residual_multiplier": 0.3,
+            "logits_scaling": 3.0,
+            "pad_token_id": None,
+            "rope_parameters": _rope(10000.0),
+        },
+    ),
+    # Granite 4 H-Micro's layout: no experts (num_local_experts 0: the shared MLP alone), RoPE in the
+    # attention layers 1 and 3, head_dim "auto" (2 * 64 / 4 heads = 32), one group, no conv bias, a
+    # kernel of 3. (Untied: tied tiny weights make greedy decoding repeat one token.)
+    "granite4-dense": (
+        "granitemoehybrid",
+        {
+            "num_hidden_layers": 4,
+            "layer_types": ["mamba", "attention", "mamba", "attention"],
+            "intermediate_size": 32,
+            "shared_intermediate_size": 96,
+            "num_local_experts": 0,
+            "position_embedding_type": "rope",
+            "mamba_n_heads": 4,
+            "mamba_n_groups": 1,
+            "mamba_d_state": 8,
+            "mamba_d_conv": 3,
+            "mamba_chunk_size": 16,
+            "mamba_conv_bias": False,
+            "embedding_multiplier": 2.0,
+            "attention_multiplier": 0.2,
+            "residual_multiplier": 0.5,
+            "logits_scaling": 2.0,
+            "pad_token_id": None,
+            "rope_parameters": _rope(10000.0),
+        },
+    ),
+    # Not in KINDS (tests/test_granite4.py): Granite 4 Micro's layout, every layer attending with RoPE and
+    # no experts; and a stack of Mamba-2 layers only (no attention layer, no keys and values at all).
+    "granite4-micro": (
+        "granitemoehybrid",
+        {
+            "num_hidden_layers": 3,
+            "layer_types": ["attention"] * 3,
+            "shared_intermediate_size": 96,
+            "num_local_experts": 0,
+            "position_embedding_type": "rope",
+            "embedding_multiplier": 12.0,
+            "attention_multiplier": 0.2,
+            "residual_multiplier": 0.3,
+            "logits_scaling": 3.0,
+            "pad_token_id": None,
+            "rope_parameters": _rope(10000.0),
+        },
+    ),
+    "granite4-mamba": (
+        "granitemoehybrid",
+        {
+            "num_hidden_layers": 3,
+            "layer_types": ["mamba"] * 3,
+            "intermediate_size": 32,
+            "shared_intermediate_size": 48,
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "mamba_n_heads": 16,
+            "mamba_n_groups": 4,
+            "mamba_d_state": 8,
+            "mamba_chunk_size": 8,
+            "embedding_multiplier": 6.0,
+            "residual_multiplier": 0.5,
+            "pad_token_id": None,
+            "rope_parameters": _rope(10000.0),
+        },
+    ),
+    # Granite 3: llama with four multipliers far from 1 (tests/test_granite.py flips each): embeddings
+    # times 12, attention scale 0.2 (not head_dim ** -0.5 = 0.25), branch outputs times 0.3, logits
+    # divided by 3 (not a power of two, so dividing and multiplying by 1/3 may round apart).
+    "granite": (
+        "granite",
+        {
+            "num_hidden_layers": 3,
+            "embedding_multiplier": 12.0,
+            "attention_multiplier": 0.2,
+            "residual_multiplier": 0.3,
+            "logits_scaling": 3.0,
+            "rope_parameters": _rope(10000.0),
         },
     ),
     # Phi3Config keeps the original length at the top level too, and that one wins in transformers.
@@ -294,16 +482,18 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
     Attention and MLP outputs are doubled (and tied embeddings shrunk) so the residual stream is not
     dominated by the current token's embedding, which makes greedy decoding loop on one token.
-    Gemma's norms scale by (1 + w), so their w is drawn around 0 for the same effective scale.
+    Gemma's and Qwen3.5's norms scale by (1 + w), so their w is drawn around 0 for the same effective
+    scale (Qwen3.5's DeltaNet output norm scales by w, as usual).
     """
     gen = torch.Generator().manual_seed(seed)
     tied = model.config.tie_word_embeddings
-    norm_center = 0.0 if model.config.model_type.startswith("gemma") else 1.0
+    zero_centred = model.config.model_type.startswith(("gemma", "qwen3_5"))
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=gen)
             if "norm" in name:
-                param.copy_(norm_center + 0.2 * noise)
+                centre = 0.0 if zero_centred and "linear_attn.norm" not in name else 1.0
+                param.copy_(centre + 0.2 * noise)
             elif name.endswith(".bias"):
                 param.copy_(0.2 * noise)
             elif "embed_tokens" in name:
@@ -356,6 +546,28 @@ def _to_old_style(config: dict[str, Any]) -> dict[str, Any]:
         interval = old["no_rope_layer_interval"]
         if old["no_rope_layers"] == [int((i + 1) % interval != 0) for i in range(old["num_hidden_layers"])]:
             old.pop("no_rope_layers")
+    if model_type == "glm4":
+        old["partial_rotary_factor"] = rope["partial_rotary_factor"]  # top-level, as GLM-4-0414 configs have it
+    if model_type == "cohere2":
+        # Published Cohere 2 configs state the pattern, not the layer types.
+        types = old.pop("layer_types")
+        old["sliding_window_pattern"] = types.index("full_attention") + 1
+    if model_type == "exaone4":
+        old.pop("layer_types")  # derived from the integer sliding_window_pattern instead
+    if model_type == "granitemoehybrid":
+        # Published Granite 4 configs: the older key and names of the layer types, infinity as JSON
+        # (Python's json) spells it
+        old["layers_block_type"] = [{"linear_attention": "mamba"}.get(t, "attention") for t in old.pop("layer_types")]
+        old["time_step_limit"] = [0.0, float("inf")]
+    if model_type == "qwen3_5_text":
+        old.pop("layer_types")  # derived from full_attention_interval instead
+        old["full_attention_interval"] = 2
+    if model_type == "lfm2":
+        # The first LFM2 configs: attention layers by index, and block_ff_dim / tie_embedding.
+        types = old.pop("layer_types")
+        old["full_attn_idxs"] = [i for i, t in enumerate(types) if t == "full_attention"]
+        old["block_ff_dim"] = old.pop("intermediate_size")
+        old["tie_embedding"] = old.pop("tie_word_embeddings")
     if model_type in ("gemma2", "gemma3_text"):
         # Derived from the alternation (Gemma 2) or sliding_window_pattern (Gemma 3) instead;
         # Gemma 2 configs also carry a `hidden_act` that transformers ignores.

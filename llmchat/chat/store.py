@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import builtins
 import json
-import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +30,7 @@ from llmchat.chat.schema import (
     parse_iso,
     validate_json,
 )
+from llmchat.engine.files import fsync_directory, replacing
 
 FORMAT = "llmchat.conversation"
 VERSION = 1
@@ -250,24 +249,16 @@ class ConversationStore:
     # --- writing -------------------------------------------------------------------------------
 
     def save(self, conversation: Conversation) -> Path:
-        """Write atomically: a temp file in the same folder, fsynced, renamed over the old file."""
+        """Write atomically (files.replacing: a private temp file beside it, fsynced, renamed over it)."""
         path = self.path_for(conversation.id)
         self._refuse_if_unreadable(path, "overwrite")
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(dir=self.directory, prefix=f".{conversation.id}.", suffix=".tmp")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            with replacing(path, private=True) as temp, temp.open("w", encoding="utf-8") as handle:
                 json.dump(to_file_data(conversation), handle, ensure_ascii=False)  # one line: token records are bulky
                 handle.write("\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp_name, path)
-        except BaseException as exc:
-            Path(temp_name).unlink(missing_ok=True)
-            if isinstance(exc, (TypeError, ValueError, OSError)):
-                raise StoreError(f"cannot save {path}: {exc}") from exc
-            raise
-        _fsync_directory(self.directory)
+        except (TypeError, ValueError, OSError) as exc:
+            raise StoreError(f"cannot save {path}: {exc}") from exc
         self._remember(path, _stamp(path))
         remove_leftover(journal_path(path))  # the file holds all of it now (a live journal is kept)
         return path
@@ -304,7 +295,7 @@ class ConversationStore:
             raise StoreError(f"cannot delete {path}: {exc.strerror or exc}") from None
         journal_path(path).unlink(missing_ok=True)
         self._known.pop(path, None)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         return conversation
 
     def rename(self, conversation_id: str, title: str) -> Conversation:
@@ -357,14 +348,3 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 def _newest_first(conversation: Conversation) -> tuple[float, str]:
     updated: datetime = parse_iso(conversation.updated)
     return (-updated.timestamp(), conversation.id)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX; Windows has no directory handles to fsync)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

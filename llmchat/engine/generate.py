@@ -27,7 +27,13 @@ from llmchat.engine.events import (
 )
 from llmchat.engine.kv_cache import KVCache
 from llmchat.engine.model import Transformer
-from llmchat.engine.reasoning import ReasoningSplitter, Split, prompt_opens_reasoning
+from llmchat.engine.reasoning import (
+    HARMONY_MARKERS,
+    HarmonySplitter,
+    ReasoningSplitter,
+    Split,
+    prompt_opens_reasoning,
+)
 from llmchat.engine.sampling import (
     NATS_PER_BIT,
     Sampler,
@@ -40,6 +46,9 @@ from llmchat.engine.sampling import (
 from llmchat.engine.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 512
+# A hybrid model keeps its recurrent states every this many decoded tokens too (kv_cache.take_snapshot):
+# re-reading a step of an answer (the inspector) re-runs at most this many steps from the one before.
+SNAPSHOT_EVERY = 64
 
 
 class CancelFlag(Protocol):
@@ -137,10 +146,11 @@ class Generator:
         The longest common prefix with what is cached, less one when that is all of `ids`: the last
         token must run through the model to give the next token's logits. None of it when the
         sliding-window layers' rings no longer hold the window before it (a rewind further back
-        than their slack): everything is prefilled again.
+        than their slack): everything is prefilled again. A hybrid model's recurrent states exist
+        only at the cache's length and its snapshots: the nearest one before (KVCache.resume_point).
         """
         n = min(self.cache.common_prefix(ids), len(ids) - 1) if ids else 0
-        return n if self.cache.resumable(n) else 0
+        return self.cache.resume_point(n)
 
     @torch.inference_mode()
     def step_logits(self, sequence: Sequence[int], *, prefill: bool = False) -> torch.Tensor:
@@ -159,12 +169,14 @@ class Generator:
             raise ValueError("that step does not fit in the KV cache")
         held = self.cache.common_prefix(ids)
         # Re-running the step at n - 1 over the cache as it is needs the window before it in the
-        # sliding layers' rings, as a request resuming there would.
-        if held < n - 1 or not self.cache.resumable(n - 1):
+        # sliding layers' rings, as a request resuming there would. A hybrid's recurrent states are
+        # known only at snapshots: the steps from the nearest one before are re-run (and put back).
+        recurrent = bool(self.cache.recurrent_layers)
+        if held < n - 1 or not (recurrent or self.cache.resumable(n - 1)):
             if not prefill:
                 raise ValueError("that step is no longer in the KV cache")
             self._first_logits = self._latest_logits = self._reread_logits = None  # of what was cached
-            keep = min(held, n - 1) if self.cache.resumable(min(held, n - 1)) else 0
+            keep = self.cache.resume_point(min(held, n - 1))
             self.cache.truncate(keep)
             for _ in self._prefill(ids[: n - 1], keep, None):  # run for the keys and values it caches
                 pass
@@ -176,15 +188,21 @@ class Generator:
         if self._reread_logits is not None and self._reread_logits[0] == ids:
             return self._reread_logits[1]
         position = n - 1
-        saved = self.cache.save_position(position) if position < self.cache.length else None
+        begin = self.cache.resume_point(position) if recurrent else position
+        # (recurrent states advance even at the cache's length: they are saved and put back too)
+        saved = self.cache.save_positions(begin, n) if position < self.cache.length or recurrent else None
         try:
-            self._step_ids.fill_(ids[-1])
-            logits = self.model(self._step_ids, self.cache, position)[-1].float()
+            if begin == position:
+                self._step_ids.fill_(ids[-1])
+                logits = self.model(self._step_ids, self.cache, position)[-1].float()
+            else:
+                steps = torch.tensor(ids[begin:], dtype=torch.long, device=self.device)
+                logits = self.model(steps, self.cache, begin, last_only=True)[-1].float()
             self._reread_logits = (ids, logits)
             return logits
         finally:
             if saved is not None:
-                self.cache.restore_position(position, saved)
+                self.cache.restore_positions(begin, n, saved)
 
     def _prefill(
         self, ids: list[int], start: int, cancel: CancelFlag | None
@@ -193,10 +211,15 @@ class Generator:
         total = len(ids) - start
         position = start
         logits = None
+        # A hybrid model's recurrent states are kept where the last token starts: regenerating resumes there.
+        snapshot_at = len(ids) - 1 if self.cache.recurrent_layers else -1
+        if position == snapshot_at:
+            self.cache.take_snapshot()
         while position < len(ids):
             if cancel is not None and cancel.is_set():
                 return
-            chunk = ids[position : position + self.prefill_chunk]
+            end = min(position + self.prefill_chunk, len(ids))
+            chunk = ids[position : snapshot_at if position < snapshot_at < end else end]
             began = time.perf_counter()
             is_last = position + len(chunk) == len(ids)
             tokens = torch.tensor(chunk, dtype=torch.long, device=self.device)
@@ -208,6 +231,8 @@ class Generator:
             self._sync()
             self.cache.append_tokens(chunk)
             position += len(chunk)
+            if position == snapshot_at:
+                self.cache.take_snapshot()
             yield PrefillProgress(
                 done_tokens=position - start,
                 total_tokens=total,
@@ -297,6 +322,7 @@ class Generator:
         step_began = began
         k = max(1, min(top_k, logits.shape[-1]))
         ended: FinishReason | None = "eos" if ends_at is not None else None
+        snapshots = bool(self.cache.recurrent_layers)
         end_step: TokenEvent | None = None
         if prefix:
             text, hit_stop = stops.feed("".join(decoder.push(t) for t in prefix))
@@ -355,6 +381,8 @@ class Generator:
             step_began = time.perf_counter()
             logits = self.model(self._step_ids, self.cache, self.cache.length)[-1].float()
             self.cache.append_tokens((token,))
+            if snapshots and self.cache.length % SNAPSHOT_EVERY == 0:  # bounds what an inspector re-runs
+                self.cache.take_snapshot()
             self._latest_logits = (self.cache.length, logits)
         tail = "" if reason == "stop_string" else stops.feed(decoder.flush())[0] + stops.flush()
         if channels:
@@ -375,10 +403,13 @@ class Generator:
             end_step=end_step,
         )
 
-    def _splitter(self, prompt_ids: list[int]) -> ReasoningSplitter | None:
-        """A reasoning splitter for this answer, open already when the prompt ends inside <think>."""
+    def _splitter(self, prompt_ids: list[int]) -> ReasoningSplitter | HarmonySplitter | None:
+        """A reasoning splitter for this answer, open already when the prompt ends inside <think>
+        (harmony's channels: HarmonySplitter)."""
         if self.reasoning_markers is None:
             return None
+        if self.reasoning_markers == HARMONY_MARKERS:
+            return HarmonySplitter()
         tail = self.tokenizer.decode(prompt_ids[-16:])
         inside = prompt_opens_reasoning(tail, self.reasoning_markers)
         return ReasoningSplitter(self.reasoning_markers, inside=inside)

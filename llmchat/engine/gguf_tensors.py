@@ -56,12 +56,27 @@ def _q8_0(raw: torch.Tensor) -> torch.Tensor:
     return blocks[:, 2:].contiguous().view(torch.int8).float().mul_(d).reshape(-1)
 
 
+_E2M1 = torch.tensor((0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12), dtype=torch.float32)  # doubled
+
+
+def _mxfp4(raw: torch.Tensor) -> torch.Tensor:
+    """MXFP4 blocks (gpt-oss's experts): an e8m0 exponent byte e, then 16 bytes of e2m1 nibbles (low nibbles
+    are values 0-15, high 16-31). The nibbles index the doubled e2m1 values, so each is halved with the
+    scale: value * 2 ** (e - 128), what gguf-py's MXFP4.dequantize_blocks computes (e8m0_to_fp32_half)."""
+    blocks = raw.view(-1, 17)
+    scale = torch.exp2(blocks[:, :1].float() - 128.0)
+    qs = blocks[:, 1:]
+    q = torch.cat((qs & 15, qs >> 4), dim=1).long()
+    return _E2M1[q].mul_(scale).reshape(-1)
+
+
 # The types most GGUF weights come in, dequantized with torch (gguf-py's numpy code took 1.7 s of
 # the demo model's load); the same arithmetic in the same order, so the same float32 values.
 _TORCH_DEQUANTIZE = {
     GGMLQuantizationType.Q4_0: _q4_0,
     GGMLQuantizationType.Q4_1: _q4_1,
     GGMLQuantizationType.Q8_0: _q8_0,
+    GGMLQuantizationType.MXFP4: _mxfp4,
 }
 
 

@@ -14,17 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
+from llmchat.engine.knobs import KNOB, KNOBS
 from llmchat.engine.sampling import NATS_PER_BIT, SamplingParams, entropy, policy_stages, top_candidates
 
-STAGE_TITLES = {
-    "raw": "raw logits (softmax)",
-    "repetition_penalty": "repetition penalty",
-    "temperature": "temperature",
-    "top_k": "top-k",
-    "top_p": "top-p",
-    "min_p": "min-p",
-    "policy": "sampled from",
-}
+STAGE_TITLES = {"raw": "raw logits (softmax)"} | {knob.name: knob.label for knob in KNOBS} | {"policy": "sampled from"}
 
 
 @dataclass(frozen=True)
@@ -68,13 +61,13 @@ class PolicyView:
 
 def _setting(name: str, params: SamplingParams) -> tuple[str, bool]:
     """How a stage is set and whether it acts (warpers act only when sampling)."""
-    if name == "repetition_penalty":
-        return ("off", False) if params.repetition_penalty == 1.0 else (f"{params.repetition_penalty:g}", True)
+    if name == "repetition_penalty":  # the one stage greedy decoding applies too
+        off = params.repetition_penalty == KNOB[name].neutral
+        return ("off", False) if off else (f"{params.repetition_penalty:g}", True)
     if params.greedy:
         return "skipped (greedy)", False
     value = getattr(params, name)
-    neutral = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}[name]
-    return ("off", False) if value == neutral else (f"{value:g}", True)
+    return ("off", False) if value == KNOB[name].neutral else (f"{value:g}", True)
 
 
 @torch.inference_mode()

@@ -6,6 +6,7 @@ the measured side is VRAM on CUDA and the process RSS plus tensor bytes on CPU.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import sys
@@ -15,8 +16,11 @@ from typing import Any
 import torch
 
 from llmchat.engine.config import ModelConfig
-from llmchat.engine.kv_cache import slot_counts
+from llmchat.engine.delta_net import delta_net_state
+from llmchat.engine.kv_cache import StateSpec, slot_counts
+from llmchat.engine.mamba2 import mamba_state, mamba_widths
 from llmchat.engine.packed import DEQUANTIZE_FROM_ROWS, packed_bytes
+from llmchat.engine.short_conv import conv_state
 
 GiB = 1024**3
 CPU_KV_BUDGET = 4 * GiB  # default cap on the KV cache on CPU, before the RAM share below
@@ -38,15 +42,28 @@ def dtype_bytes(dtype: torch.dtype) -> int:
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Keys + values of every layer for one position."""
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype_bytes(dtype)
+    """Keys + values of every attention layer for one position (a hybrid's recurrent layers keep none)."""
+    return 2 * len(config.attention_layers) * config.num_kv_heads * config.head_dim * dtype_bytes(dtype)
 
 
 def kv_cache_bytes(config: ModelConfig, dtype: torch.dtype, context_length: int) -> int:
-    """What the KV cache for `context_length` positions allocates (sliding layers: their ring)."""
-    windows = [config.layer_window(i) for i in range(config.num_layers)]
-    per_layer = kv_bytes_per_token(config, dtype) // config.num_layers
-    return per_layer * sum(slot_counts(windows, context_length))
+    """What the KV cache for `context_length` positions allocates (sliding layers: their ring), plus
+    the recurrent layers' fixed states."""
+    windows = [config.layer_window(i) for i in config.attention_layers]
+    per_layer = 2 * config.num_kv_heads * config.head_dim * dtype_bytes(dtype)
+    return per_layer * sum(slot_counts(windows, context_length)) + recurrent_state_bytes(config, dtype)
+
+
+def recurrent_states(config: ModelConfig) -> dict[int, tuple[StateSpec, ...]]:
+    """The state tensors each recurrent layer of a hybrid model keeps instead of keys and values."""
+    kinds = {"conv": conv_state, "linear_attention": delta_net_state, "mamba": mamba_state}
+    return {i: kinds[kind](config) for i in range(config.num_layers) if (kind := config.layer_kind(i)) in kinds}
+
+
+def recurrent_state_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes of the recurrent layers' states: fixed, whatever the context length (0 without them)."""
+    specs = [spec for layer in recurrent_states(config).values() for spec in layer]
+    return sum(math.prod(spec.shape) * (4 if spec.float32 else dtype_bytes(dtype)) for spec in specs)
 
 
 def parameter_count(config: ModelConfig) -> int:
@@ -57,19 +74,46 @@ def parameter_count(config: ModelConfig) -> int:
     attn += ((c.q_size + c.kv_size) if c.qk_norm_whole else 2 * c.head_dim) * c.qk_norm  # OLMoE: whole-projection norms
     dense = 3 * c.hidden_size * c.intermediate_size + (2 * c.intermediate_size + c.hidden_size) * c.mlp_bias
     sparse = c.num_experts * (c.hidden_size + 3 * c.hidden_size * c.moe_intermediate_size)  # router + experts
-    sparse += c.hidden_size * (3 * c.shared_expert_intermediate_size + 1) * bool(c.shared_expert_intermediate_size)
-    per_layer = attn + (4 if c.sandwich_norms else 2) * c.hidden_size  # Gemma norms each branch twice
+    shared = 3 * c.shared_expert_intermediate_size + c.shared_expert_gate  # Granite 4's shared MLP has no gate
+    sparse += c.hidden_size * shared * bool(c.shared_expert_intermediate_size)
+    sparse += c.num_experts * (c.moe_bias + _expert_biases(c))  # gpt-oss: router and expert biases
+    attn += c.num_heads * c.attn_sinks  # gpt-oss: a sink logit per head
+    norms = 4 if c.sandwich_norms else 1 if c.parallel_block else 2  # Gemma, GLM-4: twice per branch; Cohere 2: one
+    attn += c.hidden_size * c.q_size * c.attn_output_gate  # Qwen3.5's output gate
+    # LFM2's short convolution in place of attention: in/out projections and one filter per channel
+    conv = c.hidden_size * (4 * c.hidden_size + c.conv_kernel) + 5 * c.hidden_size * c.conv_bias
+    # Qwen3.5's DeltaNet: fused in projection, conv filters, dt_bias and A_log, gated norm, out projection
+    values = c.linear_value_heads * c.linear_value_dim
+    conv_channels = 2 * c.linear_key_heads * c.linear_key_dim + values
+    delta = c.hidden_size * (_delta_in_rows(c) + values) + conv_channels * c.conv_kernel
+    delta += 2 * c.linear_value_heads + c.linear_value_dim
+    # Granite 4's Mamba-2: in projection, conv filters (and biases), dt_bias, A_log and D, gated norm, out projection
+    inner, channels, rows = mamba_widths(c)
+    mamba = c.hidden_size * (rows + inner) + channels * (c.conv_kernel + c.conv_bias) + 3 * c.ssm_heads + inner
+    mamba += (rows + c.hidden_size) * c.ssm_proj_bias
+    kinds = {"conv": conv, "linear_attention": delta, "mamba": mamba}
+    mixers = sum(kinds.get(c.layer_kind(i), attn) for i in range(c.num_layers))
     mlps = sum(sparse if c.is_moe_layer(i) else dense for i in range(c.num_layers))
     embeddings = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
-    return c.num_layers * per_layer + mlps + embeddings + c.hidden_size
+    return mixers + c.num_layers * norms * c.hidden_size + mlps + embeddings + c.hidden_size
 
 
 def active_parameter_count(config: ModelConfig) -> int:
     """Parameters one token uses: a mixture of experts runs num_experts_per_tok of its experts
     (and its shared expert, which every token runs)."""
     c = config
-    idle = (c.num_experts - c.num_experts_per_tok) * 3 * c.hidden_size * c.moe_intermediate_size
+    idle = (c.num_experts - c.num_experts_per_tok) * (3 * c.hidden_size * c.moe_intermediate_size + _expert_biases(c))
     return parameter_count(config) - idle * sum(c.is_moe_layer(i) for i in range(c.num_layers))
+
+
+def _expert_biases(c: ModelConfig) -> int:
+    """Bias entries of one expert (gpt-oss: gate, up and down); 0 where experts have none."""
+    return (2 * c.moe_intermediate_size + c.hidden_size) * c.moe_bias
+
+
+def _delta_in_rows(c: ModelConfig) -> int:
+    """Rows of a DeltaNet layer's fused input projection: q, k, v, the gate z, b and a."""
+    return 2 * c.linear_key_heads * c.linear_key_dim + 2 * c.linear_value_heads * (c.linear_value_dim + 1)
 
 
 def matrix_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -77,12 +121,40 @@ def matrix_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
     c = config
     shapes = {"lm_head.weight": (c.vocab_size, c.hidden_size)}
     for i in range(c.num_layers):
-        shapes[f"layers.{i}.attn.qkv.weight"] = (c.q_size + 2 * c.kv_size, c.hidden_size)
-        shapes[f"layers.{i}.attn.o.weight"] = (c.hidden_size, c.q_size)
-        if c.is_moe_layer(i):  # router and stacked experts: float, never packed (see moe.py)
+        if c.layer_kind(i) == "conv":  # LFM2's short convolution (short_conv.py)
+            shapes[f"layers.{i}.conv.in_proj.weight"] = (3 * c.hidden_size, c.hidden_size)
+            shapes[f"layers.{i}.conv.out_proj.weight"] = (c.hidden_size, c.hidden_size)
+        elif c.layer_kind(i) == "linear_attention":  # Qwen3.5's Gated DeltaNet (delta_net.py)
+            shapes[f"layers.{i}.delta.qkvzba.weight"] = (_delta_in_rows(c), c.hidden_size)
+            shapes[f"layers.{i}.delta.out_proj.weight"] = (c.hidden_size, c.linear_value_heads * c.linear_value_dim)
+        elif c.layer_kind(i) == "mamba":  # Granite 4's Mamba-2 (mamba2.py)
+            inner, _, rows = mamba_widths(c)
+            shapes[f"layers.{i}.mamba.in_proj.weight"] = (rows, c.hidden_size)
+            shapes[f"layers.{i}.mamba.out_proj.weight"] = (c.hidden_size, inner)
+        else:
+            q_rows = c.q_size * (2 if c.attn_output_gate else 1)  # Qwen3.5: a gate per query head
+            shapes[f"layers.{i}.attn.qkv.weight"] = (q_rows + 2 * c.kv_size, c.hidden_size)
+            shapes[f"layers.{i}.attn.o.weight"] = (c.hidden_size, c.q_size)
+        if c.shared_expert_intermediate_size and not c.shared_expert_gate:  # Granite 4: beside experts or alone
+            width = c.shared_expert_intermediate_size
+            shapes[f"layers.{i}.mlp.shared.gate_up.weight"] = (2 * width, c.hidden_size)
+            shapes[f"layers.{i}.mlp.shared.down.weight"] = (c.hidden_size, width)
+            continue
+        if c.is_moe_layer(i):  # router: float; stacked experts: expert_shapes
             continue
         shapes[f"layers.{i}.mlp.gate_up.weight"] = (2 * c.intermediate_size, c.hidden_size)
         shapes[f"layers.{i}.mlp.down.weight"] = (c.hidden_size, c.intermediate_size)
+    return shapes
+
+
+def expert_shapes(config: ModelConfig) -> dict[str, tuple[int, int, int]]:
+    """[experts, out, in] of every stack of expert matrices (moe.py), under their internal names."""
+    c = config
+    shapes = {}
+    for i in range(c.num_layers):
+        if c.is_moe_layer(i):
+            shapes[f"layers.{i}.mlp.gate_up_exps"] = (c.num_experts, 2 * c.moe_intermediate_size, c.hidden_size)
+            shapes[f"layers.{i}.mlp.down_exps"] = (c.num_experts, c.hidden_size, c.moe_intermediate_size)
     return shapes
 
 
@@ -101,10 +173,10 @@ def weight_bytes(
     total = parameter_count(config) * dtype_bytes(dtype)
     if mapped_embedding and not config.tie_word_embeddings:
         total -= config.vocab_size * config.hidden_size * dtype_bytes(dtype)
-    shapes = matrix_shapes(config)
+    shapes = {name: (1, *shape) for name, shape in matrix_shapes(config).items()} | expert_shapes(config)
     for target, (layout, _) in packed.items():
-        out, inner = shapes[target]
-        total += packed_bytes(layout, out, inner) - out * inner * dtype_bytes(dtype)
+        count, out, inner = shapes[target]
+        total += count * (packed_bytes(layout, out, inner) - out * inner * dtype_bytes(dtype))
     return total
 
 
@@ -206,9 +278,10 @@ def estimate(
     loaded (runtime.mapped_embedding_bytes).
     """
     kv_per_token = kv_bytes_per_token(config, kv_dtype or dtype)
-    per_layer = kv_per_token // config.num_layers
-    windows = [config.layer_window(i) for i in range(config.num_layers)]
+    per_layer = kv_per_token // max(1, len(config.attention_layers))
+    windows = [config.layer_window(i) for i in config.attention_layers]
     windowed = sum(per_layer * min(context_length, w or context_length) for w in windows)
+    windowed += recurrent_state_bytes(config, kv_dtype or dtype)
     chunk = min(prefill_chunk, context_length)
     c = config
     largest = max(
@@ -219,8 +292,9 @@ def estimate(
     )
     activations = activation_bytes(config, dtype, chunk, context_length)
     if packed and chunk >= DEQUANTIZE_FROM_ROWS:  # a prefill chunk dequantizes one matrix at a time
-        shapes = matrix_shapes(config)
-        activations += max((shapes[t][0] * shapes[t][1] for t in packed if t != "lm_head.weight"), default=0) * 4
+        shapes = {name: (1, *shape) for name, shape in matrix_shapes(config).items()} | expert_shapes(config)
+        dequantized = (shapes[t][1] * shapes[t][2] for t in packed if t != "lm_head.weight")  # one matrix at a time
+        activations += max(dequantized, default=0) * 4
     return MemoryEstimate(
         weights=weight_bytes(config, dtype, packed or {}, mapped_embedding=mapped_embedding > 0),
         kv_cache=kv_cache_bytes(config, kv_dtype or dtype, context_length),

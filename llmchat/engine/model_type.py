@@ -3,7 +3,8 @@
 Read from what the package ships, not from its name: a chat template makes a chat (instruct)
 model; `<think>` markers in the template or the vocabulary (or a template reading
 `enable_thinking`/`reasoning_content`) make a reasoning model; a template that renders `tools`
-makes a tool-tuned one.
+makes a tool-tuned one. Harmony's channel tokens (gpt-oss) make a reasoning model whose analysis
+channel is its reasoning (reasoning.HarmonySplitter).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmchat.engine.chat_template import ChatTemplates, template_variables
-from llmchat.engine.reasoning import THINK_MARKERS
+from llmchat.engine.reasoning import HARMONY_MARKERS, THINK_MARKERS
 from llmchat.engine.tokenizer import Tokenizer
 
 # Variables transformers always passes; the rest of what a template reads are its own knobs.
@@ -68,12 +69,16 @@ def detect(templates: ChatTemplates | None, tokenizer: Tokenizer) -> ModelTraits
     in_vocab = tokenizer.token_id(open_marker) is not None and tokenizer.token_id(close_marker) is not None
     in_template = any(close_marker in source for source in sources)
     reasoning = in_vocab or in_template or bool(variables & _REASONING_VARIABLES)
+    # harmony (gpt-oss): channels in the vocabulary, and in the template where there is one
+    harmony = all(tokenizer.token_id(t) is not None for t in ("<|channel|>", "<|message|>", "<|end|>")) and (
+        not sources or any("<|channel|>" in source for source in sources)
+    )
     default = templates.templates.get("default", "") if templates else ""
     extra = sorted(template_variables(default) - _STANDARD_VARIABLES) if default else []
     return ModelTraits(
         chat=bool(sources),
-        reasoning=reasoning,
+        reasoning=reasoning or harmony,
         tools="tools" in variables,
-        reasoning_markers=THINK_MARKERS if reasoning else None,
+        reasoning_markers=HARMONY_MARKERS if harmony else THINK_MARKERS if reasoning else None,
         template_variables=tuple(extra),
     )

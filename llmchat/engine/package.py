@@ -20,6 +20,7 @@ from llmchat.engine.errors import ModelLoadError, TokenizerError
 from llmchat.engine.gguf_metadata import read_gguf_metadata
 from llmchat.engine.gguf_vocab import tokenizer_from_gguf
 from llmchat.engine.jsonfile import read_json_object
+from llmchat.engine.knobs import KNOBS
 from llmchat.engine.quantized import open_safetensors
 from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.tokenizer import Tokenizer
@@ -28,7 +29,7 @@ from llmchat.engine.weights import safetensors_files
 # What a chat gets when neither the package nor the user says otherwise.
 DEFAULT_SAMPLING = SamplingParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05)
 DEFAULT_MAX_NEW_TOKENS = 1024
-_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+_SAMPLING_KEYS = tuple(knob.name for knob in KNOBS if knob.generation_config)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ Float tensors stay float. `llmchat info` reports the mapping.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -397,21 +397,30 @@ class PackingReport:
     """
 
     counts: dict[tuple[str, str], int] = field(default_factory=dict)
+    expert_counts: dict[tuple[str, str], int] = field(default_factory=dict)  # the experts' matrices, apart
 
     @classmethod
-    def of_plan(cls, plan: dict[str, tuple[str, frozenset[str]]]) -> PackingReport:
-        """The report of a packing plan (model.packing_plan): what loading packs, or packed."""
+    def of_plan(
+        cls, plan: dict[str, tuple[str, frozenset[str]]], stacks: Mapping[str, int] | None = None
+    ) -> PackingReport:
+        """The report of a packing plan (model.packing_plan): what loading packs, or packed.
+
+        `stacks`: the entries that are stacks of experts (memory.expert_shapes) and how many
+        matrices each holds; they are reported apart, counted by matrix.
+        """
         report = cls()
-        for layout, sources in plan.values():
-            report.add(sources, layout)
+        for name, (layout, sources) in plan.items():
+            experts = (stacks or {}).get(name)
+            report.add(sources, layout, experts or 1, experts=experts is not None)
         return report
 
-    def add(self, sources: Iterable[str], layout: str) -> None:
+    def add(self, sources: Iterable[str], layout: str, matrices: int = 1, *, experts: bool = False) -> None:
+        counts = self.expert_counts if experts else self.counts
         key = ("+".join(sorted(set(sources))), layout)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        counts[key] = counts.get(key, 0) + matrices
 
     def summary(self) -> str:
-        if not self.counts:
+        if not self.counts and not self.expert_counts:
             return "float"
         names = {
             "int4": f"int4 (groups of {INT4_GROUP})",
@@ -423,7 +432,9 @@ class PackingReport:
             exact = layout == "int4" and set(sources.split("+")) <= EXACT_INT4_SOURCES
             return names[layout] if exact else f"{names[layout]}, requantized"
 
-        return ", ".join(f"{src} → {how(src, layout)} ×{n}" for (src, layout), n in sorted(self.counts.items()))
+        parts = [f"{src} → {how(src, layout)} ×{n}" for (src, layout), n in sorted(self.counts.items())]
+        parts += [f"{src} experts → {how(src, layout)} ×{n}" for (src, layout), n in sorted(self.expert_counts.items())]
+        return ", ".join(parts)
 
 
 def packing_available(device: torch.device) -> bool:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,10 +24,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from llmchat.engine.config import ModelConfig
+from llmchat.engine.files import replacing
 from llmchat.engine.model import Transformer, transposed_layout
+from llmchat.engine.moe import install_packed_slots
 from llmchat.engine.packed import PackedLinear
 
-CACHE_FORMAT = 4  # 3: the output projection's own layout (float32 logits); 4: embeddings read from the GGUF
+# 3: the output projection's own layout (float32 logits); 4: embeddings read from the GGUF; 5: packed experts
+CACHE_FORMAT = 5
 _PLAN_KEY = "llmchat.packed"
 _SOURCE_KEY = "llmchat.source"
 
@@ -64,14 +65,12 @@ def save(model: Transformer, path: Path, source: Path) -> None:
         if isinstance(module, PackedLinear)
     }
     state = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(handle)
+    metadata = {_PLAN_KEY: json.dumps(packed), _SOURCE_KEY: str(source.resolve())}
     try:
-        save_file(state, temporary, metadata={_PLAN_KEY: json.dumps(packed), _SOURCE_KEY: str(source.resolve())})
-        os.replace(temporary, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with replacing(path, durable=False) as temporary:  # a cache: losing it to a power cut costs a repack
+            save_file(state, str(temporary), metadata=metadata)
     except OSError:
-        Path(temporary).unlink(missing_ok=True)
         return
     for other in path.parent.glob(f"{source.stem}.*.safetensors"):
         if other != path and _source_of(other) == str(source.resolve()):
@@ -132,6 +131,7 @@ def _assemble(
 ) -> Transformer:
     with torch.device("meta"):
         model = Transformer(config, transposed=transposed_layout(device, dtype), embedding=embedding)
+    install_packed_slots(model, list(packed))  # packed experts: `<stack>.experts.<i>` get slots to fill
     for name, (layout, sources) in packed.items():
         prefix = f"{name}."
         buffers = {key[len(prefix) :]: state.pop(key) for key in list(state) if key.startswith(prefix)}

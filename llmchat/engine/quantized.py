@@ -1,4 +1,4 @@
-"""Quantized safetensors checkpoints: GPTQ and AWQ, dequantized to float weights at load.
+"""Quantized safetensors checkpoints: GPTQ and AWQ (and gpt-oss's MXFP4 experts), dequantized to float weights at load.
 
 The engine has one float Linear, so a quantized folder is read by turning each layer's packed
 `qweight`/`qzeros`/`scales` (+ `g_idx`) group back into the `<layer>.weight` matrix the
@@ -172,14 +172,21 @@ def _quantized_prefixes(names: set[str]) -> set[str]:
     return {name.removesuffix(".qweight") for name in names if name.endswith(".qweight")}
 
 
-def open_safetensors(folder: Path, files: list[Path]) -> tuple[SafetensorsWeights | QuantizedWeights, str]:
+def open_safetensors(
+    folder: Path, files: list[Path]
+) -> tuple[SafetensorsWeights | QuantizedWeights | Mxfp4Weights, str]:
     """The folder's weight source and what it stores ("none", or e.g. "gptq 4-bit g128").
 
-    Refuses quantization formats other than GPTQ/AWQ, from the config or, when the config is
-    silent, from tell-tale tensor names.
+    Refuses quantization formats other than GPTQ/AWQ (and gpt-oss's MXFP4 experts), from the config
+    or, when the config is silent, from tell-tale tensor names.
     """
     plain = SafetensorsWeights(files)
     quant, where = read_quantization_config(folder)
+    if quant is not None and str(quant.get("quant_method") or "").lower() == "mxfp4":
+        mxfp4 = Mxfp4Weights(plain, folder)
+        if not mxfp4.tensor_names() - plain.tensor_names():
+            raise ModelLoadError(f"{where}: quant_method mxfp4, but no tensor is stored as MXFP4 blocks and scales")
+        return mxfp4, "mxfp4 experts"
     if quant is not None:
         scheme = scheme_from_config(quant, where)
         weights = QuantizedWeights(plain, scheme, folder)
@@ -395,3 +402,67 @@ class QuantizedWeights:
             zero_offset=self.scheme.zero_offset,
             name=name,
         )
+
+
+# e2m1 values of the 16 nibbles (transformers' FP4_VALUES)
+_FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_MXFP4_PARTS = ("blocks", "scales")
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, *, name: str) -> torch.Tensor:
+    """transformers' convert_moe_packed_tensors in float32: `blocks` [experts, out, groups, 16] (two e2m1
+    values a byte, the low nibble first) times 2 ** (`scales` [experts, out, groups] - 127) ->
+    [experts, in, out] (the unquantized gpt-oss parameter's layout)."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or blocks.shape[:-1] != scales.shape:
+        raise ModelLoadError(
+            f"{name}: MXFP4 blocks {tuple(blocks.shape)} ({blocks.dtype}) do not fit scales "
+            f"{tuple(scales.shape)} ({scales.dtype})"
+        )
+    experts, out = blocks.shape[:2]
+    lut = torch.tensor(_FP4_VALUES, dtype=torch.float32)
+    values = torch.stack((lut[(blocks & 0x0F).long()], lut[(blocks >> 4).long()]), dim=-1).flatten(-2)
+    values = torch.ldexp(values, scales.to(torch.int32).unsqueeze(-1) - 127)
+    return values.reshape(experts, out, -1).transpose(1, 2).contiguous()
+
+
+class Mxfp4Weights:
+    """A WeightSource for gpt-oss's MXFP4 checkpoints (`quant_method: mxfp4`, how OpenAI publishes
+    gpt-oss): each expert stack's `<name>_blocks` + `<name>_scales` becomes the float `<name>` the
+    unquantized checkpoint holds, dequantized as it streams past (dequantize_mxfp4); everything else
+    (attention, router, biases, left in bfloat16) passes through.
+    """
+
+    def __init__(self, inner: SafetensorsWeights, folder: Path) -> None:
+        self.inner = inner
+        self.folder = folder
+
+    def _packed(self) -> tuple[set[str], set[str]]:
+        """(all raw names, the stacks stored as blocks + scales), checking both parts are there."""
+        names = self.inner.tensor_names()
+        stacks = {n.removesuffix(f"_{part}") for n in names for part in _MXFP4_PARTS if n.endswith(f"_{part}")}
+        for stack in sorted(stacks):
+            for part in _MXFP4_PARTS:
+                if f"{stack}_{part}" not in names:
+                    raise ModelLoadError(f"{self.folder}: MXFP4 tensor {stack!r} has no {stack}_{part}")
+        return names, stacks
+
+    def quantized_types(self) -> dict[str, str]:
+        return {}  # dequantized as they stream past
+
+    def tensor_names(self) -> set[str]:
+        names, stacks = self._packed()
+        return (names - {f"{s}_{part}" for s in stacks for part in _MXFP4_PARTS}) | stacks
+
+    def tensors(self, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+        _, stacks = self._packed()
+        raw_skip = set(skip) | {f"{s}_{part}" for s in set(skip) & stacks for part in _MXFP4_PARTS}
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in self.inner.tensors(raw_skip):
+            stack, _, part = name.rpartition("_")
+            if stack not in stacks or part not in _MXFP4_PARTS:
+                yield name, tensor
+                continue
+            pending.setdefault(stack, {})[part] = tensor
+            if len(pending[stack]) == len(_MXFP4_PARTS):
+                group = pending.pop(stack)
+                yield stack, dequantize_mxfp4(group["blocks"], group["scales"], name=f"{self.folder.name}: {stack}")

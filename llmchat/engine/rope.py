@@ -6,6 +6,9 @@ positions, `dynamic` (NTK) raises the base once the sequence outgrows the traine
 rescales low frequencies smoothly, `yarn` blends interpolation and extrapolation per frequency,
 `longrope` (Phi-3) divides each frequency by a per-frequency factor, one set for sequences within
 the original training length and one for longer ones.
+
+Cohere 2 and GLM-4 pair the dimensions differently: (x_0, x_1), (x_2, x_3) ... (RopeConfig.interleaved,
+GPT-J's layout and llama.cpp's "normal" rope); their cos/sin tables repeat each frequency twice in a row.
 """
 
 from __future__ import annotations
@@ -116,10 +119,12 @@ def inverse_frequencies(
     return inv_freq, 1.0
 
 
-def cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [len(positions), rotary_dim] for the half-split rotation."""
+def cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, scale: float, interleaved: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [len(positions), rotary_dim] for the half-split (or the interleaved) rotation."""
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    emb = torch.cat((angles, angles), dim=-1)
+    emb = angles.repeat_interleave(2, dim=-1) if interleaved else torch.cat((angles, angles), dim=-1)
     return emb.cos() * scale, emb.sin() * scale
 
 
@@ -164,7 +169,7 @@ class RotaryEmbedding:
         return self.cos.shape[0]
 
     def _table(self, freqs: tuple[torch.Tensor, float], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = cos_sin(freqs[0], torch.arange(length), freqs[1])
+        cos, sin = cos_sin(freqs[0], torch.arange(length), freqs[1], self.rope.interleaved)
         return cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
 
     def tables(self, start: int, end: int, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,19 +179,43 @@ class RotaryEmbedding:
             return self.long_cos[start:end], self.long_sin[start:end]
         if self.dynamic and length > self.max_position_embeddings:
             inv_freq, scale = inverse_frequencies(self.rope, self.head_dim, self.max_position_embeddings, length)
-            cos, sin = cos_sin(inv_freq, torch.arange(start, end), scale)
+            cos, sin = cos_sin(inv_freq, torch.arange(start, end), scale, self.rope.interleaved)
             return cos.to(self.device, self.dtype), sin.to(self.device, self.dtype)
         return self.cos[start:end], self.sin[start:end]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [heads, tokens, head_dim] by cos/sin [tokens, rotary_dim] (half-split layout)."""
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False, float32: bool = False
+) -> torch.Tensor:
+    """Rotate x [heads, tokens, head_dim] by cos/sin [tokens, rotary_dim] (half-split layout, or
+    `interleaved`: adjacent pairs, with tables from cos_sin(..., interleaved=True), computed in
+    float32 if `float32` and rounded back, as transformers' Cohere 2 does). Half-split with float32
+    tables (OLMo 2's) and a half-precision x: rotated in float32, rounded back once."""
+    if interleaved:
+        if float32 and x.dtype != torch.float32:
+            return _apply_interleaved(x.float(), cos, sin).to(x.dtype)
+        return _apply_interleaved(x, cos, sin)
     dim = cos.shape[-1]
     if dim == x.shape[-1]:
         half = dim // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        return (x * cos + rotated * sin).to(x.dtype)
     rot, rest = x[..., :dim], x[..., dim:]
     half = dim // 2
     rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
-    return torch.cat((rot * cos + rotated * sin, rest), dim=-1)
+    return torch.cat(((rot * cos + rotated * sin).to(x.dtype), rest), dim=-1)
+
+
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(x_0, x_1, x_2, x_3 ...) -> (-x_1, x_0, -x_3, x_2 ...): transformers' Cohere/GLM rotate_half."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def _apply_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary for adjacent pairs; a partial rotary (GLM-4) rotates the first rotary_dim features."""
+    dim = cos.shape[-1]
+    if dim == x.shape[-1]:
+        return x * cos + _rotate_pairs(x) * sin
+    rot, rest = x[..., :dim], x[..., dim:]
+    return torch.cat((rot * cos + _rotate_pairs(rot) * sin, rest), dim=-1)

@@ -24,8 +24,10 @@ from llmchat.engine.memory import (
     MemoryUsage,
     default_context_length,
     estimate,
+    expert_shapes,
     measure,
     module_bytes,
+    recurrent_states,
     release_freed_memory,
 )
 from llmchat.engine.model import Transformer, build_transformer, packing_plan
@@ -85,11 +87,17 @@ class LoadInfo:
     plan: dict[str, tuple[str, frozenset[str]]] = field(default_factory=dict)  # what was packed (packing_plan)
     from_cache: bool = False  # the packed model came from the cache_dir (no dequantizing or packing)
     mapped_embedding: int = 0  # bytes of the GGUF file the token embedding is read from (0: loaded)
+    stacks: dict[str, int] = field(default_factory=dict)  # matrices per plan entry where more than one (experts)
 
     @property
     def packing(self) -> str:
         """How quantized checkpoint tensors are held, in words ("float" when nothing is packed)."""
-        return PackingReport.of_plan(self.plan).summary()
+        return PackingReport.of_plan(self.plan, self.stacks).summary()
+
+
+def expert_stacks(config: ModelConfig) -> dict[str, int]:
+    """How many matrices each stack of experts holds (for PackingReport.of_plan)."""
+    return {name: shape[0] for name, shape in expert_shapes(config).items()}
 
 
 class LoadedModel:
@@ -207,9 +215,13 @@ class LoadedModel:
 
 
 def new_cache(config: ModelConfig, capacity: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-    """A KV cache for `capacity` positions; sliding-window layers get a ring (see kv_cache.py)."""
+    """A KV cache for `capacity` positions; sliding-window layers get a ring, a hybrid's recurrent
+    layers a fixed state (see kv_cache.py)."""
     windows = [config.layer_window(i) for i in range(config.num_layers)]
-    return KVCache(config.num_layers, config.num_kv_heads, config.head_dim, capacity, device, dtype, windows=windows)
+    states = recurrent_states(config)
+    return KVCache(
+        config.num_layers, config.num_kv_heads, config.head_dim, capacity, device, dtype, windows=windows, states=states
+    )
 
 
 def _trimming(tensors: Iterator[tuple[str, torch.Tensor]], every: int = 32) -> Iterator[tuple[str, torch.Tensor]]:
@@ -341,5 +353,6 @@ def load(
         plan,
         from_cache=from_cache,
         mapped_embedding=mapped,
+        stacks=expert_stacks(config),
     )
     return LoadedModel(package, model, cache, info, prefill_chunk)

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from llmchat.engine.knobs import KNOBS
+
 _FILTER = float("-inf")
-_GEN_CONFIG_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+_GEN_CONFIG_KEYS = tuple(knob.name for knob in KNOBS if knob.generation_config)
 
 
 @dataclass(frozen=True)
@@ -33,23 +35,19 @@ class SamplingParams:
     seed: int | None = None  # None = a fresh random seed per generation
 
     def __post_init__(self) -> None:
-        # Coerce so that JSON/CLI ints behave like the floats transformers expects.
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
-            object.__setattr__(self, name, float(getattr(self, name)))
-        if int(self.top_k) != self.top_k:
-            raise ValueError(f"top_k must be a whole number, got {self.top_k!r}")
-        object.__setattr__(self, "top_k", int(self.top_k))
-
-        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
-        if not (0.0 <= self.min_p <= 1.0):
-            raise ValueError(f"min_p must be in [0, 1] (0 disables it), got {self.min_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0.0):
-            raise ValueError(f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
+        # Coerce so that JSON/CLI ints behave like the floats transformers expects; ranges: knobs.KNOBS.
+        for knob in KNOBS:
+            value = getattr(self, knob.name)
+            if knob.kind is int:
+                if int(value) != value:
+                    raise ValueError(f"{knob.name} must be a whole number, got {value!r}")
+                value = int(value)
+            object.__setattr__(self, knob.name, knob.kind(value))
+        for knob in KNOBS:
+            value = getattr(self, knob.name)
+            problem = knob.problem(value)
+            if problem:
+                raise ValueError(f"{knob.name} {problem}, got {value}")
 
     @property
     def greedy(self) -> bool:

@@ -26,17 +26,19 @@ from textual.message import Message
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer
 
+from llmchat.actions import ACTIONS as ACTION_TABLE
 from llmchat.chat.conversation import INTERRUPTED, Conversation, answer_stats, interrupted_stats, token_record
 from llmchat.chat.conversation import Message as ChatMessage
 from llmchat.chat.journal import AnswerJournal
 from llmchat.chat.schema import TokenRecord
 from llmchat.chat.store import ConversationStore
 from llmchat.engine import Finished, LLMChatError, LoadedModel, PrefillDone, SamplingParams, TokenEvent
-from llmchat.engine.chat_template import default_system_prompt
 from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK
-from llmchat.engine.prompt import CHAT, COMPLETION, ChatTokens, PromptMode, request_text
+from llmchat.engine.knobs import KNOB, TOP_K_STEPS
+from llmchat.engine.prompt import CHAT, COMPLETION, PromptMode
 from llmchat.engine.tool_calls import split_tool_calls
 from llmchat.paths import cache_dir
+from llmchat.session import LocalSession
 from llmchat.settings import ACTION_KEYS, Settings, SettingsError, key_map, update_settings
 from llmchat.tui.inspecting import InspectingApp
 from llmchat.tui.screens import PANELS_HELP, ConversationsScreen, HelpScreen, ModelsScreen, SystemPromptScreen
@@ -58,9 +60,8 @@ PANEL_INTERVAL = 0.25  # seconds between panel repaints while tokens stream
 PAINT_GAP = 0.02  # seconds: more than one of Textual's screen updates (60/s), so a paint of its own
 GIL_SWITCH_INTERVAL = 0.0001  # seconds; see on_mount
 
-# Steps of the sampling keys.
-TEMPERATURE_STEP, TOP_P_STEP = 0.1, 0.05
-TOP_K_STEPS = (0, 1, 2, 3, 5, 10, 20, 40, 50, 100, 200)
+# Steps of the sampling keys (engine/knobs.py).
+TEMPERATURE_STEP, TOP_P_STEP = KNOB["temperature"].step, KNOB["top_p"].step
 
 
 @dataclass
@@ -89,72 +90,16 @@ class GenerationFailed(Message):
     error: str
 
 
-# settings.ACTION_KEYS id → the action string it runs (the ids are what settings.toml rebinds).
-ACTIONS = {
-    "stop": "stop",
-    "new_chat": "new_chat",
-    "temperature_down": "temperature(-1)",
-    "temperature_up": "temperature(1)",
-    "top_p_down": "top_p(-1)",
-    "top_p_up": "top_p(1)",
-    "top_k_down": "top_k(-1)",
-    "top_k_up": "top_k(1)",
-    "regenerate": "regenerate",
-    "edit_last": "edit_last",
-    "branch_previous": "branch(-1)",
-    "branch_next": "branch(1)",
-    "token_previous": "token(-1)",
-    "token_next": "token(1)",
-    "token_view": "token_view",
-    "branch_here": "branch_here",
-    "policy_view": "inspect('policy')",
-    "prompt_view": "inspect('prompt')",
-    "timeline_view": "inspect('timeline')",
-    "toggle_panels": "toggle_panels",
-    "conversations": "conversations",
-    "models": "models",
-    "system_prompt": "system_prompt",
-    "completion_mode": "completion_mode",
-    "theme": "next_theme",
-    "help": "help",
-    "quit": "quit",
-}
-# The footer has room for the everyday keys; every key is on the help screen (F1) and in Ctrl+P.
-IN_FOOTER = {"stop", "temperature_down", "temperature_up", "top_p_down", "top_p_up", "top_k_down", "top_k_up",
-             "regenerate", "conversations", "help", "quit"}  # fmt: skip
+# The actions' table (llmchat/actions.py), as the app uses it: the Textual action each id runs
+# (the ids are what settings.toml rebinds), which are in the footer, and their palette lines.
+ACTIONS = {action.id: action.runs for action in ACTION_TABLE}
+IN_FOOTER = {action.id for action in ACTION_TABLE if action.in_footer}
 # The chat's actions step aside while a dialog (conversations, help…) is open; quit never does.
 _CHAT_ACTIONS = {ACTIONS[a].split("(")[0] for a in ACTION_KEYS if a != "quit"} | {"select_token"}
 # Over the inspector (a screen, not a dialog) the keys that steer what it shows keep working.
-_INSPECTOR_ACTIONS = {"stop", "temperature", "top_p", "top_k", "token", "token_view", "branch_here", "inspect", "help"}
-COMMAND_TITLES = {
-    "temperature_down": "Temperature down",
-    "temperature_up": "Temperature up",
-    "top_p_down": "Top-p down",
-    "top_p_up": "Top-p up",
-    "top_k_down": "Top-k down",
-    "top_k_up": "Top-k up",
-    "branch_previous": "Previous branch",
-    "branch_next": "Next branch",
-    "token_previous": "Previous token",
-    "token_next": "Next token",
-    "token_view": "Token view: text / heatmap / heatmap with ids",
-    "branch_here": "Branch at the token under the cursor",
-    "policy_view": "Inspector: the decoding policy of a step",
-    "prompt_view": "Inspector: the prompt as the model sees it",
-    "timeline_view": "Inspector: prefill and decode timeline",
-    "edit_last": "Edit the last message",
-    "regenerate": "Regenerate the last answer",
-    "toggle_panels": "Toggle the side panels",
-    "conversations": "Conversations",
-    "models": "Models",
-    "system_prompt": "System prompt",
-    "completion_mode": "Completion mode on / off (no chat template: the model continues the transcript)",
-    "theme": "Next theme",
-    "help": "Keys",
-    "stop": "Stop the answer (or cancel an edit)",
-    "new_chat": "New chat",
-    "quit": "Quit",
-}
+_INSPECTOR_ACTIONS = {action.runs.split("(")[0] for action in ACTION_TABLE if action.over_inspector}
+COMMAND_TITLES = {action.id: action.title for action in ACTION_TABLE}
+COMMAND_HELP = {action.id: action.help for action in ACTION_TABLE if action.help}
 INPUT_KEYS = [
     ("enter", "Send the message"),
     ("shift+enter / ^j", "New line in the message"),
@@ -166,19 +111,6 @@ INPUT_KEYS = [
 # Textual's palette entries that ours replace: its "Keys" (a help panel) beside our F1 screen, and
 # its theme list, which offers its built-in themes too (ours: "Theme: choose one").
 REPLACED_SYSTEM_COMMANDS = {"Keys", "Theme"}
-COMMAND_HELP = {
-    "temperature_up": "Hotter sampling from the next token on",
-    "regenerate": "A new answer beside the old one (a branch)",
-    "edit_last": "Resend the last prompt, edited, as a branch",
-    "token_previous": "Inspect an earlier token's alternatives in the top-k panel",
-    "token_view": "Each token coloured by the probability the model gave it",
-    "branch_here": "Cut the answer at the cursor, pick another token there, and continue",
-    "policy_view": "Each sampler stage's distribution; F2–F7 show a what-if at once",
-    "conversations": "Open, search, rename or delete saved conversations",
-    "models": "Load another model",
-    "theme": "Cycle the themes; the choice is saved",
-    "completion_mode": "The transcript as one plain text the model continues (a base model has only this mode)",
-}
 
 
 def _step_top_k(current: int, direction: int) -> int:
@@ -232,7 +164,7 @@ class LLMChatApp(InspectingApp):
         self.model_path = Path(model_path) if model_path is not None else None
         self.store = store
         self.conversation = conversation or Conversation()
-        self.model: LoadedModel | None = None
+        self.session: LocalSession | None = None  # the loaded model, behind the session calls
         if sampling is None and self.conversation.sampling:  # a resumed chat keeps its settings
             try:
                 sampling = SamplingParams(**self.conversation.sampling)
@@ -348,8 +280,8 @@ class LLMChatApp(InspectingApp):
         the first message clears it away (it is never part of the conversation)."""
         chat = self.query_one(ChatView)
         await chat.query(Welcome).remove()
-        model = self.model
-        if model is None or self.conversation.path():
+        session = self.session
+        if session is None or self.conversation.path():
             return
         keys = key_map(self.settings)
 
@@ -362,8 +294,8 @@ class LLMChatApp(InspectingApp):
             (key("help"), "every key"),
             (key_label(self.COMMAND_PALETTE_BINDING), "every action, by name"),
         ]
-        traits = model.traits
-        await chat.mount(Welcome(model.package.name, traits.kind, model.context_length, rows, traits.labels))
+        info = session.info
+        await chat.mount(Welcome(info.name, info.kind, info.context_length, rows, list(info.labels)))
 
     async def _show_conversation(self) -> None:
         """Draw the current branch of the conversation (a resumed one, a switched branch, a new one)."""
@@ -457,25 +389,20 @@ class LLMChatApp(InspectingApp):
         self.post_message(ModelLoaded(model))
 
     async def on_model_loaded(self, message: ModelLoaded) -> None:
-        model = self.model = message.model
-        self._chat_tokens = ChatTokens(model.tokenizer)
-        self._prompt_ids.clear()  # ids of another tokenizer
+        session = self.session = LocalSession(message.model, top_k=TOP_K_SHOWN)
+        info = session.info
         try:
-            base = self.sampling or model.default_sampling
+            base = self.sampling or info.default_sampling
             self.sampling = base.replace(**self._sampling_overrides)
         except ValueError as err:
-            self.sampling = self.sampling or model.default_sampling
+            self.sampling = self.sampling or info.default_sampling
             self.notify(str(err), title="Sampling option ignored", severity="warning", markup=False)
-        quant = model.package.quantization
-        if quant != "none" and model.info.packing != "float":
-            quant += " packed"  # int4/int8 kernels (see `llmchat info`), not dequantized floats
-        precision = str(model.dtype).removeprefix("torch.") + (f" · {quant}" if quant != "none" else "")
-        self.conversation.model = {"name": model.package.name, "path": str(model.package.path)}
+        self.conversation.model = {"name": info.name, "path": info.path}
         self._status(
-            model=model.package.name,
-            device=model.device.type,
-            precision=precision,
-            context_capacity=model.context_length,
+            model=info.name,
+            device=info.device,
+            precision=info.precision,
+            context_capacity=info.context_length,
             activity="",
         )
         self._refresh_cache_panel(0, 0, 0, 0)  # a fresh cache: no last turn (the old model's was not this one's)
@@ -499,7 +426,7 @@ class LLMChatApp(InspectingApp):
         if self.generating:
             self.notify("An answer is still streaming — Esc stops it.", severity="warning")
             return
-        if self.model is None:
+        if self.session is None:
             self.notify("The model is not loaded yet.", severity="warning")
             return
         event.input.remember(event.text)
@@ -512,7 +439,7 @@ class LLMChatApp(InspectingApp):
 
     async def _answer_current(self, answer: ChatMessage | None = None) -> None:
         """Add an empty answer after the current message (or take `answer`), draw the branch, and generate into it."""
-        assert self.model is not None
+        assert self.session is not None
         answer = answer or self.conversation.add_assistant()
         await self._show_conversation()
         self._answer_id = answer.id
@@ -538,37 +465,34 @@ class LLMChatApp(InspectingApp):
     def generate(
         self, messages: list[dict[str, Any]], answer_id: str, answer_prefix: list[int], mode: PromptMode = CHAT
     ) -> None:
-        model, sampling = self.model, self.sampling
-        assert model is not None and sampling is not None
+        session, sampling = self.session, self.sampling
+        assert session is not None and sampling is not None
 
         def live() -> SamplingParams:
             return self.sampling or sampling  # read each step: the keys act on the next token
 
         try:
-            with self._model_lock:
-                ids = self._chat_tokens.encode(request_text(model, messages, mode), mode)
-                self._prompt_ids[answer_id] = ids
-                events = model.generate(
-                    ids,
-                    sampling=sampling,
-                    live_sampling=live,
-                    cancel=self.stop_flag,
-                    top_k=TOP_K_SHOWN,
-                    max_new_tokens=self.max_new_tokens,
-                    answer_prefix=answer_prefix,
-                )
-                answer_ids = list(answer_prefix)
+            events = session.answer(
+                messages,
+                answer_id=answer_id,
+                mode=mode,
+                sampling=sampling,
+                live_sampling=live,
+                cancel=self.stop_flag,
+                max_new_tokens=self.max_new_tokens,
+                answer_prefix=answer_prefix,
+            )
+            answer_ids = list(answer_prefix)
 
-                def post(batch: Batch) -> None:
-                    self.post_message(GenerationUpdate(batch))
-                    answer_ids.extend(t.token_id for t in batch.tokens)
-                    last = batch.last_token
-                    if self.live_policy and last is not None and batch.finished is None:
-                        self.live_policy_view(ids + answer_ids[:-1], last.token_id, self.policy_params() or live())
+            def post(batch: Batch) -> None:
+                self.post_message(GenerationUpdate(batch))
+                answer_ids.extend(t.token_id for t in batch.tokens)
+                last = batch.last_token
+                if self.live_policy and last is not None and batch.finished is None:
+                    ids = session.prompt_ids(answer_id) or []
+                    self.live_policy_view(ids + answer_ids[:-1], last.token_id, self.policy_params() or live())
 
-                done = run_generation(events, post, interval=lambda: self.frames.interval)
-                if done is not None:
-                    self._chat_tokens.generated(done.text, done.token_ids)
+            run_generation(events, post, interval=lambda: self.frames.interval)
         except LLMChatError as err:
             self.post_message(GenerationFailed(str(err)))
         except Exception as err:  # keep the app alive; the message says what broke
@@ -665,27 +589,28 @@ class LLMChatApp(InspectingApp):
     def _refresh_cache_panel(
         self, tokens: int, used: int, reused: int | None = None, prefilled: int | None = None, *, status: bool = True
     ) -> None:
-        if self.model is None:
+        if self.session is None:
             return
         panel = self.query_one(KVCachePanel)
-        cache = self.model.cache
+        stats = self.session.cache_stats()
         previous = panel.state
         panel.show(
             CacheState(
                 tokens=tokens,
-                capacity=cache.capacity,
+                capacity=stats.capacity,
                 bytes_used=used,
-                bytes_capacity=cache.nbytes,
+                bytes_capacity=stats.capacity_bytes,
                 reused=previous.reused if reused is None else reused,
                 prefilled=previous.prefilled if prefilled is None else prefilled,
+                state_bytes=stats.state_bytes,
             )
         )
         if status:
             self._status(context_tokens=tokens)
 
     def _refresh_memory_panel(self) -> None:
-        if self.model is not None:
-            self.query_one(MemoryPanel).show(self.model.memory_estimate(), self.model.memory_usage())
+        if self.session is not None:
+            self.query_one(MemoryPanel).show(*self.session.memory())
 
     # --- conversations -------------------------------------------------------------------------------
 
@@ -812,7 +737,7 @@ class LLMChatApp(InspectingApp):
             return
         self.conversation = Conversation(model=dict(self.conversation.model))
         self._fit_mode()
-        self._prompt_ids.clear()  # they belong to the old chat's answers
+        self._forget_prompts()  # they belong to the old chat's answers
         self._editing = None
         self._token_answer = self._selected_token = None  # its answer goes with the old chat
         await self.query_one(ChatView).clear()
@@ -829,7 +754,7 @@ class LLMChatApp(InspectingApp):
                 self.stop_flag.set()
                 self.notify("Stopping this answer to regenerate it; the stopped one stays as a branch.")
             return
-        if self.model is None:
+        if self.session is None:
             self.notify("The model is not loaded yet.", severity="warning")
             return
         path = self.conversation.path()
@@ -880,7 +805,7 @@ class LLMChatApp(InspectingApp):
         if answer is None or index is None or answer.message_id is None:
             self.notify("Put the token cursor on a token first (F8/F9, or click `tokens ▸` under an answer).")
             return
-        if self.model is None:
+        if self.session is None:
             self.notify("The model is not loaded yet.", severity="warning")
             return
         if isinstance(self.screen, InspectorScreen):
@@ -889,7 +814,7 @@ class LLMChatApp(InspectingApp):
         self.push_screen(BranchScreen(token, index), partial(self._branch_chosen, answer.message_id, index))
 
     async def _branch_chosen(self, message_id: str, index: int, token_id: int | None) -> None:
-        if token_id is None or self._busy("branch") or self.model is None:
+        if token_id is None or self._busy("branch") or self.session is None:
             return
         view = next((a for a in self.query(AssistantMessage) if a.message_id == message_id), None)
         if view is None or index >= len(view.steps):
@@ -930,7 +855,7 @@ class LLMChatApp(InspectingApp):
             self.notify(str(err), title="Cannot open", severity="error", timeout=10, markup=False)
             return
         self.conversation = conversation
-        self._prompt_ids.clear()
+        self._forget_prompts()
         self._cancel_edit()
         if conversation.sampling:  # opening restores the conversation's sampling…
             with contextlib.suppress(TypeError, ValueError):
@@ -961,12 +886,21 @@ class LLMChatApp(InspectingApp):
             self._switch_model(path)
 
     def _switch_model(self, path: Path) -> None:
-        self.model_path, self.model = path, None
+        self.model_path, self.session = path, None
         # Nothing the last model measured is true of the next one.
         self.query_one(KVCachePanel).show(CacheState())
         self.query_one(MemoryPanel).show(None, None)
         self._status(activity="loading model…", model=path.name, tokens_per_second=None, context_tokens=0)
         self.load_model(path)
+
+    @property
+    def model(self) -> LoadedModel | None:
+        """The engine behind the session (for tests and tools; the app itself goes through the session)."""
+        return self.session.model if self.session is not None else None
+
+    def _forget_prompts(self) -> None:
+        if self.session is not None:
+            self.session.forget_prompts()
 
     def _forget_last_turn(self) -> None:
         """Another conversation is shown (a new or an opened one): the KV panel's last turn and the
@@ -983,13 +917,13 @@ class LLMChatApp(InspectingApp):
     def _fit_mode(self, *, announce: bool = False) -> None:
         """Give the conversation the mode it can have: an empty one takes the session's default,
         a saved one keeps its own; a model without a chat template can only continue text."""
-        conversation, model = self.conversation, self.model
+        conversation, session = self.conversation, self.session
         mode = self._prompt_mode() if conversation.messages else self._default_mode
-        if mode == CHAT and model is not None and not model.traits.chat:
+        if mode == CHAT and session is not None and not session.info.chat:
             mode = COMPLETION
             if announce:
                 self.notify(
-                    f"{model.package.name} has no chat template (a base model): completion mode — your messages "
+                    f"{session.info.name} has no chat template (a base model): completion mode — your messages "
                     "and its continuations are one text it continues. Start a message with a space or a new "
                     "line to separate it.",
                     title="Completion mode",
@@ -1003,9 +937,9 @@ class LLMChatApp(InspectingApp):
         """Switch this conversation between chat (the template) and completion (plain text)."""
         if self._busy("switch modes"):
             return
-        model = self.model
-        if self._prompt_mode() == COMPLETION and model is not None and not model.traits.chat:
-            self.notify(f"{model.package.name} has no chat template: it can only continue text.", severity="warning")
+        session = self.session
+        if self._prompt_mode() == COMPLETION and session is not None and not session.info.chat:
+            self.notify(f"{session.info.name} has no chat template: it can only continue text.", severity="warning")
             return
         mode: PromptMode = CHAT if self._prompt_mode() == COMPLETION else COMPLETION
         self.conversation.mode = self._default_mode = mode
@@ -1024,13 +958,9 @@ class LLMChatApp(InspectingApp):
     def _template_default_system(self) -> str | None:
         """The system prompt the model's chat template writes when there is none (SmolLM2, Qwen2.5…):
         what an empty one means. None without a model, in completion mode, or for a template that adds none."""
-        model = self.model
-        if model is None or not model.traits.chat or self._prompt_mode() != CHAT:
+        if self.session is None or self._prompt_mode() != CHAT:
             return None
-        try:
-            return default_system_prompt(model.template)
-        except LLMChatError:
-            return None
+        return self.session.default_system_prompt()
 
     def _set_system_prompt(self, text: str | None) -> None:
         if text is None or text == self.conversation.system:
@@ -1113,13 +1043,7 @@ class LLMChatApp(InspectingApp):
 
 
 def _sampling_dict(params: SamplingParams) -> dict[str, Any]:
-    return {
-        "temperature": params.temperature,
-        "top_k": params.top_k,
-        "top_p": params.top_p,
-        "min_p": params.min_p,
-        "repetition_penalty": params.repetition_penalty,
-    }
+    return {name: getattr(params, name) for name in KNOB}
 
 
 class ChatCrashed(LLMChatError):

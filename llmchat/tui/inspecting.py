@@ -2,14 +2,13 @@
 (the policy of a step, the prompt as the model sees it, the timeline).
 
 `LLMChatApp` builds on `InspectingApp`; what changes the conversation (generation, branching at a
-token, regenerate) stays in app.py. Views here only read the chat and the model. Views that need the
-model's tensors are computed on worker threads under `_model_lock`, the lock the answer's worker
-holds while it generates, so the UI thread never touches torch and never races the KV cache.
+token, regenerate) stays in app.py. Views here only read the chat and ask the session. Views that
+need the model's tensors are computed by the session on worker threads, under the lock the answer's
+worker holds while it generates, so the UI thread never touches torch and never races the KV cache.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +19,10 @@ from textual.app import App
 from textual.message import Message
 
 from llmchat.chat.conversation import Conversation
-from llmchat.engine import LLMChatError, LoadedModel, SamplingParams
+from llmchat.engine import LLMChatError, SamplingParams
 from llmchat.engine.inspector import PolicyView, PromptView
-from llmchat.engine.prompt import CHAT, COMPLETION, ChatTokens, PromptMode, request_text
+from llmchat.engine.prompt import CHAT, COMPLETION, PromptMode
+from llmchat.session import LocalSession
 from llmchat.tui.screens.inspector import InspectorScreen
 from llmchat.tui.widgets.inspector import Timeline, inherited_tokens, saved_policy_text, step_title
 from llmchat.tui.widgets.messages import AssistantMessage
@@ -59,11 +59,10 @@ class InspectingApp(App[None]):
     """Token cursor, heatmap and the inspector, over the chat in app.py."""
 
     # Provided by the chat app (app.py).
-    model: LoadedModel | None
+    session: LocalSession | None
     sampling: SamplingParams | None
     conversation: Conversation
     generating: bool
-    _chat_tokens: ChatTokens
     _answer: AssistantMessage | None
     _answer_id: str | None
     _status: Callable[..., None]  # the status bar's update
@@ -72,9 +71,6 @@ class InspectingApp(App[None]):
         super().__init__()
         self._token_answer: AssistantMessage | None = None  # the answer whose token view is open
         self._selected_token: int | None = None  # the token under the cursor
-        # One thread at a time uses the model and its KV cache: the answer's worker, or an inspector's.
-        self._model_lock = threading.Lock()
-        self._prompt_ids: dict[str, list[int]] = {}  # each answer's prompt as the engine got it
         self._inspector_request = 0  # results of older inspector requests are dropped
         # While an answer streams and the policy tab shows its newest step, the answer's worker
         # computes that view at each UI frame (it holds the model; the step's logits are at hand).
@@ -228,7 +224,7 @@ class InspectingApp(App[None]):
         token = answer.steps[index]
         title = step_title(token, index, len(answer.steps))
         params = self.policy_params()
-        if self.model is None or params is None:
+        if self.session is None or params is None:
             note = "No model loaded: this step's saved top-k (load the model for every stage)."
             screen.show_policy(title, saved_policy_text(token, note))
             return
@@ -237,11 +233,11 @@ class InspectingApp(App[None]):
             screen.show_policy(title, saved_policy_text(token, note))
             return
         screen.show_policy(title, Text("computing…", style="dim"))
-        known = answer.message_id in self._prompt_ids
-        messages = None if known else self.conversation.chat_messages(before=answer.message_id)
+        prompt_ids = self.session.prompt_ids(answer.message_id)
+        messages = None if prompt_ids is not None else self.conversation.chat_messages(before=answer.message_id)
         self._compute_policy(
             self._inspector_request,
-            self._prompt_ids.get(answer.message_id or ""),
+            prompt_ids,
             messages,
             [t.token_id for t in answer.steps[:index]],
             params,
@@ -260,21 +256,11 @@ class InspectingApp(App[None]):
         chosen: int,
         mode: PromptMode,
     ) -> None:
-        from llmchat.engine.inspector import policy_view
-
-        model = self.model
-        if model is None:
+        session = self.session
+        if session is None:
             return
         try:
-            with self._model_lock:
-                if prompt_ids is None:
-                    prompt_ids = self._chat_tokens.peek(request_text(model, messages or [], mode), mode)
-                sequence = prompt_ids + answer_ids
-                # another branch's step is prefilled back; asking again (a what-if) runs no model
-                logits = model.generator.step_logits(sequence, prefill=True)
-                view = policy_view(
-                    logits, params, model.generator.token_text, context_ids=sequence, top=10, chosen_id=chosen
-                )
+            view = session.policy_view(prompt_ids, messages, answer_ids, params, chosen, mode)
         except (ValueError, LLMChatError) as err:
             self.post_message(PolicyReady(request, None, f"This step's logits are not at hand ({err})."))
             return
@@ -283,14 +269,10 @@ class InspectingApp(App[None]):
     def live_policy_view(self, sequence: list[int], chosen: int, params: SamplingParams) -> None:
         """On the answer's worker, at a UI frame: the view of the step it just sampled (its logits
         are the generator's latest, so no forward pass runs). Called only while `live_policy`."""
-        from llmchat.engine.inspector import policy_view
-
-        model = self.model
-        if model is None:
+        session = self.session
+        if session is None:
             return
-        logits = model.generator.step_logits(sequence)
-        view = policy_view(logits, params, model.generator.token_text, context_ids=sequence, top=10, chosen_id=chosen)
-        self.post_message(PolicyReady(LIVE, view))
+        self.post_message(PolicyReady(LIVE, session.live_policy_view(sequence, chosen, params)))
 
     def on_policy_ready(self, message: PolicyReady) -> None:
         screen = self.screen
@@ -316,7 +298,7 @@ class InspectingApp(App[None]):
         return messages, "the conversation so far (type a message to see it in the next request)"
 
     def _refresh_prompt(self, screen: InspectorScreen) -> None:
-        if self.model is None:
+        if self.session is None:
             screen.show_prompt(None, note="No model loaded: the prompt view needs its chat template and tokenizer.")
             return
         if self.generating:
@@ -327,19 +309,14 @@ class InspectingApp(App[None]):
 
     @work(thread=True, exclusive=True, group="inspect")
     def _compute_prompt(self, request: int, messages: list[dict[str, Any]], note: str, mode: PromptMode) -> None:
-        model = self.model
-        if model is None:
+        session = self.session
+        if session is None:
             return
         try:
-            with self._model_lock:
-                rendered = request_text(model, messages, mode)
-                ids = self._chat_tokens.peek(rendered, mode)
-                reused = model.generator.reusable(ids)
-                texts = tuple(model.generator.token_text(i) for i in ids)
+            view = session.prompt_view(messages, mode)
         except LLMChatError as err:
             self.post_message(PromptReady(request, None, str(err)))
             return
-        view = PromptView(rendered, tuple(ids), texts, reused, completion=mode == COMPLETION)
         self.post_message(PromptReady(request, view, note))
 
     def on_prompt_ready(self, message: PromptReady) -> None:

@@ -15,18 +15,11 @@ from rich.text import Text
 
 from llmchat.engine.events import TokenEvent
 from llmchat.engine.inspector import STAGE_TITLES, PolicyView, PromptView
+from llmchat.engine.knobs import KNOBS
 from llmchat.engine.sampling import SamplingParams
 from llmchat.tui.widgets.format import bar, subscript, visible_token
 
-_SHORT = {
-    "raw": "raw",
-    "repetition_penalty": "penalty",
-    "temperature": "temp",
-    "top_k": "top-k",
-    "top_p": "top-p",
-    "min_p": "min-p",
-    "policy": "sampled",
-}
+_SHORT = {"raw": "raw"} | {knob.name: knob.short for knob in KNOBS} | {"policy": "sampled"}
 BAR = 4
 TOKEN_WIDTH = 12
 

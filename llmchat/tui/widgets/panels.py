@@ -46,6 +46,8 @@ class CacheState:
     # Tokens of another conversation still in the engine's cache (a new or an opened chat, before its
     # first turn): the next request keeps only the start they share with its prompt.
     left_over: int = 0
+    # A hybrid model's recurrent layers: bytes of their fixed state (and its snapshots), part of bytes_used
+    state_bytes: int = 0
 
 
 class KVCachePanel(Panel):
@@ -74,7 +76,10 @@ class KVCachePanel(Panel):
             lines.append(f"{s.left_over:,} tokens left from the last chat\n", style="dim")
             lines.append("the next message reuses what matches", style="dim")
             return lines
-        lines.append(f"{human_bytes(s.bytes_used)} of {human_bytes(s.bytes_capacity)}\n")
+        lines.append(f"{human_bytes(s.bytes_used)} of {human_bytes(s.bytes_capacity)}")
+        if s.state_bytes:  # only the attention layers grow; the recurrent ones hold this much, fixed
+            lines.append(f" · {human_bytes(s.state_bytes)} fixed state", style="dim")
+        lines.append("\n")
         lines.append("last turn: ", style="dim")
         lines.append(f"{s.reused:,} reused", style=self.themed("$success"))
         lines.append(" · ", style="dim")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK
+from llmchat.engine.knobs import KNOB
 from llmchat.engine.sampling import SamplingParams
 
 EXIT_USAGE = 2
@@ -77,7 +78,7 @@ def positive_int_list(text: str) -> list[int]:
 def sampling_value(knob: str) -> Callable[[str], Any]:
     """A check for one SamplingParams knob (temperature, top_k, top_p, min_p, repetition_penalty):
     its type and range are SamplingParams' own."""
-    kind = type(getattr(SamplingParams(), knob))
+    kind = KNOB[knob].kind
 
     def check(text: str) -> Any:
         try:

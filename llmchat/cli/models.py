@@ -1,4 +1,4 @@
-"""`llmchat models list|add|remove|default|pull`, and bare `llmchat` (the chat screen)."""
+"""`llmchat models list|add|remove|default|pull`: the registry of models."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from llmchat.models import (
     load_registry,
     pull_hf,
     remove_model,
-    resolve_model,
     set_default,
 )
 
@@ -97,51 +96,7 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
-    """Bare `llmchat`: open the chat screen on the chosen (or default, or demo) model.
-
-    `--resume [ID|last]` reopens a saved conversation on the model it was held with (unless
-    `--model` names another one), with its sampling settings.
-    """
-    from llmchat.chat.store import ConversationStore
-    from llmchat.settings import load_settings
-
-    settings, problems = load_settings()
-    store = ConversationStore.default()
-    conversation = None
-    explicit = getattr(args, "chat_model", None)
-    spec = explicit or settings.model
-    if args.resume is not None:
-        conversation = store.load(store.resolve(args.resume))
-        saved_path = conversation.model.get("path")
-        if explicit is None and saved_path:
-            spec = saved_path
-    path = resolve_model(spec)
-    from llmchat.cli_args import EngineOptions
-    from llmchat.tui.app import run_app
-
-    overrides = {
-        knob: value
-        for knob in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
-        if (value := getattr(args, f"chat_{knob}", None)) is not None
-    }
-    engine = EngineOptions.of(args, "chat_")
-    run_app(
-        path,
-        store=store,
-        conversation=conversation,
-        sampling_overrides=overrides,
-        max_new_tokens=getattr(args, "chat_max_new_tokens", None),
-        completion=args.chat_raw,
-        threads=engine.threads,
-        settings=settings,
-        settings_problems=problems,
-        **engine.load_kwargs(),
-    )
-    return 0
-
-
-def add_models_parsers(sub: Any) -> None:
+def add_parser(sub: Any) -> None:
     p = sub.add_parser("models", help="list, add, remove and pull models; choose the default")
     actions = p.add_subparsers(dest="models_action", metavar="ACTION", required=True)
 

@@ -8,7 +8,7 @@ import random
 from dataclasses import asdict
 from typing import Any
 
-from llmchat.cli_args import DTYPES, positive_int
+from llmchat.cli.args import DTYPES, positive_int
 from llmchat.engine.generate import DEFAULT_PREFILL_CHUNK
 from llmchat.models import resolve_model
 
@@ -26,26 +26,30 @@ def describe(package: Any, traits: Any) -> dict[str, Any]:
 
     config = package.config
     moe = {"active_parameters": active_parameter_count(config)} if config.num_experts else {}
-    return moe | {
-        "name": package.name,
-        "path": str(package.path),
-        "architecture": config.architecture,
-        "parameters": parameter_count(config),
-        "format": package.format,
-        "quantization": package.quantization,
-        "file_bytes": package.size_bytes,
-        "context_length": model_context_length(config),
-        "model_type": traits.kind,
-        "capabilities": traits.labels,
-        "template_variables": list(traits.template_variables),
-        "chat_templates": sorted(package.templates.templates) if package.templates else [],
-        "special_tokens": package.special_tokens,
-        "eos_token_ids": list(package.eos_token_ids),
-        "tokenizer_vocab": package.tokenizer.vocab_size,
-        "generation_defaults": asdict(package.generation.sampling)
-        | {"max_new_tokens": package.generation.max_new_tokens},
-        "config": asdict(config),
-    }
+    return (
+        moe
+        | _cache_shape(config)
+        | {
+            "name": package.name,
+            "path": str(package.path),
+            "architecture": config.architecture,
+            "parameters": parameter_count(config),
+            "format": package.format,
+            "quantization": package.quantization,
+            "file_bytes": package.size_bytes,
+            "context_length": model_context_length(config),
+            "model_type": traits.kind,
+            "capabilities": traits.labels,
+            "template_variables": list(traits.template_variables),
+            "chat_templates": sorted(package.templates.templates) if package.templates else [],
+            "special_tokens": package.special_tokens,
+            "eos_token_ids": list(package.eos_token_ids),
+            "tokenizer_vocab": package.tokenizer.vocab_size,
+            "generation_defaults": asdict(package.generation.sampling)
+            | {"max_new_tokens": package.generation.max_new_tokens},
+            "config": asdict(config),
+        }
+    )
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -57,7 +61,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     package = open_package(resolve_model(args.model))
     data = describe(package, detect(package.templates, package.tokenizer))
     plan = _packing_plan(package, torch.device("cpu"), torch.float32, dequantize=False)
-    data["cpu_weights"] = f"kept packed: {_packing_summary(plan)}" if plan else "float32 (nothing to keep packed)"
+    packing = _packing_summary(plan, package.config)
+    data["cpu_weights"] = f"kept packed: {packing}" if plan else "float32 (nothing to keep packed)"
     if _mapped_embedding(package, plan, dequantize=False):
         data["cpu_weights"] += "; token embedding read from the file on demand"
     if args.json:
@@ -80,6 +85,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"  shape       {c.num_layers} layers, hidden {c.hidden_size}, {mlp}, "
         f"heads {c.num_heads} (KV {c.num_kv_heads}), head_dim {c.head_dim}",
         f"  context     {data['context_length']} tokens, {rope}{window}",
+        *([f"  cache       {_cache_note(data, c)}"] if _cache_note(data, c) else []),
         f"  vocab       {c.vocab_size} (tokenizer {data['tokenizer_vocab']}), eos ids {data['eos_token_ids']}",
         f"  special     {', '.join(f'{k}={v!r}' for k, v in data['special_tokens'].items()) or 'none'}",
         f"  templates   {', '.join(data['chat_templates']) or 'none'}"
@@ -159,11 +165,12 @@ def _mapped_embedding(package: Any, plan: dict[str, Any], dequantize: bool) -> i
     return mapped_embedding_bytes(package, plan, packed=False if dequantize else None)
 
 
-def _packing_summary(plan: dict[str, Any]) -> str:
+def _packing_summary(plan: dict[str, Any], config: Any) -> str:
     """The same words `load` reports (LoadInfo.packing), predicted from the plan."""
     from llmchat.engine.packed import PackingReport
+    from llmchat.engine.runtime import expert_stacks
 
-    return PackingReport.of_plan(plan).summary()
+    return PackingReport.of_plan(plan, expert_stacks(config)).summary()
 
 
 def _sliding_note(config: Any, rows: list[dict[str, Any]]) -> str:
@@ -183,8 +190,52 @@ def _sliding_note(config: Any, rows: list[dict[str, Any]]) -> str:
     )
 
 
+def _cache_shape(config: Any) -> dict[str, Any]:
+    """What the cache holds per layer: keys and values growing with the context in attention layers,
+    a fixed state in a hybrid's recurrent ones (float32 bytes; `layer_kinds` only for a hybrid)."""
+    import torch
+
+    from llmchat.engine.memory import kv_bytes_per_token, recurrent_state_bytes
+
+    kinds = [config.layer_kind(i) for i in range(config.num_layers)]
+    data: dict[str, Any] = {"kv_bytes_per_token": kv_bytes_per_token(config, torch.float32)}
+    if set(kinds) != {"attention"}:
+        data |= {"layer_kinds": kinds, "recurrent_state_bytes": recurrent_state_bytes(config, torch.float32)}
+    return data
+
+
+def _cache_note(data: dict[str, Any], config: Any) -> str:
+    """The cache in words: '' for a model whose every layer attends."""
+    kinds = data.get("layer_kinds")
+    if not kinds:
+        return ""
+    names = {"conv": f"short-convolution (kernel {config.conv_kernel})", "linear_attention": "Gated DeltaNet"}
+    names["mamba"] = f"Mamba-2 (state {config.ssm_state_size})"
+    recurrent = [names[kind] for kind in kinds if kind != "attention"]
+    attending = len(kinds) - len(recurrent)
+    described = ", ".join(f"{recurrent.count(name)} {name}" for name in dict.fromkeys(recurrent))
+    return (
+        f"{attending} attention layers keep keys and values ({data['kv_bytes_per_token'] / 1024:.1f} KiB per token "
+        f"in float32); {described} layers keep a fixed state of {data['recurrent_state_bytes'] / 1024:.1f} KiB "
+        "in all, whatever the context"
+    )
+
+
+def _experts_note(config: Any) -> str:
+    """A mixture of experts in words: all experts are held, a token runs k of them ('' for a dense model)."""
+    from llmchat.engine.memory import active_parameter_count, parameter_count
+
+    if not config.num_experts:
+        return ""
+    active, total = active_parameter_count(config) / 1e6, parameter_count(config) / 1e6
+    return (
+        f"{config.num_experts} experts on {sum(config.moe_layers)} layers, all held; a token runs "
+        f"{config.num_experts_per_tok} of them: {active:.1f}M of {total:.1f}M parameters"
+    )
+
+
 def cmd_vram(args: argparse.Namespace) -> int:
-    from llmchat.engine.memory import estimate, model_context_length, rss_bytes
+    from llmchat.engine.memory import active_parameter_count, estimate, model_context_length, rss_bytes
     from llmchat.engine.package import open_package
     from llmchat.engine.runtime import resolve_device, resolve_dtype
 
@@ -218,9 +269,16 @@ def cmd_vram(args: argparse.Namespace) -> int:
         "dtype": _dtype_name(dtype),
         "kv_dtype": _dtype_name(kv_dtype),
         "stored": _stored_weights(package),
-        "weights": _packing_summary(plan),
+        "weights": _packing_summary(plan, package.config),
         "estimates": rows,
+        **_cache_shape(package.config),
     }
+    if package.config.num_experts:
+        result |= {
+            "experts": package.config.num_experts,
+            "experts_per_token": package.config.num_experts_per_tok,
+            "active_parameters": active_parameter_count(package.config),
+        }
     if args.measure:
         measured = _measure(args, rows[0]["context"])
         predicted = rows[0]["total"]
@@ -256,6 +314,12 @@ def cmd_vram(args: argparse.Namespace) -> int:
     sliding = _sliding_note(package.config, rows)
     if sliding:
         print(sliding)
+    hybrid = _cache_note(_cache_shape(package.config), package.config)
+    if hybrid:
+        print(f"(KV cache column: {hybrid})")
+    experts = _experts_note(package.config)
+    if experts:
+        print(f"(weights column: {experts})")
     if mapped:
         print(
             f"(token embedding: {mapped / MiB:.1f} MiB of the file, mapped and read by rows on demand: counted "
@@ -271,7 +335,7 @@ def cmd_vram(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_info_parsers(sub: Any) -> None:
+def add_parser(sub: Any) -> None:
     p = sub.add_parser("info", help="describe a model without loading its weights")
     p.add_argument("model", nargs="?", default=None, help="registered name, demo, or path (default: the default)")
     p.add_argument("--json", action="store_true")

@@ -139,7 +139,7 @@ def cmd_rename(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_chats_parsers(sub: Any) -> None:
+def add_parser(sub: Any) -> None:
     """Register `chats` and its subcommands on the main parser's subparsers."""
     chats = sub.add_parser("chats", help="saved conversations: list, show, search, export, rename, delete")
     commands = chats.add_subparsers(dest="chats_command", metavar="ACTION", required=True)

@@ -15,7 +15,8 @@ import argparse
 import random
 from typing import Any
 
-from llmchat.cli_args import non_negative_int, positive_int, positive_int_list, whole_number
+from llmchat.cli.args import non_negative_int, positive_int, positive_int_list, whole_number
+from llmchat.cli.common import CLIError, add_model_options, load_model, print_json
 
 
 def add_bench_options(p: argparse.ArgumentParser) -> None:
@@ -39,7 +40,6 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from llmchat.cli import CLIError, _load, _print_json
     from llmchat.engine import SamplingParams
     from llmchat.engine.events import Finished
     from llmchat.engine.memory import peak_rss_bytes
@@ -52,7 +52,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     if args.context is None:
         args.context = needed  # just what the runs need: a smaller cache loads faster
-    model = _load(args)
+    model = load_model(args)
     if needed > model.context_length:
         raise CLIError(f"the runs need {needed} tokens of context, the model has {model.context_length}; use --context")
     rng = random.Random(args.seed)
@@ -86,6 +86,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "weights": model.info.packing,
         "weights_bytes": model.weights_bytes(),
         "kv_cache_bytes": model.cache.nbytes,
+        "kv_bytes_per_token": model.cache.bytes_per_token,
+        **_shape_figures(model),
         "load_s": round(model.info.seconds, 3),
         "device": str(device),
         "dtype": str(model.dtype).removeprefix("torch."),
@@ -99,10 +101,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result["contexts"] = [_at_context(model, n, args.context_gen_tokens, tokens, generate) for n in contexts]
     result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
     if args.json:
-        _print_json(result)
+        print_json(result)
     else:
         _print_table(result)
     return 0
+
+
+def _shape_figures(model: Any) -> dict[str, Any]:
+    """What a mixture of experts runs per token, and what a hybrid's recurrent layers hold, fixed."""
+    from llmchat.engine.memory import active_parameter_count, parameter_count
+
+    config, cache = model.config, model.cache
+    figures: dict[str, Any] = {}
+    if config.num_experts:
+        figures["experts"] = f"{config.num_experts}, {config.num_experts_per_tok} per token"
+        figures["active_parameters"] = f"{active_parameter_count(config):,} of {parameter_count(config):,}"
+    if cache.recurrent_layers:
+        figures["recurrent_layers"] = len(cache.recurrent_layers)
+        figures["recurrent_state_bytes"] = cache.state_bytes
+    return figures
 
 
 def _conversation(model: Any, turns: int, turn_tokens: int, gen_tokens: int, tokens: Any, generate: Any) -> list:
@@ -154,3 +171,10 @@ def _print_table(result: dict[str, Any]) -> None:
         print("\ncontext  decode tok/s  prefill tok/s")
         for row in result["contexts"]:
             print(f"{row['context_tokens']:>7}  {row['decode_tok_s']:>12.1f}  {row['prefill_tok_s']:>13.1f}")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="measure prefill and decode speed (also per turn, per context length)")
+    add_model_options(p)
+    add_bench_options(p)
+    p.set_defaults(func=cmd_bench)
