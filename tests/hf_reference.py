@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -39,3 +40,16 @@ def hf_greedy(model: PreTrainedModel, prompt: list[int], new_tokens: int) -> lis
             ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens, eos_token_id=None
         )
     return out[0, len(prompt) :].tolist()
+
+
+def llmchat_greedy(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
+    """llmchat's greedy tokens for `prompt` from an empty cache, EOS not stopping them: what
+    `hf_greedy` gives for transformers."""
+    from llmchat.engine.events import TokenEvent
+    from llmchat.engine.sampling import SamplingParams
+
+    model.reset()
+    events = model.generate(
+        prompt, sampling=SamplingParams(temperature=0), max_new_tokens=new_tokens, stop_on_eos=False
+    )
+    return [e.token_id for e in events if isinstance(e, TokenEvent)]

@@ -27,11 +27,10 @@ from transformers.models.glm4 import modeling_glm4
 
 import llmchat
 from llmchat.engine.config import from_hf_config, load_hf_config
-from llmchat.engine.events import TokenEvent
 from llmchat.engine.gguf import GGUFFile
 from llmchat.engine.rope import RotaryEmbedding, apply_rotary, cos_sin, inverse_frequencies
 from tests.gguf_export import export_gguf, quantized_copy
-from tests.hf_reference import hf_greedy, hf_logits, hf_model, random_ids
+from tests.hf_reference import hf_greedy, hf_logits, hf_model, llmchat_greedy, random_ids
 
 TOL = 1e-4
 NEW_TOKENS = 20
@@ -43,10 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _greedy(model: Any, prompt: list[int]) -> list[int]:
-    model.reset()
-    sampling = llmchat.SamplingParams(temperature=0)
-    events = model.generate(prompt, sampling=sampling, max_new_tokens=NEW_TOKENS, stop_on_eos=False)
-    return [e.token_id for e in events if isinstance(e, TokenEvent)]
+    return llmchat_greedy(model, prompt, NEW_TOKENS)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

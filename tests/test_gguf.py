@@ -30,6 +30,7 @@ from llmchat.engine.errors import ModelLoadError
 from llmchat.engine.gguf import SUPPORTED_TYPES, GGUFFile
 from llmchat.engine.package import open_package
 from tests.gguf_export import export_gguf, quantized_copy, write_typed_tensors
+from tests.hf_reference import llmchat_greedy
 from tests.tiny_models import BOS, CHATML_TEMPLATE, IM_END
 
 TinyModelFactory = Callable[..., Path]
@@ -99,12 +100,7 @@ def _ids(vocab: int, n: int = 40, seed: int = 0) -> list[int]:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _greedy(model: Any, prompt: list[int], n: int) -> list[int]:
-    from llmchat.engine.events import TokenEvent
-
-    model.reset()
-    events = model.generate(prompt, sampling=llmchat.SamplingParams(temperature=0), max_new_tokens=n, stop_on_eos=False)
-    return [e.token_id for e in events if isinstance(e, TokenEvent)]
+_greedy = llmchat_greedy
 
 
 # --- parity with the Hugging Face folder ------------------------------------------------------------

@@ -28,7 +28,6 @@ from transformers.utils import logging as hf_logging
 import llmchat
 from llmchat.engine.chat_template import ChatTemplates
 from llmchat.engine.config import from_hf_config
-from llmchat.engine.events import TokenEvent
 from llmchat.engine.gguf import GGUFFile
 from llmchat.engine.model import Attention
 from llmchat.engine.moe import MoE, PackedExperts
@@ -36,7 +35,7 @@ from llmchat.engine.reasoning import HARMONY_MARKERS, HarmonySplitter
 from llmchat.engine.tokenizer import StreamDecoder
 from llmchat.engine.tool_calls import split_tool_calls
 from tests.gguf_export import export_gguf
-from tests.hf_reference import hf_greedy, hf_logits, hf_model, random_ids, vocab_size
+from tests.hf_reference import hf_greedy, hf_logits, hf_model, llmchat_greedy, random_ids, vocab_size
 from tests.tiny_gpt_oss import build_gpt_oss
 
 TOL = 1e-4
@@ -85,9 +84,7 @@ def reference(folder: Callable[[str], Path]) -> tuple[list[int], torch.Tensor]:
     return ids, hf_logits(hf_model(folder("new")), ids)
 
 
-def _greedy(model: Any, prompt: list[int], n: int) -> list[int]:
-    events = model.generate(prompt, sampling=llmchat.SamplingParams(temperature=0), max_new_tokens=n, stop_on_eos=False)
-    return [e.token_id for e in events if isinstance(e, TokenEvent)]
+_greedy = llmchat_greedy
 
 
 def _moe_blocks(model: Any) -> list[MoE]:

@@ -26,11 +26,10 @@ from transformers import GraniteConfig
 import llmchat
 from llmchat.engine.config import from_hf_config, load_hf_config
 from llmchat.engine.errors import ModelLoadError
-from llmchat.engine.events import TokenEvent
 from llmchat.engine.gguf import GGUFFile
 from tests import gguf_export
 from tests.gguf_export import export_gguf, quantized_copy
-from tests.hf_reference import hf_greedy, hf_logits, hf_model, random_ids, vocab_size
+from tests.hf_reference import hf_greedy, hf_logits, hf_model, llmchat_greedy, random_ids, vocab_size
 
 TOL = 1e-4
 NEW_TOKENS = 20
@@ -61,9 +60,7 @@ def granite_gguf(granite: Path, tmp_path_factory: pytest.TempPathFactory) -> Cal
 
 
 def _greedy(model: Any, prompt: list[int], n: int = NEW_TOKENS) -> list[int]:
-    model.reset()
-    events = model.generate(prompt, sampling=llmchat.SamplingParams(temperature=0), max_new_tokens=n, stop_on_eos=False)
-    return [e.token_id for e in events if isinstance(e, TokenEvent)]
+    return llmchat_greedy(model, prompt, n)
 
 
 # --- config ---------------------------------------------------------------------------------------

@@ -29,12 +29,11 @@ from transformers.utils import logging as hf_logging
 import llmchat
 from llmchat.engine.config import from_hf_config
 from llmchat.engine.errors import ModelLoadError
-from llmchat.engine.events import TokenEvent
 from llmchat.engine.memory import module_bytes, weight_bytes
 from llmchat.engine.moe import MoE, PackedExperts
 from llmchat.engine.packed import PackedLinear
 from tests.gguf_export import export_gguf
-from tests.hf_reference import hf_greedy, hf_logits, hf_model, random_ids, vocab_size
+from tests.hf_reference import hf_greedy, hf_logits, hf_model, llmchat_greedy, random_ids, vocab_size
 from tests.tiny_models import MOE_KINDS
 
 TOL = 1e-4
@@ -67,10 +66,7 @@ def _ids(folder: Path, n: int, seed: int) -> list[int]:
     return random_ids(n, vocab_size(folder), seed)
 
 
-def _greedy(model: Any, prompt: list[int], n: int) -> list[int]:
-    sampling = llmchat.SamplingParams(temperature=0)
-    events = model.generate(prompt, sampling=sampling, max_new_tokens=n, stop_on_eos=False)
-    return [e.token_id for e in events if isinstance(e, TokenEvent)]
+_greedy = llmchat_greedy
 
 
 def _moe_blocks(model: Any) -> list[MoE]:

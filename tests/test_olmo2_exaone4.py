@@ -28,7 +28,7 @@ from llmchat.engine.gguf import GGUFFile
 from llmchat.engine.model import internal_name
 from llmchat.engine.package import open_package
 from tests.gguf_export import export_gguf, quantized_copy
-from tests.hf_reference import hf_greedy, hf_logits, hf_model, random_ids
+from tests.hf_reference import hf_greedy, hf_logits, hf_model, llmchat_greedy, random_ids
 
 TOL = 1e-4
 NEW_TOKENS = 20
@@ -54,12 +54,7 @@ def gguf_file(tiny_model: TinyModelFactory, tmp_path_factory: pytest.TempPathFac
 
 
 def _greedy(model: Any, prompt: list[int]) -> list[int]:
-    from llmchat.engine.events import TokenEvent
-
-    model.reset()
-    sampling = llmchat.SamplingParams(temperature=0)
-    events = model.generate(prompt, sampling=sampling, max_new_tokens=NEW_TOKENS, stop_on_eos=False)
-    return [e.token_id for e in events if isinstance(e, TokenEvent)]
+    return llmchat_greedy(model, prompt, NEW_TOKENS)
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:

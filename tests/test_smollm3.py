@@ -17,7 +17,7 @@ from transformers import SmolLM3Config
 from llmchat.engine.config import from_hf_config, load_hf_config
 from llmchat.engine.gguf import GGUFFile
 from tests.gguf_export import export_gguf
-from tests.hf_reference import hf_greedy, hf_logits, hf_model, random_ids
+from tests.hf_reference import hf_greedy, hf_logits, hf_model, llmchat_greedy, random_ids
 
 TOL = 1e-4
 NEW_TOKENS = 20
@@ -40,13 +40,7 @@ def _hf_greedy(folder: Path, prompt: list[int]) -> list[int]:
 
 
 def _greedy(model: Any, prompt: list[int]) -> list[int]:
-    import llmchat
-    from llmchat.engine.events import TokenEvent
-
-    model.reset()
-    sampling = llmchat.SamplingParams(temperature=0)
-    events = model.generate(prompt, sampling=sampling, max_new_tokens=NEW_TOKENS, stop_on_eos=False)
-    return [e.token_id for e in events if isinstance(e, TokenEvent)]
+    return llmchat_greedy(model, prompt, NEW_TOKENS)
 
 
 _MINIMAL = {
