@@ -28,6 +28,27 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModelFactory:
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model: TinyModelFactory, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`tiny_gguf(kind, qtype="F32")` -> the tiny folder exported as llama.cpp's converter would
+    (tests/gguf_export.py), each (kind, type) written once; `qtype` a GGML type or its name."""
+    from gguf import GGMLQuantizationType
+
+    from tests.gguf_export import export_gguf
+
+    root = tmp_path_factory.mktemp("tiny_gguf")
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(kind: str, qtype: GGMLQuantizationType | str = "F32") -> Path:
+        name = qtype if isinstance(qtype, str) else qtype.name
+        if (kind, name) not in made:
+            stored = GGMLQuantizationType[name]
+            made[kind, name] = export_gguf(tiny_model(kind), root / f"{kind}-{name}.gguf", qtype=stored)
+        return made[kind, name]
+
+    return get
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny

@@ -29,7 +29,7 @@ import llmchat
 from llmchat.engine.config import from_hf_config, load_hf_config
 from llmchat.engine.gguf import GGUFFile
 from llmchat.engine.rope import RotaryEmbedding, apply_rotary, cos_sin, inverse_frequencies
-from tests.gguf_export import export_gguf, quantized_copy
+from tests.gguf_export import quantized_copy
 from tests.hf_reference import hf_greedy, hf_logits, hf_model, llmchat_greedy, random_ids
 
 TOL = 1e-4
@@ -281,19 +281,6 @@ def test_bfloat16_rounds_like_transformers(kind: str, tiny_model: TinyModelFacto
 # --- GGUF -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def gguf_files(tiny_model: TinyModelFactory, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    root = tmp_path_factory.mktemp("gguf")
-    made: dict[tuple[str, Q], Path] = {}
-
-    def get(kind: str, qtype: Q = Q.F32) -> Path:
-        if (kind, qtype) not in made:
-            made[kind, qtype] = export_gguf(tiny_model(kind), root / f"{kind}-{qtype.name}.gguf", qtype=qtype)
-        return made[kind, qtype]
-
-    return get
-
-
 def _as_float32(config: Any) -> Any:
     """The config with what GGUF stores as float32 rounded, and without the EOS list (GGUF has one id)."""
     return config.with_changes(
@@ -304,10 +291,10 @@ def _as_float32(config: Any) -> Any:
     )
 
 
-def test_cohere2_gguf_metadata_round_trip(tiny_model: TinyModelFactory, gguf_files: Callable[..., Path]) -> None:
+def test_cohere2_gguf_metadata_round_trip(tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path]) -> None:
     """general.architecture cohere2 with Cohere2Model's keys: logit scale, LayerNorm epsilon, window;
     llama.cpp's pattern of 4 gives the folder's sliding and NoPE layers. No Q/K permutation."""
-    path = gguf_files("cohere2")
+    path = tiny_gguf("cohere2")
     file = GGUFFile(path)
     assert file.architecture == "cohere2"
     assert file.metadata["cohere2.logit_scale"] == 0.5
@@ -325,11 +312,9 @@ def test_cohere2_gguf_metadata_round_trip(tiny_model: TinyModelFactory, gguf_fil
 @pytest.mark.parametrize(
     ("pattern", "sliding"), [(2, [True, False] * 3), ([1, 1, 0, 1, 1, 0], [True, True, False] * 2)]
 )
-def test_cohere2_gguf_sliding_window_pattern(
-    pattern: Any, sliding: list[bool], gguf_files: Callable[..., Path]
-) -> None:
+def test_cohere2_gguf_sliding_window_pattern(pattern: Any, sliding: list[bool], tiny_gguf: Callable[..., Path]) -> None:
     """A file that states `sliding_window_pattern` (a period, or one flag per layer) is read as llama.cpp does."""
-    file = GGUFFile(gguf_files("cohere2"))
+    file = GGUFFile(tiny_gguf("cohere2"))
     file.metadata["cohere2.block_count"] = 6
     file.metadata["cohere2.attention.sliding_window_pattern"] = pattern
     raw = file.hf_config()
@@ -338,10 +323,10 @@ def test_cohere2_gguf_sliding_window_pattern(
     assert list(config.rope_layers) == sliding
 
 
-def test_glm4_gguf_metadata_round_trip(tiny_model: TinyModelFactory, gguf_files: Callable[..., Path]) -> None:
+def test_glm4_gguf_metadata_round_trip(tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path]) -> None:
     """general.architecture glm4: rope.dimension_count is the rotary half, gate|up stays fused in
     ffn_up, the norms are ffn_norm / post_attention_norm / post_ffw_norm, q/k/v keep their biases."""
-    path = gguf_files("glm4")
+    path = tiny_gguf("glm4")
     file = GGUFFile(path)
     assert file.architecture == "glm4"
     assert file.metadata["glm4.rope.dimension_count"] == 16
@@ -358,10 +343,10 @@ def test_glm4_gguf_metadata_round_trip(tiny_model: TinyModelFactory, gguf_files:
 
 @pytest.mark.parametrize("kind", ["cohere2", "glm4"])
 def test_f32_gguf_gives_the_folders_logits_and_tokens(
-    kind: str, tiny_model: TinyModelFactory, gguf_files: Callable[..., Path]
+    kind: str, tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path]
 ) -> None:
     folder = tiny_model(kind)
-    ours = llmchat.load(gguf_files(kind), device="cpu", dtype="float32")
+    ours = llmchat.load(tiny_gguf(kind), device="cpu", dtype="float32")
     reference = llmchat.load(folder, device="cpu", dtype="float32")
     ids = random_ids(40, reference.config.vocab_size, seed=0)
     assert _max_diff(ours.logits(ids), reference.logits(ids)) <= TOL
@@ -374,11 +359,11 @@ def test_f32_gguf_gives_the_folders_logits_and_tokens(
     ("kind", "qtype"), [("cohere2", Q.Q8_0), ("cohere2", Q.Q4_0), ("glm4", Q.Q8_0), ("glm4", Q.Q4_1)]
 )
 def test_quantized_gguf_is_the_folder_with_quantized_weights(
-    kind: str, qtype: Q, tiny_model: TinyModelFactory, gguf_files: Callable[..., Path], tmp_path: Path
+    kind: str, qtype: Q, tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path], tmp_path: Path
 ) -> None:
     """Dequantized at load, the file is the folder with its matrices quantized; kept packed (the
     default on CPU), it stays close to that and greedy follows its own logits."""
-    path = gguf_files(kind, qtype)
+    path = tiny_gguf(kind, qtype)
     reference = llmchat.load(quantized_copy(tiny_model(kind), tmp_path / "rt", qtype), device="cpu", dtype="float32")
     plain = llmchat.load(path, device="cpu", dtype="float32", packed=False)
     ids = random_ids(40, reference.config.vocab_size, seed=0)

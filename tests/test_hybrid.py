@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import gguf
 import pytest
 import torch
 from transformers import Lfm2Config
@@ -35,7 +34,6 @@ from llmchat.engine.gguf import GGUFFile
 from llmchat.engine.memory import kv_bytes_per_token, kv_cache_bytes, recurrent_state_bytes
 from llmchat.engine.model import Attention
 from llmchat.engine.short_conv import ShortConv
-from tests.gguf_export import export_gguf
 from tests.hf_reference import hf_logits, hf_model, random_ids, vocab_size
 
 TOL = 1e-4
@@ -45,20 +43,6 @@ HYBRID_KINDS = ("lfm2", "qwen3_5", "granite4", "granite4-dense")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def hybrid_gguf(tiny_model: TinyModelFactory, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    root = tmp_path_factory.mktemp("hybrid_gguf")
-    made: dict[tuple[str, str], Path] = {}
-
-    def get(qtype: str = "F32", kind: str = "lfm2") -> Path:
-        if (kind, qtype) not in made:
-            stored = gguf.GGMLQuantizationType[qtype]
-            made[kind, qtype] = export_gguf(tiny_model(kind), root / f"{kind}-{qtype}.gguf", qtype=stored)
-        return made[kind, qtype]
-
-    return get
 
 
 def _run(model: Any, prompt: list[int], n: int = 8, **kwargs: Any) -> tuple[list[int], PrefillDone]:
@@ -151,9 +135,9 @@ def test_the_state_is_really_used(kind: str, tiny_model: TinyModelFactory) -> No
 
 
 def test_gguf_twin_gives_the_folders_logits_config_and_tokens(
-    tiny_model: TinyModelFactory, hybrid_gguf: Callable[..., Path]
+    tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path]
 ) -> None:
-    folder, path = tiny_model("lfm2"), hybrid_gguf()
+    folder, path = tiny_model("lfm2"), tiny_gguf("lfm2")
     raw = GGUFFile(path).hf_config()
     assert raw["layer_types"] == ["conv", "full_attention", "conv", "conv"]
     assert raw["num_key_value_heads"] == 2 and raw["conv_L_cache"] == 3 and raw["intermediate_size"] == 128
@@ -166,9 +150,9 @@ def test_gguf_twin_gives_the_folders_logits_config_and_tokens(
     assert _run(ours, ids[:12], 20)[0] == _run(theirs, ids[:12], 20)[0]
 
 
-def test_quantized_gguf_packs_the_convolution_projections(hybrid_gguf: Callable[..., Path]) -> None:
+def test_quantized_gguf_packs_the_convolution_projections(tiny_gguf: Callable[..., Path]) -> None:
     """Q8_0: the short convolutions' in/out projections are packed like attention's; the filters stay float."""
-    path = hybrid_gguf("Q8_0")
+    path = tiny_gguf("lfm2", "Q8_0")
     packed = llmchat.load(path, device="cpu", dtype="float32")
     plain = llmchat.load(path, device="cpu", dtype="float32", packed=False)
     assert {"layers.0.conv.in_proj.weight", "layers.0.conv.out_proj.weight"} <= set(packed.info.plan)
@@ -342,12 +326,12 @@ def test_deltanet_prefill_over_several_chunks_matches_transformers(
 
 
 def test_qwen3_5_gguf_twin_undoes_the_converters_rewrites(
-    tiny_model: TinyModelFactory, hybrid_gguf: Callable[..., Path]
+    tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path]
 ) -> None:
     """llama.cpp's qwen35: value heads tiled (4 key heads, 8 value heads), A_log as -exp(A_log), dt_bias
     as ssm_dt.bias, conv filters squeezed, (1 + w) norms stored as 1 + w. Undone, the file gives the
     folder's logits and tokens; a Q8_0 file packs the DeltaNet projections and stays close."""
-    folder, path = tiny_model("qwen3_5"), hybrid_gguf("F32", "qwen3_5")
+    folder, path = tiny_model("qwen3_5"), tiny_gguf("qwen3_5")
     names = set(GGUFFile(path).tensor_info)
     assert {"blk.0.ssm_a", "blk.0.ssm_dt.bias", "blk.0.attn_qkv.weight", "blk.1.attn_q.weight"} <= names
     ours, theirs = (llmchat.load(p, device="cpu", dtype="float32") for p in (path, folder))
@@ -359,7 +343,7 @@ def test_qwen3_5_gguf_twin_undoes_the_converters_rewrites(
     assert diff <= TOL, f"GGUF logits differ from the folder's by {diff:.2e}"
     assert _run(ours, ids[:12], 20)[0] == _run(theirs, ids[:12], 20)[0]
 
-    quantized = hybrid_gguf("Q8_0", "qwen3_5")
+    quantized = tiny_gguf("qwen3_5", "Q8_0")
     packed = llmchat.load(quantized, device="cpu", dtype="float32")
     plain = llmchat.load(quantized, device="cpu", dtype="float32", packed=False)
     assert {"layers.0.delta.qkvzba.weight", "layers.0.delta.out_proj.weight"} <= set(packed.info.plan)

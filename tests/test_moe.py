@@ -48,20 +48,6 @@ hf_logging.disable_progress_bar()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def gguf_file(tmp_path_factory: pytest.TempPathFactory, tiny_model: TinyModelFactory) -> Callable[..., Path]:
-    """`gguf_file(kind, qtype=F32)` -> the kind's folder exported as GGUF, each written once."""
-    root = tmp_path_factory.mktemp("moe_gguf")
-    made: dict[tuple[str, gguf.GGMLQuantizationType], Path] = {}
-
-    def get(kind: str, qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32) -> Path:
-        if (kind, qtype) not in made:
-            made[kind, qtype] = export_gguf(tiny_model(kind), root / f"{kind}-{qtype.name}.gguf", qtype=qtype)
-        return made[kind, qtype]
-
-    return get
-
-
 def _ids(folder: Path, n: int, seed: int) -> list[int]:
     return random_ids(n, vocab_size(folder), seed)
 
@@ -92,13 +78,13 @@ def test_the_router_picks_many_experts(kind: str, tiny_model: TinyModelFactory) 
 
 
 @pytest.mark.parametrize("kind", MOE_KINDS)
-def test_logits_match_transformers(kind: str, tiny_model: TinyModelFactory, gguf_file: Callable[..., Path]) -> None:
+def test_logits_match_transformers(kind: str, tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path]) -> None:
     """40 tokens, float32: the folder and its F32 GGUF give transformers' logits."""
     folder = tiny_model(kind)
     ids = _ids(folder, LOGITS_LEN, seed=1)
     expected = hf_logits(hf_model(folder), ids)
     assert expected.std() > 1.0, "logits too flat for greedy parity"
-    for source in (folder, gguf_file(kind)):
+    for source in (folder, tiny_gguf(kind)):
         got = llmchat.load(source, device="cpu", dtype="float32", packed=False).logits(ids)
         assert got.shape == expected.shape
         diff = (got - expected).abs().max().item()
@@ -106,13 +92,13 @@ def test_logits_match_transformers(kind: str, tiny_model: TinyModelFactory, gguf
 
 
 @pytest.mark.parametrize("kind", MOE_KINDS)
-def test_greedy_matches_transformers(kind: str, tiny_model: TinyModelFactory, gguf_file: Callable[..., Path]) -> None:
+def test_greedy_matches_transformers(kind: str, tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path]) -> None:
     """A 12-token prefill, then 20 KV-cached decoding steps: transformers' greedy tokens."""
     folder = tiny_model(kind)
     prompt = _ids(folder, PROMPT_LEN, seed=2)
     expected = hf_greedy(hf_model(folder), prompt, NEW_TOKENS)
     assert len(expected) == NEW_TOKENS
-    for source in (folder, gguf_file(kind)):
+    for source in (folder, tiny_gguf(kind)):
         got = _greedy(llmchat.load(source, device="cpu", dtype="float32", packed=False), prompt, NEW_TOKENS)
         assert got == expected, f"{kind} from {source.name}: {got} != {expected}"
 
@@ -164,7 +150,7 @@ def test_fused_expert_parameters_load(tiny_model: TinyModelFactory, tmp_path: Pa
         assert torch.equal(llmchat.load(fused, device="cpu", dtype="float32").logits(ids), reference)
 
 
-def test_config_says_which_layers_are_sparse(tiny_model: TinyModelFactory, gguf_file: Callable[..., Path]) -> None:
+def test_config_says_which_layers_are_sparse(tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path]) -> None:
     """mlp_only_layers and decoder_sparse_step (Qwen3-MoE), every layer (Mixtral); the GGUF agrees."""
     expected = {
         "qwen3-moe": ((True, False, True), False, None),
@@ -174,16 +160,16 @@ def test_config_says_which_layers_are_sparse(tiny_model: TinyModelFactory, gguf_
         "qwen2-moe": ((True, False, True), False, None),
     }
     for kind, (layers, renormalize, window) in expected.items():
-        for source in (tiny_model(kind), gguf_file(kind)):
+        for source in (tiny_model(kind), tiny_gguf(kind)):
             config = llmchat.load(source, device="cpu", dtype="float32").config
             assert config.num_experts == 8 and config.num_experts_per_tok == 2, source
             assert config.moe_layers == layers and config.norm_topk_prob is renormalize, source
             assert config.sliding_window == window, source
-    for source in (tiny_model("olmoe"), gguf_file("olmoe")):
+    for source in (tiny_model("olmoe"), tiny_gguf("olmoe")):
         config = llmchat.load(source, device="cpu", dtype="float32").config
         assert config.qk_norm and config.qk_norm_whole and config.clip_qkv == 2.0, source
         assert config.moe_intermediate_size == 32 and config.shared_expert_intermediate_size == 0, source
-    for source in (tiny_model("qwen2-moe"), gguf_file("qwen2-moe")):
+    for source in (tiny_model("qwen2-moe"), tiny_gguf("qwen2-moe")):
         config = llmchat.load(source, device="cpu", dtype="float32").config
         assert config.qkv_bias and not config.o_bias and not config.qk_norm and config.clip_qkv is None, source
         assert (config.moe_intermediate_size, config.shared_expert_intermediate_size) == (32, 64), source
@@ -198,13 +184,13 @@ def test_config_says_which_layers_are_sparse(tiny_model: TinyModelFactory, gguf_
 
 @pytest.mark.parametrize(("qtype", "layout"), [("Q4_0", "int4"), ("Q8_0", "int8")])
 def test_quantized_experts_stay_packed(
-    qtype: str, layout: str, tiny_model: TinyModelFactory, gguf_file: Callable[..., Path]
+    qtype: str, layout: str, tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path]
 ) -> None:
     """A quantized MoE GGUF: every expert is a packed layer (Q4_0 int4, Q8_0 int8) and the router stays
     float; the packed model follows the float one (the same file dequantized)."""
     kind = "qwen2-moe"
     names = {"int4": "int4 (groups of 32)", "int8": "int8 (a scale per row), requantized"}
-    path = gguf_file(kind, gguf.GGMLQuantizationType[qtype])
+    path = tiny_gguf(kind, gguf.GGMLQuantizationType[qtype])
     experts = [t for t in gguf.GGUFReader(path).tensors if t.name.endswith("_exps.weight")]
     assert experts and all(t.tensor_type.name == qtype for t in experts)
     packed = llmchat.load(path, device="cpu", dtype="float32")
@@ -228,10 +214,10 @@ def test_quantized_experts_stay_packed(
 
 
 @pytest.mark.parametrize("rows", [1, 5, 300])  # decoding, a short prefill (packed kernels), a long one (dequantized)
-def test_a_packed_block_computes_the_float_block_of_its_own_weights(rows: int, gguf_file: Callable[..., Path]) -> None:
+def test_a_packed_block_computes_the_float_block_of_its_own_weights(rows: int, tiny_gguf: Callable[..., Path]) -> None:
     """The packed experts give what the float stacks of their own (dequantized) weights give, up to the
     bfloat16 activations of the packed kernels, routing included."""
-    model = llmchat.load(gguf_file("qwen3-moe", gguf.GGMLQuantizationType.Q4_0), device="cpu", dtype="float32")
+    model = llmchat.load(tiny_gguf("qwen3-moe", gguf.GGMLQuantizationType.Q4_0), device="cpu", dtype="float32")
     block = _moe_blocks(model)[0]
     reference = copy.deepcopy(block)
     for name in ("gate_up_exps", "down_exps"):
@@ -246,10 +232,10 @@ def test_a_packed_block_computes_the_float_block_of_its_own_weights(rows: int, g
 
 
 def test_packed_experts_come_back_from_the_packed_cache(
-    tiny_model: TinyModelFactory, gguf_file: Callable[..., Path], tmp_path: Path
+    tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path], tmp_path: Path
 ) -> None:
     """The second load of a quantized MoE GGUF restores its packed experts from the cache, same logits."""
-    path = gguf_file("mixtral", gguf.GGMLQuantizationType.Q4_0)
+    path = tiny_gguf("mixtral", gguf.GGMLQuantizationType.Q4_0)
     first = llmchat.load(path, device="cpu", dtype="float32", cache_dir=tmp_path)
     second = llmchat.load(path, device="cpu", dtype="float32", cache_dir=tmp_path)
     assert not first.info.from_cache and second.info.from_cache
@@ -259,9 +245,9 @@ def test_packed_experts_come_back_from_the_packed_cache(
     assert torch.equal(second.logits(ids), first.logits(ids))
 
 
-def test_the_memory_bill_counts_packed_experts(gguf_file: Callable[..., Path]) -> None:
+def test_the_memory_bill_counts_packed_experts(tiny_gguf: Callable[..., Path]) -> None:
     """The predicted weight bytes of a packed MoE are the bytes its modules hold."""
-    path = gguf_file("qwen3-moe", gguf.GGMLQuantizationType.Q4_0)
+    path = tiny_gguf("qwen3-moe", gguf.GGMLQuantizationType.Q4_0)
     model = llmchat.load(path, device="cpu", dtype="float32")
     plan = model.info.plan
     predicted = weight_bytes(
@@ -384,11 +370,11 @@ def test_missing_shared_expert_tensors_are_one_line_errors(
 
 
 def test_quantized_shared_expert_is_dequantized_at_load(
-    tiny_model: TinyModelFactory, gguf_file: Callable[..., Path]
+    tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path]
 ) -> None:
     """A Q8_0 Qwen2-MoE GGUF: the shared expert (quantized in the file) loads as float32, its gate
     as [1, hidden], and the packed model's argmax agrees with the float one's."""
-    path = gguf_file("qwen2-moe", gguf.GGMLQuantizationType.Q8_0)
+    path = tiny_gguf("qwen2-moe", gguf.GGMLQuantizationType.Q8_0)
     shexp = [t for t in gguf.GGUFReader(path).tensors if "_shexp" in t.name and "inp" not in t.name]
     assert shexp and all(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in shexp)
     packed = llmchat.load(path, device="cpu", dtype="float32")
@@ -403,7 +389,7 @@ def test_quantized_shared_expert_is_dequantized_at_load(
     assert agree >= 0.8, f"packed argmax agrees on {agree:.0%} of positions"
 
 
-def test_vram_tells_experts_and_active_parameters(gguf_file: Callable[..., Path]) -> None:
+def test_vram_tells_experts_and_active_parameters(tiny_gguf: Callable[..., Path]) -> None:
     """`llmchat vram` (JSON and text) says how many experts there are and how much of the model a token runs."""
     import subprocess
     import sys
@@ -411,7 +397,7 @@ def test_vram_tells_experts_and_active_parameters(gguf_file: Callable[..., Path]
     from llmchat.engine.memory import active_parameter_count, parameter_count
     from llmchat.engine.package import open_package
 
-    path = gguf_file("qwen3-moe", gguf.GGMLQuantizationType.Q4_0)
+    path = tiny_gguf("qwen3-moe", gguf.GGMLQuantizationType.Q4_0)
     run = [sys.executable, "-m", "llmchat", "vram", str(path), "--context", "64"]
     data = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True, check=True).stdout)
     config = open_package(path).config

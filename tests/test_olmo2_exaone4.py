@@ -27,7 +27,7 @@ from llmchat.engine.errors import ModelLoadError
 from llmchat.engine.gguf import GGUFFile
 from llmchat.engine.model import internal_name
 from llmchat.engine.package import open_package
-from tests.gguf_export import export_gguf, quantized_copy
+from tests.gguf_export import quantized_copy
 from tests.hf_reference import hf_greedy, hf_logits, hf_model, llmchat_greedy, random_ids
 
 TOL = 1e-4
@@ -37,20 +37,6 @@ TinyModelFactory = Callable[..., Path]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def gguf_file(tiny_model: TinyModelFactory, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """`gguf_file(kind, qtype=F32)` -> the kind's folder exported as llama.cpp's converter would, once."""
-    root = tmp_path_factory.mktemp("gguf")
-    made: dict[tuple[str, Q], Path] = {}
-
-    def get(kind: str, qtype: Q = Q.F32) -> Path:
-        if (kind, qtype) not in made:
-            made[kind, qtype] = export_gguf(tiny_model(kind), root / f"{kind}-{qtype.name}.gguf", qtype=qtype)
-        return made[kind, qtype]
-
-    return get
 
 
 def _greedy(model: Any, prompt: list[int]) -> list[int]:
@@ -227,9 +213,9 @@ def test_exaone4_long_decode_past_the_window_matches_transformers(tiny_model: Ti
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_gguf_metadata_round_trip(kind: str, tiny_model: TinyModelFactory, gguf_file: Callable[..., Path]) -> None:
+def test_gguf_metadata_round_trip(kind: str, tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path]) -> None:
     """The file's metadata becomes the folder's config (values GGUF keeps as float32 rounded alike)."""
-    file = GGUFFile(gguf_file(kind))
+    file = GGUFFile(tiny_gguf(kind))
     assert file.architecture == kind
     raw = file.hf_config()
     assert raw["architectures"] == [{"olmo2": "Olmo2ForCausalLM", "exaone4": "Exaone4ForCausalLM"}[kind]]
@@ -297,10 +283,10 @@ def test_olmo2_gguf_with_a_window_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_f32_gguf_gives_the_folders_logits_and_tokens(
-    kind: str, tiny_model: TinyModelFactory, gguf_file: Callable[..., Path]
+    kind: str, tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path]
 ) -> None:
     folder = tiny_model(kind)
-    ours = llmchat.load(gguf_file(kind), device="cpu", dtype="float32")
+    ours = llmchat.load(tiny_gguf(kind), device="cpu", dtype="float32")
     reference = llmchat.load(folder, device="cpu", dtype="float32")
     ids = random_ids(40, reference.config.vocab_size, seed=0)
     assert _diff(ours.logits(ids), reference.logits(ids)) <= TOL
@@ -311,11 +297,11 @@ def test_f32_gguf_gives_the_folders_logits_and_tokens(
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_q8_0_gguf_is_the_folder_with_quantized_weights(
-    kind: str, tiny_model: TinyModelFactory, gguf_file: Callable[..., Path], tmp_path: Path
+    kind: str, tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path], tmp_path: Path
 ) -> None:
     """Dequantized (packed=False), a Q8_0 file is exactly transformers' model of the same rounded matrices."""
     folder = quantized_copy(tiny_model(kind), tmp_path / kind, Q.Q8_0)
-    ours = llmchat.load(gguf_file(kind, Q.Q8_0), device="cpu", dtype="float32", packed=False)
+    ours = llmchat.load(tiny_gguf(kind, Q.Q8_0), device="cpu", dtype="float32", packed=False)
     ids = random_ids(40, ours.config.vocab_size, seed=0)
     assert _diff(ours.logits(ids), hf_logits(hf_model(folder), ids)) <= TOL
     plain = llmchat.load(tiny_model(kind), device="cpu", dtype="float32")
@@ -324,12 +310,12 @@ def test_q8_0_gguf_is_the_folder_with_quantized_weights(
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("qtype", "layout"), [(Q.Q4_0, "int4"), (Q.Q8_0, "int8")])
-def test_quantized_gguf_stays_packed(kind: str, qtype: Q, layout: str, gguf_file: Callable[..., Path]) -> None:
+def test_quantized_gguf_stays_packed(kind: str, qtype: Q, layout: str, tiny_gguf: Callable[..., Path]) -> None:
     """Every quantized projection is packed and the model follows the same file dequantized."""
     from llmchat.engine.model import packing_plan
     from llmchat.engine.packed import PackedLinear
 
-    path = gguf_file(kind, qtype)
+    path = tiny_gguf(kind, qtype)
     packed = llmchat.load(path, device="cpu", dtype="float32")
     plain = llmchat.load(path, device="cpu", dtype="float32", packed=False)
     assert f"{qtype.name} → {layout}" in packed.info.packing
