@@ -479,7 +479,8 @@ def test_quantized_gguf_stays_packed_on_cpu(kind: str, qtype: Q, layout: str, gg
     packed = llmchat.load(path, device="cpu", dtype="float32")
     plain = llmchat.load(path, device="cpu", dtype="float32", packed=False)
     assert f"{qtype.name} → {layout}" in packed.info.packing and plain.info.packing == "float"
-    from llmchat.engine.model import Linear, packing_plan
+    from llmchat.engine.checkpoint import packing_plan
+    from llmchat.engine.model import Linear
     from llmchat.engine.packed import OUTPUT_LAYOUT, PackedLinear
 
     # Every projection the file stores quantized is packed; the rest (tiny shapes the exporter

@@ -22,10 +22,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, Exaone4Config
 
 import llmchat
+from llmchat.engine.checkpoint import internal_name
 from llmchat.engine.config import from_hf_config, load_hf_config
 from llmchat.engine.errors import ModelLoadError
 from llmchat.engine.gguf import GGUFFile
-from llmchat.engine.model import internal_name
 from llmchat.engine.package import open_package
 from tests.gguf_export import quantized_copy
 from tests.hf_reference import hf_greedy, hf_logits, hf_model, llmchat_greedy, random_ids
@@ -312,7 +312,7 @@ def test_q8_0_gguf_is_the_folder_with_quantized_weights(
 @pytest.mark.parametrize(("qtype", "layout"), [(Q.Q4_0, "int4"), (Q.Q8_0, "int8")])
 def test_quantized_gguf_stays_packed(kind: str, qtype: Q, layout: str, tiny_gguf: Callable[..., Path]) -> None:
     """Every quantized projection is packed and the model follows the same file dequantized."""
-    from llmchat.engine.model import packing_plan
+    from llmchat.engine.checkpoint import packing_plan
     from llmchat.engine.packed import PackedLinear
 
     path = tiny_gguf(kind, qtype)

@@ -1005,7 +1005,7 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
 
 # Multimodal checkpoints whose language model llmchat runs on its own (the vision tower is not loaded):
 # their config nests it under text_config, their weights under model.language_model or
-# language_model.model (model.internal_name).
+# language_model.model (checkpoint.internal_name).
 _TEXT_MODELS = {
     "Qwen3_5ForConditionalGeneration": "Qwen3_5ForCausalLM",
     "Gemma3ForConditionalGeneration": "Gemma3ForCausalLM",

@@ -403,7 +403,7 @@ class PackingReport:
     def of_plan(
         cls, plan: dict[str, tuple[str, frozenset[str]]], stacks: Mapping[str, int] | None = None
     ) -> PackingReport:
-        """The report of a packing plan (model.packing_plan): what loading packs, or packed.
+        """The report of a packing plan (checkpoint.packing_plan): what loading packs, or packed.
 
         `stacks`: the entries that are stacks of experts (memory.expert_shapes) and how many
         matrices each holds; they are reported apart, counted by matrix.

@@ -36,7 +36,7 @@ _SOURCE_KEY = "llmchat.source"
 
 
 def cache_file(source: Path, folder: Path, plan: dict[str, tuple[str, frozenset[str]]]) -> Path:
-    """Where the packed model for `source` with this packing plan (model.packing_plan) lives in
+    """Where the packed model for `source` with this packing plan (checkpoint.packing_plan) lives in
     `folder`: a new name whenever its inputs change, the same in every process."""
     stat = source.stat()
     # sorted: a frozenset's order (and repr) follows the process's hash seed

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmchat.engine.chat_template import ChatTemplate
+from llmchat.engine.checkpoint import build_transformer, packing_plan
 from llmchat.engine.config import ModelConfig
 from llmchat.engine.errors import ModelLoadError, TemplateError
 from llmchat.engine.events import GenerationEvent
@@ -30,7 +31,7 @@ from llmchat.engine.memory import (
     recurrent_states,
     release_freed_memory,
 )
-from llmchat.engine.model import Transformer, build_transformer, packing_plan
+from llmchat.engine.model import Transformer
 from llmchat.engine.model_type import detect as detect_traits
 from llmchat.engine.package import ModelPackage, open_package
 from llmchat.engine.packed import PackingReport, packing_available
@@ -252,7 +253,7 @@ def serving_config(package: ModelPackage) -> ModelConfig:
 def packing_for(
     package: ModelPackage, device: torch.device, dtype: torch.dtype, packed: bool | None = None
 ) -> dict[str, tuple[str, frozenset[str]]]:
-    """The packing plan `load` uses (model.packing_plan): by default on CPU in float32, where the
+    """The packing plan `load` uses (checkpoint.packing_plan): by default on CPU in float32, where the
     kernels are; `packed=False` packs nothing; `packed=True` insists (an error without kernels)."""
     if packed is None:
         packed = dtype == torch.float32 and packing_available(device)
