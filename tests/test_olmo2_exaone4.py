@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, Exaone4Config
 
 import llmchat
-from llmchat.engine.checkpoint import internal_name
+from llmchat.engine.checkpoint import NAMES_BY_LAYOUT, internal_name
 from llmchat.engine.config import from_hf_config, load_hf_config
 from llmchat.engine.errors import ModelLoadError
 from llmchat.engine.gguf import GGUFFile
@@ -134,7 +134,7 @@ def test_checkpoint_names_follow_the_layout() -> None:
     layer = "model.layers.2."
     assert internal_name(layer + "post_attention_layernorm.weight", False) == ("layers.2.mlp_norm.weight", None)
     names = {
-        part: internal_name(layer + part, False, norm_after=True)
+        part: internal_name(layer + part, False, NAMES_BY_LAYOUT["norm_after"])
         for part in ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight", "input_layernorm.weight")
     }
     assert names["post_attention_layernorm.weight"] == ("layers.2.attn_post_norm.weight", None)

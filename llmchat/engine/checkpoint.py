@@ -139,13 +139,31 @@ def _fused_count(target: str) -> int:
     return _FUSED_PARTS[target.rsplit(".", 2)[-2]]
 
 
+# The layer names by norm layout: pre-norm (most families), Gemma's sandwich norms, GLM-4's, and
+# OLMo 2's / EXAONE 4's norms after each branch.
+NAMES_BY_LAYOUT = {
+    "pre": _LAYER_NAMES,
+    "sandwich": {**_LAYER_NAMES, **_SANDWICH_NAMES},
+    "glm": {**_LAYER_NAMES, **_GLM_NORM_NAMES},
+    "norm_after": {**_LAYER_NAMES, **_NORM_AFTER_NAMES},
+}
+
+
+def layer_names(config: ModelConfig) -> dict[str, tuple[str, int | None]]:
+    """The checkpoint → internal names of a family's layers (its norm layout decides a few)."""
+    if config.norm_after:
+        return NAMES_BY_LAYOUT["norm_after"]
+    if config.glm_norm_names:
+        return NAMES_BY_LAYOUT["glm"]
+    return NAMES_BY_LAYOUT["sandwich" if config.sandwich_norms else "pre"]
+
+
 def internal_name(
-    name: str, tied: bool, sandwich_norms: bool = False, glm_norm_names: bool = False, *, norm_after: bool = False
+    name: str, tied: bool, names: dict[str, tuple[str, int | None]] = _LAYER_NAMES
 ) -> tuple[str, int | None] | None:
     """(internal name, part index within a fused tensor) for a checkpoint tensor; None to skip.
 
-    `sandwich_norms`: Gemma's norm names; `glm_norm_names`: GLM-4's (ModelConfig.glm_norm_names);
-    `norm_after`: OLMo 2's and EXAONE 4's (ModelConfig.norm_after)."""
+    `names`: the family's layer names (`layer_names(config)`)."""
     if name.startswith(_VISION_PREFIXES):  # a multimodal checkpoint's vision tower (config._TEXT_MODELS)
         return None
     for prefix, replacement in _LANGUAGE_MODEL_PREFIXES:
@@ -159,11 +177,6 @@ def internal_name(
     if name in ("model.norm.weight", "model.embedding_norm.weight"):  # LFM2 calls its final norm so
         return "norm.weight", None
     match = _LAYER.match(name)
-    names = {**_LAYER_NAMES, **_SANDWICH_NAMES} if sandwich_norms else _LAYER_NAMES
-    if glm_norm_names:
-        names = {**_LAYER_NAMES, **_GLM_NORM_NAMES}
-    if norm_after:
-        names = {**_LAYER_NAMES, **_NORM_AFTER_NAMES}
     if match and match.group(2) in names:
         target, part = names[match.group(2)]
         return f"layers.{match.group(1)}.{target}", part
@@ -189,10 +202,9 @@ def packing_plan(quantized: dict[str, str], config: ModelConfig) -> dict[str, tu
     fused: set[str] = set()
     # [out, in] of every matrix; a stack of experts packs each expert's [out, in] alike (moe.PackedExperts)
     shapes = matrix_shapes(config) | {name: shape[1:] for name, shape in expert_shapes(config).items()}
+    names = layer_names(config)
     for name, kind in quantized.items():
-        mapped = internal_name(
-            name, config.tie_word_embeddings, config.sandwich_norms, config.glm_norm_names, norm_after=config.norm_after
-        )
+        mapped = internal_name(name, config.tie_word_embeddings, names)
         # the MoE router is not in the shapes: it is dequantized at load
         if mapped is not None and mapped[0] in shapes:
             target, part = mapped
@@ -247,10 +259,9 @@ def build_transformer(
     expert_parts: dict[str, dict[int, torch.Tensor]] = {}  # stacked MoE experts (moe.assemble)
     packed_modules: dict[str, PackedLinear] = {}
     packed_experts: dict[str, PackedExperts] = {}  # stacks of experts kept packed, by internal name
+    names = layer_names(config)
     for name, tensor in tensors:
-        mapped = internal_name(
-            name, config.tie_word_embeddings, config.sandwich_norms, config.glm_norm_names, norm_after=config.norm_after
-        )
+        mapped = internal_name(name, config.tie_word_embeddings, names)
         if mapped is None:
             continue
         target, part = mapped

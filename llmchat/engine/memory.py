@@ -158,6 +158,11 @@ def expert_shapes(config: ModelConfig) -> dict[str, tuple[int, int, int]]:
     return shapes
 
 
+def _stacked_shapes(config: ModelConfig) -> dict[str, tuple[int, int, int]]:
+    """[count, out, in] of every packable entry: one matrix (matrix_shapes) or a stack of experts."""
+    return {name: (1, *shape) for name, shape in matrix_shapes(config).items()} | expert_shapes(config)
+
+
 def weight_bytes(
     config: ModelConfig,
     dtype: torch.dtype,
@@ -173,7 +178,7 @@ def weight_bytes(
     total = parameter_count(config) * dtype_bytes(dtype)
     if mapped_embedding and not config.tie_word_embeddings:
         total -= config.vocab_size * config.hidden_size * dtype_bytes(dtype)
-    shapes = {name: (1, *shape) for name, shape in matrix_shapes(config).items()} | expert_shapes(config)
+    shapes = _stacked_shapes(config)
     for target, (layout, _) in packed.items():
         count, out, inner = shapes[target]
         total += count * (packed_bytes(layout, out, inner) - out * inner * dtype_bytes(dtype))
@@ -292,7 +297,7 @@ def estimate(
     )
     activations = activation_bytes(config, dtype, chunk, context_length)
     if packed and chunk >= DEQUANTIZE_FROM_ROWS:  # a prefill chunk dequantizes one matrix at a time
-        shapes = {name: (1, *shape) for name, shape in matrix_shapes(config).items()} | expert_shapes(config)
+        shapes = _stacked_shapes(config)
         dequantized = (shapes[t][1] * shapes[t][2] for t in packed if t != "lm_head.weight")  # one matrix at a time
         activations += max(dequantized, default=0) * 4
     return MemoryEstimate(

@@ -386,6 +386,8 @@ class Block(nn.Module):
         delta = GatedDeltaNet(config, layer, transposed) if kind == "linear_attention" else None
         self.delta: GatedDeltaNet | None = delta
         self.mamba: Mamba2 | None = Mamba2(config, layer, transposed) if kind == "mamba" else None  # Granite 4
+        # the attribute holding it, looked up once: `mixer` runs in every layer of every decode step
+        self._mixer = {"attention": "attn", "conv": "conv", "linear_attention": "delta", "mamba": "mamba"}[kind]
         self.parallel = config.parallel_block
         self.mlp_norm = None if config.parallel_block else _pre_norm(config)
         self.mlp: MLP | MoE | SharedMLP = (
@@ -402,9 +404,7 @@ class Block(nn.Module):
     @property
     def mixer(self) -> Attention | ShortConv | GatedDeltaNet | Mamba2:
         """The layer's token mixer (attention, a short convolution, a DeltaNet or a Mamba-2 layer)."""
-        mixer = self.attn or self.conv or self.delta or self.mamba
-        assert mixer is not None
-        return mixer
+        return self._modules[self._mixer]  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor, rope: RopeTables, cache: KVCache, start: int) -> torch.Tensor:
         cos, sin = rope[self.rope_index]
