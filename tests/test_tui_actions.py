@@ -231,6 +231,24 @@ def _token_view(answer: AssistantMessage) -> TokenView:
     return views[0]
 
 
+async def test_top_k_panel_shows_the_last_token_when_the_end_comes_in_a_batch_of_its_own(
+    folder: Path, tmp_path: Path
+) -> None:
+    """The end of an answer may reach the UI alone, after its last token's batch, while the live
+    panel update that was due is dropped as stale: the panel must still end on the last token
+    (a CI run on a fast machine showed "no token yet" beside a finished answer)."""
+    app = _app(folder, tmp_path)
+    async with app.run_test(size=SIZE) as pilot:
+        await _loaded(pilot, app)
+        # Every event its own batch (so the end comes alone); live panel updates at most once a minute.
+        app.frames.fastest, app.frames.panel_fastest, app.frames.panel_slowest = 0.0, 60.0, 60.0
+        answer = await _send(pilot, app, "hello there")
+        panel = app.query_one(TopKPanel)
+        assert len(answer.tokens) >= 3
+        await _until(pilot, lambda: panel.event is answer.tokens[-1], "the panel to show the last token")
+        assert panel.border_subtitle == f"token {len(answer.tokens)}"
+
+
 async def test_token_keys_and_clicks_put_any_token_in_the_top_k_panel(folder: Path, tmp_path: Path) -> None:
     """F8/F9 walk the token cursor through the last answer (its token view replaces the text),
     clicking a chip selects that token, Esc goes back to the text, and the stats line's

@@ -525,8 +525,11 @@ class LLMChatApp(InspectingApp):
         panel_interval = self.frames.panel_interval
         if batch.finished is not None:
             self._live_answer = None  # panel updates still on their timers are now stale
-            if last is not None and self._selected_token is None:
-                self.query_one(TopKPanel).show(last, title=f"token {last.index + 1}")
+            # The final batch may carry no token (the end came alone), and the live panel timer
+            # that was due is now stale: the panel shows the answer's last token either way.
+            final = last if last is not None else (answer.tokens[-1] if answer.tokens else None)
+            if final is not None and self._selected_token is None:
+                self.query_one(TopKPanel).show(final, title=f"token {final.index + 1}")
             await self._finish(batch.finished)
         elif last is not None and now - self._panels_shown_at >= panel_interval:
             self._panels_shown_at = now
