@@ -112,7 +112,7 @@ _NORM_AFTER_NAMES = {
     "post_attention_layernorm.weight": ("attn_post_norm.weight", None),
     "post_feedforward_layernorm.weight": ("mlp_post_norm.weight", None),
 }
-# Multimodal checkpoints (config._TEXT_MODELS): the language model's tensors under these prefixes
+# Multimodal checkpoints (families.MULTIMODAL): the language model's tensors under these prefixes
 # (transformers 5 saves Qwen3.5 as model.language_model.*, Gemma 3 as language_model.model.*), the
 # vision tower's and projector's, which are not loaded, under the others.
 _LANGUAGE_MODEL_PREFIXES = (
@@ -164,7 +164,7 @@ def internal_name(
     """(internal name, part index within a fused tensor) for a checkpoint tensor; None to skip.
 
     `names`: the family's layer names (`layer_names(config)`)."""
-    if name.startswith(_VISION_PREFIXES):  # a multimodal checkpoint's vision tower (config._TEXT_MODELS)
+    if name.startswith(_VISION_PREFIXES):  # a multimodal checkpoint's vision tower (families.MULTIMODAL)
         return None
     for prefix, replacement in _LANGUAGE_MODEL_PREFIXES:
         if name.startswith(prefix):

@@ -5,7 +5,9 @@ A GGUF file carries the hyperparameters and the tokenizer as key/value metadata 
 Hugging Face config.json the rest of the engine already understands, and serves the tensors under
 Hugging Face names, dequantized to float32 one at a time, with llama.cpp's conversion-time changes
 undone (the Q/K row permutation of the llama family, the +1 folded into Gemma's norm weights). The
-file is checked when it is opened: magic, version, architecture, every tensor's type and name.
+file is checked when it is opened: magic, version, architecture, every tensor's type and name. What
+each architecture's conversion wrote its own way (tensor names, metadata keys, value changes) is in
+its family entry (llmchat/engine/families/); this module reads what they share.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from llmchat.engine.chat_template import ChatTemplates
 from llmchat.engine.config import ModelConfig, from_hf_config
 from llmchat.engine.errors import ModelLoadError
+from llmchat.engine.families import BY_GGUF, EXPERT_TENSORS, ExpertLayout
 from llmchat.engine.gguf_metadata import read_gguf_index
 from llmchat.engine.gguf_tensors import GGUFEmbedding, TensorInfo, dequantize_bytes
 from llmchat.engine.gguf_vocab import end_of_generation_ids, tokenizer_from_gguf
@@ -31,28 +34,6 @@ from llmchat.engine.package import GenerationDefaults, ModelPackage
 GGUF_MAGIC = b"GGUF"
 READABLE_VERSIONS = (2, 3)
 
-# GGUF `general.architecture` → the Hugging Face class the same weights load as.
-HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",  # Mistral checkpoints are converted as llama too (Mixtral: with experts)
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "qwen3moe": "Qwen3MoeForCausalLM",
-    "qwen2moe": "Qwen2MoeForCausalLM",
-    "olmoe": "OlmoeForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gemma3": "Gemma3ForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-    "smollm3": "SmolLM3ForCausalLM",
-    "lfm2": "Lfm2ForCausalLM",
-    "qwen35": "Qwen3_5ForCausalLM",
-    "olmo2": "Olmo2ForCausalLM",
-    "exaone4": "Exaone4ForCausalLM",
-    "cohere2": "Cohere2ForCausalLM",
-    "glm4": "Glm4ForCausalLM",
-    "granite": "GraniteForCausalLM",
-    "gpt-oss": "GptOssForCausalLM",
-    "granitehybrid": "GraniteMoeHybridForCausalLM",
-}
 # MXFP4: gpt-oss's experts (dequantized to float at load, see gguf_tensors._mxfp4)
 SUPPORTED_TYPES = frozenset(
     GGMLQuantizationType[name]
@@ -62,131 +43,8 @@ SUPPORTED_TYPES = frozenset(
     )
 )
 
-# Tensor names: llama.cpp (gguf-py's TENSOR_NAMES) → Hugging Face, per layer without the .weight/.bias.
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-# Gemma 2/3 normalize before and after both attention and MLP: llama.cpp's ffn_norm is the norm
-# in front of the MLP there, and the norm after attention has a name of its own.
-_GEMMA_BLOCK_NAMES = _BLOCK_NAMES | {
-    "post_attention_norm": "post_attention_layernorm",
-    "ffn_norm": "pre_feedforward_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
-# Phi-3 keeps its fused projections: attn_qkv is q|k|v, ffn_up is gate|up.
-_PHI3_BLOCK_NAMES = _BLOCK_NAMES | {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
-# Mixture of experts: the router and the experts stacked [experts, out, in] (see moe.expert_part).
-_MOE_BLOCK_NAMES = _BLOCK_NAMES | {
-    "ffn_gate_inp": "mlp.gate",
-    "ffn_gate_exps": "mlp.experts.gate_proj",
-    "ffn_up_exps": "mlp.experts.up_proj",
-    "ffn_down_exps": "mlp.experts.down_proj",
-}
-_EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
-# Qwen2-MoE's shared expert and its sigmoid gate ([hidden] or [1, hidden] in the file).
-_SHARED_EXPERT_NAMES = {
-    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
-    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
-    "ffn_up_shexp": "mlp.shared_expert.up_proj",
-    "ffn_down_shexp": "mlp.shared_expert.down_proj",
-}
-# GLM-4: gate|up fused in ffn_up; ffn_norm (HF's post_attention_layernorm) is the MLP's input norm,
-# post_attention_norm / post_ffw_norm norm the attention's and the MLP's outputs.
-_GLM4_BLOCK_NAMES = _BLOCK_NAMES | {
-    "ffn_up": "mlp.gate_up_proj",
-    "post_attention_norm": "post_self_attn_layernorm",
-    "post_ffw_norm": "post_mlp_layernorm",
-}
-# OLMo 2, EXAONE 4: no norm in front of attention or MLP; post_attention_norm / post_ffw_norm norm
-# their outputs (HF's post_attention_layernorm / post_feedforward_layernorm). attn_q_norm /
-# attn_k_norm span the whole projection in olmo2, one head in exaone4.
-_NORM_AFTER_BLOCK_NAMES = {part: hf for part, hf in _BLOCK_NAMES.items() if part not in ("attn_norm", "ffn_norm")} | {
-    "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-}
-# LFM2: its own names for the norms, attention output and q/k norms, MLP, and the short convolution
-# of its recurrent layers (shortconv.conv is stored [hidden, kernel], HF's Conv1d [hidden, 1, kernel]).
-_LFM2_BLOCK_NAMES = _BLOCK_NAMES | {
-    "attn_norm": "operator_norm",
-    "ffn_norm": "ffn_norm",
-    "attn_output": "self_attn.out_proj",
-    "attn_q_norm": "self_attn.q_layernorm",
-    "attn_k_norm": "self_attn.k_layernorm",
-    "ffn_gate": "feed_forward.w1",
-    "ffn_up": "feed_forward.w3",
-    "ffn_down": "feed_forward.w2",
-    "shortconv.conv": "conv.conv",
-    "shortconv.in_proj": "conv.in_proj",
-    "shortconv.out_proj": "conv.out_proj",
-}
-# Qwen3.5: post_attention_norm is the MLP's input norm (HF's post_attention_layernorm); the DeltaNet
-# layers' projections, convolution, decay and gated norm are attn_qkv, attn_gate, ssm_* (ssm_a and
-# ssm_dt.bias are A_log and dt_bias as the converter rewrites them, see GGUFWeights._qwen35_to_hf).
-_QWEN35_BLOCK_NAMES = _BLOCK_NAMES | {
-    "post_attention_norm": "post_attention_layernorm",
-    "attn_qkv": "linear_attn.in_proj_qkv",
-    "attn_gate": "linear_attn.in_proj_z",
-    "ssm_beta": "linear_attn.in_proj_b",
-    "ssm_alpha": "linear_attn.in_proj_a",
-    "ssm_conv1d": "linear_attn.conv1d",
-    "ssm_norm": "linear_attn.norm",
-    "ssm_out": "linear_attn.out_proj",
-}
-_QWEN35_BARE = re.compile(r"^blk\.(\d+)\.(ssm_a|ssm_dt\.bias)$")  # tensors without the usual suffix
-# Granite 4 (GraniteHybridModel's conversion): the Mamba-2 layers' ssm_* tensors (ssm_a, ssm_d and
-# ssm_dt.bias are A_log as -exp(A_log), D and dt_bias: _GRANITE4_BARE; see GGUFWeights._granite4_to_hf),
-# the experts' router, and the shared MLP, whose ffn_{gate,up,down}_shexp (beside experts) or
-# ffn_{gate,up,down} (without) are both served as the shared expert's (model.SharedMLP, moe._SHARED).
-_GRANITE4_BLOCK_NAMES = _MOE_BLOCK_NAMES | {
-    "ssm_in": "mamba.in_proj",
-    "ssm_conv1d": "mamba.conv1d",
-    "ssm_norm": "mamba.norm",
-    "ssm_out": "mamba.out_proj",
-    "ffn_gate_inp": "block_sparse_moe.router.layer",
-    "ffn_gate": "mlp.shared_expert.gate_proj",
-    "ffn_up": "mlp.shared_expert.up_proj",
-    "ffn_down": "mlp.shared_expert.down_proj",
-    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
-    "ffn_up_shexp": "mlp.shared_expert.up_proj",
-    "ffn_down_shexp": "mlp.shared_expert.down_proj",
-}
-_GRANITE4_BARE = re.compile(r"^blk\.(\d+)\.(ssm_a|ssm_d|ssm_dt\.bias)$")
-_GRANITE4_BARE_NAMES = {"ssm_a": "A_log", "ssm_d": "D", "ssm_dt.bias": "dt_bias"}
-_LAYER_NAMES = {
-    "lfm2": _LFM2_BLOCK_NAMES,
-    "qwen35": _QWEN35_BLOCK_NAMES,
-    "granitehybrid": _GRANITE4_BLOCK_NAMES,
-    "olmo2": _NORM_AFTER_BLOCK_NAMES,
-    "exaone4": _NORM_AFTER_BLOCK_NAMES,
-    "glm4": _GLM4_BLOCK_NAMES,
-    "gemma2": _GEMMA_BLOCK_NAMES,
-    "gemma3": _GEMMA_BLOCK_NAMES,
-    "phi3": _PHI3_BLOCK_NAMES,
-    "llama": _MOE_BLOCK_NAMES,  # Mixtral
-    "qwen3moe": _MOE_BLOCK_NAMES,
-    "olmoe": _MOE_BLOCK_NAMES,  # attn_q_norm / attn_k_norm span the whole projection there
-    "qwen2moe": _MOE_BLOCK_NAMES | _SHARED_EXPERT_NAMES,
-    # gpt-oss: its router is mlp.router, post_attention_norm the MLP's input norm (HF's
-    # post_attention_layernorm), attn_sinks one logit per head; the experts' biases are *_exps.bias.
-    "gpt-oss": _MOE_BLOCK_NAMES
-    | {
-        "ffn_gate_inp": "mlp.router",
-        "post_attention_norm": "post_attention_layernorm",
-        "attn_sinks": "self_attn.sinks",
-    },
-}
-# Whether llama.cpp renormalizes the chosen experts' weights when `expert_weights_norm` is absent.
-_EXPERT_WEIGHTS_NORM = {"qwen3moe": True, "olmoe": False, "qwen2moe": False}
+# GGUF architecture → the Hugging Face class it was converted from (Mixtral: llama with experts)
+HF_ARCHITECTURES = {arch: family.hf_classes[0] for arch, family in BY_GGUF.items()}
 _EMBEDDING = "token_embd.weight"
 _GLOBAL_NAMES = {
     _EMBEDDING: "model.embed_tokens.weight",
@@ -198,55 +56,23 @@ _CONFIG_TENSORS = frozenset({"rope_freqs.weight", "rope_factors_long.weight", "r
 _FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})  # stored as plain floats: nothing to keep packed
 _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_0-9.]+)\.(weight|bias)$")
 
-# Where llama.cpp puts the sliding-window layers (set_swa_pattern): all but every n-th layer.
-_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
-_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # these scale queries by hidden/heads, not head_dim
-_GEMMA_LOCAL_ROPE_BASE = 10000.0
-_SMOLLM3_NO_ROPE_STEP = 4  # llama.cpp's hparams.n_no_rope_layer_step for smollm3
-# llama.cpp's exaone4 without a sliding_window_pattern key: only a 64-layer model (EXAONE 4.0 32B)
-# slides, every 4th layer global, over 4096 tokens unless the file says otherwise.
-_EXAONE4_SWA = {"layers": 64, "pattern": 4, "window": 4096}
-_COHERE2_SWA_PATTERN = 4  # llama.cpp's cohere2 default when the file has no sliding_window_pattern
-# GraniteModel's conversion (llama.cpp's names for its config *_multiplier keys), HF key → GGUF key
-_GRANITE_SCALES = {
-    "embedding_multiplier": "embedding_scale",
-    "residual_multiplier": "residual_scale",
-    "attention_multiplier": "attention.scale",
-    "logits_scaling": "logit_scale",
-}
-
 
 def hf_tensor_name(name: str, architecture: str) -> str | None:
     """The Hugging Face name of a GGUF tensor; None for unknown names."""
-    if name == "token_embd_norm.weight" and architecture == "lfm2":
-        return "model.embedding_norm.weight"  # LFM2's final norm, despite its name
-    bare = _QWEN35_BARE.match(name) if architecture == "qwen35" else None
-    if bare:
-        return f"model.layers.{bare.group(1)}.linear_attn.{'A_log' if bare.group(2) == 'ssm_a' else 'dt_bias'}"
-    bare = _GRANITE4_BARE.match(name) if architecture == "granitehybrid" else None
-    if bare:
-        return f"model.layers.{bare.group(1)}.mamba.{_GRANITE4_BARE_NAMES[bare.group(2)]}"
+    family = BY_GGUF[architecture]
+    special = family.gguf_tensor(name) if family.gguf_tensor is not None else None
+    if special is not None:
+        return special
     if name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[name]
     match = _BLOCK.match(name)
     if match is None:
         return None
     layer, part, kind = match.groups()
-    hf_part = _LAYER_NAMES.get(architecture, _BLOCK_NAMES).get(part)
+    hf_part = family.gguf_names.get(part)
     if hf_part == "self_attn.sinks":  # the converter added ".weight"; transformers' parameter has none
         return f"model.layers.{layer}.{hf_part}"
     return None if hf_part is None else f"model.layers.{layer}.{hf_part}.{kind}"
-
-
-def unpermute_rows(tensor: torch.Tensor, heads: int) -> torch.Tensor:
-    """Undo llama.cpp's conversion of Q/K rows from the half-split rotary layout to the interleaved one.
-
-    convert_hf_to_gguf.py stores `w.reshape(heads, 2, rows // heads // 2, *rest).swapaxes(1, 2)`;
-    this is its inverse, for weights [rows, cols] and biases [rows] alike.
-    """
-    shape = tensor.shape
-    half = shape[0] // heads // 2
-    return tensor.reshape(heads, half, 2, *shape[1:]).transpose(1, 2).reshape(shape)
 
 
 class GGUFFile:
@@ -362,13 +188,13 @@ class GGUFFile:
 
     # -- config ----------------------------------------------------------------------------------
 
-    def _key(self, name: str, default: Any = None) -> Any:
+    def key(self, name: str, default: Any = None) -> Any:
         """`{architecture}.{name}` from the metadata."""
         return self.metadata.get(f"{self.architecture}.{name}", default)
 
-    def _per_model(self, name: str) -> Any:
+    def per_model(self, name: str) -> Any:
         """A hyperparameter that GGUF may store per layer; llmchat needs one value for all layers."""
-        value = self._key(name)
+        value = self.key(name)
         if isinstance(value, list):
             if len(set(value)) != 1:
                 raise ModelLoadError(f"{self.path}: {self.architecture}.{name} differs between layers: not supported")
@@ -376,132 +202,72 @@ class GGUFFile:
         return value
 
     def _kv_heads(self) -> int | None:
-        """KV heads of the attention layers. LFM2 (and Granite 4) store them per layer, 0 for its
-        convolution (Mamba-2) layers."""
-        if self.architecture not in ("lfm2", "granitehybrid"):
-            return self._per_model("attention.head_count_kv")
-        value = self._key("attention.head_count_kv")
+        """KV heads of the attention layers. Hybrids (LFM2, Granite 4) store them per layer, 0 for their
+        recurrent layers."""
+        value = self.key("attention.head_count_kv")
         heads = {int(h) for h in value if h} if isinstance(value, list) else {int(value)} if value else set()
         if len(heads) > 1:
             key = f"{self.architecture}.attention.head_count_kv"
             raise ModelLoadError(f"{self.path}: {key} differs between layers: not supported")
         return heads.pop() if heads else None
 
-    def _lfm2_config(self) -> dict[str, Any]:
-        """LFM2's layer layout (head_count_kv 0 marks a convolution layer, as the converter writes it),
-        its kernel (shortconv.l_cache) and MLP width (feed_forward_length is the adjusted one already)."""
-        layers = int(self._key("block_count") or 0)
-        value = self._key("attention.head_count_kv")
-        per_layer = value if isinstance(value, list) else [value] * layers
-        if len(per_layer) != layers:
-            key = "lfm2.attention.head_count_kv"
-            raise ModelLoadError(f"{self.path}: {key} has {len(per_layer)} entries for {layers} layers")
-        return {
-            "layer_types": ["full_attention" if heads else "conv" for heads in per_layer],
-            "conv_L_cache": self._key("shortconv.l_cache"),
-            "norm_eps": self._key("attention.layer_norm_rms_epsilon"),
-            "block_auto_adjust_ff_dim": False,
-        }
-
-    def _qwen35_config(self, head_dim: int | None) -> dict[str, Any]:
-        """Qwen3.5's DeltaNet widths (the ssm.* keys Qwen3NextModel's conversion writes), its layout
-        (every full_attention_interval-th layer attends) and the rotary share of a head."""
-        layers = int(self._key("block_count") or 0)
-        interval = int(self._key("full_attention_interval") or 4)
-        key_heads, value_heads = self._key("ssm.group_count"), self._key("ssm.time_step_rank")
-        inner = self._key("ssm.inner_size")
-        rope_dims = self._key("rope.dimension_count")
-        return {
-            "layer_types": ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(layers)],
-            "linear_conv_kernel_dim": self._key("ssm.conv_kernel"),
-            "linear_key_head_dim": self._key("ssm.state_size"),
-            "linear_num_key_heads": key_heads,
-            "linear_num_value_heads": value_heads,
-            "linear_value_head_dim": inner // value_heads if inner and value_heads else None,
-            "partial_rotary_factor": rope_dims / head_dim if rope_dims and head_dim else None,
-        }
-
     def _config_tensor(self, name: str) -> list[float] | None:
         return self.read_tensor(name).tolist() if name in self.tensor_info else None
 
     def hf_config(self) -> dict[str, Any]:
-        """A Hugging Face config.json dict equivalent to the metadata (keys absent from it are left out)."""
+        """A Hugging Face config.json dict equivalent to the metadata (keys absent from it are left out):
+        the keys every architecture writes alike, then its family's own (Family.gguf_config)."""
         arch = self.architecture
-        hidden = self._key("embedding_length")
-        heads = self._per_model("attention.head_count")
-        head_dim = self._key("attention.key_length") or (hidden // heads if hidden and heads else None)
+        hidden = self.key("embedding_length")
+        heads = self.per_model("attention.head_count")
+        head_dim = self.key("attention.key_length") or (hidden // heads if hidden and heads else None)
         raw: dict[str, Any] = {
             "architectures": [HF_ARCHITECTURES[arch]],
             "model_type": arch,
             "hidden_size": hidden,
-            "intermediate_size": self._per_model("feed_forward_length"),
-            "num_hidden_layers": self._key("block_count"),
+            "intermediate_size": self.per_model("feed_forward_length"),
+            "num_hidden_layers": self.key("block_count"),
             "num_attention_heads": heads,
             "num_key_value_heads": self._kv_heads(),
             "head_dim": head_dim,
-            "max_position_embeddings": self._key("context_length"),
-            "rms_norm_eps": self._key("attention.layer_norm_rms_epsilon"),
-            "rope_theta": self._key("rope.freq_base", 10000.0),
+            "max_position_embeddings": self.key("context_length"),
+            "rms_norm_eps": self.key("attention.layer_norm_rms_epsilon"),
+            "rope_theta": self.key("rope.freq_base", 10000.0),
             "vocab_size": self._vocab_size(),
             # Tied: an embedding but no output matrix (a vocab-only file has neither).
             "tie_word_embeddings": "token_embd.weight" in self.tensor_info and "output.weight" not in self.tensor_info,
             "attention_bias": "blk.0.attn_q.bias" in self.tensor_info or "blk.0.attn_output.bias" in self.tensor_info,
             "mlp_bias": "blk.0.ffn_down.bias" in self.tensor_info,
         }
-        rope_dims = self._key("rope.dimension_count")
+        rope_dims = self.key("rope.dimension_count")
         if rope_dims and head_dim and rope_dims != head_dim:
             raw["partial_rotary_factor"] = rope_dims / head_dim
         raw.update(self._rope_scaling())
         raw.update(self._token_ids())
-        if arch in ("gemma2", "gemma3"):
-            raw.update(self._gemma_config(hidden, heads, head_dim))
-        elif arch == "cohere2":
-            raw.update(self._cohere2_config())
-        elif arch == "granite":
-            raw.update(self._granite_config(head_dim))
-        elif arch == "granitehybrid":
-            raw.update(self._granite4_config(head_dim))
-        elif arch == "glm4" and rope_dims and head_dim:
-            raw["partial_rotary_factor"] = rope_dims / head_dim  # even 1.0: GLM-4's default is 0.5
-        elif arch == "lfm2":
-            raw.update(self._lfm2_config())
-        elif arch == "qwen35":
-            raw.update(self._qwen35_config(head_dim))
-        elif arch == "smollm3":
-            # llama.cpp hard-codes the NoPE layers (n_no_rope_layer_step = 4, no GGUF key): every
-            # 4th layer skips RoPE, and it has no sliding window for this architecture.
-            raw["no_rope_layer_interval"] = _SMOLLM3_NO_ROPE_STEP
-        elif arch == "exaone4":
-            raw.update(self._exaone4_config())
-        elif arch == "olmo2" and self._key("attention.sliding_window") is not None:
-            # convert_hf_to_gguf.py writes OLMo 3 as olmo2 too, with a window: not OLMo 2's layout
-            raise ModelLoadError(f"{self.path}: an olmo2 file with a sliding window (OLMo 3) is not supported")
-        elif arch == "phi3":
-            window = self._key("attention.sliding_window")
-            raw["sliding_window"] = window or None  # Phi-4 writes 0 for "no window"
-        if self._key("expert_count"):
-            raw.update(self._moe_config())
-        elif stacked := [n for n in self.tensor_info if (m := _BLOCK.match(n)) and m.group(2) in _EXPERT_TENSORS]:
-            count = self._key("expert_count")
+        family = BY_GGUF[arch]
+        count = self.key("expert_count")
+        stacked = [n for n in self.tensor_info if (m := _BLOCK.match(n)) and m.group(2) in EXPERT_TENSORS]
+        if stacked and not count:
             said = f"has no {arch}.expert_count" if count is None else f"says {arch}.expert_count is {count}"
             raise ModelLoadError(f"{self.path}: {stacked[0]} holds stacked experts, but the file {said}")
+        if family.gguf_config is not None:
+            raw.update(family.gguf_config(self, raw))
         return {key: value for key, value in raw.items() if value is not None}
 
-    def _moe_config(self) -> dict[str, Any]:
-        """Expert count, experts per token and width, and which layers are sparse, checked against the tensors.
+    def experts(self) -> ExpertLayout | None:
+        """The experts as the tensors hold them, checked against the metadata (None: a dense file).
 
-        Mixtral is converted as llama with experts; llama.cpp's qwen3moe renormalizes the chosen
-        experts' weights unless `expert_weights_norm` says otherwise, olmoe and qwen2moe do not. A
-        qwen3moe/qwen2moe layer with neither a router (ffn_gate_inp) nor experts is a dense one
-        (transformers' mlp_only_layers). OLMoE's experts are as wide as feed_forward_length; every
-        sparse qwen2moe layer has a shared expert (ffn_*_shexp) and its gate (ffn_gate_inp_shexp).
+        A layer with neither a router (ffn_gate_inp) nor experts is a dense one; every other layer
+        needs all three stacked matrices, each with expert_count experts, and a router to as many.
         """
-        arch, experts = self.architecture, int(self._key("expert_count"))
-        layers = int(self._key("block_count") or 0)
-        moe_parts = ("ffn_gate_inp", *_EXPERT_TENSORS)
+        if not self.key("expert_count"):
+            return None
+        arch, experts = self.architecture, int(self.key("expert_count"))
+        layers = int(self.key("block_count") or 0)
+        moe_parts = ("ffn_gate_inp", *EXPERT_TENSORS)
         sparse = [any(f"blk.{i}.{part}.weight" in self.tensor_info for part in moe_parts) for i in range(layers)]
         for i in range(layers):
-            for part in _EXPERT_TENSORS if sparse[i] else ():
+            for part in EXPERT_TENSORS if sparse[i] else ():
                 info = self.tensor_info.get(f"blk.{i}.{part}.weight")
                 if info is None:
                     raise ModelLoadError(f"{self.path}: MoE layer {i} has no blk.{i}.{part}.weight")
@@ -516,66 +282,8 @@ class GGUFFile:
                     f"{self.path}: {arch}.expert_count is {experts} but blk.{i}.ffn_gate_inp.weight routes "
                     f"to {router.shape[0]} experts"
                 )
-        width = self._key("expert_feed_forward_length") or self._per_model("feed_forward_length")
-        raw: dict[str, Any] = {
-            "num_experts": experts,
-            "num_local_experts": experts,
-            "num_experts_per_tok": self._key("expert_used_count"),
-        }
-        if arch == "llama":
-            if not all(sparse):
-                raise ModelLoadError(f"{self.path}: a llama file with experts needs a router in every layer")
-            raw["architectures"] = ["MixtralForCausalLM"]
-            raw["intermediate_size"] = width
-            window = self._key("attention.sliding_window")
-            raw["sliding_window"] = window or None
-            return raw
-        if arch == "gpt-oss":
-            return raw | self._gpt_oss_config(width, sparse)
-        if arch == "granitehybrid":  # experts in every layer or none; the shared MLP: _granite4_config
-            if not all(sparse):
-                raise ModelLoadError(f"{self.path}: a granitehybrid file with experts needs them in every layer")
-            return raw | {"intermediate_size": width}
-        raw["norm_topk_prob"] = bool(self._key("expert_weights_norm", _EXPERT_WEIGHTS_NORM[arch]))
-        if arch == "olmoe":
-            if not all(sparse):
-                raise ModelLoadError(f"{self.path}: an olmoe file needs a router and experts in every layer")
-            raw["intermediate_size"] = width
-            raw["clip_qkv"] = self._key("attention.clamp_kqv")
-            return raw
-        raw["moe_intermediate_size"] = width
-        raw["mlp_only_layers"] = [i for i in range(layers) if not sparse[i]]
-        if arch == "qwen2moe":
-            for i in range(layers):
-                for part in _SHARED_EXPERT_NAMES if sparse[i] else ():
-                    if f"blk.{i}.{part}.weight" not in self.tensor_info:
-                        raise ModelLoadError(f"{self.path}: MoE layer {i} has no shared expert blk.{i}.{part}.weight")
-            first = next((i for i in range(layers) if sparse[i]), None)
-            shared = self._key("expert_shared_feed_forward_length")
-            if shared is None and first is not None:
-                shared = self.tensor_info[f"blk.{first}.ffn_up_shexp.weight"].shape[0]
-            raw["shared_expert_intermediate_size"] = shared
-            raw["qkv_bias"] = "blk.0.attn_q.bias" in self.tensor_info
-        return raw
-
-    def _gpt_oss_config(self, width: int, sparse: list[bool]) -> dict[str, Any]:
-        """gpt-oss (llama.cpp's openai-moe): experts in every layer, as wide as expert_feed_forward_length;
-        even layers slide (llama.cpp's set_swa_pattern(2), GptOssConfig's default layer_types).
-
-        Its yarn RoPE is written as type, factor and original length only: the rest are GptOssConfig's
-        (beta_fast 32, beta_slow 1) and its `truncate: false`, which no GGUF key carries (llama.cpp
-        itself always rounds the correction range, ggml_rope_yarn_corr_dims, so it rotates a few
-        frequencies slightly differently from transformers; llmchat follows transformers). A file
-        without rope scaling keys rotates without scaling (not GptOssConfig's default yarn).
-        """
-        if not all(sparse):
-            raise ModelLoadError(f"{self.path}: a gpt-oss file needs a router and experts in every layer")
-        raw: dict[str, Any] = {"intermediate_size": width, "sliding_window": self._key("attention.sliding_window")}
-        if self._key("rope.scaling.type") == "yarn":
-            raw["rope_scaling"] = {**self._rope_scaling()["rope_scaling"], "truncate": False}
-        elif self._key("rope.scaling.type") in (None, "none"):
-            raw["rope_scaling"] = {"rope_type": "default"}
-        return raw
+        width = self.key("expert_feed_forward_length") or self.per_model("feed_forward_length")
+        return ExpertLayout(experts, self.key("expert_used_count"), int(width), sparse)
 
     def _vocab_size(self) -> int | None:
         """Rows of the embedding (what the model computes logits for), else what the metadata says."""
@@ -583,14 +291,14 @@ class GGUFFile:
         if embedding is not None:
             return embedding.shape[0]
         tokens = self.metadata.get("tokenizer.ggml.tokens")
-        return self._key("vocab_size") or (len(tokens) if tokens else None)
+        return self.key("vocab_size") or (len(tokens) if tokens else None)
 
     def _rope_scaling(self) -> dict[str, Any]:
         """rope_scaling (old config.json style) and rope_freq_factors from keys and config tensors."""
         raw: dict[str, Any] = {}
-        kind = self._key("rope.scaling.type")
-        factor = self._key("rope.scaling.factor")
-        original = self._key("rope.scaling.original_context_length")
+        kind = self.key("rope.scaling.type")
+        factor = self.key("rope.scaling.factor")
+        original = self.key("rope.scaling.original_context_length")
         if kind == "linear" and factor:
             raw["rope_scaling"] = {"rope_type": "linear", "factor": factor}
         elif kind == "yarn":
@@ -598,9 +306,9 @@ class GGUFFile:
                 "rope_type": "yarn",
                 "factor": factor,
                 "original_max_position_embeddings": original,
-                "beta_fast": self._key("rope.scaling.yarn_beta_fast"),
-                "beta_slow": self._key("rope.scaling.yarn_beta_slow"),
-                "attention_factor": self._key("rope.scaling.yarn_attn_factor"),
+                "beta_fast": self.key("rope.scaling.yarn_beta_fast"),
+                "beta_slow": self.key("rope.scaling.yarn_beta_slow"),
+                "attention_factor": self.key("rope.scaling.yarn_attn_factor"),
             }
             raw["rope_scaling"] = {key: value for key, value in params.items() if value is not None}
         elif kind not in (None, "none", "linear", "longrope"):
@@ -622,135 +330,6 @@ class GGUFFile:
         return {
             "bos_token_id": self.metadata.get("tokenizer.ggml.bos_token_id"),
             "eos_token_id": eos_ids or None,
-        }
-
-    def _exaone4_config(self) -> dict[str, Any]:
-        """EXAONE 4's sliding layers: the per-layer `sliding_window_pattern` the converter writes (from
-        layer_types or the config's pattern), else llama.cpp's fixed layout (_EXAONE4_SWA).
-
-        llama.cpp rotates the sliding layers only, or every layer when none slides; a file without
-        sliding layers is said with sliding_window 0, which config.py reads as "no window" (the
-        family's default window would otherwise leave every layer without RoPE, as in transformers).
-        """
-        layers = int(self._key("block_count") or 0)
-        window = self._key("attention.sliding_window")
-        pattern = self._key("attention.sliding_window_pattern")
-        if isinstance(pattern, list):
-            if len(pattern) != layers:
-                key = "exaone4.attention.sliding_window_pattern"
-                raise ModelLoadError(f"{self.path}: {key} has {len(pattern)} entries for {layers} layers")
-            sliding = [bool(p) for p in pattern]
-        elif layers == _EXAONE4_SWA["layers"]:
-            step = _EXAONE4_SWA["pattern"]
-            sliding = [i % step < step - 1 for i in range(layers)]
-            window = window or _EXAONE4_SWA["window"]
-        else:
-            sliding = [False] * layers
-        if not window or not any(sliding):
-            return {"sliding_window": 0}
-        return {
-            "sliding_window": window,
-            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
-        }
-
-    def _gemma_config(self, hidden: int | None, heads: int | None, head_dim: int | None) -> dict[str, Any]:
-        """Soft-capping, sliding-window layout, local RoPE base and query scale, as llama.cpp reads them."""
-        arch = self.architecture
-        layers = int(self._key("block_count") or 0)
-        window = self._key("attention.sliding_window")
-        pattern = self._key("attention.sliding_window_pattern", _SWA_PATTERN[arch])
-        if isinstance(pattern, list):
-            sliding = [bool(p) for p in pattern]
-        else:
-            sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(layers)]
-        if not window:
-            window, sliding = None, [False] * layers
-        scalar = hidden // heads if layers == _GEMMA_27B_LAYERS[arch] and hidden and heads else head_dim
-        return {
-            "hidden_act": "gelu_pytorch_tanh",
-            "hidden_activation": "gelu_pytorch_tanh",
-            "attn_logit_softcapping": self._key("attn_logit_softcapping"),
-            "final_logit_softcapping": self._key("final_logit_softcapping"),
-            "query_pre_attn_scalar": scalar,
-            "sliding_window": window,
-            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
-            "rope_local_base_freq": self._key("rope.freq_base_swa", _GEMMA_LOCAL_ROPE_BASE)
-            if arch == "gemma3"
-            else None,
-        }
-
-    def _cohere2_config(self) -> dict[str, Any]:
-        """LayerNorm epsilon, logit scale and sliding layout of a cohere2 file, as llama.cpp reads them.
-
-        Every layer but each `sliding_window_pattern`-th (default 4) slides and rotates; the rest
-        attend fully without positions. The output matrix is always the token embedding.
-        """
-        layers = int(self._key("block_count") or 0)
-        pattern = self._key("attention.sliding_window_pattern", _COHERE2_SWA_PATTERN)
-        if isinstance(pattern, list):
-            sliding = [bool(p) for p in pattern]
-        else:
-            sliding = [pattern == 0 or i % pattern < pattern - 1 for i in range(layers)]
-        return {
-            "layer_norm_eps": self._key("attention.layer_norm_epsilon"),
-            "logit_scale": self._key("logit_scale"),
-            "sliding_window": self._key("attention.sliding_window"),
-            "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
-            "tie_word_embeddings": True,
-        }
-
-    def _granite_config(self, head_dim: int | None) -> dict[str, Any]:
-        """Granite's four multipliers under their config.json names, as llama.cpp reads them.
-
-        The converter writes each key only where the config has a nonzero value. llama.cpp reads a
-        missing (or 0) one as no scaling, and a missing attention scale as head_dim ** -0.5
-        (GraniteConfig's default is 1); it requires logit_scale, which llmchat reads as 1 when absent.
-        llama.cpp's granite switches RoPE off with rope.scaling.finetuned false: that is refused.
-        """
-        if self._key("rope.scaling.finetuned") is False:
-            raise ModelLoadError(f"{self.path}: granite without RoPE (rope.scaling.finetuned false) is not supported")
-        defaults = {"attention_multiplier": head_dim**-0.5 if head_dim else 1.0}
-        return {hf: float(self._key(key) or defaults.get(hf, 1.0)) for hf, key in _GRANITE_SCALES.items()}
-
-    def _granite4_config(self, head_dim: int | None) -> dict[str, Any]:
-        """Granite 4 as GraniteHybridModel's conversion writes it: head_count_kv 0 marks a Mamba-2 layer,
-        the ssm.* keys give its widths (time_step_rank is the head count), the multipliers are
-        granite's, and rope.scaling.finetuned says whether attention rotates (the converter writes
-        false for every hybrid, and llama.cpp then attends without positions). The shared MLP's width
-        is expert_shared_feed_forward_length (else its tensors'); biases are read off the tensors;
-        time_step_limit and mamba_chunk_size have no key (the config class's defaults).
-        """
-        layers = int(self._key("block_count") or 0)
-        value = self._key("attention.head_count_kv")
-        per_layer = value if isinstance(value, list) else [value] * layers
-        if len(per_layer) != layers:
-            key = "granitehybrid.attention.head_count_kv"
-            raise ModelLoadError(f"{self.path}: {key} has {len(per_layer)} entries for {layers} layers")
-        types = ["attention" if heads else "mamba" for heads in per_layer]
-        first = types.index("mamba") if "mamba" in types else 0
-        hidden, inner = self._key("embedding_length"), self._key("ssm.inner_size")
-        heads = self._key("ssm.time_step_rank")
-        shared = self._key("expert_shared_feed_forward_length")
-        for part in ("ffn_up_shexp", "ffn_up"):
-            info = self.tensor_info.get(f"blk.0.{part}.weight")
-            if shared is None and info is not None:
-                shared = info.shape[0]
-        defaults = {"attention_multiplier": head_dim**-0.5 if head_dim else 1.0}
-        return {
-            "layer_types": types,
-            "position_embedding_type": "rope" if self._key("rope.scaling.finetuned") else None,
-            "mamba_n_heads": heads,
-            "mamba_d_head": inner // heads if inner and heads else None,
-            "mamba_expand": inner // hidden if inner and hidden else None,
-            "mamba_d_state": self._key("ssm.state_size"),
-            "mamba_n_groups": self._key("ssm.group_count"),
-            "mamba_d_conv": self._key("ssm.conv_kernel"),
-            "mamba_conv_bias": f"blk.{first}.ssm_conv1d.bias" in self.tensor_info,
-            "mamba_proj_bias": f"blk.{first}.ssm_in.bias" in self.tensor_info,
-            "num_local_experts": int(self._key("expert_count") or 0),
-            "num_experts_per_tok": self._key("expert_used_count"),
-            "shared_intermediate_size": shared,
-            **{hf: float(self._key(key) or defaults.get(hf, 1.0)) for hf, key in _GRANITE_SCALES.items()},
         }
 
     def model_config(self) -> ModelConfig:
@@ -798,7 +377,7 @@ class GGUFWeights:
     def __init__(self, file: GGUFFile, config: ModelConfig) -> None:
         self.file = file
         self.config = config
-        self.heads = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
+        self._values = BY_GGUF[file.architecture].gguf_values
         self.names = {
             name: hf
             for name in file.tensor_info
@@ -837,75 +416,9 @@ class GGUFWeights:
             raise ModelLoadError(f"{self.file.path} has no token embedding ({_EMBEDDING})")
         return GGUFEmbedding(self.file.path, self.file.tensor_info[_EMBEDDING], device, dtype)
 
-    def _qwen35_to_hf(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Undo Qwen3NextModel's and _LinearAttentionVReorderBase's conversion: +1 on the (1 + w)
-        norms, A_log stored as -exp(A_log), the conv filters squeezed, and with fewer key than value
-        heads the value heads reordered to llama.cpp's tiled order in every DeltaNet tensor."""
-        c = self.config
-        if hf_name.endswith("norm.weight") and not hf_name.endswith("linear_attn.norm.weight"):
-            return tensor - 1.0
-        part = hf_name.rsplit("linear_attn.", 1)[-1] if "linear_attn." in hf_name else ""
-        if part == "A_log":
-            tensor = torch.log(-tensor)
-        if part == "conv1d.weight":
-            tensor = tensor.unsqueeze(1)  # [channels, kernel] -> Conv1d's [channels, 1, kernel]
-        key_heads, value_heads = c.linear_key_heads, c.linear_value_heads
-        if not part or key_heads == value_heads:
-            return tensor
-        per_key, width = value_heads // key_heads, c.linear_value_dim
-        if part in ("in_proj_qkv.weight", "conv1d.weight"):  # only the value rows / channels
-            qk = 2 * key_heads * c.linear_key_dim
-            values = _tiled_to_grouped(tensor[qk:], 0, key_heads, per_key, width)
-            return torch.cat((tensor[:qk], values))
-        if part == "in_proj_z.weight":
-            return _tiled_to_grouped(tensor, 0, key_heads, per_key, width)
-        if part in ("in_proj_a.weight", "in_proj_b.weight", "A_log", "dt_bias"):
-            return _tiled_to_grouped(tensor, 0, key_heads, per_key, 1)
-        if part == "out_proj.weight":
-            return _tiled_to_grouped(tensor, 1, key_heads, per_key, width)
-        return tensor
-
-    def _granite4_to_hf(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Undo GraniteHybridModel's conversion: Q/K rows permuted (LlamaModel's, undo_permute), the conv
-        filters squeezed, A_log stored as -exp(A_log) and A, D unsqueezed to [heads, 1], the gated
-        norm reshaped to [groups, inner // groups]."""
-        projection = hf_name.rsplit(".", 2)[-2]
-        if projection in self.heads and ".self_attn." in hf_name:
-            return unpermute_rows(tensor, self.heads[projection])
-        if hf_name.endswith("mamba.conv1d.weight"):
-            return tensor.reshape(tensor.shape[0], 1, -1)  # [channels, kernel] -> Conv1d's [channels, 1, kernel]
-        if hf_name.endswith("mamba.A_log"):
-            return torch.log(-tensor.reshape(-1))
-        if hf_name.endswith(("mamba.D", "mamba.norm.weight")):
-            return tensor.reshape(-1)
-        return tensor
-
     def _to_hf(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Undo what convert_hf_to_gguf.py changed in the values."""
-        arch = self.file.architecture
-        if arch in ("llama", "smollm3", "granite"):  # converted by LlamaModel (or a subclass), which permutes Q/K
-            projection = hf_name.rsplit(".", 2)[-2]
-            if projection in self.heads:
-                return unpermute_rows(tensor, self.heads[projection])
-        elif arch in ("gemma2", "gemma3") and hf_name.endswith("norm.weight"):
-            return tensor - 1.0  # Gemma's RMSNorm scales by 1 + w; llama.cpp stores 1 + w
-        elif arch == "qwen35":
-            return self._qwen35_to_hf(hf_name, tensor)
-        elif arch == "granitehybrid":
-            return self._granite4_to_hf(hf_name, tensor)
-        elif arch == "lfm2" and hf_name.endswith("conv.conv.weight"):
-            return tensor.unsqueeze(1)  # [hidden, kernel] -> Conv1d's [hidden, 1, kernel]
-        elif arch == "qwen2moe" and hf_name.endswith("shared_expert_gate.weight"):
-            return tensor.reshape(1, -1)  # a [1, hidden] projection, stored as [hidden] or [1, hidden]
-        return tensor
-
-
-def _tiled_to_grouped(tensor: torch.Tensor, dim: int, key_heads: int, per_key: int, width: int) -> torch.Tensor:
-    """Undo the converter's V-head reorder along `dim`: llama.cpp stores the value heads tiled
-    (k0 k1 .. k0 k1 ..), Hugging Face grouped by key head (k0's r heads, then k1's ...)."""
-    shape = list(tensor.shape)
-    split = [*shape[:dim], per_key, key_heads, width, *shape[dim + 1 :]]
-    return tensor.reshape(split).transpose(dim, dim + 1).reshape(shape)
+        """Undo what convert_hf_to_gguf.py changed in the values (Family.gguf_values)."""
+        return tensor if self._values is None else self._values(self.config, hf_name, tensor)
 
 
 def open_gguf_package(path: str | Path) -> ModelPackage:
