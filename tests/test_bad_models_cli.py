@@ -105,6 +105,8 @@ def test_moe_folder_missing_expert_tensors(
 ) -> None:
     folder = _without(tiny_model(kind), tmp_path / "broken", drop)
     assert_clean_error(_cli("run", folder, "--prompt", "hi"), "checkpoint is missing parts of", *needles)
+    # `info` reads no weights, but checks the names as the loader would: the same error
+    assert_clean_error(_cli("info", folder), "checkpoint is missing parts of", *needles)
 
 
 # --- a GGUF whose expert count disagrees with its tensors -----------------------------------------------

@@ -11,11 +11,14 @@ from __future__ import annotations
 import gguf
 import pytest
 
+from llmchat.engine.checkpoint import check_names
 from llmchat.engine.config import from_hf_config
-from llmchat.engine.errors import UnsupportedArchitectureError
+from llmchat.engine.errors import ModelLoadError, UnsupportedArchitectureError
 from llmchat.engine.families import BY_CLASS, BY_GGUF, BY_MODEL_TYPE, FAMILIES, MULTIMODAL, SUPPORTED_ARCHITECTURES
 from llmchat.engine.families.base import BLOCK_NAMES
+from llmchat.engine.package import open_package
 from tests.gguf_export import GGUF_ARCH
+from tests.tiny_models import KINDS, MOE_KINDS
 
 _ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 
@@ -67,3 +70,28 @@ def test_a_multimodal_wrapper_without_its_text_config_is_refused_by_name() -> No
     for wrapper, text in MULTIMODAL.items():
         with pytest.raises(UnsupportedArchitectureError, match=f"{wrapper}.*text_config.*{text}"):
             from_hf_config({"architectures": [wrapper], "hidden_size": 8})
+
+
+_EVERY_KIND = [*KINDS, *MOE_KINDS]
+
+
+@pytest.mark.parametrize("kind", _EVERY_KIND)
+def test_checking_the_names_alone_accepts_every_tiny_model_and_refuses_one_tensor_short(
+    kind: str, tiny_model, tiny_gguf
+) -> None:
+    """`llmchat info` checks a checkpoint's names as the loader would (checkpoint.check_names): every
+    family's folder and GGUF passes; without one of its layer tensors, neither does."""
+    for path in (tiny_model(kind), tiny_gguf(kind)):
+        package = open_package(path)
+        names = package.weights.tensor_names()
+        check_names(package.config, names)
+        dropped = sorted(n for n in names if ".layers.1." in n)[0]
+        with pytest.raises(ModelLoadError, match="checkpoint is missing"):
+            check_names(package.config, names - {dropped})
+
+
+def test_checking_the_names_refuses_a_tensor_of_another_family(tiny_model) -> None:
+    package = open_package(tiny_model("llama"))
+    names = package.weights.tensor_names() | {"model.layers.0.self_attn.q_norm.weight"}  # a Qwen3 q/k norm
+    with pytest.raises(ModelLoadError, match="does not fit this configuration"):
+        check_names(package.config, names)

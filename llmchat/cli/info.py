@@ -55,10 +55,12 @@ def describe(package: Any, traits: Any) -> dict[str, Any]:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
+    from llmchat.engine.checkpoint import check_names
     from llmchat.engine.model_type import detect
     from llmchat.engine.package import open_package
 
     package = open_package(resolve_model(args.model))
+    check_names(package.config, package.weights.tensor_names())  # what would stop a load stops info too
     data = describe(package, detect(package.templates, package.tokenizer))
     plan = _packing_plan(package, torch.device("cpu"), torch.float32, dequantize=False)
     packing = _packing_summary(plan, package.config)

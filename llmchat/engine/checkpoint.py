@@ -131,6 +131,44 @@ _VISION_PREFIXES = (
 _FUSED_PARTS = {"qkv": 3, "gate_up": 2, "qkvzba": 4}  # by the module's own name (the shared expert's gate_up too)
 
 
+def check_names(config: ModelConfig, names: Iterable[str]) -> None:
+    """Raise the loader's errors (build_transformer) for a checkpoint whose tensor names cannot make
+    this model, from the names alone: `llmchat info` reads no weights, yet should not describe a
+    folder that fails to load (a MoE checkpoint with an expert missing, a tensor of another family)."""
+    with torch.device("meta"):
+        model = Transformer(config, transposed=False)
+    expected = dict(model.state_dict())
+    tables = layer_names(config)
+    whole: set[str] = set()
+    parts: dict[str, set[int]] = {}
+    for name in names:
+        mapped = internal_name(name, config.tie_word_embeddings, tables)
+        if mapped is None:
+            continue
+        target, part = mapped
+        if target not in expected:
+            raise ModelLoadError(f"tensor {name!r} does not fit this configuration")
+        if part is None:
+            whole.add(target)
+        else:
+            parts.setdefault(target, set()).add(part)
+    incomplete: dict[str, str] = {}
+    for target, present in parts.items():
+        if not is_expert_target(target):
+            if len(present) < _fused_count(target):
+                incomplete[target] = ""
+            continue
+        pieces = dict.fromkeys(present, torch.empty((1, 1, 1), device="meta"))
+        if assemble(target, pieces, config.num_experts) is None:  # the loader's own rule for a whole stack
+            incomplete[target] = f" ({missing_experts(target, pieces, config.num_experts)})"
+    if incomplete:
+        named = ", ".join(f"{target}{lacking}" for target, lacking in sorted(incomplete.items()))
+        raise ModelLoadError(f"checkpoint is missing parts of {named}")
+    missing = [k for k in expected if k not in whole and k not in parts]
+    if missing:
+        raise ModelLoadError(f"checkpoint is missing {len(missing)} tensor(s), e.g. {missing[0]!r}")
+
+
 def _fused_count(target: str) -> int:
     """How many checkpoint tensors an internal fused weight is made of (a GGUF's stack of experts'
     gate|up: its two stacks)."""
