@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from llmchat.cli import inside
 from llmchat.cli.args import positive_int
 from llmchat.cli.common import (
     add_model_options,
@@ -137,6 +138,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 )
             else:
                 print(_summary(steps, event.reason))
+            if inside.wanted(args):
+                inside.report(session, session.prompt_ids("inspect") or [], list(event.token_ids), args)
     return 0
 
 
@@ -168,4 +171,5 @@ def add_parser(sub: Any) -> None:
         help="candidates shown per step (default 5); NOT the sampling top-k, which is --sample-top-k",
     )
     p.add_argument("--json", action="store_true", help="JSON lines: one object per step, then a 'finished' object")
+    inside.add_arguments(p)
     p.set_defaults(func=cmd_inspect)

@@ -153,7 +153,7 @@ class Generator:
         return self.cache.resume_point(n)
 
     @torch.inference_mode()
-    def step_logits(self, sequence: Sequence[int], *, prefill: bool = False) -> torch.Tensor:
+    def step_logits(self, sequence: Sequence[int], *, prefill: bool = False, fresh: bool = False) -> torch.Tensor:
         """float32 logits [vocab] for the token after `sequence`, as a generation computed them.
 
         The latest request's first and latest steps are kept, and so is the last step re-read;
@@ -161,7 +161,9 @@ class Generator:
         of the tokens before it, which is the computation its decode step did, and the cache is left
         as it was (that position's keys and values are saved and put back). When the cache no longer
         holds those tokens (another branch was generated since), `prefill=True` prefills them first,
-        as the next request on that branch would; otherwise that is a ValueError.
+        as the next request on that branch would; otherwise that is a ValueError. `fresh`: run the
+        model even when the step's logits are kept, its last token alone (a recurrent model's steps
+        from the snapshot before it first): the pass the inspector's layer views observe (inside.py).
         """
         ids = [int(i) for i in sequence]
         n = len(ids)
@@ -181,28 +183,64 @@ class Generator:
             for _ in self._prefill(ids[: n - 1], keep, None):  # run for the keys and values it caches
                 pass
             held = n - 1
-        if held == n:
+        if held == n and not fresh:
             for kept in (self._first_logits, self._latest_logits):
                 if kept is not None and kept[0] == n:
                     return kept[1]
-        if self._reread_logits is not None and self._reread_logits[0] == ids:
+        if self._reread_logits is not None and self._reread_logits[0] == ids and not fresh:
             return self._reread_logits[1]
         position = n - 1
         begin = self.cache.resume_point(position) if recurrent else position
         # (recurrent states advance even at the cache's length: they are saved and put back too)
         saved = self.cache.save_positions(begin, n) if position < self.cache.length or recurrent else None
         try:
-            if begin == position:
+            first = begin
+            if first < position and fresh:  # the states up to the step, then the step alone
+                steps = torch.tensor(ids[first:position], dtype=torch.long, device=self.device)
+                self.model(steps, self.cache, first, last_only=True)
+                first = position
+            if first == position:
                 self._step_ids.fill_(ids[-1])
                 logits = self.model(self._step_ids, self.cache, position)[-1].float()
             else:
-                steps = torch.tensor(ids[begin:], dtype=torch.long, device=self.device)
-                logits = self.model(steps, self.cache, begin, last_only=True)[-1].float()
+                steps = torch.tensor(ids[first:], dtype=torch.long, device=self.device)
+                logits = self.model(steps, self.cache, first, last_only=True)[-1].float()
             self._reread_logits = (ids, logits)
             return logits
         finally:
             if saved is not None:
                 self.cache.restore_positions(begin, n, saved)
+
+    def teacher_force(self, ids: Sequence[int], start: int, *, chunk: int = 256) -> Iterator[tuple[int, torch.Tensor]]:
+        """Run ids[start:] through the model after ids[:start] (prefilled first where the cache does not
+        hold them), yielding (position of the first row, float32 logits [rows, vocab]) per chunk; the
+        cache is left as it was. What the prompt heatmap and an answer's expert routes read: about
+        one prefill of those tokens. Rows before `start` (a recurrent model re-runs from a snapshot)
+        are not yielded."""
+        ids = [int(i) for i in ids]
+        n = len(ids)
+        if not 0 <= start < n or n > self.cache.capacity:
+            raise ValueError("those tokens do not fit in the KV cache")
+        recurrent = bool(self.cache.recurrent_layers)
+        held = self.cache.common_prefix(ids)
+        if held < start or not (recurrent or self.cache.resumable(start)):
+            self._first_logits = self._latest_logits = self._reread_logits = None  # of what was cached
+            keep = self.cache.resume_point(min(held, start))
+            self.cache.truncate(keep)
+            if start > keep:
+                for _ in self._prefill(ids[:start], keep, None):
+                    pass
+        begin = self.cache.resume_point(start) if recurrent else start
+        saved = self.cache.save_positions(begin, n)
+        try:
+            for first in range(begin, n, chunk):
+                rows = torch.tensor(ids[first : first + chunk], dtype=torch.long, device=self.device)
+                logits = self.model(rows, self.cache, first, rope_length=n).float()
+                skip = max(0, start - first)
+                if skip < logits.shape[0]:
+                    yield first + skip, logits[skip:]
+        finally:
+            self.cache.restore_positions(begin, n, saved)
 
     def _prefill(
         self, ids: list[int], start: int, cancel: CancelFlag | None

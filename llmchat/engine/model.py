@@ -326,6 +326,39 @@ def sink_attention(
     return (probs.reshape(kv_heads, group * n, end) @ values).view(heads, n, head_dim)
 
 
+def attention_probs(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    start: int,
+    window: int | None,
+    scale: float | None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    key_positions: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The attention weights the paths above apply, in float32: [heads, n, keys] for queries at
+    [start, start + n) over the cached keys, and a sink's share per head and query (gpt-oss), or None.
+
+    The inspector's view of attention (the fused SDPA kernel never materializes them); the same
+    order as the eager paths: scale, soft cap, mask, the sink column, softmax.
+    """
+    heads, n, head_dim = q.shape
+    kv_heads, end = keys.shape[0], keys.shape[1]
+    group = heads // kv_heads
+    scores = (q.float().reshape(kv_heads, group * n, head_dim) @ keys.float().transpose(1, 2)).view(heads, n, end)
+    scores = scores * (head_dim**-0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    mask = attention_mask(start, n, window, q.device, key_positions)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is None:
+        return scores.softmax(-1), None
+    column = sinks.float().view(heads, 1, 1).expand(heads, n, 1)
+    probs = torch.cat((scores, column), dim=-1).softmax(-1)
+    return probs[..., :end], probs[..., end]
+
+
 def _activation(config: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor]:
     if config.hidden_act not in ACTIVATIONS:
         raise ModelLoadError(f"unsupported hidden_act {config.hidden_act!r}")
@@ -495,8 +528,12 @@ class Transformer(nn.Module):
         if self.rotary.long_after is not None:
             self._match_longrope(cache, start, length)
         x = self._decoder(ids, cache, start, length)
-        if last_only:
-            x = x[-1:]
+        return self.output(x[-1:] if last_only else x)
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from hidden states [n, hidden]: the final norm, the output projection, Cohere's and
+        Granite's scale and Gemma 2's soft cap. The inspector's logit lens applies it to the residual
+        stream after any layer."""
         logits = self.lm_head(self.norm(x))
         if self.logit_scale is not None:
             logits = logits * self.logit_scale

@@ -18,6 +18,9 @@ class Capabilities:
     kv_cache: bool  # cache figures (tokens, bytes, reuse)
     memory: bool  # the memory bill, predicted and measured
     prompt_tokens: bool  # the prompt as token ids (the inspector's prompt view)
+    # what happens inside the layers (logit lens, attention, experts, recurrent state, prompt heatmap):
+    # llmchat's own engine only, computed on demand (engine/inside.py)
+    layer_views: bool = False
 
 
 @dataclass(frozen=True)

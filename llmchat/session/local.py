@@ -20,6 +20,7 @@ from llmchat.engine.sampling import SamplingParams
 from llmchat.session.base import CacheStats, Capabilities, SessionInfo
 
 if TYPE_CHECKING:
+    from llmchat.engine.inside import AnswerExperts, PromptToken, StepInside
     from llmchat.engine.inspector import PolicyView, PromptView
     from llmchat.engine.memory import MemoryEstimate, MemoryUsage
     from llmchat.engine.runtime import LoadedModel
@@ -42,6 +43,7 @@ class LocalSession:
             kv_cache=True,
             memory=True,
             prompt_tokens=True,
+            layer_views=True,
         )
         quant = model.package.quantization
         if quant != "none" and model.info.packing != "float":
@@ -152,6 +154,32 @@ class LocalSession:
             reused = generator.reusable(ids)
             texts = tuple(generator.token_text(i) for i in ids)
         return PromptView(rendered, tuple(ids), texts, reused, completion=mode == COMPLETION)
+
+    def inside_step(self, prompt_ids: list[int], answer_ids: list[int], index: int) -> StepInside:
+        """The layer views of answer step `index` (the pass that chose answer_ids[index]; index
+        len(answer_ids): the step after the answer, e.g. the one that chose to end it): about one
+        decode step, re-read over the KV cache (another branch's steps are prefilled back first)."""
+        from llmchat.engine.inside import inside_step
+
+        if not 0 <= index <= len(answer_ids):
+            raise ValueError(f"the answer has no step {index} (it has {len(answer_ids)} tokens)")
+        chosen = answer_ids[index] if index < len(answer_ids) else None
+        with self._lock:
+            return inside_step(self.model.generator, prompt_ids + answer_ids[:index], chosen)
+
+    def prompt_heatmap(self, prompt_ids: list[int]) -> tuple[PromptToken, ...]:
+        """How likely the model found every prompt token given the ones before: one prefill of the prompt."""
+        from llmchat.engine.inside import prompt_heatmap
+
+        with self._lock:
+            return prompt_heatmap(self.model.generator, prompt_ids)
+
+    def answer_experts(self, prompt_ids: list[int], answer_ids: list[int]) -> AnswerExperts:
+        """The experts every answer token was routed to, and each layer's load: one prefill of the answer."""
+        from llmchat.engine.inside import answer_experts
+
+        with self._lock:
+            return answer_experts(self.model.generator, prompt_ids, answer_ids)
 
     def default_system_prompt(self) -> str | None:
         """What the chat template writes when a conversation has no system prompt (None: nothing)."""
