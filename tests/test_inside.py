@@ -202,3 +202,34 @@ def test_inspect_prints_the_layer_views_as_json(tiny_model, capsys: pytest.Captu
 def test_inspect_refuses_a_step_the_answer_does_not_have(tiny_model, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = _inspect(capsys, tiny_model("llama"), "--prompt", "hi", "--max-new-tokens", 3, "--layers", 9)
     assert code == 2 and "llmchat: error: the answer has no step 9" in err
+
+
+def test_quantization_diff_compares_the_packed_answer_with_the_float_reference(tiny_gguf) -> None:
+    """Each token's probabilities under the packed model and under the file's float32 reference, each
+    as that model computes them over the whole sequence in one pass (a fresh load, independent of the
+    session's lazily loaded reference); KL is the reference's divergence from the packed distribution."""
+    from llmchat.session import LocalSession
+
+    path = tiny_gguf("llama", "Q4_0")
+    session = LocalSession(llmchat.load(path, device="cpu", dtype="float32", context_length=128), top_k=5)
+    assert session.model.info.packing != "float"
+    prompt = random_ids(12, session.model.config.vocab_size, seed=17)
+    answer = llmchat_greedy(session.model, prompt, 8)
+    tokens = session.quantization_diff(prompt, answer)
+    assert [t.token_id for t in tokens] == answer
+    assert all(t.greedy_id == t.token_id and t.rank == 0 for t in tokens)  # the answer was greedy on packed weights
+    for packed in (True, False):
+        model = llmchat.load(path, device="cpu", dtype="float32", packed=packed)
+        passes = model.generator.teacher_force(prompt + answer[:-1], len(prompt) - 1)
+        rows = torch.cat([logits for _, logits in passes]).log_softmax(-1)
+        for t in tokens:
+            prob, greedy = (t.prob, t.greedy_id) if packed else (t.reference_prob, t.reference_greedy_id)
+            assert prob == pytest.approx(float(rows[t.index, t.token_id].exp()), abs=1e-5)
+            assert greedy == int(rows[t.index].argmax())
+    assert all(t.kl >= -1e-6 for t in tokens) and any(t.kl > 0 for t in tokens)
+    assert all(t.flipped == (t.greedy_id != t.reference_greedy_id) for t in tokens)
+
+
+def test_quantization_diff_says_when_there_is_nothing_to_compare(tiny_gguf, capsys) -> None:
+    code, _, err = _inspect(capsys, tiny_gguf("llama"), "--prompt", "hi", "--max-new-tokens", 2, "--quantization")
+    assert code == 2 and "llmchat: error: this model's weights are not packed" in err

@@ -30,6 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="after the answer, how likely the model found every prompt token (one more prefill)",
     )
     p.add_argument(
+        "--quantization",
+        action="store_true",
+        help="after the answer, what packing the weights changed: the answer teacher-forced through the float32 "
+        "reference of the same file too (loaded now), per token KL divergence, ranks, and where greedy flips",
+    )
+    p.add_argument(
         "--experts",
         action="store_true",
         help="after the answer, the experts every answer token was routed to and each layer's load (MoE models)",
@@ -37,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def wanted(args: argparse.Namespace) -> bool:
-    return args.layers is not None or args.prompt_heatmap or args.experts
+    return args.layers is not None or args.prompt_heatmap or args.experts or args.quantization
 
 
 def report(session: Any, prompt_ids: list[int], answer_ids: list[int], args: argparse.Namespace) -> None:
@@ -61,6 +67,15 @@ def report(session: Any, prompt_ids: list[int], answer_ids: list[int], args: arg
             print_json({"event": "prompt_heatmap", "tokens": [dataclasses.asdict(t) for t in tokens]})
         else:
             _print_heatmap(tokens)
+    if args.quantization:
+        try:
+            tokens = session.quantization_diff(prompt_ids, answer_ids)
+        except ValueError as err:
+            raise LLMChatError(str(err)) from None
+        if args.json:
+            print_json({"event": "quantization", "tokens": [dataclasses.asdict(t) for t in tokens]})
+        else:
+            _print_quantization(tokens, session.token_text)
     if args.experts:
         experts = session.answer_experts(prompt_ids, answer_ids)
         if args.json:
@@ -115,3 +130,13 @@ def _print_experts(experts: Any) -> None:
     for layer, counts in sorted(experts.load.items()):
         busiest = sorted(range(len(counts)), key=lambda e: -counts[e])[:4]
         print(f"  layer {layer}: " + ", ".join(f"expert {e} ×{counts[e]}" for e in busiest if counts[e]))
+
+
+def _print_quantization(tokens: Any, token_text: Any) -> None:
+    print("\nthe answer under its packed weights and under the float32 reference of the same file:")
+    for t in tokens:
+        flip = f"  greedy would pick {shown(token_text(t.reference_greedy_id))} instead" if t.flipped else ""
+        print(
+            f"  {t.index:4d}  {shown(t.text)}  KL {t.kl:.4f} bits  p {t.prob:.1%} (reference {t.reference_prob:.1%})  "
+            f"rank {t.rank} ({t.reference_rank}){flip}"
+        )

@@ -13,6 +13,8 @@ only (`_Observer`) and removed after it, and the pass itself is one the inspecto
 - `prompt_heatmap`: every prompt position's next-token distribution, from one prefill of the prompt
   (Generator.teacher_force): how surprising each token of the prompt was to the model.
 - `answer_experts`: the experts every answer token was routed to, from one prefill of the answer.
+- `quantization_diff`: an answer of packed weights teacher-forced through the float reference of the
+  same file too: per token the KL divergence, the chosen token's rank under each, where greedy flips.
 
 Tensors never leave this module; the views are frozen dataclasses of floats and ints.
 """
@@ -398,3 +400,60 @@ def answer_experts(generator: Generator, prompt_ids: Sequence[int], answer_ids: 
         chosen = torch.cat([experts for _, experts in parts]).reshape(-1).cpu()
         load[layer] = tuple(int(c) for c in torch.bincount(chosen, minlength=config.num_experts))
     return AnswerExperts(tokens, load)
+
+
+# --- what quantization changed ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuantizedToken:
+    """One answer token under the packed weights it was generated with and under their float reference."""
+
+    index: int
+    token_id: int
+    text: str
+    kl: float  # bits: KL(float32 reference || packed), how far the packed distribution strayed
+    prob: float  # of the chosen token, packed
+    reference_prob: float  # and under the float reference
+    rank: int  # of the chosen token, packed (0: greedy's pick)
+    reference_rank: int
+    greedy_id: int  # what greedy decoding picks here, packed
+    reference_greedy_id: int  # and under the reference: they differ where greedy would have flipped
+
+    @property
+    def flipped(self) -> bool:
+        return self.greedy_id != self.reference_greedy_id
+
+
+def quantization_diff(
+    packed: Generator, reference: Generator, prompt_ids: Sequence[int], answer_ids: Sequence[int]
+) -> tuple[QuantizedToken, ...]:
+    """Teacher-force the answer through both models (one prefill of it each) and compare, token by token,
+    the distributions each gave the answer's tokens (the answer's first token is predicted by the prompt's
+    last position)."""
+    if not answer_ids:
+        return ()
+    ids = [*prompt_ids, *answer_ids]
+    start = len(prompt_ids) - 1
+    with torch.inference_mode():
+        rows = [torch.cat([logits for _, logits in g.teacher_force(ids[:-1], start)]) for g in (packed, reference)]
+    ours, theirs = (r.log_softmax(-1) for r in rows)
+    kl = (theirs.exp() * (theirs - ours)).sum(-1) / math.log(2)
+    chosen = torch.tensor(list(answer_ids))[:, None]
+    ranks = [(lp > lp.gather(1, chosen)).sum(-1) for lp in (ours, theirs)]
+    greedy = [lp.argmax(-1) for lp in (ours, theirs)]
+    return tuple(
+        QuantizedToken(
+            index=i,
+            token_id=int(token),
+            text=packed.token_text(int(token)),
+            kl=float(kl[i]),
+            prob=math.exp(float(ours[i, token])),
+            reference_prob=math.exp(float(theirs[i, token])),
+            rank=int(ranks[0][i]),
+            reference_rank=int(ranks[1][i]),
+            greedy_id=int(greedy[0][i]),
+            reference_greedy_id=int(greedy[1][i]),
+        )
+        for i, token in enumerate(answer_ids)
+    )

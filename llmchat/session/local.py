@@ -20,7 +20,7 @@ from llmchat.engine.sampling import SamplingParams
 from llmchat.session.base import CacheStats, Capabilities, SessionInfo
 
 if TYPE_CHECKING:
-    from llmchat.engine.inside import AnswerExperts, PromptToken, StepInside
+    from llmchat.engine.inside import AnswerExperts, PromptToken, QuantizedToken, StepInside
     from llmchat.engine.inspector import PolicyView, PromptView
     from llmchat.engine.memory import MemoryEstimate, MemoryUsage
     from llmchat.engine.runtime import LoadedModel
@@ -35,6 +35,7 @@ class LocalSession:
         self._lock = threading.RLock()
         self._chat_tokens = ChatTokens(model.tokenizer)
         self._prompt_ids: dict[str, list[int]] = {}  # each answer's prompt as the engine got it
+        self._reference: LoadedModel | None = None  # the float32 reference, once quantization_diff asked for it
         self.capabilities = Capabilities(
             top_k=top_k,
             probabilities="raw softmax and after the sampling policy",
@@ -180,6 +181,31 @@ class LocalSession:
 
         with self._lock:
             return answer_experts(self.model.generator, prompt_ids, answer_ids)
+
+    def quantization_diff(
+        self, prompt_ids: list[int], answer_ids: list[int], progress: Callable[[int, int], object] | None = None
+    ) -> tuple[QuantizedToken, ...]:
+        """An answer of packed weights against the float32 reference of the same file: per token the KL
+        divergence, the chosen token's rank under each, where greedy flips. The reference is loaded on
+        the first call (`progress(done, total)` per tensor read) and kept for the next."""
+        from llmchat.engine.inside import quantization_diff
+        from llmchat.engine.runtime import load
+
+        if self.model.info.packing == "float":
+            raise ValueError("this model's weights are not packed: there is no quantization to compare")
+        needed = len(prompt_ids) + len(answer_ids)
+        with self._lock:
+            if self._reference is None or self._reference.context_length < needed:
+                self._reference = None  # one reference at a time: it is a float32 copy of the model
+                self._reference = load(
+                    self.model.package.path,
+                    self.model.device,
+                    "float32",
+                    context_length=max(needed, self.model.context_length),
+                    packed=False,
+                    progress=progress,
+                )
+            return quantization_diff(self.model.generator, self._reference.generator, prompt_ids, answer_ids)
 
     def default_system_prompt(self) -> str | None:
         """What the chat template writes when a conversation has no system prompt (None: nothing)."""
