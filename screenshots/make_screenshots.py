@@ -79,6 +79,19 @@ async def shoot(model: Path, data_dir: Path) -> list[Path]:
         await _until(pilot, lambda: screen.timeline is not None, "the timeline")
         await pilot.pause(0.5)
         written.append(Path(app.save_screenshot(filename="timeline.svg", path=str(HERE))))
+        await pilot.press("alt+y")  # inside the layers at the step under the cursor
+        await _until(pilot, lambda: screen.inside is not None, "the layer views")
+        await pilot.press(*["right_square_bracket"] * 20)  # a late layer, where attention gathers
+        await pilot.pause(0.5)
+        written.append(Path(app.save_screenshot(filename="layers.svg", path=str(HERE))))
+        await pilot.press("alt+u")  # how surprising each prompt token was
+        await _until(pilot, lambda: screen.heatmap is not None, "the prompt heatmap")
+        await pilot.pause(0.5)
+        written.append(Path(app.save_screenshot(filename="surprise.svg", path=str(HERE))))
+        await pilot.press("alt+q")  # the answer under the float32 reference of the same file
+        await _until(pilot, lambda: screen.quantization is not None, "the quantization view")
+        await pilot.pause(0.5)
+        written.append(Path(app.save_screenshot(filename="quantization.svg", path=str(HERE))))
         await pilot.press("escape")
         await pilot.pause(0.2)
         app.query_one(PromptInput).text = "And what is the best time of year to visit?"

@@ -153,7 +153,7 @@ def test_bad_top_level_entries_are_reported(settings_file: Path, text: str, need
 
 
 def test_the_default_keys_are_valid_and_distinct() -> None:
-    assert len(ACTION_KEYS) == 27 and ACTION_KEYS["temperature_up"] == ("f3", "Temp+")
+    assert len(ACTION_KEYS) == 30 and ACTION_KEYS["temperature_up"] == ("f3", "Temp+")
     keys = [default for default, _ in ACTION_KEYS.values()]
     assert all(normalize_keys(key) == key for key in keys)
     assert len(set(keys)) == len(keys)

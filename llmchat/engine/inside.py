@@ -419,6 +419,7 @@ class QuantizedToken:
     reference_rank: int
     greedy_id: int  # what greedy decoding picks here, packed
     reference_greedy_id: int  # and under the reference: they differ where greedy would have flipped
+    reference_greedy_text: str = ""
 
     @property
     def flipped(self) -> bool:
@@ -454,6 +455,7 @@ def quantization_diff(
             reference_rank=int(ranks[1][i]),
             greedy_id=int(greedy[0][i]),
             reference_greedy_id=int(greedy[1][i]),
+            reference_greedy_text=packed.token_text(int(greedy[1][i])),
         )
         for i, token in enumerate(answer_ids)
     )

@@ -23,7 +23,7 @@ from llmchat.engine import LLMChatError, SamplingParams
 from llmchat.engine.inspector import PolicyView, PromptView
 from llmchat.engine.prompt import CHAT, COMPLETION, PromptMode
 from llmchat.session import LocalSession
-from llmchat.tui.screens.inspector import InspectorScreen
+from llmchat.tui.screens.inspector import InspectorScreen, StepContext
 from llmchat.tui.widgets.inspector import Timeline, inherited_tokens, saved_policy_text, step_title
 from llmchat.tui.widgets.messages import AssistantMessage
 from llmchat.tui.widgets.panels import TopKPanel
@@ -168,8 +168,30 @@ class InspectingApp(App[None]):
             self._refresh_policy(screen)
         elif tab == "prompt":
             self._refresh_prompt(screen)
-        else:
+        elif tab == "timeline":
             self._refresh_timeline(screen)
+        else:  # the layer views: the screen computes them
+            screen.refresh_view(tab, self._step_context())
+
+    def _step_context(self) -> StepContext | None:
+        """What the layer views need of the step under the cursor (else the last answer's last)."""
+        step = self._inspected_step()
+        if step is None:
+            return None
+        answer, index = step
+        session = self.session
+        prompt_ids = session.prompt_ids(answer.message_id) if session is not None else None
+        messages = None if prompt_ids is not None else self.conversation.chat_messages(before=answer.message_id)
+        return StepContext(
+            session=session,
+            title=step_title(answer.steps[index], index, len(answer.steps)),
+            answer_ids=[t.token_id for t in answer.tokens],
+            index=index,
+            prompt_ids=prompt_ids,
+            messages=messages,
+            mode=self._prompt_mode(),
+            generating=self.generating,
+        )
 
     # --- the policy view's what-if: other sampling settings, tried without touching the chat's ---------
 

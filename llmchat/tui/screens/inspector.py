@@ -1,4 +1,6 @@
-"""The inspector: the decoding policy of a step, the prompt as the model sees it, and the timeline.
+"""The inspector: the decoding policy of a step, the prompt as the model sees it, the timeline, and
+inside the layers (the logit lens, attention, experts and state of a step; the prompt's surprise
+heatmap; what quantization changed).
 
 A full screen over the chat rather than a modal dialog: the chat's keys keep working here. F2–F7
 try other sampling settings: they change the screen's `what_if` copy, not the chat's settings,
@@ -10,10 +12,10 @@ on worker threads) and hands them over with `show_*`; the screen only draws.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from rich.text import Text
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import VerticalScroll
@@ -21,7 +23,10 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer, Sparkline, Static, TabbedContent, TabPane
 
+from llmchat.engine.errors import LLMChatError
+from llmchat.engine.inside import AnswerExperts, PromptToken, QuantizedToken, StepInside
 from llmchat.engine.inspector import PolicyView, PromptView
+from llmchat.engine.prompt import PromptMode
 from llmchat.engine.sampling import SamplingParams
 from llmchat.tui.widgets.inspector import (
     Timeline,
@@ -32,15 +37,48 @@ from llmchat.tui.widgets.inspector import (
     timeline_prefill,
     timeline_trend,
 )
+from llmchat.tui.widgets.layers import attention_text, heatmap_text, inside_extras, lens_text, quantization_text
 
 CHAT_HEADING = "Rendered text (exactly what the chat template produced)"
 COMPLETION_HEADING = "The transcript as plain text (completion mode: no chat template; the model continues it)"
-TABS = {"policy": "Policy", "prompt": "Prompt", "timeline": "Timeline"}
+TABS = {
+    "policy": "Policy",
+    "prompt": "Prompt",
+    "timeline": "Timeline",
+    "layers": "Layers",
+    "surprise": "Surprise",
+    "quantization": "Quantization",
+}
 _PANE = "inspect-"  # pane ids are prefixed: the chat screen's CSS already styles a #prompt
 HINT = (
-    "Alt+P policy · Alt+V prompt · Alt+L timeline · F8/F9 step · F2–F7 what-if sampling · A apply it · "
-    "Esc back to the chat"
+    "Alt+P policy · Alt+V prompt · Alt+L timeline · Alt+Y layers · Alt+U surprise · Alt+Q quantization · "
+    "F8/F9 step · F2–F7 what-if · A apply · Esc back"
 )
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What the layer views need of the inspected step, gathered by the app on the UI thread."""
+
+    session: Any  # the chat's session (None: no model loaded)
+    title: Text
+    answer_ids: list[int]  # the inspected answer's tokens
+    index: int  # the step: the pass that chose answer_ids[index] (len(answer_ids): the end)
+    prompt_ids: list[int] | None  # the answer's prompt as the engine got it (None: ask `messages`)
+    messages: list[dict[str, Any]] | None
+    mode: PromptMode
+    generating: bool
+
+
+@dataclass
+class ViewReady(Message):
+    """A layer view computed on a worker thread (or a note: `view` None)."""
+
+    request: int
+    tab: str
+    view: Any
+    note: str = ""
+    extra: Any = None
 
 
 class InspectorScreen(Screen[None]):
@@ -85,6 +123,10 @@ class InspectorScreen(Screen[None]):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "app.pop_screen", "Back", show=False),
         Binding("a", "apply_sampling", "Apply what-if"),
+        Binding("left_square_bracket", "attention_layer(-1)", "◀ Layer", show=False),
+        Binding("right_square_bracket", "attention_layer(1)", "Layer ▶", show=False),
+        Binding("left_curly_bracket", "attention_head(-1)", "◀ Head", show=False),
+        Binding("right_curly_bracket", "attention_head(1)", "Head ▶", show=False),
     ]
 
     @dataclass
@@ -100,6 +142,16 @@ class InspectorScreen(Screen[None]):
         self.policy: PolicyView | None = None
         self.prompt: PromptView | None = None
         self.timeline: Timeline | None = None
+        self.inside: StepInside | None = None
+        self.heatmap: tuple[PromptToken, ...] | None = None
+        self.quantization: tuple[QuantizedToken, ...] | None = None
+        # the layers tab: the step's tokens (for the attention chips), which attention layer and head
+        # (None: the heads averaged) are drawn, and the answer's expert load
+        self._inside_texts: list[str] = []
+        self._experts: AnswerExperts | None = None
+        self.attention_layer = 0
+        self.attention_head: int | None = None
+        self._view_request = 0  # results of older layer-view requests are dropped
 
     def compose(self) -> ComposeResult:
         yield Static(HINT, id="inspector-hint", markup=False)
@@ -117,6 +169,15 @@ class InspectorScreen(Screen[None]):
                 yield Static(id="timeline-decode", classes="section")
                 yield Sparkline([], id="timeline-sparkline")
                 yield Static(id="timeline-trend", markup=False)
+            with TabPane(TABS["layers"], id=_PANE + "layers"), VerticalScroll():
+                yield Static(id="layers-step")
+                yield Static(id="layers-lens")
+                yield Static(id="layers-attention", classes="section")
+                yield Static(id="layers-extras")
+            with TabPane(TABS["surprise"], id=_PANE + "surprise"), VerticalScroll():
+                yield Static(id="surprise-body")
+            with TabPane(TABS["quantization"], id=_PANE + "quantization"), VerticalScroll():
+                yield Static(id="quantization-body")
         yield Footer()
 
     @property
@@ -181,3 +242,123 @@ class InspectorScreen(Screen[None]):
         self.query_one("#timeline-decode", Static).update(timeline_decode(timeline))
         sparkline.data = [s * 1000 for s in timeline.decode_seconds]
         self.query_one("#timeline-trend", Static).update(timeline_trend(timeline))
+
+    def show_layers(
+        self, title: Text, step: StepInside | None, texts: list[str] | None = None, experts: AnswerExperts | None = None
+    ) -> None:
+        """A step's layer views (or, with `step` None, a note in `title`)."""
+        self.inside, self._inside_texts, self._experts = step, list(texts or []), experts
+        self.query_one("#layers-step", Static).update(title)
+        if step is None:
+            for part in ("#layers-lens", "#layers-attention", "#layers-extras"):
+                self.query_one(part, Static).update("")
+            return
+        self.attention_layer = min(self.attention_layer, max(len(step.attention) - 1, 0))
+        self.query_one("#layers-lens", Static).update(lens_text(step, self._colour("accent", "cyan")))
+        self._draw_attention()
+        self.query_one("#layers-extras", Static).update(inside_extras(step, experts))
+
+    def _draw_attention(self) -> None:
+        step = self.inside
+        widget = self.query_one("#layers-attention", Static)
+        if step is None or not step.attention:
+            widget.update("" if step is None else "No attention layer (every layer is recurrent).")
+            return
+        pattern = step.attention[self.attention_layer]
+        head = (
+            self.attention_head if self.attention_head is None or self.attention_head < len(pattern.weights) else None
+        )
+        widget.update(attention_text(pattern, self._inside_texts, head, self._colour("accent", "#00aaff")))
+
+    def action_attention_layer(self, step: int) -> None:
+        """[ and ]: the previous / next attention layer of the layers tab."""
+        if self.inside is not None and self.inside.attention:
+            self.attention_layer = (self.attention_layer + step) % len(self.inside.attention)
+            self._draw_attention()
+
+    def action_attention_head(self, step: int) -> None:
+        """{ and }: the previous / next head, through "all heads averaged"."""
+        if self.inside is None or not self.inside.attention:
+            return
+        heads = len(self.inside.attention[self.attention_layer].weights)
+        order: list[int | None] = [None, *range(heads)]
+        self.attention_head = order[(order.index(self.attention_head) + step) % len(order)]
+        self._draw_attention()
+
+    def show_heatmap(self, tokens: tuple[PromptToken, ...] | None, note: str = "") -> None:
+        self.heatmap = tokens
+        body = heatmap_text(tokens, self._colour("warning", "#ff8800")) if tokens else Text()
+        if note:
+            body = Text(note + "\n\n", style="dim") + body
+        self.query_one("#surprise-body", Static).update(body)
+
+    def show_quantization(self, tokens: tuple[QuantizedToken, ...] | None, note: str = "") -> None:
+        self.quantization = tokens
+        body = Text()
+        if tokens:
+            body = quantization_text(tokens, self._colour("accent", "cyan"), self._colour("error", "red"))
+        if note:
+            body = Text(note + "\n\n", style="dim") + body
+        self.query_one("#quantization-body", Static).update(body)
+
+    # --- the layer views: computed by this screen's own workers ---------------------------------------
+
+    def refresh_view(self, tab: str, context: StepContext | None, note: str = "") -> None:
+        """Bring a layer view up to date: a note at once, the numbers from a worker thread (they run
+        the model: about a decode step for the layers tab, a prefill for the others)."""
+        self._view_request += 1
+        show = {"layers": self._note_layers, "surprise": self.show_heatmap, "quantization": self.show_quantization}[tab]
+        session = None if context is None else context.session
+        if context is None or session is None:
+            show(None, note or "No answer yet: ask something first.")
+            return
+        if not session.capabilities.layer_views:
+            show(None, "Inside the layers is llmchat's own engine only: this model runs on a server.")
+            return
+        if context.generating:
+            show(None, "The model is answering: this view shows when it is done.")
+            return
+        show(None, "computing… (loading the float32 reference first, once)" if tab == "quantization" else "computing…")
+        self._compute_view(self._view_request, tab, context)
+
+    def _note_layers(self, _: object, note: str) -> None:
+        self.show_layers(Text(note, style="dim"), None)
+
+    @work(thread=True, exclusive=True, group="layer-views")
+    def _compute_view(self, request: int, tab: str, context: StepContext) -> None:
+        session = context.session
+        try:
+            prompt_ids = context.prompt_ids
+            if prompt_ids is None:
+                prompt_ids = session.prompt_tokens(context.messages or [], context.mode)
+            if tab == "layers":
+                step = session.inside_step(prompt_ids, context.answer_ids, context.index)
+                texts = [session.token_text(i) for i in prompt_ids + context.answer_ids[: context.index]]
+                experts = session.answer_experts(prompt_ids, context.answer_ids) if step.routes else None
+                self.post_message(ViewReady(request, tab, step, extra=(texts, experts, context.title)))
+            elif tab == "surprise":
+                self.post_message(ViewReady(request, tab, session.prompt_heatmap(prompt_ids)))
+            else:
+
+                def progress(done: int, total: int) -> None:
+                    note = f"loading the float32 reference of the same file: {done}/{total} tensors…"
+                    self.post_message(ViewReady(request, tab, None, note))
+
+                tokens = session.quantization_diff(prompt_ids, context.answer_ids, progress)
+                self.post_message(ViewReady(request, tab, tokens))
+        except (ValueError, LLMChatError) as err:
+            self.post_message(ViewReady(request, tab, None, f"Not available: {err}"))
+
+    def on_view_ready(self, message: ViewReady) -> None:
+        if message.request != self._view_request:
+            return
+        if message.tab == "layers":
+            if message.view is None:
+                self._note_layers(None, message.note)
+            else:
+                texts, experts, title = message.extra
+                self.show_layers(title, message.view, texts, experts)
+        elif message.tab == "surprise":
+            self.show_heatmap(message.view, message.note)
+        else:
+            self.show_quantization(message.view, message.note)
