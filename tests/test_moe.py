@@ -231,6 +231,32 @@ def test_a_packed_block_computes_the_float_block_of_its_own_weights(rows: int, t
     assert error < 2e-2 * expected.abs().max().item(), f"{rows} rows: off by {error}"
 
 
+@pytest.mark.parametrize("kind", ["qwen3-moe", "qwen2-moe"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_a_packed_decoding_step_computes_the_per_expert_path(
+    kind: str, qtype: str, tiny_gguf: Callable[..., Path]
+) -> None:
+    """A packed block's decoding step (MoE.decode_packed, all k experts at once) gives the weighted sum of
+    `expert` over the experts the router chose, one token at a time; and a few tokens at once (the
+    grouped path) give what those tokens give one by one. Float32 sums in another order aside, equal."""
+    model = llmchat.load(tiny_gguf(kind, gguf.GGMLQuantizationType[qtype]), device="cpu", dtype="float32")
+    block = _moe_blocks(model)[0]
+    assert isinstance(block.down_exps, PackedExperts)
+    hidden = block.router.weight.shape[0 if block.transposed else 1]
+    x = torch.randn(6, hidden, generator=torch.Generator().manual_seed(4))
+    weights, ids = block.route(x)
+    assert len(set(ids.flatten().tolist())) > block.top_k  # the tokens do not all pick the same experts
+    one_by_one = []
+    for token in range(x.shape[0]):
+        row = x[token : token + 1]
+        expected = sum(block.expert(row, e) * w for e, w in zip(ids[token].tolist(), weights[token], strict=True))
+        got = block._routed(row)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+        one_by_one.append(got)
+    together = block._routed(x)
+    torch.testing.assert_close(together, torch.cat(one_by_one), rtol=1e-5, atol=1e-6 * together.abs().max().item())
+
+
 def test_packed_experts_come_back_from_the_packed_cache(
     tiny_model: TinyModelFactory, tiny_gguf: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -19,6 +19,7 @@ from llmchat.engine.packed import (
     INT4_GROUP,
     OUTPUT_LAYOUT,
     OUTPUT_ROW_BLOCK,
+    PackedExperts,
     PackedLinear,
     PackingReport,
     int4_groups,
@@ -82,6 +83,26 @@ def test_int8_rows_stay_within_half_a_step_of_q8_0() -> None:
     error = (packed.dequantized() - weights).abs()
     assert (error <= step / 2 * (1 + 1e-6)).all(), f"worst {(error / step).max().item():.3f} of a step"
     assert packed.codes.dtype == torch.int8
+
+
+@pytest.mark.parametrize("layout", ["int4", "int8"])
+def test_packed_experts_are_the_packed_layers_of_their_matrices(layout: str) -> None:
+    """A stack of packed experts holds, multiplies and dequantizes each expert exactly as a PackedLinear
+    of that expert's matrix does, and its bytes are theirs (no copy kept besides)."""
+    stack = torch.randn(4, OUT, IN, generator=torch.Generator().manual_seed(7))
+    experts = PackedExperts.pack(stack, layout, frozenset({"Q4_0" if layout == "int4" else "Q8_0"}))
+    layers = [PackedLinear(matrix, None, layout, experts.sources) for matrix in stack]
+    assert len(experts) == 4 and module_bytes(experts) == sum(module_bytes(layer) for layer in layers)
+    x = torch.randn(3, IN)
+    low = x.to(torch.bfloat16)
+    order = [2, 0, 3, 2]
+    products = experts.products([low] * len(order), order)
+    for index, product in zip(order, products, strict=True):
+        assert torch.equal(product.float(), layers[index](x))
+        assert torch.equal(experts.matmul(x, index), layers[index](x))
+        assert torch.equal(experts[index].dequantized(), layers[index].dequantized())
+    rows = torch.randn(DEQUANTIZE_FROM_ROWS, IN)
+    assert torch.equal(experts.matmul(rows, 1), layers[1](rows))
 
 
 @pytest.mark.parametrize("layout", ["int4", "int8"])

@@ -6,7 +6,7 @@ gated MLPs are stored stacked: `gate_up` [num_experts, 2 * width, hidden] (gate 
 the dense MLP fuses them) and `down` [num_experts, hidden, width], each expert's matrix in the
 layout `Linear` prefers on the device ([in, out] for CPU float32, see model.Linear).
 
-A decoding step (one token) runs its k chosen experts on views of the stacked weights; a prefill
+A decoding step (one token) of float stacks runs its k chosen experts on views of them; a prefill
 sorts its (token, expert) pairs by expert and runs each expert that got tokens once, over all of
 its tokens. Nothing loops over tokens, and experts no token chose are never touched. A token's k
 weighted outputs are summed in float32 and rounded once, as transformers' default (grouped_mm)
@@ -31,14 +31,16 @@ experts' SwiGLU is clamped. Its transformers parameters are [experts, in, out] w
 interleaved (columns g0 u0 g1 u1 ...); `from_in_out_interleaved` turns them into the stacked layout here.
 
 Quantized experts (a GGUF's `*_exps` in Q4_0, Q4_K, Q8_0 ...) stay packed like the dense matrices:
-each stack becomes a `PackedExperts`, one `PackedLinear` per expert in the layout `packed.layout_for`
-picks (int4 groups or int8 rows), so a decoding step reads only its k experts' packed bytes.
+each stack becomes a `packed.PackedExperts` in the layout `packed.layout_for` picks (int4 groups or
+int8 rows), so a decoding step reads only its k experts' packed bytes. Its decoding step
+(`MoE.decode_packed`) makes the 2k kernel calls and only a handful of other tensor operations for all
+k experts together: per expert, those operations had cost more than its kernels.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,7 +49,7 @@ from torch import nn
 
 from llmchat.engine.config import ModelConfig
 from llmchat.engine.errors import ModelLoadError
-from llmchat.engine.packed import PackedLinear
+from llmchat.engine.packed import ACTIVATION_DTYPE, PackedExperts
 
 if TYPE_CHECKING:
     from llmchat.engine.model import MLP, Linear
@@ -192,46 +194,6 @@ def missing_experts(target: str, pieces: dict[int, torch.Tensor], num_experts: i
     return f"{', '.join(lacking[:3])}{more} of {num_experts}"
 
 
-class PackedExperts(nn.Module):
-    """A stack of expert matrices kept packed: one PackedLinear per expert, indexed like the float stack."""
-
-    def __init__(self, experts: Iterable[nn.Module]) -> None:
-        super().__init__()
-        self.experts = nn.ModuleList(experts)
-
-    @classmethod
-    def slots(cls, count: int) -> PackedExperts:
-        """`count` empty slots, for a packed cache to fill with its saved layers."""
-        return cls(nn.Module() for _ in range(count))
-
-    @classmethod
-    def pack(cls, stacked: torch.Tensor, layout: str, sources: frozenset[str]) -> PackedExperts:
-        """Pack a float stack [experts, out, in], one expert at a time."""
-        return cls([PackedLinear(matrix, None, layout, sources) for matrix in stacked])
-
-    def __getitem__(self, index: int) -> PackedLinear:
-        return self.experts[index]  # type: ignore[return-value]
-
-    def __len__(self) -> int:
-        return len(self.experts)
-
-    @property
-    def layout(self) -> str:
-        return self[0].layout
-
-
-def install_packed_slots(model: nn.Module, names: list[str]) -> None:
-    """Replace the float expert stacks that packed layers named `<stack>.experts.<i>` belong to with
-    empty PackedExperts, so that a packed cache can set its layers in place (packed_cache.py)."""
-    counts: dict[str, int] = {}
-    for name in names:
-        stack, marker, index = name.rpartition(".experts.")
-        if marker and is_expert_target(stack) and index.isdigit():
-            counts[stack] = max(counts.get(stack, 0), int(index) + 1)
-    for stack, count in counts.items():
-        set_packed_stack(model, stack, PackedExperts.slots(count))
-
-
 def set_packed_stack(model: nn.Module, name: str, stack: PackedExperts) -> None:
     """Put packed experts in place of the float stack `name` (e.g. "layers.3.mlp.gate_up_exps")."""
     parent, _, attribute = name.rpartition(".")
@@ -285,24 +247,45 @@ class MoE(nn.Module):
         return (weights if self.float_weights else weights.to(x.dtype)), ids
 
     def _matmul(self, x: torch.Tensor, stack: nn.Parameter | PackedExperts, index: int) -> torch.Tensor:
-        """x times expert `index`'s matrix of `stack` (a packed layer, or a view of the float stack)."""
+        """x times expert `index`'s matrix of `stack` (packed, or a view of the float stack)."""
         if isinstance(stack, PackedExperts):
-            return stack[index](x)
+            return stack.matmul(x, index)
         return x @ stack[index] if self.transposed else F.linear(x, stack[index])
+
+    def _glu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The gated activation of gate|up rows [..., 2 * width]."""
+        gate, up = gate_up.split(self.width, dim=-1)
+        if self.limit is None:
+            return self.act(gate) * up
+        gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)  # gpt-oss (GptOssExperts._apply_gate)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
     def expert(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Expert `index`'s gated MLP over rows x [m, hidden]."""
         gate_up = self._matmul(x, self.gate_up_exps, index)
         if self.gate_up_exps_bias is not None:
             gate_up = gate_up + self.gate_up_exps_bias[index]
-        gate, up = gate_up.split(self.width, dim=-1)
-        if self.limit is None:
-            hidden = self.act(gate) * up
-        else:  # gpt-oss (GptOssExperts._apply_gate)
-            gate, up = gate.clamp(max=self.limit), up.clamp(-self.limit, self.limit)
-            hidden = (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
-        out = self._matmul(hidden, self.down_exps, index)
+        out = self._matmul(self._glu(gate_up), self.down_exps, index)
         return out if self.down_exps_bias is None else out + self.down_exps_bias[index]
+
+    def decode_packed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One token x [1, hidden] through its k packed experts `ids` [k] (weights [k]): what `expert`
+        computes for each of them, weighed and summed in float32, with the k experts' casts, gated
+        activation, weighing and sum each one tensor operation over all of them (the per-expert path
+        made ~20 operations per expert besides its 2 kernel calls, which cost more than the kernels).
+        The ids come to the host once (`tolist`, cheap on CPU) to pick the experts' operands."""
+        gate_up_exps, down_exps = self.gate_up_exps, self.down_exps
+        assert isinstance(gate_up_exps, PackedExperts) and isinstance(down_exps, PackedExperts)
+        chosen = ids.tolist()
+        low = x.to(ACTIVATION_DTYPE)
+        gate_up = torch.cat(gate_up_exps.products([low] * len(chosen), chosen)).to(x.dtype)  # [k, 2 * width]
+        if self.gate_up_exps_bias is not None:
+            gate_up = gate_up + self.gate_up_exps_bias[ids]
+        hidden = self._glu(gate_up).to(ACTIVATION_DTYPE).split(1)  # k rows [1, width]
+        out = torch.cat(down_exps.products(hidden, chosen)).to(x.dtype)  # [k, hidden]
+        if self.down_exps_bias is not None:
+            out = out + self.down_exps_bias[ids]
+        return (out.float() * weights.float()[:, None]).sum(0, keepdim=True).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._routed(x)
@@ -315,6 +298,9 @@ class MoE(nn.Module):
     def _routed(self, x: torch.Tensor) -> torch.Tensor:
         """The chosen experts' weighted sum, in x's dtype."""
         weights, ids = self.route(x)
+        packed = isinstance(self.gate_up_exps, PackedExperts) and isinstance(self.down_exps, PackedExperts)
+        if x.shape[0] == 1 and packed:
+            return self.decode_packed(x, weights[0], ids[0])
         if x.shape[0] == 1:  # decoding: the k chosen experts, on views of the stacked weights
             out = None
             for index, weight in zip(ids[0].tolist(), weights[0]):

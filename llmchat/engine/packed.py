@@ -43,7 +43,7 @@ Float tensors stay float. `llmchat info` reports the mapping.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -444,3 +444,122 @@ def packing_available(device: torch.device) -> bool:
         hasattr(aten, op)
         for op in ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu", "_weight_int8pack_mm")
     )
+
+
+class ExpertBuffers(nn.Module):
+    """The stacked buffers of a PackedExperts, a child named `experts`: their state names read
+    `<stack>.experts.<buffer>`, as the loader (checkpoint.build_transformer) expects of packed experts.
+    Iterating gives each expert as a PackedLinear of its own, for inspection and tests."""
+
+    packed: torch.Tensor
+    nibbles: torch.Tensor
+    scale_zero: torch.Tensor
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, layout: str, sources: tuple[str, ...], buffers: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.layout, self.sources = layout, sources
+        for name, tensor in buffers.items():
+            self.register_buffer(name, tensor)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.buffers())))
+
+    def __getitem__(self, index: int) -> PackedLinear:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        buffers = {name: getattr(self, name)[index] for name in _BUFFERS[self.layout]}
+        return PackedLinear.from_buffers(self.layout, self.sources, buffers)
+
+    def __iter__(self) -> Iterator[PackedLinear]:
+        return (self[index] for index in range(len(self)))
+
+
+class PackedExperts(nn.Module):
+    """A stack of expert matrices [experts, out, in] kept packed: PackedLinear's buffers of every
+    expert stacked on a leading experts' dimension (in the child `experts`, ExpertBuffers).
+
+    Why stacked, and a decode step's own entry (`products`): a decode step runs k experts with two
+    kernel calls each (Qwen3-MoE: 16 layers x 8 experts x 2 = 256 calls a token), and a PackedLinear
+    call per expert cost about ten small tensor operations besides its kernel (the input's and
+    output's casts, the bias check, the weight, the sum), which cost more than the kernels. So the
+    kernel's operands of every expert are views of the stacks, made once (`_operands`), and
+    `products` makes the kernel calls alone on inputs the caller cast once for all k experts
+    (MoE.decode_packed). Measured, the benchmark's 16 MoE layers for one token: 11.8 ms through one
+    PackedLinear per expert, 8.0 ms so (best of 12, 2 shared AVX-512 cores).
+
+    Joining the k experts into one kernel call per matrix (gate/up along their outputs, down along
+    their inputs, which the int4 packing allows block by block) was measured and lost: gathering the
+    chosen experts' 3 MiB of codes a layer into one matrix (index_select, ~260 us a layer on 2 cores)
+    cost more than the 14 kernel calls it saved (~10 us each).
+    """
+
+    def __init__(self, layout: str, sources: Iterable[str], buffers: dict[str, torch.Tensor]) -> None:
+        """`buffers`: PackedLinear's buffers of every expert (`_BUFFERS[layout]`), stacked on dimension 0."""
+        super().__init__()
+        if layout not in ("int4", "int8"):
+            raise ValueError(f"experts cannot take the {layout!r} layout")
+        if set(buffers) != set(_BUFFERS[layout]):
+            raise ValueError(f"{layout} experts need {_BUFFERS[layout]}, got {sorted(buffers)}")
+        if len({tensor.shape[0] for tensor in buffers.values()}) != 1:
+            raise ValueError("the experts' buffers differ in their number of experts")
+        self.layout, self.sources = layout, tuple(sorted(set(sources)))
+        self.experts = ExpertBuffers(layout, self.sources, {k: v.contiguous() for k, v in buffers.items()})
+        rows = buffers["nibbles" if layout == "int4" else "codes"]
+        self.out_features = rows.shape[1]
+        self.in_features = rows.shape[2] * (2 if layout == "int4" else 1)
+
+    @classmethod
+    def pack(cls, stacked: torch.Tensor, layout: str, sources: frozenset[str]) -> PackedExperts:
+        """Pack a float stack [experts, out, in] expert by expert (PackedLinear), each expert's buffers
+        copied into the stacks as it is packed (no second copy of the stack is ever held)."""
+        buffers: dict[str, torch.Tensor] = {}
+        for index, matrix in enumerate(stacked):
+            layer = PackedLinear(matrix, None, layout, sources)
+            for name in _BUFFERS[layout]:
+                part = getattr(layer, name)
+                if name not in buffers:
+                    buffers[name] = part.new_empty((len(stacked), *part.shape))
+                buffers[name][index] = part
+        return cls(layout, sources, buffers)
+
+    def __len__(self) -> int:
+        return len(self.experts)
+
+    def __getitem__(self, index: int) -> PackedLinear:
+        return self.experts[index]
+
+    def _operands(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every expert's kernel operands (codes, scales), views of the stacks: made on first use and
+        again whenever a buffer was replaced (load_state_dict, `to`)."""
+        names = ("packed", "scale_zero") if self.layout == "int4" else ("codes", "scales")
+        stacks = tuple(getattr(self.experts, name) for name in names)
+        cached = self.__dict__.get("_views")
+        if cached is None or any(a is not b for a, b in zip(cached[0], stacks, strict=True)):
+            cached = (stacks, list(zip(*(stack.unbind(0) for stack in stacks), strict=True)))
+            self.__dict__["_views"] = cached
+        return cached[1]
+
+    def products(self, inputs: Sequence[torch.Tensor], ids: Sequence[int]) -> list[torch.Tensor]:
+        """inputs[i] (ACTIVATION_DTYPE, few rows) times expert ids[i], each in ACTIVATION_DTYPE:
+        the kernel calls alone (see the class docstring)."""
+        operands = self._operands()
+        if self.layout == "int4":
+            int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+            return [int4_mm(x, operands[e][0], INT4_GROUP, operands[e][1]) for x, e in zip(inputs, ids, strict=True)]
+        int8_mm = torch.ops.aten._weight_int8pack_mm
+        return [int8_mm(x, *operands[e]) for x, e in zip(inputs, ids, strict=True)]
+
+    def matmul(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """x [m, in] times expert `index`, in x's dtype (a prefill's experts: PackedLinear's forward)."""
+        if x.shape[0] >= DEQUANTIZE_FROM_ROWS:
+            return F.linear(x, self.dequantized(index).to(x.dtype))
+        return self.products([x.to(ACTIVATION_DTYPE)], [index])[0].to(x.dtype)
+
+    def dequantized(self, index: int) -> torch.Tensor:
+        """Expert `index`'s W [out, in] in float32, from the codes and scales the kernels use."""
+        return self[index].dequantized()
+
+    def extra_repr(self) -> str:
+        return f"{len(self)} experts, in={self.in_features}, out={self.out_features}, layout={self.layout}"

@@ -26,11 +26,12 @@ from safetensors.torch import load_file, save_file
 from llmchat.engine.config import ModelConfig
 from llmchat.engine.files import replacing
 from llmchat.engine.model import Transformer, transposed_layout
-from llmchat.engine.moe import install_packed_slots
-from llmchat.engine.packed import PackedLinear
+from llmchat.engine.moe import set_packed_stack
+from llmchat.engine.packed import PackedExperts, PackedLinear
 
-# 3: the output projection's own layout (float32 logits); 4: embeddings read from the GGUF; 5: packed experts
-CACHE_FORMAT = 5
+# 3: the output projection's own layout (float32 logits); 4: embeddings read from the GGUF; 5: packed experts;
+# 6: packed experts as stacked buffers (packed.PackedExperts)
+CACHE_FORMAT = 6
 _PLAN_KEY = "llmchat.packed"
 _SOURCE_KEY = "llmchat.source"
 
@@ -59,10 +60,10 @@ def save(model: Transformer, path: Path, source: Path) -> None:
 
     Failures only cost the cache.
     """
-    packed = {
-        name: [module.layout, list(module.sources)]
+    packed = {  # [layout, sources] of a packed layer, [layout, sources, "experts"] of a stack of packed experts
+        name: [module.layout, list(module.sources)] + (["experts"] if isinstance(module, PackedExperts) else [])
         for name, module in model.named_modules()
-        if isinstance(module, PackedLinear)
+        if isinstance(module, PackedLinear | PackedExperts)
     }
     state = {key: tensor.contiguous() for key, tensor in model.state_dict().items()}
     metadata = {_PLAN_KEY: json.dumps(packed), _SOURCE_KEY: str(source.resolve())}
@@ -131,10 +132,13 @@ def _assemble(
 ) -> Transformer:
     with torch.device("meta"):
         model = Transformer(config, transposed=transposed_layout(device, dtype), embedding=embedding)
-    install_packed_slots(model, list(packed))  # packed experts: `<stack>.experts.<i>` get slots to fill
-    for name, (layout, sources) in packed.items():
+    for name, (layout, sources, *experts) in packed.items():
         prefix = f"{name}."
         buffers = {key[len(prefix) :]: state.pop(key) for key in list(state) if key.startswith(prefix)}
+        if experts:  # a stack of experts (its buffers under `experts.`), in place of the float stack
+            buffers = {key.removeprefix("experts."): tensor for key, tensor in buffers.items()}
+            set_packed_stack(model, name, PackedExperts(layout, sources, buffers))
+            continue
         module = PackedLinear.from_buffers(layout, sources, buffers)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
