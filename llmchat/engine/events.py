@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-FinishReason = Literal["eos", "stop_string", "max_new_tokens", "context_full", "cancelled"]
+# "error": a remote server failed mid-answer (refused, cut the stream, timed out); `Finished.error`
+# says how, and the text so far is kept like a stopped answer's.
+FinishReason = Literal["eos", "stop_string", "max_new_tokens", "context_full", "cancelled", "error"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +112,7 @@ class Finished:
     # The step that chose end-of-sequence (reason "eos"): its probabilities, for the inspector. Its
     # token is not part of the answer; `text` is the token's display text (e.g. "<|im_end|>").
     end_step: TokenEvent | None = None
+    error: str = ""  # reason "error": what went wrong, in words for the user (never an API key)
 
     @property
     def prefill_tokens_per_second(self) -> float:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
+from llmchat.engine.errors import LLMChatError
+from llmchat.engine.prompt import PromptMode
 from llmchat.engine.sampling import SamplingParams
 
 
@@ -21,6 +25,8 @@ class Capabilities:
     # what happens inside the layers (logit lens, attention, experts, recurrent state, prompt heatmap):
     # llmchat's own engine only, computed on demand (engine/inside.py)
     layer_views: bool = False
+    # where the model runs, for the panels' titles and "on the server" notes: "this process" or a URL
+    where: str = "this process"
 
 
 @dataclass(frozen=True)
@@ -47,3 +53,53 @@ class CacheStats:
     used_bytes: int  # bytes holding those positions (and a hybrid's fixed states)
     capacity_bytes: int  # what the whole cache costs
     state_bytes: int  # a hybrid model's recurrent states and their snapshots (0 for the others)
+
+
+class SessionUnavailable(LLMChatError):
+    """What a session cannot do, in words the user sees ("a server cannot re-read a step's logits")."""
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """An OpenAI-compatible server a remote session talks to (a registered remote model, or --server).
+
+    The API key is never held here, only the name of the environment variable it is read from, so
+    a spec can be saved (models.toml, a conversation file) without leaking it.
+    """
+
+    url: str  # base URL, e.g. http://127.0.0.1:8080 (the session adds /v1/...)
+    model: str | None = None  # the server's model name (None: the server's only/first one)
+    api_key_env: str | None = None  # environment variable holding the API key (never the key)
+    tokenizer: str | None = None  # a local model folder/GGUF whose template and tokenizer match the server's
+    protocol: str = "openai"  # "openai" (chat completions) or "ollama" (Ollama's native /api/chat)
+
+
+class Session(Protocol):
+    """What the chat and the CLI call; `LocalSession` (this process) and `RemoteSession` (a server)
+    implement it. A call a session cannot serve raises `SessionUnavailable`; the UI asks
+    `capabilities` first so the user is told before, not after."""
+
+    info: SessionInfo
+    capabilities: Capabilities
+
+    def answer(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        answer_id: str,
+        mode: PromptMode,
+        sampling: SamplingParams,
+        live_sampling: Callable[[], SamplingParams] | None = None,
+        cancel: Any = None,
+        max_new_tokens: int | None = None,
+        answer_prefix: Sequence[int] = (),
+        stop_strings: Sequence[str] = (),
+    ) -> Iterator[Any]: ...
+
+    def prompt_tokens(self, messages: list[dict[str, Any]], mode: PromptMode) -> list[int]: ...
+    def prompt_ids(self, answer_id: str | None) -> list[int] | None: ...
+    def token_text(self, token_id: int) -> str: ...
+    def forget_prompts(self) -> None: ...
+    def default_system_prompt(self) -> str | None: ...
+    def cache_stats(self) -> CacheStats: ...
+    def close(self) -> None: ...

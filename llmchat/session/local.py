@@ -231,3 +231,7 @@ class LocalSession:
     def memory(self) -> tuple[MemoryEstimate, MemoryUsage]:
         """The memory bill: predicted, and measured now."""
         return self.model.memory_estimate(), self.model.memory_usage()
+
+    def close(self) -> None:
+        """Nothing to release but memory, which goes with the session (the chat may load another model)."""
+        self._reference = None
