@@ -103,6 +103,10 @@ def test_chat_in_tmux_answers_shows_panels_takes_keys_and_saves(
     _press("M-p", lambda s: "sampled from" in s and "raw logits" in s, "the policy view")
     _press("M-v", lambda s: "to prefill" in s and "<|im_start|>" in s, "the prompt view")
     _press("M-l", lambda s: "ms/token" in s and "chunk 1" in s, "the timeline")
+    # The layer views, computed on demand for the step under the cursor.
+    _press("M-y", lambda s: "Logit lens" in s and re.search(r"^\s+29 attn", s, re.M) is not None, "the logit lens")
+    _press("M-u", lambda s: "How surprising" in s and "Most surprising" in s, "the prompt heatmap")
+    _press("M-q", lambda s: "KL bits" in s and "float p" in s, "the quantization view")
     _press("Escape", lambda s: "KV cache" in s and "p(token)" in s, "the chat with its heatmap")
     _press("Escape", lambda s: "p(token)" not in s, "the answer's text")
     _press("F1", lambda s: "Temperature up" in s, "the help screen")
