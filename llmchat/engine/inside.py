@@ -264,20 +264,27 @@ def observe(generator: Generator, *, all_rows: bool = False) -> Iterator[_Observ
 # --- the views ------------------------------------------------------------------------------------
 
 
-def _readout(
-    generator: Generator, residual: torch.Tensor, chosen: int | None
-) -> tuple[tuple[Candidate, ...], float | None, int | None]:
+def _readouts(
+    generator: Generator, residuals: torch.Tensor, chosen: int | None
+) -> list[tuple[tuple[Candidate, ...], float | None, int | None]]:
+    """The logit lens of every row of `residuals` [n, hidden]: one output projection over all of them
+    (n single-row projections cost ~n times one; this is one matrix product)."""
     model = generator.model
     with torch.inference_mode():
-        logits = model.output(residual.to(model.dtype)[None])[0].float()
+        logits = model.output(residuals.to(model.dtype)).float()
     probs = logits.softmax(-1)
-    top = probs.topk(LENS_TOP)
-    candidates = tuple(
-        Candidate(int(i), generator.token_text(int(i)), float(p)) for p, i in zip(top.values, top.indices, strict=True)
-    )
-    if chosen is None:
-        return candidates, None, None
-    return candidates, float(probs[chosen]), int((logits > logits[chosen]).sum())
+    top = probs.topk(LENS_TOP, dim=-1)
+    values, indices = top.values.tolist(), top.indices.tolist()
+    out: list[tuple[tuple[Candidate, ...], float | None, int | None]] = []
+    for row in range(residuals.shape[0]):
+        candidates = tuple(
+            Candidate(i, generator.token_text(i), p) for p, i in zip(values[row], indices[row], strict=True)
+        )
+        if chosen is None:
+            out.append((candidates, None, None))
+        else:
+            out.append((candidates, float(probs[row, chosen]), int((logits[row] > logits[row, chosen]).sum())))
+    return out
 
 
 def inside_step(generator: Generator, sequence: Sequence[int], chosen: int | None = None) -> StepInside:
@@ -286,10 +293,11 @@ def inside_step(generator: Generator, sequence: Sequence[int], chosen: int | Non
     with observe(generator) as seen, torch.inference_mode():
         generator.step_logits(sequence, prefill=True, fresh=True)
     position = len(sequence) - 1
-    lens: list[LayerReadout] = []
     assert seen.embedding is not None
-    top, prob, rank = _readout(generator, seen.embedding, chosen)
-    lens.append(LayerReadout(-1, "embedding", top, prob, rank, float(seen.embedding.norm()), 0.0, 0.0))
+    residuals = [seen.embedding, *(seen.after[layer] for layer in range(config.num_layers))]
+    readouts = _readouts(generator, torch.stack([r.reshape(-1) for r in residuals]), chosen)
+    top, prob, rank = readouts[0]
+    lens = [LayerReadout(-1, "embedding", top, prob, rank, float(seen.embedding.norm()), 0.0, 0.0)]
     before = seen.embedding
     for layer in range(config.num_layers):
         after = seen.after[layer]
@@ -298,7 +306,7 @@ def inside_step(generator: Generator, sequence: Sequence[int], chosen: int | Non
         else:
             middle = seen.middle[layer]
             mixer_added, mlp_added = float((middle - before).norm()), float((after - middle).norm())
-        top, prob, rank = _readout(generator, after, chosen)
+        top, prob, rank = readouts[layer + 1]
         kind = config.layer_kind(layer)
         lens.append(LayerReadout(layer, kind, top, prob, rank, float(after.norm()), mixer_added, mlp_added))
         before = after
@@ -331,15 +339,15 @@ def _pattern(
         layer=layer,
         window=config.layer_window(layer),
         kv_head_of=tuple(h // group for h in range(config.num_heads)),
-        weights=tuple(tuple(float(w) for w in row) for row in weights),
-        sink=None if sink is None else tuple(float(s) for s in sink.cpu()),
+        weights=tuple(tuple(row) for row in weights.tolist()),  # tolist: one conversion, not one per weight
+        sink=None if sink is None else tuple(sink.float().cpu().tolist()),
     )
 
 
 def _routes(routes: dict[int, list[tuple[torch.Tensor, torch.Tensor]]], row: int) -> Iterator[Route]:
     for layer in sorted(routes):
         weights, ids = (torch.cat(parts) for parts in zip(*routes[layer], strict=True))
-        yield Route(layer, tuple(int(i) for i in ids[row]), tuple(float(w) for w in weights[row]))
+        yield Route(layer, tuple(ids[row].tolist()), tuple(weights[row].float().tolist()))
 
 
 def _state_bytes(generator: Generator, layer: int) -> int:
