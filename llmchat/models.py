@@ -89,6 +89,17 @@ def _one_line(text: object) -> str:
 # registry
 
 
+@dataclass(frozen=True)
+class RemoteModel:
+    """A registered model on an OpenAI-compatible server (`llmchat models add NAME --server URL`).
+
+    Only the name of the API key's environment variable is kept, never the key."""
+
+    url: str
+    model: str | None = None
+    api_key_env: str | None = None
+
+
 @dataclass
 class Registry:
     """models.toml in memory. `problem` is set when the file is broken; it is then read as empty."""
@@ -97,13 +108,14 @@ class Registry:
     models: dict[str, Path] = field(default_factory=dict)
     default: str | None = None
     problem: str | None = None
+    remote: dict[str, RemoteModel] = field(default_factory=dict)
 
     def require_writable(self) -> None:
         if self.problem:
             raise RegistryError(f"{self.problem}; fix or delete it, llmchat will not overwrite it")
 
     def known_names(self) -> list[str]:
-        return sorted(set(self.models) | {DEMO_NAME})
+        return sorted(set(self.models) | set(self.remote) | {DEMO_NAME})
 
 
 def registry_path() -> Path:
@@ -115,16 +127,23 @@ def _parse_registry(path: Path, data: dict[str, Any]) -> Registry:
     if not isinstance(models, dict):
         raise ValueError("'models' must be a table")
     paths: dict[str, Path] = {}
+    remote: dict[str, RemoteModel] = {}
     for name, entry in models.items():
+        if isinstance(entry, dict) and isinstance(entry.get("server"), str):
+            optional = {k: entry.get(k) for k in ("model", "api_key_env")}
+            if any(v is not None and not isinstance(v, str) for v in optional.values()):
+                raise ValueError(f"models.{name}: 'model' and 'api_key_env' must be strings")
+            remote[name] = RemoteModel(entry["server"], **optional)
+            continue
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise ValueError(f"models.{name} needs a string 'path'")
+            raise ValueError(f"models.{name} needs a string 'path' (or 'server')")
         paths[name] = Path(entry["path"])
     default = data.get("default")
     if default is not None and not isinstance(default, str):
         raise ValueError("'default' must be a string")
     if default is not None and default not in paths:
         raise ValueError(f"default {default!r} is not one of the models")
-    return Registry(path, paths, default)
+    return Registry(path, paths, default, remote=remote)
 
 
 def load_registry() -> Registry:
@@ -170,6 +189,12 @@ def render_registry(registry: Registry) -> str:
         lines += [f"default = {toml_string(registry.default)}", ""]
     for name, path in registry.models.items():
         lines += [f"[models.{toml_string(name)}]", f"path = {toml_string(str(path))}", ""]
+    for name, server in registry.remote.items():
+        lines += [f"[models.{toml_string(name)}]", f"server = {toml_string(server.url)}"]
+        lines += [
+            f"{key} = {toml_string(value)}" for key in ("model", "api_key_env") if (value := getattr(server, key))
+        ]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -244,6 +269,34 @@ def add_model(path: str | Path, name: str | None = None) -> tuple[str, Path]:
     return name, target
 
 
+def add_remote_model(name: str, url: str, model: str | None = None, api_key_env: str | None = None) -> RemoteModel:
+    """Register a model on a server under `name` (the server is not asked: it may be down now)."""
+    from urllib.parse import urlsplit
+
+    registry = load_registry()
+    registry.require_writable()
+    _check_name(name)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise RegistryError(f"{url!r} is not a server URL (like http://127.0.0.1:8080)")
+    if parts.username or parts.password:
+        raise RegistryError("put no credentials in the URL: give the API key's environment variable with --api-key-env")
+    if api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):
+        raise RegistryError(f"--api-key-env takes the name of an environment variable, not {api_key_env!r}")
+    server = RemoteModel(url.rstrip("/"), model, api_key_env)
+    registry.models.pop(name, None)
+    registry.remote[name] = server
+    save_registry(registry)
+    return server
+
+
+def remote_model(name: str | None) -> RemoteModel | None:
+    """The registered server model called `name`, if that is what it is."""
+    if name is None:
+        return None
+    return load_registry().remote.get(name)
+
+
 def _gguf_of_folder(target: Path) -> Path:
     """A folder holding just a GGUF file (no config.json) is registered as that file."""
     from llmchat.engine.package import gguf_in_folder
@@ -264,10 +317,14 @@ def _unknown(name: str, registry: Registry) -> RegistryError:
     )
 
 
-def remove_model(name: str) -> Path:
+def remove_model(name: str) -> Path | str:
     """Forget `name` (its files stay where they are) and return the path it pointed at."""
     registry = load_registry()
     registry.require_writable()
+    if name in registry.remote:
+        server = registry.remote.pop(name)
+        save_registry(registry)
+        return server.url
     if name not in registry.models:
         raise _unknown(name, registry)
     path = registry.models.pop(name)
@@ -281,6 +338,8 @@ def set_default(name: str) -> Path:
     """Make `name` the model used when none is given; `demo` is pulled first if needed."""
     registry = load_registry()
     registry.require_writable()
+    if name in registry.remote:
+        raise RegistryError(f"{name} runs on a server; the default is a local model (use `llmchat --model {name}`)")
     if name == DEMO_NAME:
         ensure_demo(registry)
     elif name not in registry.models:
@@ -299,7 +358,7 @@ class ModelEntry:
     """One row of `llmchat models list`; unknown fields are None and `problem` says why."""
 
     name: str
-    path: Path
+    path: Path | str  # a server's URL for a remote model
     default: bool
     format: str
     size_bytes: int | None
@@ -336,7 +395,12 @@ def describe_model(name: str, path: Path, is_default: bool) -> ModelEntry:
 def list_models() -> list[ModelEntry]:
     registry = load_registry()
     warn_if_broken(registry)
-    return [describe_model(name, path, name == registry.default) for name, path in sorted(registry.models.items())]
+    local = [describe_model(name, path, name == registry.default) for name, path in sorted(registry.models.items())]
+    remote = [
+        ModelEntry(name, server.url, False, "server", None, architecture=server.model, type="remote")
+        for name, server in sorted(registry.remote.items())
+    ]
+    return local + remote
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,6 +655,8 @@ def resolve_model(spec: str | None) -> Path:
         return ensure_demo(registry).path
     if spec == DEMO_NAME or spec in registry.models:
         return _resolve_name(registry, spec)
+    if spec in registry.remote:
+        raise RegistryError(f"{spec} runs on a server ({registry.remote[spec].url}); this command needs a local model")
     path = Path(spec).expanduser()
     if path.exists():
         return path

@@ -353,7 +353,7 @@ class Conversation:
         if self.current is None:
             raise ConversationError(f"conversation {self.id} has no message to answer")
         message = self._by_id[self.current]
-        unfinished = message.stats is None or message.stats.get("finish_reason") in (INTERRUPTED, "cancelled")
+        unfinished = message.stats is None or message.stats.get("finish_reason") in (INTERRUPTED, "cancelled", "error")
         if message.role == "assistant" and message.empty and unfinished and not self.children(message.id):
             message.stats = message.tokens = None
             self.touch()

@@ -19,6 +19,7 @@ FINISH_REASONS = {
     "max_new_tokens": "token limit",
     "context_full": "context full",
     "cancelled": "stopped by user",
+    "error": "cut off (the server failed mid-answer)",
     INTERRUPTED: "interrupted (the chat closed mid-answer)",
 }
 SYSTEM_REMOVED = "(system prompt removed)"

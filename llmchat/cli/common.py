@@ -18,7 +18,7 @@ from llmchat.models import resolve_model
 from llmchat.paths import cache_dir
 
 if TYPE_CHECKING:
-    from llmchat.session import LocalSession, SessionInfo
+    from llmchat.session import ServerSpec, Session, SessionInfo
 
 
 class CLIError(LLMChatError):
@@ -41,13 +41,83 @@ def read_json_file(path: str) -> Any:
         raise CLIError(f"{path} is not valid JSON: {exc}") from None
 
 
+def _finite(data: Any) -> Any:
+    """NaN (a number a server did not report) as null: JSON has no NaN."""
+    if isinstance(data, float) and data != data:
+        return None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data
+
+
 def print_json(data: Any) -> None:
-    print(json.dumps(data, ensure_ascii=False))
+    print(json.dumps(_finite(data), ensure_ascii=False, allow_nan=False))
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, help="registered name, demo, or path (default: the default)")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="registered name, demo, or path (default: the default)",
+    )
     add_engine_options(p)
+    remote = p.add_argument_group("a model on a server (OpenAI-compatible: vLLM, SGLang, llama-server, Ollama)")
+    remote.add_argument("--model", dest="server_model", default=None, metavar="NAME", help="the server's model name")
+    add_server_options(remote)
+
+
+def add_server_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, dest_prefix: str = "") -> None:
+    """--server, --api-key-env, --tokenizer (`dest_prefix`: the bare chat's own, `chat_server`...)."""
+    p.add_argument(
+        "--server", dest=dest_prefix + "server", default=None, metavar="URL", help="e.g. http://127.0.0.1:8080"
+    )
+    p.add_argument(
+        "--api-key-env",
+        dest=dest_prefix + "api_key_env",
+        default=None,
+        metavar="VAR",
+        help="the environment variable holding the server's API key (the key itself is never saved)",
+    )
+    p.add_argument(
+        "--ollama",
+        dest=dest_prefix + "ollama",
+        action="store_true",
+        help="the server is Ollama: use its native /api/chat (its OpenAI layer works without this)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        dest=dest_prefix + "tokenizer",
+        default=None,
+        metavar="PATH",
+        help="a local copy of the server model's folder or GGUF: its template and tokenizer for the prompt view",
+    )
+
+
+def server_spec(args: argparse.Namespace, prefix: str = "") -> ServerSpec | None:
+    """The server a command or the chat talks to: --server URL, or a model registered with
+    `llmchat models add NAME --server URL`; None for a local model."""
+    from llmchat.models import remote_model
+    from llmchat.session import ServerSpec
+
+    url = getattr(args, prefix + "server", None)
+    if prefix:
+        name = getattr(args, prefix + "model", None)
+    else:
+        name = getattr(args, "server_model", None) or getattr(args, "model", None)
+    key_env = getattr(args, prefix + "api_key_env", None)
+    protocol = "ollama" if getattr(args, prefix + "ollama", False) else "openai"
+    tokenizer = getattr(args, prefix + "tokenizer", None)
+    if url is None:
+        registered = remote_model(name)
+        if registered is None:
+            if getattr(args, "server_model", None) and not prefix:
+                raise CLIError("--model names a server's model: give the server with --server URL")
+            return None
+        url, name, key_env = registered.url, registered.model, key_env or registered.api_key_env
+    return ServerSpec(url=url, model=name, api_key_env=key_env, tokenizer=tokenizer, protocol=protocol)
 
 
 def add_sampling_options(
@@ -112,11 +182,26 @@ def add_prompt_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
 
 
-def open_session(args: argparse.Namespace, top_k: int) -> LocalSession:
-    """The model the command names, loaded, as a session that reports `top_k` candidates per token."""
+def open_session(args: argparse.Namespace, top_k: int) -> Session:
+    """The model the command names, loaded (or on its server), as a session that reports `top_k`
+    candidates per token."""
+    spec = server_spec(args)
+    if spec is not None:
+        from llmchat.session.remote import RemoteSession
+
+        return RemoteSession(spec, top_k=top_k)
     from llmchat.session import LocalSession
 
     return LocalSession(load_model(args), top_k=top_k)
+
+
+def failed_answer(event: Any) -> int:
+    """After a Finished event: a server that failed mid-answer is an error (exit 2), the text so far
+    already printed; 0 otherwise."""
+    if getattr(event, "reason", "") != "error":
+        return 0
+    print(f"llmchat: error: {event.error} (the answer is cut there)", file=sys.stderr)
+    return 2
 
 
 def prompt_mode(info: SessionInfo, args: argparse.Namespace) -> PromptMode:

@@ -12,6 +12,7 @@ from llmchat.cli.common import (
     add_model_options,
     add_prompt_options,
     add_sampling_options,
+    failed_answer,
     open_session,
     print_json,
     prompt_mode,
@@ -20,6 +21,7 @@ from llmchat.cli.common import (
     shown,
 )
 from llmchat.engine.prompt import COMPLETION
+from llmchat.session.base import SessionUnavailable
 
 
 def _sampling_words(params: Any) -> str:
@@ -65,11 +67,12 @@ def _step_dict(event: Any, text: str) -> dict[str, Any]:
 
 
 def _print_step(step: dict[str, Any]) -> None:
-    print(
-        f"{step['index']:4d}  {shown(step['text'])}  id {step['id']}  p {step['prob']:.1%}  "
-        f"policy {step['policy_prob']:.1%}  rank {step['rank']}  H {step['entropy']:.2f} bits "
-        f"(policy {step['policy_entropy']:.2f})  logit {step['logit']:.3f}  {step['seconds'] * 1000:.1f} ms"
-    )
+    if step["id"] is not None:
+        line = f"id {step['id']}  p {step['prob']:.1%}  policy {step['policy_prob']:.1%}  rank {step['rank']}  "
+        line += f"H {step['entropy']:.2f} bits (policy {step['policy_entropy']:.2f})  logit {step['logit']:.3f}"
+    else:  # a server's numbers: no ids, a logprob for a logit, the entropy of its top N only
+        line = f"p {step['prob']:.1%}  rank {step['rank']}  H ≥ {step['entropy']:.2f} bits  logprob {step['logit']:.3f}"
+    print(f"{step['index']:4d}  {shown(step['text'])}  {line}  {step['seconds'] * 1000:.1f} ms")
     print("      " + " · ".join(f"{shown(t['text'])} {t['prob']:.1%}" for t in step["top"]))
 
 
@@ -80,7 +83,7 @@ def _summary(steps: list[dict[str, Any]], reason: str) -> str:
         low = min(steps, key=lambda s: s["prob"])
         line += (
             f"; mean entropy {mean:.2f} bits; lowest probability {low['prob']:.1%} "
-            f"at step {low['index']} ({shown(low['text'])}, id {low['id']})"
+            f"at step {low['index']} ({shown(low['text'])}" + (f", id {low['id']})" if low["id"] is not None else ")")
         )
     return line
 
@@ -89,15 +92,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from llmchat.engine.events import Finished, TokenEvent
 
     session = open_session(args, top_k=args.candidates)
+    if inside.wanted(args) and not session.capabilities.layer_views:
+        raise SessionUnavailable("the layer views need llmchat's own engine: a server does not show its layers")
     messages, mode = request_messages(args), prompt_mode(session.info, args)
     sampling = sampling_from(args, session.info.default_sampling)
     if args.temperature is None:  # reproducible by default: the policy's other knobs stay as given
         sampling = sampling.replace(temperature=0.0)
     if not args.json:
         kind = " (raw: no chat template)" if mode == COMPLETION else ""
-        count = len(session.prompt_tokens(messages, mode))
-        print(f"model {session.info.path} · prompt {count} tokens{kind} · sampling: {_sampling_words(sampling)}")
+        try:
+            count = f"{len(session.prompt_tokens(messages, mode))} tokens"
+        except SessionUnavailable:
+            count = "tokenized on the server"
+        print(f"model {session.info.path} · prompt {count}{kind} · sampling: {_sampling_words(sampling)}")
     steps: list[dict[str, Any]] = []
+    finished = None
     events = session.answer(
         messages,
         answer_id="inspect",
@@ -109,12 +118,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for event in events:
         if isinstance(event, TokenEvent):
             step = _step_dict(event, session.token_text(event.token_id))
+            if not session.capabilities.token_ids:
+                step["id"] = None  # a server's protocol has no token ids
             steps.append(step)
             if args.json:
                 print_json(step)
             else:
                 _print_step(step)
         elif isinstance(event, Finished):
+            finished = event
             if event.end_step is not None:  # the step that chose to end the answer (its token is not text)
                 end = {**_step_dict(event.end_step, event.end_step.text), "event": "end"}
                 if args.json:
@@ -140,7 +152,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 print(_summary(steps, event.reason))
             if inside.wanted(args):
                 inside.report(session, session.prompt_ids("inspect") or [], list(event.token_ids), args)
-    return 0
+    return failed_answer(finished)
 
 
 def add_parser(sub: Any) -> None:

@@ -7,10 +7,12 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from llmchat.cli.common import CLIError
 from llmchat.models import (
     DEMO_NAME,
     ModelEntry,
     add_model,
+    add_remote_model,
     ensure_demo,
     list_models,
     load_registry,
@@ -63,6 +65,15 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 
 def cmd_models_add(args: argparse.Namespace) -> int:
+    if args.server:
+        if not args.path:
+            raise CLIError("name the remote model: llmchat models add NAME --server URL [--model SERVER_MODEL]")
+        server = add_remote_model(args.path, args.server, args.model, args.api_key_env)
+        on = f" (model {server.model})" if server.model else ""
+        print(f"added {args.path}: {server.url}{on}; chat with `llmchat --model {args.path}`")
+        return 0
+    if not args.path:
+        raise CLIError("give the model's folder or .gguf file: llmchat models add PATH [--name NAME]")
     name, path = add_model(args.path, args.name)
     default = " (the default)" if load_registry().default == name else ""
     print(f"added {name}{default}: {path}")
@@ -71,7 +82,10 @@ def cmd_models_add(args: argparse.Namespace) -> int:
 
 def cmd_models_remove(args: argparse.Namespace) -> int:
     path = remove_model(args.name)
-    print(f"removed {args.name} from the list; its files are still at {path}")
+    if isinstance(path, str):
+        print(f"removed {args.name} (on {path}) from the list")
+    else:
+        print(f"removed {args.name} from the list; its files are still at {path}")
     return 0
 
 
@@ -104,9 +118,16 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_models_list)
 
-    a = actions.add_parser("add", help="register a model folder or .gguf file (checked first)")
-    a.add_argument("path")
+    a = actions.add_parser(
+        "add", help="register a model folder or .gguf file (checked first), or with --server a model on a server"
+    )
+    a.add_argument("path", nargs="?", metavar="PATH|NAME", help="the model's path; with --server, the name to use")
     a.add_argument("--name", default=None, help="name to use it by (default: the folder or file name)")
+    a.add_argument("--server", default=None, metavar="URL", help="an OpenAI-compatible server (vLLM, llama-server…)")
+    a.add_argument("--model", default=None, metavar="NAME", help="with --server: the server's model name")
+    a.add_argument(
+        "--api-key-env", default=None, metavar="VAR", help="with --server: the environment variable with the API key"
+    )
     a.set_defaults(func=cmd_models_add)
 
     a = actions.add_parser("remove", help="forget a model (its files stay)")

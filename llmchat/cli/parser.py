@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from llmchat.cli import bench, info, inspect, models, perplexity, run, template, tokenize
 from llmchat.cli.args import EXIT_USAGE, Parser, add_engine_options
 from llmchat.cli.chat import cmd_chat
-from llmchat.cli.common import add_sampling_options
+from llmchat.cli.common import add_sampling_options, add_server_options
 from llmchat.engine.errors import LLMChatError
 
 
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat = parser.add_argument_group("chat screen sampling (change them live with the keys)")
     add_sampling_options(chat, dest_prefix="chat_")
     add_engine_options(parser.add_argument_group("chat screen engine"), dest_prefix="chat_")
+    remote = parser.add_argument_group("chat with a model on a server (--model then names the server's model)")
+    add_server_options(remote, dest_prefix="chat_")
     parser.set_defaults(func=cmd_chat)  # bare `llmchat` opens the chat
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in (run, inspect, tokenize, template, bench, perplexity, info, models):

@@ -11,6 +11,7 @@ from llmchat.cli.common import (
     add_model_options,
     add_prompt_options,
     add_sampling_options,
+    failed_answer,
     open_session,
     print_json,
     prompt_mode,
@@ -43,6 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         stop_strings=args.stop or (),
     )
+    finished = None
     for event in events:
         if args.json:
             print_json(event_dict(event))
@@ -57,7 +59,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"TTFT {event.ttft_seconds:.3f} s, decode {event.decode_tokens_per_second:.1f} tok/s]",
                 file=sys.stderr,
             )
-    return 0
+        if isinstance(event, Finished):
+            finished = event
+    return failed_answer(finished)  # a server that failed mid-answer: exit 2, what it said is printed
 
 
 def add_parser(sub: Any) -> None:

@@ -27,6 +27,9 @@ class Capabilities:
     layer_views: bool = False
     # where the model runs, for the panels' titles and "on the server" notes: "this process" or a URL
     where: str = "this process"
+    # the token ids are the model's vocabulary ids (False: a server's protocol carries only text, and
+    # the ids are the session's own numbering of the texts it has seen)
+    token_ids: bool = True
 
 
 @dataclass(frozen=True)
