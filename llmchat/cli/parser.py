@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from llmchat.cli import bench, info, inspect, models, perplexity, run, template, tokenize
+from llmchat.cli import bench, info, inspect, models, perplexity, run, serve, template, tokenize
 from llmchat.cli.args import EXIT_USAGE, Parser, add_engine_options
 from llmchat.cli.chat import cmd_chat
 from llmchat.cli.common import add_sampling_options, add_server_options
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_options(remote, dest_prefix="chat_")
     parser.set_defaults(func=cmd_chat)  # bare `llmchat` opens the chat
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (run, inspect, tokenize, template, bench, perplexity, info, models):
+    for command in (run, inspect, tokenize, template, bench, perplexity, info, models, serve):
         command.add_parser(sub)
     from llmchat.cli import chats  # stdlib only: `chats` needs no torch
 

@@ -477,6 +477,15 @@ def _plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: m[k] for k in keep if k in m and m[k] is not None} for m in messages]
 
 
+def _policy_prob(entry: dict[str, Any]) -> float:
+    """`llmchat serve`'s `policy_logprob`: null where the policy cut the token (0), absent where the
+    server does not say (NaN: unknown)."""
+    if "policy_logprob" not in entry:
+        return math.nan
+    value = entry["policy_logprob"]
+    return 0.0 if value is None else math.exp(float(value))
+
+
 def _token_event(
     text: str, entry: dict[str, Any], index: int, seconds: float, token_id: Callable[[str], int]
 ) -> TokenEvent:
@@ -485,23 +494,21 @@ def _token_event(
     top = []
     for candidate in sorted(top_entries, key=lambda t: -float(t.get("logprob", -math.inf))):
         lp = float(candidate.get("logprob", -math.inf))
-        policy = candidate.get("policy_logprob")
         word = str(candidate.get("token", ""))
-        policy_prob = math.exp(policy) if policy is not None else math.nan
+        policy_prob = _policy_prob(candidate)
         top.append(TopToken(token_id(word), word, lp, math.exp(lp), policy_prob))
     tokens = [t.text for t in top]
     token = str(entry.get("token", text))
     rank = tokens.index(token) if token in tokens else len(top)
     probs = [t.prob for t in top]
     entropy = -sum(p * math.log2(p) for p in probs if p > 0)  # over the top N: a lower bound
-    policy = entry.get("policy_logprob")
     return TokenEvent(
         token_id=token_id(token),
         text=text,
         index=index,
         logit=logprob,
         prob=math.exp(logprob),
-        policy_prob=math.exp(policy) if policy is not None else math.nan,
+        policy_prob=_policy_prob(entry),
         rank=rank,
         top=tuple(top),
         seconds=seconds,
