@@ -132,6 +132,8 @@ class ModelData(TypedDict, total=False):
     __pydantic_config__ = ConfigDict(strict=True, extra="allow")  # type: ignore[misc]
     name: str
     path: Annotated[str, Field(min_length=1)]
+    server: Annotated[str, Field(min_length=1)]  # a model on a server: its URL (then there is no path)
+    api_key_env: Annotated[str, Field(min_length=1)]  # the environment variable of its API key, never the key
 
 
 class SamplingData(TypedDict, total=False):

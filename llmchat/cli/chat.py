@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from llmchat.engine.knobs import KNOB
 from llmchat.models import resolve_model
@@ -15,6 +16,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     `--model` names another one), with its sampling settings.
     """
     from llmchat.chat.store import ConversationStore
+    from llmchat.cli.common import server_spec
     from llmchat.settings import load_settings
 
     settings, problems = load_settings()
@@ -22,12 +24,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
     conversation = None
     explicit = getattr(args, "chat_model", None)
     spec = explicit or settings.model
+    server = server_spec(args, "chat_")
     if args.resume is not None:
         conversation = store.load(store.resolve(args.resume))
         saved_path = conversation.model.get("path")
-        if explicit is None and saved_path:
+        from llmchat.tui.app import saved_server
+
+        if explicit is None and server is None and (held := saved_server(conversation)) is not None:
+            # a chat held with a server: connect to it again (its key from the same variable)
+            server = dataclasses.replace(held, tokenizer=getattr(args, "chat_tokenizer", None))
+        elif explicit is None and saved_path:
             spec = saved_path
-    path = resolve_model(spec)
+    path = None if server is not None else resolve_model(spec)
     from llmchat.cli.args import EngineOptions
     from llmchat.tui.app import run_app
 
@@ -43,6 +51,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         threads=engine.threads,
         settings=settings,
         settings_problems=problems,
+        server=server,
         **engine.load_kwargs(),
     )
     return 0

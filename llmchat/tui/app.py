@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from textual import events, on, work
 from textual.app import ComposeResult, SystemCommand
@@ -38,7 +39,7 @@ from llmchat.engine.knobs import KNOB, TOP_K_STEPS
 from llmchat.engine.prompt import CHAT, COMPLETION, PromptMode
 from llmchat.engine.tool_calls import split_tool_calls
 from llmchat.paths import cache_dir
-from llmchat.session import LocalSession
+from llmchat.session import LocalSession, ServerSpec, Session
 from llmchat.settings import ACTION_KEYS, Settings, SettingsError, key_map, update_settings
 from llmchat.tui.inspecting import InspectingApp
 from llmchat.tui.screens import PANELS_HELP, ConversationsScreen, HelpScreen, ModelsScreen, SystemPromptScreen
@@ -67,6 +68,13 @@ TEMPERATURE_STEP, TOP_P_STEP = KNOB["temperature"].step, KNOB["top_p"].step
 @dataclass
 class ModelLoaded(Message):
     model: LoadedModel
+
+
+@dataclass
+class SessionReady(Message):
+    """A session that needs no loading here: a model on a server, connected."""
+
+    session: Session
 
 
 @dataclass
@@ -149,6 +157,7 @@ class LLMChatApp(InspectingApp):
         completion: bool = False,
         settings: Settings | None = None,
         settings_problems: list[str] | None = None,
+        server: ServerSpec | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings or Settings()
@@ -164,7 +173,8 @@ class LLMChatApp(InspectingApp):
         self.model_path = Path(model_path) if model_path is not None else None
         self.store = store
         self.conversation = conversation or Conversation()
-        self.session: LocalSession | None = None  # the loaded model, behind the session calls
+        self.session: Session | None = None  # the loaded model (or a server's), behind the session calls
+        self.server = server  # the chat's model is on this server (model_path is then None)
         if sampling is None and self.conversation.sampling:  # a resumed chat keeps its settings
             try:
                 sampling = SamplingParams(**self.conversation.sampling)
@@ -235,8 +245,12 @@ class LLMChatApp(InspectingApp):
         self.query_one(MemoryPanel).show(None, None)
         self.query_one(TopKPanel).show(None)
         self._apply_panel_visibility()
-        self._status(activity="loading model…" if self.model_path else "no model")
-        if self.model_path is not None:
+        if self.server is not None:
+            self._status(activity=f"connecting to {self.server.url}…")
+            self.connect_server(self.server)
+        else:
+            self._status(activity="loading model…" if self.model_path else "no model")
+        if self.model_path is not None and self.server is None:
             self.load_model(self.model_path)
         await self._show_conversation()
         self._check_conversations()
@@ -295,7 +309,8 @@ class LLMChatApp(InspectingApp):
             (key_label(self.COMMAND_PALETTE_BINDING), "every action, by name"),
         ]
         info = session.info
-        await chat.mount(Welcome(info.name, info.kind, info.context_length, rows, list(info.labels)))
+        server = "" if not self._remote else _host(session.capabilities.where)
+        await chat.mount(Welcome(info.name, info.kind, info.context_length, rows, list(info.labels), server))
 
     async def _show_conversation(self) -> None:
         """Draw the current branch of the conversation (a resumed one, a switched branch, a new one)."""
@@ -319,7 +334,7 @@ class LLMChatApp(InspectingApp):
                 view.end = end_event(message.tokens, len(view.tokens))
                 line = saved_stats_line(message.stats or {})
                 await view.set_text(message.reasoning or "", message.content, line)
-                if (message.stats or {}).get("finish_reason") in ("cancelled", INTERRUPTED):
+                if (message.stats or {}).get("finish_reason") in ("cancelled", "error", INTERRUPTED):
                     view.add_class("stopped")  # as when it stopped live: the answer is not whole
                 if message.tool_calls:
                     await view.show_tool_calls(message.tool_calls)
@@ -388,8 +403,31 @@ class LLMChatApp(InspectingApp):
             return
         self.post_message(ModelLoaded(model))
 
+    @work(thread=True, exclusive=True, group="model")
+    def connect_server(self, spec: ServerSpec) -> None:
+        """Reach the server and its model (off the UI thread: a slow server must not freeze the chat)."""
+        from llmchat.session.remote import RemoteSession
+
+        try:
+            session = RemoteSession(spec, top_k=TOP_K_SHOWN)
+        except LLMChatError as err:
+            self.post_message(ModelFailed(str(err)))
+            return
+        except Exception as err:  # a server that answers in an unforeseen way must not kill the chat
+            self.post_message(ModelFailed(f"{type(err).__name__}: {err}"))
+            return
+        self.post_message(SessionReady(session))
+
     async def on_model_loaded(self, message: ModelLoaded) -> None:
-        session = self.session = LocalSession(message.model, top_k=TOP_K_SHOWN)
+        await self._session_ready(LocalSession(message.model, top_k=TOP_K_SHOWN))
+
+    async def on_session_ready(self, message: SessionReady) -> None:
+        await self._session_ready(message.session)
+
+    async def _session_ready(self, session: Session) -> None:
+        if self.session is not None and self.session is not session:
+            self.session.close()
+        self.session = session
         info = session.info
         try:
             base = self.sampling or info.default_sampling
@@ -397,7 +435,13 @@ class LLMChatApp(InspectingApp):
         except ValueError as err:
             self.sampling = self.sampling or info.default_sampling
             self.notify(str(err), title="Sampling option ignored", severity="warning", markup=False)
-        self.conversation.model = {"name": info.name, "path": info.path}
+        if not self._remote:
+            self.conversation.model = {"name": info.name, "path": info.path}
+        else:  # the server and its model name: never the API key, at most the name of its variable
+            self.conversation.model = {"name": info.name, "server": info.path}
+            if self.server is not None and self.server.api_key_env:
+                self.conversation.model["api_key_env"] = self.server.api_key_env
+        self.query_one(TopKPanel).describe(session.capabilities.probabilities if self._remote else "")
         self._status(
             model=info.name,
             device=info.device,
@@ -406,6 +450,7 @@ class LLMChatApp(InspectingApp):
             activity="",
         )
         self._refresh_cache_panel(0, 0, 0, 0)  # a fresh cache: no last turn (the old model's was not this one's)
+        self._show_server_cache()
         self._refresh_memory_panel()
         self._fit_mode(announce=True)
         await self._show_welcome()
@@ -568,8 +613,11 @@ class LLMChatApp(InspectingApp):
             await answer.show_tool_calls(calls)
         self.generating = False
         self._refresh_cache_panel(done.cache_tokens, done.cache_bytes, done.reused_tokens, done.prefilled_tokens)
+        self._show_server_cache(done)
         self._refresh_memory_panel()
-        activity = "stopped" if done.reason == "cancelled" else ""
+        activity = {"cancelled": "stopped", "error": "server error"}.get(done.reason, "")
+        if done.reason == "error":  # the text so far is kept (and saved) like a stopped answer's
+            self.notify(done.error, title="The server failed mid-answer", severity="error", timeout=10, markup=False)
         self._status(tokens_per_second=done.decode_tokens_per_second, activity=activity)
         self._save()
         self.refresh_inspector()
@@ -594,6 +642,8 @@ class LLMChatApp(InspectingApp):
     ) -> None:
         if self.session is None:
             return
+        if self._remote:
+            return  # a server's cache: what it reported at the answer's end (_show_server_cache)
         panel = self.query_one(KVCachePanel)
         stats = self.session.cache_stats()
         previous = panel.state
@@ -611,9 +661,36 @@ class LLMChatApp(InspectingApp):
         if status:
             self._status(context_tokens=tokens)
 
+    def _show_server_cache(self, done: Finished | None = None) -> None:
+        """A server's KV cache as its last answer reported it (prompt tokens, the part it reused);
+        nothing when the server did not say (0), and never bytes: those are the server's own."""
+        if self.session is None or not self._remote:
+            return
+        reported = done if done is not None and done.prompt_tokens > 0 else None
+        tokens = reported.prompt_tokens + reported.generated_tokens if reported else 0
+        self.query_one(KVCachePanel).show(
+            CacheState(
+                tokens=tokens,
+                capacity=self.session.info.context_length,
+                reused=reported.reused_tokens if reported else 0,
+                prefilled=reported.prefilled_tokens if reported else 0,
+                server=_host(self.session.capabilities.where),
+            )
+        )
+        self._status(context_tokens=tokens)
+
     def _refresh_memory_panel(self) -> None:
-        if self.session is not None:
-            self.query_one(MemoryPanel).show(*self.session.memory())
+        if self.session is None:
+            return
+        if not self.session.capabilities.memory:
+            self.query_one(MemoryPanel).show_server(_host(self.session.capabilities.where))
+            return
+        self.query_one(MemoryPanel).show(*self.session.memory())
+
+    @property
+    def _remote(self) -> bool:
+        """The chat's model runs on a server: the panels show what it reported, and only that."""
+        return self.session is not None and self.session.capabilities.where != "this process"
 
     # --- conversations -------------------------------------------------------------------------------
 
@@ -811,6 +888,14 @@ class LLMChatApp(InspectingApp):
         if self.session is None:
             self.notify("The model is not loaded yet.", severity="warning")
             return
+        if not self.session.capabilities.branch_at_token:
+            self.notify(
+                "Branching at a token is not available: the server cannot continue an answer from chosen "
+                "tokens (Ctrl+R regenerates, Ctrl+E edits the prompt).",
+                severity="warning",
+                markup=False,
+            )
+            return
         if isinstance(self.screen, InspectorScreen):
             self.pop_screen()
         token = answer.steps[index]
@@ -818,6 +903,8 @@ class LLMChatApp(InspectingApp):
 
     async def _branch_chosen(self, message_id: str, index: int, token_id: int | None) -> None:
         if token_id is None or self._busy("branch") or self.session is None:
+            return
+        if not self.session.capabilities.branch_at_token:
             return
         view = next((a for a in self.query(AssistantMessage) if a.message_id == message_id), None)
         if view is None or index >= len(view.steps):
@@ -869,6 +956,9 @@ class LLMChatApp(InspectingApp):
         saved = conversation.model.get("path")  # …and its model, when it was another one
         if saved and self.model_path is not None and Path(saved) != self.model_path and Path(saved).exists():
             self._switch_model(Path(saved))
+        server = saved_server(conversation)  # a chat held with a server, opened in a chat on a server
+        if server is not None and self.server is not None and not self._is_current_server(server):
+            self._switch_server(server)
 
     def on_conversations_screen_renamed(self, message: ConversationsScreen.Renamed) -> None:
         if message.conversation_id == self.conversation.id:
@@ -882,14 +972,51 @@ class LLMChatApp(InspectingApp):
         except LLMChatError as err:
             self.notify(str(err), title="Models", severity="error", markup=False)
             entries = []
-        self.push_screen(ModelsScreen(entries, current=self.model_path), self._chosen_model)
+        current = self.model_path if self.server is None else self.server.url
+        self.push_screen(ModelsScreen(entries, current=current), self._chosen_model)
 
-    def _chosen_model(self, path: Path | None) -> None:
-        if path is not None and path != self.model_path and not self._busy("change the model"):
-            self._switch_model(path)
+    def _chosen_model(self, choice: Path | ServerSpec | None) -> None:
+        if choice is None:
+            return
+        if isinstance(choice, ServerSpec):
+            same = self._is_current_server(choice)
+        else:
+            same = choice == self.model_path and self.server is None
+        if same or self._busy("change the model"):  # busy is asked only for a change: no warning for a no-op
+            return
+        if isinstance(choice, ServerSpec):
+            self._switch_server(choice)
+        else:
+            self._switch_model(choice)
+
+    def _is_current_server(self, spec: ServerSpec) -> bool:
+        """`spec` names the server and model the chat is connected to now (None: the server's only one)."""
+        if self.server is None or spec.url.rstrip("/") != self.server.url.rstrip("/"):
+            return False
+        current = self.session.info.name if self.session is not None else self.server.model
+        return spec.model is None or spec.model == current
+
+    def _switch_server(self, spec: ServerSpec) -> None:
+        """Chat with a model on a server from now on (the session before it is closed)."""
+        if self.session is not None:
+            self.session.close()
+        self.model_path, self.session, self.server = None, None, spec
+        self.query_one(KVCachePanel).show(CacheState())
+        self.query_one(MemoryPanel).show(None, None)
+        self._status(
+            activity=f"connecting to {spec.url}…",
+            model=spec.model or _host(spec.url),
+            device="",
+            precision="",
+            tokens_per_second=None,
+            context_tokens=0,
+        )
+        self.connect_server(spec)
 
     def _switch_model(self, path: Path) -> None:
-        self.model_path, self.session = path, None
+        if self.session is not None:
+            self.session.close()
+        self.model_path, self.session, self.server = path, None, None
         # Nothing the last model measured is true of the next one.
         self.query_one(KVCachePanel).show(CacheState())
         self.query_one(MemoryPanel).show(None, None)
@@ -898,8 +1025,8 @@ class LLMChatApp(InspectingApp):
 
     @property
     def model(self) -> LoadedModel | None:
-        """The engine behind the session (for tests and tools; the app itself goes through the session)."""
-        return self.session.model if self.session is not None else None
+        """The engine behind a local session (for tests and tools; the app itself goes through the session)."""
+        return self.session.model if isinstance(self.session, LocalSession) else None
 
     def _forget_prompts(self) -> None:
         if self.session is not None:
@@ -909,6 +1036,10 @@ class LLMChatApp(InspectingApp):
         """Another conversation is shown (a new or an opened one): the KV panel's last turn and the
         status bar's tok/s were the previous chat's. The engine's cache still holds that chat's
         tokens until the next request, which keeps only the start they share with its prompt."""
+        if self._remote:
+            self._show_server_cache()
+            self._status(tokens_per_second=None)
+            return
         panel = self.query_one(KVCachePanel)
         old = panel.state
         left_over = old.tokens or old.left_over
@@ -1043,6 +1174,21 @@ class LLMChatApp(InspectingApp):
         self._panels_wanted = not self._panels_wanted
         self._apply_panel_visibility()
         self._persist(panels=self._panels_wanted)
+
+
+def saved_server(conversation: Conversation) -> ServerSpec | None:
+    """The server a saved conversation was held with (None: a local model's), to connect to again."""
+    model = conversation.model
+    url = model.get("server")
+    if not isinstance(url, str) or not url:
+        return None
+    name, key_env = model.get("name"), model.get("api_key_env")
+    return ServerSpec(url=url, model=name if isinstance(name, str) and name else None, api_key_env=key_env or None)
+
+
+def _host(url: str) -> str:
+    """host:port of a server's URL, for the status bar and the panels."""
+    return urlsplit(url).netloc or url
 
 
 def _sampling_dict(params: SamplingParams) -> dict[str, Any]:

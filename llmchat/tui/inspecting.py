@@ -1,5 +1,6 @@
 """The inspector's half of the app: the token cursor and heatmap, and the inspector screen's views
-(the policy of a step, the prompt as the model sees it, the timeline).
+(the policy of a step, the prompt as the model sees it, the timeline). A session that cannot re-read a
+step's logits (a server) gets a partial policy view, over the candidates it returned with the step.
 
 `LLMChatApp` builds on `InspectingApp`; what changes the conversation (generation, branching at a
 token, regenerate) stays in app.py. Views here only read the chat and ask the session. Views that
@@ -9,8 +10,8 @@ worker holds while it generates, so the UI thread never touches torch and never 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rich.text import Text
@@ -19,10 +20,10 @@ from textual.app import App
 from textual.message import Message
 
 from llmchat.chat.conversation import Conversation
-from llmchat.engine import LLMChatError, SamplingParams
+from llmchat.engine import LLMChatError, SamplingParams, TokenEvent, TopToken
 from llmchat.engine.inspector import PolicyView, PromptView
 from llmchat.engine.prompt import CHAT, COMPLETION, PromptMode
-from llmchat.session import LocalSession
+from llmchat.session import Session
 from llmchat.tui.screens.inspector import InspectorScreen, StepContext
 from llmchat.tui.widgets.inspector import Timeline, inherited_tokens, saved_policy_text, step_title
 from llmchat.tui.widgets.messages import AssistantMessage
@@ -59,7 +60,7 @@ class InspectingApp(App[None]):
     """Token cursor, heatmap and the inspector, over the chat in app.py."""
 
     # Provided by the chat app (app.py).
-    session: LocalSession | None
+    session: Session | None
     sampling: SamplingParams | None
     conversation: Conversation
     generating: bool
@@ -233,6 +234,9 @@ class InspectingApp(App[None]):
         self.refresh_inspector()
 
     def _refresh_policy(self, screen: InspectorScreen) -> None:
+        if self.session is not None and not self.session.capabilities.reread_steps:
+            self._refresh_partial_policy(screen)
+            return
         if self.generating and self._token_answer is None:  # no cursor: follow the newest step live
             self.live_policy = True
             waiting = Text("waiting for the next token…", style="dim")
@@ -288,11 +292,47 @@ class InspectingApp(App[None]):
             return
         self.post_message(PolicyReady(request, view))
 
+    def _refresh_partial_policy(self, screen: InspectorScreen) -> None:
+        """A server's step: its logits cannot be read again, so the sampler chain runs over the top N
+        candidates the server returned with it (a partial view, and it says so)."""
+        step = self._inspected_step()
+        if step is None:
+            screen.show_policy(Text("No answer yet: ask something first."), Text())
+            return
+        answer, index = step
+        token = answer.steps[index]
+        params = self.policy_params()
+        if params is None or not token.top:
+            note = "The server returned no candidates for this step: there is no policy to show."
+            screen.show_policy(step_title(token, index, len(answer.steps)), Text(note, style="dim"))
+            return
+        before = [t.token_id for t in answer.steps[:index]]
+        self._compute_partial_policy(self._inspector_request, token, params, before)
+
+    @work(thread=True, exclusive=True, group="inspect")
+    def _compute_partial_policy(
+        self, request: int, token: TokenEvent, params: SamplingParams, before: list[int]
+    ) -> None:
+        try:
+            view = partial_policy_view(token, params, before)
+        except (ValueError, RuntimeError, LLMChatError) as err:  # odd numbers from a server: a note, no crash
+            self.post_message(PolicyReady(request, None, f"No policy view for this step ({err})."))
+            return
+        count = len(token.top)
+        shown = sum(t.prob for t in token.top)
+        note = (
+            f"partial (top {count} from the server): the server cannot re-read a step's logits, so the sampler "
+            f"chain runs over the {count} candidates it returned, renormalized over them (they held {shown:.1%} "
+            "of the probability). Counts are of those candidates; the repetition penalty sees only the "
+            "answer's tokens among them."
+        )
+        self.post_message(PolicyReady(request, view, note))
+
     def live_policy_view(self, sequence: list[int], chosen: int, params: SamplingParams) -> None:
         """On the answer's worker, at a UI frame: the view of the step it just sampled (its logits
         are the generator's latest, so no forward pass runs). Called only while `live_policy`."""
         session = self.session
-        if session is None:
+        if session is None or not session.capabilities.reread_steps:
             return
         self.post_message(PolicyReady(LIVE, session.live_policy_view(sequence, chosen, params)))
 
@@ -309,7 +349,7 @@ class InspectingApp(App[None]):
         if message.view is None:
             screen.show_policy(title, saved_policy_text(answer.steps[index], message.note + " The saved top-k:"))
             return
-        screen.show_policy(title, message.view)
+        screen.show_policy(title, message.view, message.note)
 
     def _next_request_messages(self) -> tuple[list[dict[str, Any]], str]:
         """The messages the next request would send: the branch so far plus the draft in the input."""
@@ -322,6 +362,14 @@ class InspectingApp(App[None]):
     def _refresh_prompt(self, screen: InspectorScreen) -> None:
         if self.session is None:
             screen.show_prompt(None, note="No model loaded: the prompt view needs its chat template and tokenizer.")
+            return
+        if not self.session.capabilities.prompt_tokens:
+            note = (
+                "The prompt view is not available: the server does not return the prompt's tokens. Start the "
+                "chat with --tokenizer PATH (a local copy of the server's model) to see the prompt as its "
+                "template and tokenizer render it."
+            )
+            screen.show_prompt(None, note=note)
             return
         if self.generating:
             screen.show_prompt(None, note="Streaming: the next request shows when the answer is done.")
@@ -357,3 +405,30 @@ class InspectingApp(App[None]):
         timeline = Timeline.of_answer(answer.steps, stats, inherited_tokens(answer.forced))
         note = "" if timeline is not None else "This answer kept no timings (saved by an older version)."
         screen.show_timeline(timeline, note)
+
+
+def partial_policy_view(token: TokenEvent, params: SamplingParams, before: Sequence[int] = ()) -> PolicyView:
+    """The sampler chain of a step seen only through the candidates a server returned with it
+    (`token.top`, its log-probabilities standing for the logits): the same stage functions as the
+    full view, over those N as if they were the whole vocabulary. `before`: the answer's tokens before
+    the step, the repetition penalty's context (only those among the candidates count). A worker-thread
+    call: it runs torch."""
+    import torch
+
+    from llmchat.engine.inspector import policy_view
+
+    candidates = list(token.top)
+    if all(t.token_id != token.token_id for t in candidates):  # sampled from outside the top N
+        candidates.append(TopToken(token.token_id, token.text, token.logit, token.prob, token.policy_prob))
+    position = {t.token_id: i for i, t in enumerate(candidates)}
+    logits = torch.tensor([t.logit for t in candidates], dtype=torch.float32)
+    view = policy_view(
+        logits,
+        params,
+        lambda i: candidates[i].text,
+        context_ids=[position[i] for i in before if i in position],
+        top=len(candidates),
+        chosen_id=position[token.token_id],
+    )
+    shown = tuple(replace(c, token_id=candidates[c.token_id].token_id) for c in view.candidates)
+    return replace(view, candidates=shown, chosen_id=token.token_id)

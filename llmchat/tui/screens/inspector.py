@@ -140,6 +140,7 @@ class InspectorScreen(Screen[None]):
         self.what_if: SamplingParams | None = None
         # What is drawn now, as data (tests read these).
         self.policy: PolicyView | None = None
+        self.policy_note = ""  # what the policy view is when it is not the whole chain ("partial (top 8 …")
         self.prompt: PromptView | None = None
         self.timeline: Timeline | None = None
         self.inside: StepInside | None = None
@@ -203,12 +204,16 @@ class InspectorScreen(Screen[None]):
     def _colour(self, name: str, fallback: str) -> str:
         return self.app.theme_variables.get(name, fallback)
 
-    def show_policy(self, step: Text, body: Text | PolicyView) -> None:
-        """A step's title and either its sampler chain (a PolicyView) or a note / its saved top-k."""
+    def show_policy(self, step: Text, body: Text | PolicyView, note: str = "") -> None:
+        """A step's title and either its sampler chain (a PolicyView, with a `note` on what it is: a
+        partial one of a server's candidates) or a note / its saved top-k."""
         self.policy = body if isinstance(body, PolicyView) else None
+        self.policy_note = note
         if isinstance(body, PolicyView):
             chat = getattr(self.app, "sampling", None)
             body = policy_text(body, self._colour("accent", "cyan"), self._colour("error", "red"), chat=chat)
+            if note:
+                body = Text(note + "\n\n", style=f"bold {self._colour('warning', 'yellow')}") + body
         self.query_one("#policy-step", Static).update(step)
         self.query_one("#policy-body", Static).update(body)
 

@@ -1,4 +1,5 @@
-"""Choose a model: the registered ones (`llmchat models list`), or any path typed in."""
+"""Choose a model: the registered ones (`llmchat models list`, models on a server among them), or any
+path typed in."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.widgets import DataTable, Input, Static
 
-from llmchat.models import ModelEntry
+from llmchat.models import ModelEntry, remote_model
+from llmchat.session import ServerSpec
 from llmchat.tui.screens.confirm import Dialog
 from llmchat.tui.widgets.format import human_bytes
 
@@ -22,17 +24,20 @@ NO_MODELS = "No models registered — `llmchat models add PATH` adds one."
 HINT = "Enter load · Tab to the path box · Esc close   (● loaded, * default)"
 
 
-def _same_path(a: Path, b: Path | None) -> bool:
+def _same_path(a: Path | str, b: Path | str | None) -> bool:
     if b is None:
         return False
+    if isinstance(a, str) or isinstance(b, str):  # a server's URL
+        return a == b
     try:
         return a.expanduser().resolve() == b.expanduser().resolve()
     except OSError:
         return a == b
 
 
-class ModelsScreen(Dialog[Path | None]):
-    """The registered models in a table; dismisses with the chosen model's path, or None."""
+class ModelsScreen(Dialog[Path | ServerSpec | None]):
+    """The registered models in a table; dismisses with the chosen model's path (a server's model:
+    its ServerSpec), or None."""
 
     DEFAULT_CSS = """
     ModelsScreen #table {
@@ -57,7 +62,7 @@ class ModelsScreen(Dialog[Path | None]):
         Binding("escape", "close", "Close"),
     ]
 
-    def __init__(self, entries: Sequence[ModelEntry], current: Path | None = None) -> None:
+    def __init__(self, entries: Sequence[ModelEntry], current: Path | str | None = None) -> None:
         super().__init__()
         self.entries = list(entries)
         self.current = current
@@ -108,6 +113,13 @@ class ModelsScreen(Dialog[Path | None]):
             self.notify(
                 f"{entry.name}: {entry.problem}", title="Cannot load this model", severity="error", markup=False
             )
+            return
+        if isinstance(entry.path, str):  # a model on a server: its URL, model name and key's variable
+            server = remote_model(entry.name)
+            if server is None:  # listed, then unregistered meanwhile: what the row says
+                self.dismiss(ServerSpec(url=entry.path, model=entry.architecture))
+            else:
+                self.dismiss(ServerSpec(url=server.url, model=server.model, api_key_env=server.api_key_env))
             return
         self.dismiss(entry.path)
 

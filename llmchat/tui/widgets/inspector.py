@@ -6,6 +6,7 @@ text, so they are easy to test and cost the UI thread only string work.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,8 @@ def step_title(token: TokenEvent, index: int, total: int) -> Text:
     text = Text()
     text.append(f"Step {index + 1} of {total}", style="bold")
     text.append(f" · token {visible_token(token.text)} (id {token.token_id}) · raw p {token.prob:.1%}")
-    text.append(f" · policy p {token.policy_prob:.1%} · rank {token.rank + 1}")
+    policy = "n/a" if math.isnan(token.policy_prob) else f"{token.policy_prob:.1%}"  # a server may not say
+    text.append(f" · policy p {policy} · rank {token.rank + 1}")
     text.append(f" · entropy {token.entropy:.2f} bits")
     return text
 
@@ -105,7 +107,10 @@ def saved_policy_text(token: TokenEvent, note: str) -> Text:
         out.append("▶" if chosen else " ", style="bold")
         out.append(f"{visible_token(top.text)[: TOKEN_WIDTH - 1]:<{TOKEN_WIDTH - 1}}{top.logit:>8.2f}  ")
         out.append(f"{top.prob:>6.1%}{bar(top.prob, BAR)}  ")
-        out.append(f"{top.policy_prob:>6.1%}{bar(top.policy_prob, BAR)}" if top.policy_prob > 0 else f"{'cut':>6}")
+        if math.isnan(top.policy_prob):
+            out.append(f"{'n/a':>6}")
+        else:
+            out.append(f"{top.policy_prob:>6.1%}{bar(top.policy_prob, BAR)}" if top.policy_prob > 0 else f"{'cut':>6}")
         out.append("\n")
     return out
 
@@ -186,15 +191,22 @@ def _rate(tokens: float, seconds: float) -> str:
     return f"{tokens / seconds:,.0f} tok/s" if seconds > 0 else "–"
 
 
-def timeline_prefill(timeline: Timeline, accent: str = "cyan") -> Text:
-    out = Text()
-    n = len(timeline.prefill_chunks)
-    out.append("Prefill", style="bold")
-    out.append(
+def _prefill_line(timeline: Timeline, n: int) -> str:
+    return (
         f"  prompt {timeline.prompt_tokens:,} tokens: {timeline.reused_tokens:,} reused from the KV cache, "
         f"{timeline.prefill_tokens:,} prefilled in {n} chunk{'s' if n != 1 else ''} · "
         f"{timeline.prefill_seconds * 1000:,.0f} ms · {_rate(timeline.prefill_tokens, timeline.prefill_seconds)}\n"
     )
+
+
+def timeline_prefill(timeline: Timeline, accent: str = "cyan") -> Text:
+    out = Text()
+    n = len(timeline.prefill_chunks)
+    out.append("Prefill", style="bold")
+    if not timeline.prompt_tokens and not n:  # a server's answer: its prefill ran there, unreported
+        out.append("  on the server: the prompt's tokens and prefill timings were not reported\n")
+    else:
+        out.append(_prefill_line(timeline, n))
     longest = max((s for _, s in timeline.prefill_chunks), default=0.0)
     for i, (tokens, seconds) in enumerate(timeline.prefill_chunks):
         out.append(f"  chunk {i + 1:<3}{tokens:>6,} tok {seconds * 1000:>8,.0f} ms {_rate(tokens, seconds):>12}  ")

@@ -30,6 +30,7 @@ _REASONS = {
     "max_new_tokens": "token limit",
     "context_full": "context full",
     "cancelled": "stopped",
+    "error": "cut off: the server failed",
 }
 
 
@@ -40,7 +41,8 @@ def stats_line(done: Finished) -> str:
         parts.append(f"{done.decode_tokens_per_second:.1f} tok/s")
     if done.reused_tokens:
         parts.append(f"{done.reused_tokens} cached + {done.prefilled_tokens} prefilled")
-    parts.append(_REASONS.get(done.reason, done.reason))
+    reason = _REASONS.get(done.reason, done.reason)
+    parts.append(f"{reason} ({done.error})" if done.reason == "error" and done.error else reason)
     return " · ".join(parts)
 
 
@@ -143,7 +145,7 @@ class AssistantMessage(Vertical):
         for selector in (".reasoning-text", ".content"):
             await self._markdown(selector).finish()
         self.show_stats(stats_line(done))
-        if done.reason == "cancelled":
+        if done.reason in ("cancelled", "error"):
             self.add_class("stopped")
 
     async def set_text(self, reasoning: str, content: str, stats: str = "") -> None:

@@ -6,6 +6,7 @@ Rich text. They are fed from engine events by the app; none of them touches a te
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from rich.cells import set_cell_size
@@ -48,6 +49,8 @@ class CacheState:
     left_over: int = 0
     # A hybrid model's recurrent layers: bytes of their fixed state (and its snapshots), part of bytes_used
     state_bytes: int = 0
+    # The cache is a server's ("host:port"): only what it reported is known (bytes never are)
+    server: str = ""
 
 
 class KVCachePanel(Panel):
@@ -65,6 +68,8 @@ class KVCachePanel(Panel):
 
     def _render_state(self) -> RenderableType:
         s = self.state
+        if s.server:
+            return self._render_server(s)
         share = s.tokens / s.capacity if s.capacity else 0.0
         lines = Text()
         lines.append(f"{s.tokens:,}", style="bold")
@@ -86,6 +91,25 @@ class KVCachePanel(Panel):
         lines.append(f"{s.prefilled:,} prefilled")
         return lines
 
+    def _render_server(self, s: CacheState) -> Text:
+        """A server's cache: what its last answer reported (0: not reported), never bytes."""
+        lines = Text()
+        lines.append(f"on the server {s.server}\n", style="dim")
+        if s.tokens:
+            lines.append(f"{s.tokens:,}", style="bold")
+            lines.append(f" / {s.capacity:,} tokens\n" if s.capacity else " tokens (context not reported)\n")
+        else:
+            lines.append("tokens: not reported yet\n" if s.capacity else "tokens, context: not reported\n", style="dim")
+        lines.append("bytes: not reported\n", style="dim")
+        lines.append("last turn: ", style="dim")
+        if s.tokens:
+            lines.append(f"{s.reused:,} reused", style=self.themed("$success"))
+            lines.append(" · ", style="dim")
+            lines.append(f"{s.prefilled:,} prefilled")
+        else:
+            lines.append("not reported", style="dim")
+        return lines
+
 
 class MemoryPanel(Panel):
     """The memory bill: predicted by the memory math next to what is measured now."""
@@ -96,12 +120,20 @@ class MemoryPanel(Panel):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.predicted: MemoryEstimate | None = None
         self.measured: MemoryUsage | None = None
+        self.server = ""  # a server's model: its memory is not known here
 
     def show(self, predicted: MemoryEstimate | None, measured: MemoryUsage | None) -> None:
-        self.predicted, self.measured = predicted, measured
+        self.predicted, self.measured, self.server = predicted, measured, ""
         self.update(self._render_state(), layout=False)  # fixed size: no screen reflow
 
+    def show_server(self, where: str) -> None:
+        """The model's memory is a server's: nothing here is invented."""
+        self.predicted, self.measured, self.server = None, None, where
+        self.update(self._render_state(), layout=False)
+
     def _render_state(self) -> RenderableType:
+        if self.server:
+            return Text(f"on the server {self.server}\nits memory is not reported", style="dim")
         table = Table.grid(padding=(0, 1))
         table.add_column(style="dim")
         table.add_column(justify="right")
@@ -128,6 +160,14 @@ class TopKPanel(Panel):
     def __init__(self, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.event: TokenEvent | None = None
+        # What the numbers are when they are not this engine's own: a server's (its capabilities say)
+        self.source = ""
+
+    def describe(self, source: str) -> None:
+        """Say where the candidates come from ("" for llmchat's own engine: raw and after the policy)."""
+        self.source = source
+        self.border_title = "Top-k · from the server" if source else self.BORDER_TITLE
+        self.update(self._render_state(), layout=False)
 
     def show(self, event: TokenEvent | None, *, title: str = "latest token") -> None:
         self.event = event
@@ -135,6 +175,12 @@ class TopKPanel(Panel):
         self.update(self._render_state(), layout=False)  # fixed size: no screen reflow
 
     def _render_state(self) -> RenderableType:
+        out = self._render_event()
+        if self.source:
+            out = Text(self.source + "\n", style="dim") + out
+        return out
+
+    def _render_event(self) -> Text:
         # Plain Text lines with fixed cell widths: a rich Table measured its columns on every
         # repaint, which cost ~20 ms of the UI thread per token shown.
         event = self.event
@@ -149,7 +195,9 @@ class TopKPanel(Panel):
             out.append(set_cell_size(visible_token(top.text), 9), style="bold" if chosen else "")
             out.append(f" {top.prob:>6.1%} ", style="dim")
             out.append(bar(top.prob, 5), style=raw_style)
-            if top.policy_prob > 0:
+            if math.isnan(top.policy_prob):  # a server that does not say what its sampler made of it
+                out.append("    n/a", style="dim")
+            elif top.policy_prob > 0:
                 out.append(f" {top.policy_prob:>6.1%} ")
                 out.append(bar(top.policy_prob, 5), style=policy_style)
             else:
@@ -160,8 +208,11 @@ class TopKPanel(Panel):
             out.append(set_cell_size(visible_token(event.text), 9))
             out.append(f" {event.prob:>6.1%} ", style="dim")
             out.append(f"#{event.rank + 1:<4}", style="dim")
-            out.append(f" {event.policy_prob:>6.1%}\n")
-        if event.entropy or event.policy_entropy:
+            out.append("    n/a\n" if math.isnan(event.policy_prob) else f" {event.policy_prob:>6.1%}\n")
+        if self.source and event.entropy:  # a server's top N: the rest of the vocabulary is not known
+            out.append(f"\nentropy ≥ {event.entropy:.2f} bits (top {len(event.top)})", style="dim")
+            out.append(f" · rank #{event.rank + 1}", style="dim")
+        elif event.entropy or event.policy_entropy:
             out.append(f"\nentropy {event.entropy:.2f} bits", style="dim")
             out.append(f" · policy {event.policy_entropy:.2f}", style="dim")
             out.append(f" · rank #{event.rank + 1}", style="dim")

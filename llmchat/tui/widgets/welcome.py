@@ -33,12 +33,21 @@ def kind_line(kind: str, capabilities: Sequence[str] = ()) -> str:
 
 
 def welcome_text(
-    model: str, kind: str, context: int, keys: Sequence[tuple[str, str]], capabilities: Sequence[str] = ()
+    model: str,
+    kind: str,
+    context: int,
+    keys: Sequence[tuple[str, str]],
+    capabilities: Sequence[str] = (),
+    server: str = "",
 ) -> Text:
-    """The model's name; its kind and context size; then each (key, what it does), keys aligned."""
+    """The model's name; its kind and context size (and the server it runs on: `server`, host:port);
+    then each (key, what it does), keys aligned."""
     text = Text()
     text.append(model, style="bold")
-    text.append(f"\n{kind_line(kind, capabilities)} · {context:,}-token context\n")
+    sizes = f" · {context:,}-token context" if context else ""  # a server may not say its context
+    text.append(f"\n{kind_line(kind, capabilities)}{sizes}\n")
+    if server:
+        text.append(f"It runs on the server {server}: the answers and their top-k come from there.\n")
     width = max((len(key) for key, _ in keys), default=0)
     for key, what in keys:
         text.append(f"\n{key.ljust(width)}  ", style="bold")
@@ -60,6 +69,12 @@ class Welcome(Static):
     """
 
     def __init__(
-        self, model: str, kind: str, context: int, keys: Sequence[tuple[str, str]], capabilities: Sequence[str] = ()
+        self,
+        model: str,
+        kind: str,
+        context: int,
+        keys: Sequence[tuple[str, str]],
+        capabilities: Sequence[str] = (),
+        server: str = "",
     ) -> None:
-        super().__init__(welcome_text(model, kind, context, keys, capabilities), id="welcome", markup=False)
+        super().__init__(welcome_text(model, kind, context, keys, capabilities, server), id="welcome", markup=False)
