@@ -314,6 +314,12 @@ def test_a_saved_server_chat_keeps_its_server_and_old_files_still_open(tmp_path:
     assert "sk-" not in (tmp_path / "conversations" / f"{conversation.id}.json").read_text(encoding="utf-8")
     local = Conversation(model={"name": "tiny", "path": "/models/tiny"})
     assert saved_server(local) is None
+    ollama = Conversation(model={"name": "llama3.2", "server": "http://127.0.0.1:11434", "protocol": "ollama"})
+    ollama.add_user("hi")
+    store.save(ollama)
+    assert saved_server(store.load(ollama.id)) == ServerSpec(
+        "http://127.0.0.1:11434", model="llama3.2", protocol="ollama"
+    )
 
 
 def _step(tops: list[tuple[str, float]], chosen: str) -> TokenEvent:

@@ -134,6 +134,7 @@ class ModelData(TypedDict, total=False):
     path: Annotated[str, Field(min_length=1)]
     server: Annotated[str, Field(min_length=1)]  # a model on a server: its URL (then there is no path)
     api_key_env: Annotated[str, Field(min_length=1)]  # the environment variable of its API key, never the key
+    protocol: Literal["openai", "ollama"]  # how the server is spoken to (absent: OpenAI's)
 
 
 class SamplingData(TypedDict, total=False):

@@ -441,6 +441,8 @@ class LLMChatApp(InspectingApp):
             self.conversation.model = {"name": info.name, "server": info.path}
             if self.server is not None and self.server.api_key_env:
                 self.conversation.model["api_key_env"] = self.server.api_key_env
+            if self.server is not None and self.server.protocol != "openai":
+                self.conversation.model["protocol"] = self.server.protocol  # Ollama's own API
         self.query_one(TopKPanel).describe(session.capabilities.probabilities if self._remote else "")
         self._status(
             model=info.name,
@@ -1183,7 +1185,13 @@ def saved_server(conversation: Conversation) -> ServerSpec | None:
     if not isinstance(url, str) or not url:
         return None
     name, key_env = model.get("name"), model.get("api_key_env")
-    return ServerSpec(url=url, model=name if isinstance(name, str) and name else None, api_key_env=key_env or None)
+    protocol = "ollama" if model.get("protocol") == "ollama" else "openai"
+    return ServerSpec(
+        url=url,
+        model=name if isinstance(name, str) and name else None,
+        api_key_env=key_env or None,
+        protocol=protocol,
+    )
 
 
 def _host(url: str) -> str:
