@@ -364,3 +364,26 @@ def test_a_file_changed_behind_the_stores_back_is_checked_again_before_a_save(tm
     with pytest.raises(StoreError, match="will not overwrite"):
         store.save(conv)
     assert path.read_text(encoding="utf-8").endswith('"id": ')
+
+
+def test_an_unknown_policy_probability_stays_unknown_through_a_saved_file(tmp_path: Path) -> None:
+    """A server's token (policy probability not reported: NaN) is saved without one and read back as
+    unknown, not as 0 (which the panels show as "cut by the policy")."""
+    import math
+
+    from llmchat.chat.conversation import token_record
+    from llmchat.engine.events import TokenEvent, TopToken
+    from llmchat.tui.widgets.tokens import token_event
+
+    top = (TopToken(0, "Paris", -0.1, 0.9, math.nan), TopToken(1, "Lyon", -3.0, 0.05, math.nan))
+    event = TokenEvent(0, "Paris", 0, -0.1, 0.9, math.nan, 0, top, 0.01, 0, 0)
+    conversation = Conversation(model={"name": "m", "server": "http://127.0.0.1:1"})
+    conversation.add_user("capital?")
+    conversation.add_assistant("Paris", stats={"tokens": 1}, tokens=[token_record(event)])
+    store = ConversationStore(tmp_path / "c")
+    store.save(conversation)
+    [record] = next(m for m in store.load(conversation.id).messages if m.role == "assistant").tokens or []
+    assert "policy_prob" not in record and all(len(entry) == 4 for entry in record["top"])
+    back = token_event(record, 0)
+    assert math.isnan(back.policy_prob) and all(math.isnan(t.policy_prob) for t in back.top)
+    assert back.prob == pytest.approx(0.9) and [t.text for t in back.top] == ["Paris", "Lyon"]

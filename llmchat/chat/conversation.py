@@ -485,6 +485,9 @@ def token_record(event: Any, *, forced: bool = False, end: bool = False) -> Toke
             for t, i in zip(event.top, range(2, len(numbers), 3))
         ],
     }
+    if event.policy_prob != event.policy_prob:  # NaN: a server that does not say what its sampler made of it
+        del record["policy_prob"]  # absent, read back as unknown (not as "cut", which 0 would say)
+        record["top"] = [entry[:4] for entry in record["top"]]
     if forced:
         record["forced"] = True  # picked by the user at a branch, not sampled
     if end:

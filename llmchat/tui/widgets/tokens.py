@@ -11,6 +11,7 @@ the same way, without the model loaded.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -42,7 +43,7 @@ def token_event(record: dict[str, Any], index: int) -> TokenEvent:
             text=str(entry[1]),
             logit=float(entry[2]),
             prob=float(entry[3]),
-            policy_prob=float(entry[4]) if len(entry) > 4 else 0.0,
+            policy_prob=float(entry[4]) if len(entry) > 4 else math.nan,  # not kept: unknown
         )
         for entry in record.get("top", [])
     )
@@ -54,7 +55,7 @@ def token_event(record: dict[str, Any], index: int) -> TokenEvent:
         index=index,
         logit=next((t.logit for t in top if t.token_id == record.get("id")), 0.0),
         prob=float(record.get("prob", 0.0)),
-        policy_prob=float(record.get("policy_prob", 0.0)),
+        policy_prob=float(record.get("policy_prob", math.nan)),
         rank=int(record.get("rank", 0)),
         top=top,
         seconds=float(record.get("seconds", 0.0)),
