@@ -120,6 +120,15 @@ def test_completions_tokenize_and_bad_requests(server: str, demo_gguf: Path) -> 
     choice = reply["choices"][0]
     assert choice["text"] and len(choice["logprobs"]["tokens"]) == 4 == reply["usage"]["completion_tokens"]
     assert "".join(choice["logprobs"]["tokens"]) == choice["text"]
+    assert len(choice["logprobs"]["token_policy_logprobs"]) == 4  # greedy: the chosen token's policy p is 1
+    assert all(math.isclose(v, 0.0, abs_tol=1e-6) for v in choice["logprobs"]["token_policy_logprobs"])
+    streamed = httpx.post(
+        server + "/v1/completions",
+        json={"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "stream": True},
+    )
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+    assert streamed.text.rstrip().endswith("data: [DONE]")
     tokens = httpx.post(server + "/tokenize", json={"content": "Hello world"}).json()["tokens"]
     assert tokens == open_tokenizer(demo_gguf).encode("Hello world")
     assert httpx.post(server + "/detokenize", json={"tokens": tokens}).json()["content"] == "Hello world"
@@ -133,13 +142,20 @@ def test_completions_tokenize_and_bad_requests(server: str, demo_gguf: Path) -> 
         assert response.status_code == 400, body
         error = response.json()["error"]
         assert error["type"] == "invalid_request_error" and error["message"] and error["param"] == param
+    # a prompt longer than the context: a 400 before the stream's headers, not an error mid-stream
+    context = httpx.get(server + "/v1/models").json()["data"][0]["max_model_len"]
+    long = {"messages": [{"role": "user", "content": "hi " * (context + 10)}], "stream": True}
+    response = httpx.post(server + "/v1/chat/completions", json=long, timeout=120)
+    assert response.status_code == 400 and "context" in response.json()["error"]["message"]
 
 
 def test_a_client_that_leaves_mid_stream_leaves_the_server_answering(server: str) -> None:
     body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 200, "stream": True}
     with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as response:
-        for n, _ in enumerate(response.iter_lines()):
-            if n >= 4:
+        chunks = 0
+        for line in response.iter_lines():
+            chunks += line.startswith("data: ")
+            if chunks >= 2:
                 break  # closes the connection mid-answer
     reply = httpx.post(
         server + "/v1/chat/completions",
@@ -147,6 +163,8 @@ def test_a_client_that_leaves_mid_stream_leaves_the_server_answering(server: str
         timeout=120,
     )
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+    metrics = httpx.get(server + "/metrics").text
+    assert "llmchat:requests_cancelled_total 1" in metrics.splitlines()  # the engine stopped, not finished
 
 
 def test_llmchats_remote_session_reads_both_probabilities(server: str) -> None:
@@ -179,3 +197,16 @@ def test_an_api_key_is_required_when_set_and_never_echoed(demo_gguf: Path) -> No
     finally:
         err = _stop(process)
     assert KEY not in err
+
+
+def test_a_port_in_use_is_one_line(demo_gguf: Path, server: str) -> None:
+    port = server.rsplit(":", 1)[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "llmchat", "serve", str(demo_gguf), "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(f"llmchat: error: cannot listen on 127.0.0.1:{port}")

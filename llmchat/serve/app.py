@@ -8,6 +8,8 @@ The numbers: `logprob` is the log of the raw softmax (temperature 1, nothing cut
 said), as llama-server and Ollama report it. llmchat also sends what the sampling policy made of each
 candidate, as an extension field `policy_logprob` next to every `logprob` (null where the policy
 cut the token); clients that do not know it ignore it, llmchat's own remote session shows it.
+In the legacy completions shape the same numbers travel as `token_policy_logprobs` (one per token,
+next to `token_logprobs`) and `top_policy_logprobs` (`{token: policy_logprob}`, next to `top_logprobs`).
 
 One generation at a time: the engine has one KV cache. Requests wait their turn; a conversation
 that comes back with its earlier turns reuses the cached prefix (`usage.prompt_tokens_details.
@@ -17,12 +19,13 @@ cached_tokens` says how much). A client that disconnects mid-stream stops its ge
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +79,7 @@ class Request_:
 @dataclass
 class _Counters:
     requests: int = 0
+    cancelled: int = 0  # of those, stopped because the client left
     generated_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -174,7 +178,7 @@ class EngineServer:
 
     # --- generating ----------------------------------------------------------------------------------
 
-    async def events(self, req: Request_, cancel: threading.Event) -> AsyncIterator[Any]:
+    async def events(self, req: Request_, cancel: threading.Event) -> AsyncGenerator[Any, None]:
         """The engine's events for `req`, produced by a thread that holds the engine for the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -192,10 +196,13 @@ class EngineServer:
                     max_new_tokens=req.max_tokens,
                     stop_strings=req.stop,
                 ):
+                    if isinstance(event, Finished):
+                        self._count(event)
                     loop.call_soon_threadsafe(queue.put_nowait, event)
             except Exception as exc:  # a template error, a full context: the client gets it as an error
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             finally:
+                self.session.forget_prompts()  # each request's prompt ids would pile up otherwise
                 self._turn.release()
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
 
@@ -210,6 +217,7 @@ class EngineServer:
 
     def _count(self, done: Finished) -> None:
         self.counters.requests += 1
+        self.counters.cancelled += done.reason == "cancelled"
         self.counters.generated_tokens += done.generated_tokens
         self.counters.prompt_tokens += done.prompt_tokens
         self.counters.cached_tokens += done.reused_tokens
@@ -247,7 +255,10 @@ class EngineServer:
     # --- the routes ----------------------------------------------------------------------------------
 
     def _authorized(self, request: Request) -> bool:
-        return self.api_key is None or request.headers.get("authorization") == f"Bearer {self.api_key}"
+        if self.api_key is None:
+            return True
+        given = request.headers.get("authorization", "").encode()
+        return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())  # no timing hint of the key
 
     async def _request(self, request: Request, mode: PromptMode) -> Response:
         if not self._authorized(request):
@@ -260,10 +271,17 @@ class EngineServer:
             req = self._parse(body, mode)
         except RequestError as exc:
             return _error(str(exc), param=exc.param)
+        if mode == CHAT and not self.session.info.chat:
+            return _error(f"{self.model_id} has no chat template (a base model): use /v1/completions", param="messages")
         created, ident = int(time.time()), ("chatcmpl-" if mode == CHAT else "cmpl-") + uuid.uuid4().hex
-        if req.stream:
-            return StreamingResponse(self._stream(req, ident, created), media_type="text/event-stream")
-        return await self._whole(req, ident, created)
+        if not req.stream:
+            return await self._whole(req, ident, created)
+        events = self.events(req, threading.Event())
+        try:  # the prompt's errors (too long for the context, a template that fails) before the headers
+            first = await events.__anext__()
+        except LLMChatError as exc:
+            return _error(str(exc))
+        return StreamingResponse(self._stream(req, ident, created, first, events), media_type="text/event-stream")
 
     async def _whole(self, req: Request_, ident: str, created: int) -> Response:
         steps: list[TokenEvent] = []
@@ -277,7 +295,6 @@ class EngineServer:
         except LLMChatError as exc:
             return _error(str(exc))
         assert done is not None
-        self._count(done)
         reason = FINISH.get(done.reason, "stop")
         if req.mode == CHAT:
             message: dict[str, Any] = {"role": "assistant", "content": done.content}
@@ -295,9 +312,10 @@ class EngineServer:
         body = {"id": ident, "object": obj, "created": created, "model": req.echo_model, "choices": [choice]}
         return JSONResponse(body | {"usage": self._usage(done)})
 
-    def _legacy_logprobs(self, steps: list[TokenEvent], n: int) -> dict[str, Any]:
+    def _legacy_logprobs(self, steps: list[TokenEvent], n: int, at: int = 0) -> dict[str, Any]:
+        """The completions endpoint's shape; `at`: the text offset of the first step (a stream's chunk)."""
         texts = [self.session.token_text(s.token_id) for s in steps]
-        offsets, at = [], 0
+        offsets = []
         for text in texts:
             offsets.append(at)
             at += len(text)
@@ -306,46 +324,65 @@ class EngineServer:
             "token_logprobs": [_logprob(s.prob) for s in steps],
             "top_logprobs": [{t.text: _logprob(t.prob) for t in s.top[:n]} for s in steps],
             "text_offset": offsets,
+            "token_policy_logprobs": [_logprob(s.policy_prob) for s in steps],
+            "top_policy_logprobs": [{t.text: _logprob(t.policy_prob) for t in s.top[:n]} for s in steps],
         }
 
-    async def _stream(self, req: Request_, ident: str, created: int) -> AsyncIterator[str]:
-        obj = "chat.completion.chunk" if req.mode == CHAT else "text_completion"
-        head = {"id": ident, "object": obj, "created": created, "model": req.echo_model}
+    async def _stream(
+        self, req: Request_, ident: str, created: int, first: Any, events: AsyncGenerator[Any, None]
+    ) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per token (its logprobs with it), the finish reason, the usage
+        when asked, then [DONE]. `first`: the event already taken from `events` (see _request)."""
+        chat = req.mode == CHAT
+        head = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": created}
+        head["model"] = req.echo_model
+        sent = {"content": "", "reasoning": "", "text": ""}  # what the chunks carried so far
 
-        def chunk(choice: dict[str, Any], **extra: Any) -> str:
+        def chunk(choice: dict[str, Any] | None, **extra: Any) -> str:
             return "data: " + json.dumps(head | {"choices": [choice] if choice else []} | extra) + "\n\n"
 
-        def piece(text: str, reasoning: str = "", event: TokenEvent | None = None) -> dict[str, Any]:
-            if req.mode == CHAT:
-                delta: dict[str, Any] = {"content": text}
+        def piece(content: str, reasoning: str = "", event: TokenEvent | None = None) -> dict[str, Any]:
+            logprobs = None
+            if chat:
+                delta: dict[str, Any] = {"content": content}
                 if reasoning:
                     delta["reasoning_content"] = reasoning
-                logprobs = None
                 if event is not None and req.top_logprobs is not None:
                     logprobs = {"content": [self._chat_logprobs(event, req.top_logprobs)]}
                 return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": None}
-            legacy = (
-                self._legacy_logprobs([event], req.top_logprobs) if event and req.top_logprobs is not None else None
-            )
-            return {"index": 0, "text": text, "logprobs": legacy, "finish_reason": None}
+            if event is not None and req.top_logprobs is not None:
+                logprobs = self._legacy_logprobs([event], req.top_logprobs, at=len(sent["text"]))
+            return {"index": 0, "text": content, "logprobs": logprobs, "finish_reason": None}
 
-        if req.mode == CHAT:
+        def rest(whole: str, part: str, fallback: str) -> str:
+            """What of the answer's `whole` channel the chunks have not carried yet."""
+            return whole[len(sent[part]) :] if whole.startswith(sent[part]) else fallback
+
+        if chat:
             yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
         try:
-            async for event in self.events(req, threading.Event()):
+            async for event in _chain(first, events):
                 if isinstance(event, TokenEvent):
-                    yield chunk(piece(event.content if req.mode == CHAT else event.text, event.reasoning, event))
+                    content = event.content if chat else event.text
+                    sent["content"] += event.content
+                    sent["reasoning"] += event.reasoning
+                    sent["text"] += self.session.token_text(event.token_id)
+                    yield chunk(piece(content, event.reasoning if chat else "", event))
                 elif isinstance(event, Finished):
-                    self._count(event)
-                    if event.tail:
-                        yield chunk(piece(event.tail))
+                    if chat:
+                        content = rest(event.content, "content", event.tail)
+                        reasoning = rest(event.reasoning, "reasoning", "")
+                    else:
+                        content, reasoning = event.tail, ""
+                    if content or reasoning:
+                        yield chunk(piece(content, reasoning))
                     end = piece("")
                     end["finish_reason"] = FINISH.get(event.reason, "stop")
-                    if req.mode == CHAT:
+                    if chat:
                         end["delta"] = {}
                     yield chunk(end)
                     if req.include_usage:
-                        yield chunk({}, usage=self._usage(event))
+                        yield chunk(None, usage=self._usage(event))
         except LLMChatError as exc:  # after the headers are sent: an error event, as vLLM does
             yield "data: " + json.dumps({"error": {"message": str(exc), "type": "invalid_request_error"}}) + "\n\n"
         yield "data: [DONE]\n\n"
@@ -410,12 +447,23 @@ class EngineServer:
             ("kv_cache_bytes", "gauge", stats.used_bytes, "bytes holding those positions"),
             ("kv_cache_capacity_bytes", "gauge", stats.capacity_bytes, "bytes of the whole cache"),
             ("requests_total", "counter", c.requests, "answered requests"),
+            ("requests_cancelled_total", "counter", c.cancelled, "answers stopped because the client left"),
             ("prompt_tokens_total", "counter", c.prompt_tokens, "prompt tokens of answered requests"),
             ("prompt_tokens_cached_total", "counter", c.cached_tokens, "prompt tokens taken from the KV cache"),
             ("generated_tokens_total", "counter", c.generated_tokens, "generated tokens"),
         ):  # fmt: skip
             lines += [f"# HELP llmchat:{name} {help_text}", f"# TYPE llmchat:{name} {kind}", f"llmchat:{name} {value}"]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+async def _chain(first: Any, rest: AsyncGenerator[Any, None]) -> AsyncIterator[Any]:
+    """`first`, then the rest (closing `rest` when the consumer stops early: that cancels the answer)."""
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
 
 
 def make_app(session: Any, *, api_key: str | None = None) -> Starlette:
