@@ -8,7 +8,15 @@ server (vLLM, llama-server, Ollama, SGLang, `llmchat serve`) behind the same cal
 
 from __future__ import annotations
 
-from llmchat.session.base import CacheStats, Capabilities, ServerSpec, Session, SessionInfo, SessionUnavailable
+from llmchat.session.base import (
+    CacheStats,
+    Capabilities,
+    ServerSpec,
+    Session,
+    SessionInfo,
+    SessionUnavailable,
+    server_host,
+)
 from llmchat.session.local import LocalSession
 
 __all__ = [
@@ -19,4 +27,5 @@ __all__ = [
     "Session",
     "SessionInfo",
     "SessionUnavailable",
+    "server_host",
 ]

@@ -58,6 +58,13 @@ class CacheStats:
     state_bytes: int  # a hybrid model's recurrent states and their snapshots (0 for the others)
 
 
+def server_host(url: str) -> str:
+    """host:port of a server's URL, as the status bar, the panels and messages name it."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).netloc or url
+
+
 class SessionUnavailable(LLMChatError):
     """What a session cannot do, in words the user sees ("a server cannot re-read a step's logits")."""
 

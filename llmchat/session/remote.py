@@ -29,9 +29,9 @@ import math
 import os
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 
@@ -39,7 +39,14 @@ from llmchat.engine.errors import LLMChatError
 from llmchat.engine.events import Finished, PrefillDone, TokenEvent, TopToken
 from llmchat.engine.prompt import COMPLETION, PromptMode, completion_text
 from llmchat.engine.sampling import SamplingParams
-from llmchat.session.base import CacheStats, Capabilities, ServerSpec, SessionInfo, SessionUnavailable
+from llmchat.session.base import (
+    CacheStats,
+    Capabilities,
+    ServerSpec,
+    SessionInfo,
+    SessionUnavailable,
+    server_host,
+)
 
 MAX_TOP_LOGPROBS = 20  # what OpenAI's API allows; vLLM's default --max-logprobs, llama-server's cap is higher
 # llama-server's own defaults, sent explicitly so that what the status bar says is what the server does
@@ -49,11 +56,6 @@ FINISH_REASONS = {"stop": "eos", "length": "max_new_tokens", "eos": "eos", "canc
 
 class RemoteError(LLMChatError):
     """The server could not be reached, or refused the request (the message says which, never the key)."""
-
-
-def _host(url: str) -> str:
-    parts = urlsplit(url)
-    return parts.netloc or url
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -136,7 +138,7 @@ class RemoteSession:
             chat=True,
             context_length=context,
             device="server",
-            precision=f"on {_host(spec.url)}",
+            precision=f"on {server_host(spec.url)}",
             default_sampling=REMOTE_DEFAULT_SAMPLING,
         )
 
@@ -240,15 +242,7 @@ class RemoteSession:
     ) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {"model": self.model_name, "stream": True}
         if self.spec.protocol == "ollama":
-            options: dict[str, Any] = {
-                "temperature": sampling.temperature,
-                "top_k": sampling.top_k,
-                "top_p": sampling.top_p,
-                "min_p": sampling.min_p,
-                "repeat_penalty": sampling.repetition_penalty,
-            }
-            if sampling.seed is not None:
-                options["seed"] = sampling.seed
+            options = _knobs(sampling)
             if max_new_tokens:
                 options["num_predict"] = max_new_tokens
             if stop_strings:
@@ -257,17 +251,12 @@ class RemoteSession:
             if mode == COMPLETION:
                 return "/api/generate", body | {"prompt": completion_text(messages), "raw": True}
             return "/api/chat", body | {"messages": _plain_messages(messages)}
-        body |= {
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "top_k": sampling.top_k,  # not OpenAI's own API, but vLLM, SGLang, llama-server and llmchat take it
-            "min_p": sampling.min_p,
-            "repeat_penalty": sampling.repetition_penalty,  # llama-server's name
-            "repetition_penalty": sampling.repetition_penalty,  # vLLM's and SGLang's
+        # top_k, min_p and the penalty are not OpenAI's own API, but vLLM, SGLang, llama-server and llmchat take
+        # them; vLLM and SGLang name the penalty repetition_penalty
+        body |= _knobs(sampling) | {
+            "repetition_penalty": sampling.repetition_penalty,
             "stream_options": {"include_usage": True},
         }
-        if sampling.seed is not None:
-            body["seed"] = sampling.seed
         if max_new_tokens:
             body["max_tokens"] = max_new_tokens
         if stop_strings:
@@ -447,7 +436,7 @@ class RemoteSession:
         return CacheStats(self._last_tokens, self.info.context_length, 0, 0, 0)
 
     def memory(self) -> Any:
-        raise SessionUnavailable(f"the model's memory is on the server ({_host(self.spec.url)})")
+        raise SessionUnavailable(f"the model's memory is on the server ({server_host(self.spec.url)})")
 
     def _engine_only(self, *_: Any, **__: Any) -> Any:
         raise SessionUnavailable("this needs llmchat's own engine: a server does not expose its logits or layers")
@@ -456,6 +445,21 @@ class RemoteSession:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _knobs(sampling: SamplingParams) -> dict[str, Any]:
+    """The sampling policy as llama-server and Ollama name its knobs, every one explicit (a server's own
+    defaults differ from what the status bar shows)."""
+    knobs: dict[str, Any] = {
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+        "min_p": sampling.min_p,
+        "repeat_penalty": sampling.repetition_penalty,
+    }
+    if sampling.seed is not None:
+        knobs["seed"] = sampling.seed
+    return knobs
 
 
 def _close_on_cancel(cancel: Any, done: threading.Event, response: httpx.Response) -> None:
@@ -531,12 +535,14 @@ class _Chunk:
         self.done = False
 
 
-class _StreamReader:
+class _StreamReader(ABC):
+    """One stream format: a line in, a chunk out (None: the stream's end marker); usage gathered."""
+
     def __init__(self) -> None:
         self.usage: dict[str, Any] = {}
 
-    def parse(self, line: str) -> _Chunk | None:
-        raise NotImplementedError
+    @abstractmethod
+    def parse(self, line: str) -> _Chunk | None: ...
 
 
 def _usage(data: dict[str, Any]) -> dict[str, Any]:

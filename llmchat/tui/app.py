@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from textual import events, on, work
 from textual.app import ComposeResult, SystemCommand
@@ -39,7 +38,7 @@ from llmchat.engine.knobs import KNOB, TOP_K_STEPS
 from llmchat.engine.prompt import CHAT, COMPLETION, PromptMode
 from llmchat.engine.tool_calls import split_tool_calls
 from llmchat.paths import cache_dir
-from llmchat.session import LocalSession, ServerSpec, Session
+from llmchat.session import LocalSession, ServerSpec, Session, server_host
 from llmchat.settings import ACTION_KEYS, Settings, SettingsError, key_map, update_settings
 from llmchat.tui.inspecting import InspectingApp
 from llmchat.tui.screens import PANELS_HELP, ConversationsScreen, HelpScreen, ModelsScreen, SystemPromptScreen
@@ -309,7 +308,7 @@ class LLMChatApp(InspectingApp):
             (key_label(self.COMMAND_PALETTE_BINDING), "every action, by name"),
         ]
         info = session.info
-        server = "" if not self._remote else _host(session.capabilities.where)
+        server = "" if not self._remote else server_host(session.capabilities.where)
         await chat.mount(Welcome(info.name, info.kind, info.context_length, rows, list(info.labels), server))
 
     async def _show_conversation(self) -> None:
@@ -676,7 +675,7 @@ class LLMChatApp(InspectingApp):
                 capacity=self.session.info.context_length,
                 reused=reported.reused_tokens if reported else 0,
                 prefilled=reported.prefilled_tokens if reported else 0,
-                server=_host(self.session.capabilities.where),
+                server=server_host(self.session.capabilities.where),
             )
         )
         self._status(context_tokens=tokens)
@@ -685,7 +684,7 @@ class LLMChatApp(InspectingApp):
         if self.session is None:
             return
         if not self.session.capabilities.memory:
-            self.query_one(MemoryPanel).show_server(_host(self.session.capabilities.where))
+            self.query_one(MemoryPanel).show_server(server_host(self.session.capabilities.where))
             return
         self.query_one(MemoryPanel).show(*self.session.memory())
 
@@ -1007,7 +1006,7 @@ class LLMChatApp(InspectingApp):
         self.query_one(MemoryPanel).show(None, None)
         self._status(
             activity=f"connecting to {spec.url}…",
-            model=spec.model or _host(spec.url),
+            model=spec.model or server_host(spec.url),
             device="",
             precision="",
             tokens_per_second=None,
@@ -1192,11 +1191,6 @@ def saved_server(conversation: Conversation) -> ServerSpec | None:
         api_key_env=key_env or None,
         protocol=protocol,
     )
-
-
-def _host(url: str) -> str:
-    """host:port of a server's URL, for the status bar and the panels."""
-    return urlsplit(url).netloc or url
 
 
 def _sampling_dict(params: SamplingParams) -> dict[str, Any]:
