@@ -61,6 +61,21 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["llmchat", "pytorch"])
+def int4_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Runs a test with each int4 decode kernel: llmchat's own (q4kernel.c, where it builds) and PyTorch's."""
+    from llmchat.engine import q4kernel
+
+    if request.param == "pytorch":
+        monkeypatch.setenv(q4kernel.ENV_SWITCH, "0")
+    q4kernel.available.cache_clear()
+    if request.param == "llmchat" and q4kernel.available() is None:
+        pytest.skip(f"llmchat's int4 kernel is not available here: {q4kernel.describe()}")
+    yield request.param
+    monkeypatch.undo()
+    q4kernel.available.cache_clear()
+
+
 @pytest.fixture(autouse=True)
 def llmchat_dirs(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     """Fresh config/data/cache dirs for every test (subprocesses inherit them): no test touches the real home."""

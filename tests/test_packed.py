@@ -12,6 +12,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from llmchat.engine import packed as packed_module
+from llmchat.engine import q4kernel
 from llmchat.engine.memory import module_bytes
 from llmchat.engine.packed import (
     DEQUANTIZE_FROM_ROWS,
@@ -29,6 +30,7 @@ from llmchat.engine.packed import (
 )
 
 OUT, IN = 96, 256
+pytestmark = pytest.mark.usefixtures("int4_kernel")  # every test with llmchat's int4 kernel and with PyTorch's
 
 
 def _gguf_weights(qtype: Q, seed: int = 0, shift: float = 0.0) -> torch.Tensor:
@@ -94,11 +96,13 @@ def test_packed_experts_are_the_packed_layers_of_their_matrices(layout: str) -> 
     layers = [PackedLinear(matrix, None, layout, experts.sources) for matrix in stack]
     assert len(experts) == 4 and module_bytes(experts) == sum(module_bytes(layer) for layer in layers)
     x = torch.randn(3, IN)
-    low = x.to(torch.bfloat16)
     order = [2, 0, 3, 2]
-    products = experts.products([low] * len(order), order)
-    for index, product in zip(order, products, strict=True):
-        assert torch.equal(product.float(), layers[index](x))
+    shared = experts.rows(x[:1], order)  # one input for all k experts (a decode step's gate/up)
+    own_inputs = torch.randn(len(order), IN)
+    own = experts.rows(own_inputs, order)  # each expert its own input (the down projections)
+    for i, index in enumerate(order):
+        assert torch.equal(shared[i : i + 1], layers[index](x[:1]))
+        assert torch.equal(own[i : i + 1], layers[index](own_inputs[i : i + 1]))
         assert torch.equal(experts.matmul(x, index), layers[index](x))
         assert torch.equal(experts[index].dequantized(), layers[index].dequantized())
     rows = torch.randn(DEQUANTIZE_FROM_ROWS, IN)
@@ -118,10 +122,15 @@ def test_packed_linear_multiplies_its_weights(layout: str) -> None:
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
     exact = x @ weights.t() + bias
     assert (got - exact).abs().max().item() < 0.05 * exact.abs().max().item()
-    # A prefill-sized input takes the float32 route over the dequantized matrix: same numbers,
-    # without the bfloat16 rounding of the input.
+    # A prefill-sized input takes one GEMM over the dequantized matrix: in float32 (the same numbers,
+    # without the input's rounding), or in bfloat16 where llmchat's kernel dequantizes and the CPU
+    # multiplies bfloat16 natively (q4kernel.prefill_dtype).
     rows = torch.randn(DEQUANTIZE_FROM_ROWS, IN)
-    torch.testing.assert_close(layer(rows), rows @ layer.dequantized().t() + bias)
+    gemm = q4kernel.prefill_dtype() if layout == "int4" and q4kernel.available() else torch.float32
+    reference = (rows.to(gemm) @ layer.dequantized().to(gemm).t()).float() + bias
+    torch.testing.assert_close(
+        layer(rows), reference, **({} if gemm == torch.float32 else {"rtol": 1e-2, "atol": 1e-2})
+    )
     torch.testing.assert_close(layer(rows[:5]), layer(rows)[:5], rtol=2e-2, atol=2e-2)
 
 

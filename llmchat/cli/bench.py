@@ -40,7 +40,7 @@ def add_bench_options(p: argparse.ArgumentParser) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from llmchat.engine import SamplingParams
+    from llmchat.engine import SamplingParams, q4kernel
     from llmchat.engine.events import Finished
     from llmchat.engine.memory import peak_rss_bytes
 
@@ -84,6 +84,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "decode_tok_s": round(max(r.decode_tokens_per_second for r in runs), 2),
         "ttft_s": round(min(r.ttft_seconds for r in runs), 4),
         "weights": model.info.packing,
+        "int4_kernel": q4kernel.describe(),
         "weights_bytes": model.weights_bytes(),
         "kv_cache_bytes": model.cache.nbytes,
         "kv_bytes_per_token": model.cache.bytes_per_token,

@@ -65,6 +65,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     plan = _packing_plan(package, torch.device("cpu"), torch.float32, dequantize=False)
     packing = _packing_summary(plan, package.config)
     data["cpu_weights"] = f"kept packed: {packing}" if plan else "float32 (nothing to keep packed)"
+    if plan and any(layout == "int4" for layout, _ in plan.values()):
+        from llmchat.engine.q4kernel import describe as describe_kernel
+
+        data["int4_kernel"] = describe_kernel()
     if _mapped_embedding(package, plan, dequantize=False):
         data["cpu_weights"] += "; token embedding read from the file on demand"
     if args.json:
@@ -84,6 +88,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"{data['model_type']} model" + (f" ({', '.join(data['capabilities'])})" if data["capabilities"] else ""),
         f"  file        {data['format']}, {data['quantization']}, {data['file_bytes'] / MiB:.1f} MiB",
         f"  on CPU      {data['cpu_weights']}",
+        *([f"  kernel      {data['int4_kernel']}"] if "int4_kernel" in data else []),
         f"  shape       {c.num_layers} layers, hidden {c.hidden_size}, {mlp}, "
         f"heads {c.num_heads} (KV {c.num_kv_heads}), head_dim {c.head_dim}",
         f"  context     {data['context_length']} tokens, {rope}{window}",

@@ -19,7 +19,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         ids = ids[: args.max_tokens]
     if len(ids) < 2:
         raise CLIError(f"{args.file}: the text is shorter than 2 tokens")
-    result = perplexity(model.logits, ids, window=min(args.window, model.context_length))
+    result = perplexity(
+        lambda window: model.logits(window, rows=args.rows), ids, window=min(args.window, model.context_length)
+    )
     data = {
         "model": str(model.package.path),
         "file": args.file,
@@ -30,6 +32,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         "scored_tokens": result.scored_tokens,
         "windows": result.windows,
         "window": args.window,
+        "rows": args.rows,
         "seconds": round(result.seconds, 2),
     }
     if args.json:
@@ -48,5 +51,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--file", required=True, help="UTF-8 text to score")
     p.add_argument("--window", type=positive_int, default=512, help="tokens per scored window")
     p.add_argument("--max-tokens", type=positive_int, default=None, help="score only the first N tokens")
+    p.add_argument(
+        "--rows",
+        type=positive_int,
+        default=None,
+        help="tokens per forward pass (default: the whole window); 1 scores the decode path token by token",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_perplexity)

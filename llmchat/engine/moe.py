@@ -49,7 +49,7 @@ from torch import nn
 
 from llmchat.engine.config import ModelConfig
 from llmchat.engine.errors import ModelLoadError
-from llmchat.engine.packed import ACTIVATION_DTYPE, PackedExperts
+from llmchat.engine.packed import PackedExperts
 
 if TYPE_CHECKING:
     from llmchat.engine.model import MLP, Linear
@@ -277,12 +277,11 @@ class MoE(nn.Module):
         gate_up_exps, down_exps = self.gate_up_exps, self.down_exps
         assert isinstance(gate_up_exps, PackedExperts) and isinstance(down_exps, PackedExperts)
         chosen = ids.tolist()
-        low = x.to(ACTIVATION_DTYPE)
-        gate_up = torch.cat(gate_up_exps.products([low] * len(chosen), chosen)).to(x.dtype)  # [k, 2 * width]
+        gate_up = gate_up_exps.rows(x, chosen)  # [k, 2 * width]
         if self.gate_up_exps_bias is not None:
             gate_up = gate_up + self.gate_up_exps_bias[ids]
-        hidden = self._glu(gate_up).to(ACTIVATION_DTYPE).split(1)  # k rows [1, width]
-        out = torch.cat(down_exps.products(hidden, chosen)).to(x.dtype)  # [k, hidden]
+        hidden = self._glu(gate_up)  # [k, width]
+        out = down_exps.rows(hidden, chosen)  # [k, hidden]
         if self.down_exps_bias is not None:
             out = out + self.down_exps_bias[ids]
         return (out.float() * weights.float()[:, None]).sum(0, keepdim=True).to(x.dtype)

@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmchat.engine import q4kernel
+
 INT4_GROUP = 32
 ACTIVATION_DTYPE = torch.bfloat16
 # From this many rows (a prefill chunk) a float32 matmul over the matrix dequantized for the call
@@ -224,6 +226,21 @@ _BUFFERS = {
 }
 
 
+def prefill_product(
+    kernel: q4kernel.Int4Kernel,
+    x: torch.Tensor,
+    nibbles: torch.Tensor,
+    row_scales: tuple[torch.Tensor, torch.Tensor | None],
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A prefill chunk (many rows) times an int4 matrix: the matrix dequantized by llmchat's kernel into a
+    reused scratch matrix, then one GEMM, in bfloat16 where the CPU has native bfloat16 (q4kernel.prefill_dtype)."""
+    dtype = q4kernel.prefill_dtype()
+    weight = kernel.dequantize(nibbles, *row_scales, q4kernel.scratch(nibbles.shape[0], 2 * nibbles.shape[1], dtype))
+    y = F.linear(x.to(dtype), weight).to(x.dtype)
+    return y if bias is None else y + bias
+
+
 class PackedLinear(nn.Module):
     """y = x W^T + b with W packed as int4 groups, int8 rows, or int8 rows multiplied in float32
     (the output projection; see the module docstring)."""
@@ -344,8 +361,13 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == OUTPUT_LAYOUT:
             return self._float32_product(x)
+        kernel = q4kernel.available() if self.layout == "int4" else None
         if x.shape[0] >= DEQUANTIZE_FROM_ROWS:
+            if kernel is not None:
+                return prefill_product(kernel, x, self.nibbles, self._row_scales(), self.bias)
             return F.linear(x, self.dequantized().to(x.dtype), self.bias)
+        if kernel is not None:
+            return kernel.mm(x.float(), self.nibbles, *self._row_scales(), self.bias).to(x.dtype)
         low = x.to(ACTIVATION_DTYPE)
         if self.layout == "int4":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(low, self.packed, INT4_GROUP, self.scale_zero)
@@ -353,6 +375,17 @@ class PackedLinear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(low, self.codes, self.scales)
         y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+    def _row_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The int4 groups' scales and zeros row by row ([out, in/group] each; zeros None when all are 0,
+        as Q4_0's), for llmchat's int4 kernel: made from `scale_zero` on first use, again if it was replaced."""
+        cached = self.__dict__.get("_rows")
+        if cached is None or cached[0] is not self.scale_zero:
+            scales = self.scale_zero[..., 0].t().contiguous()
+            zeros = self.scale_zero[..., 1].t().contiguous()
+            cached = (self.scale_zero, (scales, None if not zeros.any() else zeros))
+            self.__dict__["_rows"] = cached
+        return cached[1]
 
     def _float32_product(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T in float32 for any number of rows: (x · codes^T) from FBGEMM's fp16 matrices and
@@ -551,11 +584,39 @@ class PackedExperts(nn.Module):
         int8_mm = torch.ops.aten._weight_int8pack_mm
         return [int8_mm(x, *operands[e]) for x, e in zip(inputs, ids, strict=True)]
 
+    def rows(self, x: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+        """Row i of the result: x's row i (or its only row) times expert ids[i]; [k, out] in x's dtype.
+
+        A decode step's experts in one call of llmchat's int4 kernel where it runs (one thread team
+        for all k, the int4 layout's grouped product), else PyTorch's kernels one expert at a time."""
+        if self.layout == "int4" and (kernel := q4kernel.available()) is not None:
+            ids_tensor = torch.tensor(ids, dtype=torch.int64)
+            return kernel.experts(x.float(), self.experts.nibbles, *self._row_scales(), ids_tensor).to(x.dtype)
+        low = x.to(ACTIVATION_DTYPE)
+        inputs = [low] * len(ids) if low.shape[0] == 1 else list(low.split(1))
+        return torch.cat(self.products(inputs, ids)).to(x.dtype)
+
+    def _row_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stacks' int4 scales and zeros row by row ([experts, out, in/group]; zeros None when all
+        are 0), for llmchat's int4 kernel: made on first use, again if `scale_zero` was replaced."""
+        stack = self.experts.scale_zero
+        cached = self.__dict__.get("_rows")
+        if cached is None or cached[0] is not stack:
+            scales = stack[..., 0].transpose(1, 2).contiguous()
+            zeros = stack[..., 1].transpose(1, 2).contiguous()
+            cached = (stack, (scales, None if not zeros.any() else zeros))
+            self.__dict__["_rows"] = cached
+        return cached[1]
+
     def matmul(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """x [m, in] times expert `index`, in x's dtype (a prefill's experts: PackedLinear's forward)."""
         if x.shape[0] >= DEQUANTIZE_FROM_ROWS:
+            if self.layout == "int4" and (kernel := q4kernel.available()) is not None:
+                scales, zeros = self._row_scales()
+                row_scales = (scales[index], None if zeros is None else zeros[index])
+                return prefill_product(kernel, x, self.experts.nibbles[index], row_scales)
             return F.linear(x, self.dequantized(index).to(x.dtype))
-        return self.products([x.to(ACTIVATION_DTYPE)], [index])[0].to(x.dtype)
+        return self.rows(x, [index] * x.shape[0])
 
     def dequantized(self, index: int) -> torch.Tensor:
         """Expert `index`'s W [out, in] in float32, from the codes and scales the kernels use."""

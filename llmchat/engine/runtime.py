@@ -174,14 +174,19 @@ class LoadedModel:
         return measure(self.device, self.weights_bytes() + self.cache.nbytes)
 
     @torch.inference_mode()
-    def logits(self, ids: Sequence[int]) -> torch.Tensor:
-        """float32 logits [len(ids), vocab] of a fresh forward pass (the chat's cache is untouched)."""
+    def logits(self, ids: Sequence[int], rows: int | None = None) -> torch.Tensor:
+        """float32 logits [len(ids), vocab] of a fresh forward pass (the chat's cache is untouched).
+
+        `rows`: tokens per pass through the cache instead of one pass over all; 1 is token-by-token
+        decoding, so its kernels (the packed layers' decode products) are what is measured."""
         ids = list(ids)
         cache = new_cache(self.config, max(len(ids), 1), self.device, self.dtype)
         if self.model.rotary is None or len(ids) > self.model.rotary.cos.shape[0]:
             self.model.setup_rotary(len(ids))
         tokens = torch.tensor(ids, dtype=torch.long, device=self.device)
-        return self.model(tokens, cache, 0).float()
+        step = rows or max(len(ids), 1)
+        parts = [self.model(tokens[start : start + step], cache, start).float() for start in range(0, len(ids), step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def generate(
         self,

@@ -1,0 +1,253 @@
+/* int4-weight x int8-activation matrix products for decoding on x86 CPUs (see q4kernel.py).
+
+   Weights as PackedLinear's int4 layout holds them: `nibbles` [N, K/2] (byte j of a row: column 2j
+   in the low nibble, column 2j+1 in the high one) and `scale_zero` [K/32, N, 2] bfloat16, so that
+   w = (code - 8) * scale + zero per group of 32 columns. The activations are quantized here per
+   group of 32 to int8 (d = max|x| / 127, q = round(x / d)), stored as [even columns | odd columns]
+   so that one group's 16 bytes of nibbles meet them as two 16-byte halves. Then per group
+       sum(w x) = scale * d * sum(code q) + (zero - 8 scale) * d * sum(q),
+   the first sum an integer dot product (AVX-512 VNNI's vpdpbusd, or AVX2's vpmaddubsw + vpmaddwd),
+   everything after it in float32. Output rows are split between OpenMP threads (the OpenMP runtime
+   torch has loaded: same pool, same thread count). */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define GROUP 32
+
+static inline float bf16_to_float(uint16_t value) {
+    uint32_t bits = (uint32_t)value << 16;
+    float result;
+    memcpy(&result, &bits, sizeof result);
+    return result;
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One row of K activations -> codes [K] (each group as even | odd columns), d and d * sum(q) per group. */
+static void quantize_row(const float *x, int64_t K, int8_t *codes, float *d, float *dsum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t g = 0; g < K / GROUP; g++) {
+        const float *in = x + g * GROUP;
+        __m256 m = _mm256_andnot_ps(sign, _mm256_loadu_ps(in));
+        for (int i = 8; i < GROUP; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(in + i)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float amax = _mm_cvtss_f32(h);
+        const float scale = amax / 127.0f;
+        const float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
+        int8_t *out = codes + g * GROUP;
+        int sum = 0;
+        for (int j = 0; j < GROUP / 2; j++) {
+            const int even = (int)lrintf(in[2 * j] * inverse);
+            const int odd = (int)lrintf(in[2 * j + 1] * inverse);
+            out[j] = (int8_t)even;
+            out[GROUP / 2 + j] = (int8_t)odd;
+            sum += even + odd;
+        }
+        d[g] = scale;
+        dsum[g] = scale * (float)sum;
+    }
+}
+
+static inline __m256 widen8(const uint16_t *in) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)in)), 16));
+}
+
+/* For one row against one activation row: factor[g] = scale[g] * d[g] and returns
+   sum over g of (zero[g] - 8 scale[g]) * dsum[g] (zeros NULL: 0). */
+static float row_factors(const uint16_t *scales, const uint16_t *zeros, const float *d, const float *dsum,
+                         float *factor, int64_t groups) {
+    __m256 offset = _mm256_setzero_ps();
+    const __m256 eight = _mm256_set1_ps(-8.0f);
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        const __m256 scale = widen8(scales + g);
+        _mm256_storeu_ps(factor + g, _mm256_mul_ps(scale, _mm256_loadu_ps(d + g)));
+        __m256 shift = _mm256_mul_ps(scale, eight);
+        if (zeros != NULL) shift = _mm256_add_ps(shift, widen8(zeros + g));
+        offset = _mm256_fmadd_ps(shift, _mm256_loadu_ps(dsum + g), offset);
+    }
+    float rest = 0.0f;
+    for (; g < groups; g++) {
+        const float scale = bf16_to_float(scales[g]);
+        factor[g] = scale * d[g];
+        rest += ((zeros != NULL ? bf16_to_float(zeros[g]) : 0.0f) - 8.0f * scale) * dsum[g];
+    }
+    return hsum(offset) + rest;
+}
+
+/* One output row: sum over groups of factor[g] * sum(code q) + offset; factor[g] = scale d. */
+static float row_dot(const uint8_t *row, const int8_t *q, const float *factor, int64_t groups) {
+    int64_t g = 0;
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+    const __m512i spread = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m256i mask2 = _mm256_set1_epi8(0x0F);
+    __m512 wide = _mm512_setzero_ps();
+    for (; g + 2 <= groups; g += 2) {
+        /* two groups' nibbles [g0 | g1] -> [low g0 | high g0 | low g1 | high g1] */
+        const __m256i packed = _mm256_loadu_si256((const __m256i *)(row + g * (GROUP / 2)));
+        const __m256i low = _mm256_and_si256(packed, mask2);
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask2);
+        const __m512i halves = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+        const __m512i weights = _mm512_shuffle_i64x2(halves, halves, _MM_SHUFFLE(3, 1, 2, 0));
+        const __m512i activations = _mm512_loadu_si512((const void *)(q + g * GROUP));
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), weights, activations);
+        const __m512 scale = _mm512_permutexvar_ps(
+            spread, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double *)(factor + g)))));
+        wide = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, wide);
+    }
+    __m256 acc = _mm256_add_ps(_mm512_castps512_ps256(wide), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(wide), 1)));
+#else
+    __m256 acc = _mm256_setzero_ps();
+#endif
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    for (; g < groups; g++) {
+        const __m128i packed = _mm_loadu_si128((const __m128i *)(row + g * (GROUP / 2)));
+        const __m128i low = _mm_and_si128(packed, mask);
+        const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+        const __m256i weights = _mm256_set_m128i(high, low);
+        const __m256i activations = _mm256_loadu_si256((const __m256i *)(q + g * GROUP));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), weights, activations);
+#else
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(weights, activations), _mm256_set1_epi16(1));
+#endif
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_broadcast_ss(factor + g), acc);
+    }
+    return hsum(acc);
+}
+
+/* The activations' int8 codes and group scales, for M rows of K (NULL when out of memory). */
+typedef struct {
+    int8_t *codes;
+    float *d, *dsum;
+} Quantized;
+
+static int quantize(const float *x, int64_t M, int64_t K, Quantized *out) {
+    const int64_t groups = K / GROUP;
+    out->codes = malloc((size_t)(M * K) + 64);
+    out->d = malloc(sizeof(float) * (size_t)(M * groups * 2));
+    if (out->codes == NULL || out->d == NULL) {
+        free(out->codes);
+        free(out->d);
+        return 0;
+    }
+    out->dsum = out->d + M * groups;
+    for (int64_t m = 0; m < M; m++)
+        quantize_row(x + m * K, K, out->codes + m * K, out->d + m * groups, out->dsum + m * groups);
+    return 1;
+}
+
+static void release(Quantized *q) {
+    free(q->codes);
+    free(q->d);
+}
+
+/* Output n of activation row m against one matrix's row n. */
+static inline float output(const Quantized *q, int64_t m, int64_t K, const uint8_t *nibbles, const uint16_t *scales,
+                           const uint16_t *zeros, int64_t n, float *factor) {
+    const int64_t groups = K / GROUP;
+    const float offset = row_factors(scales + n * groups, zeros != NULL ? zeros + n * groups : NULL,
+                                     q->d + m * groups, q->dsum + m * groups, factor, groups);
+    return row_dot(nibbles + n * (K / 2), q->codes + m * K, factor, groups) + offset;
+}
+
+/* y [M, N] = x [M, K] W^T (+ bias [N]) for int4 W: nibbles [N, K/2], scales and zeros [N, K/32] bfloat16
+   (zeros NULL: all 0, as Q4_0's). x, y float32; everything contiguous. Out of memory: y is NaN. */
+void llmchat_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t *nibbles, const uint16_t *scales,
+                     const uint16_t *zeros, int64_t N, const float *bias, float *y, int threads) {
+    Quantized q;
+    if (!quantize(x, M, K, &q)) {
+        for (int64_t i = 0; i < M * N; i++) y[i] = NAN;
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        float *factor = malloc(sizeof(float) * (size_t)(K / GROUP));
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t m = 0; m < M; m++)
+                y[m * N + n] = output(&q, m, K, nibbles, scales, zeros, n, factor) + (bias != NULL ? bias[n] : 0.0f);
+        free(factor);
+    }
+    release(&q);
+}
+
+/* A stack of E matrices (nibbles [E, N, K/2], scales and zeros [E, N, K/32]); y [k, N]: row i is
+   the input times matrix experts[i], the input being x's row i (M == k) or its only row (M == 1).
+   One call, one thread team, for a decode step's k experts. */
+void llmchat_int4_experts(const float *x, int64_t M, int64_t K, const uint8_t *nibbles, const uint16_t *scales,
+                          const uint16_t *zeros, int64_t N, const int64_t *experts, int64_t k, float *y, int threads) {
+    Quantized q;
+    if (!quantize(x, M, K, &q)) {
+        for (int64_t i = 0; i < k * N; i++) y[i] = NAN;
+        return;
+    }
+    const int64_t groups = K / GROUP;
+#pragma omp parallel num_threads(threads)
+    {
+        float *factor = malloc(sizeof(float) * (size_t)groups);
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < k * N; j++) {
+            const int64_t i = j / N, n = j % N, e = experts[i];
+            y[j] = output(&q, M == 1 ? 0 : i, K, nibbles + e * N * (K / 2), scales + e * N * groups,
+                          zeros != NULL ? zeros + e * N * groups : NULL, n, factor);
+        }
+        free(factor);
+    }
+    release(&q);
+}
+
+/* bfloat16 bits of 8 floats, rounded to nearest even (as torch's .bfloat16(); weights are finite). */
+static inline __m128i to_bf16(__m256 v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i packed = _mm256_packus_epi32(rounded, rounded); /* per 128-bit lane: [a0..3 a0..3 | a4..7 a4..7] */
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08)); /* [a0..3 a4..7] */
+}
+
+/* W [N, K] = (code - 8) * scale + zero, as float32 (bf16 == 0) or bfloat16 (bf16 != 0): a prefill's
+   matrix for one GEMM, from the int4 layout's nibbles, scales and zeros (NULL: 0) [N, K/32]. */
+void llmchat_int4_dequantize(const uint8_t *nibbles, const uint16_t *scales, const uint16_t *zeros, int64_t N,
+                             int64_t K, void *out, int bf16, int threads) {
+    const int64_t groups = K / GROUP;
+    const __m128i mask = _mm_set1_epi8(0x0F);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t g = 0; g < groups; g++) {
+            const float scale = bf16_to_float(scales[n * groups + g]);
+            const float zero = zeros != NULL ? bf16_to_float(zeros[n * groups + g]) : 0.0f;
+            const __m256 vscale = _mm256_set1_ps(scale), base = _mm256_set1_ps(zero - 8.0f * scale);
+            const __m128i packed = _mm_loadu_si128((const __m128i *)(nibbles + n * (K / 2) + g * (GROUP / 2)));
+            const __m128i low = _mm_and_si128(packed, mask);
+            const __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+            const __m128i ordered[2] = {_mm_unpacklo_epi8(low, high), _mm_unpackhi_epi8(low, high)};
+            const int64_t at = n * K + g * GROUP;
+            for (int half = 0; half < 2; half++) {
+                const __m256 first = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(ordered[half])), vscale, base);
+                const __m256 second = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(ordered[half], 8))), vscale, base);
+                if (bf16) {
+                    uint16_t *w = (uint16_t *)out + at + 16 * half;
+                    _mm_storeu_si128((__m128i *)w, to_bf16(first));
+                    _mm_storeu_si128((__m128i *)(w + 8), to_bf16(second));
+                } else {
+                    float *w = (float *)out + at + 16 * half;
+                    _mm256_storeu_ps(w, first);
+                    _mm256_storeu_ps(w + 8, second);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,274 @@
+"""llmchat's own int4 x int8 decode kernel (q4kernel.c), compiled on this machine the first time it is used.
+
+Why: a 1B model's decode step is its int4 matrix products, and PyTorch's int4 kernel
+(`_weight_int4pack_mm_for_cpu`) takes bfloat16 activations and dequantizes every weight to float:
+compute-bound at about 10 GB/s on 2 cores, half of llama.cpp's decode rate. This kernel does what
+llama.cpp does: quantize the activations to int8 per group of 32 and multiply integer codes
+(AVX-512 VNNI or AVX2), over the int4 layout's own `nibbles` and `scale_zero` buffers, so it
+costs no memory. Measured: `benchmarks/int4_kernel.py`.
+
+It is a plain C file built with the system's C compiler (`$CC`, else `cc`) into the user cache
+(about a second; no PyTorch headers), loaded with ctypes and run on the OpenMP runtime torch has
+already loaded. Which variant: torch's own CPU capability (`ATEN_CPU_CAPABILITY=avx2` selects the
+AVX2 build on an AVX-512 machine, as it does torch's kernels) and whether the CPU has VNNI. Without
+AVX2, a compiler, or with `LLMCHAT_INT4_KERNEL=0`, `available()` is None and the packed layers use
+PyTorch's kernels, as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("q4kernel.c")
+ENV_SWITCH = "LLMCHAT_INT4_KERNEL"  # "0" keeps PyTorch's int4 kernel
+_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512-vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+}
+_CDLL_ARGS = [
+    ctypes.c_void_p,  # x
+    ctypes.c_int64,  # M
+    ctypes.c_int64,  # K
+    ctypes.c_void_p,  # nibbles
+    ctypes.c_void_p,  # scales [N, K/32] bfloat16
+    ctypes.c_void_p,  # zeros [N, K/32] bfloat16, or NULL for all 0
+    ctypes.c_int64,  # N
+    ctypes.c_void_p,  # bias or NULL
+    ctypes.c_void_p,  # y
+    ctypes.c_int,  # threads
+]
+
+_EXPERTS_ARGS = [
+    *_CDLL_ARGS[:6],  # x, M, K, nibbles, scales, zeros (stacked over experts)
+    ctypes.c_int64,  # N
+    ctypes.c_void_p,  # experts [k] int64
+    ctypes.c_int64,  # k
+    ctypes.c_void_p,  # y
+    ctypes.c_int,  # threads
+]
+
+_DEQUANTIZE_ARGS = [
+    ctypes.c_void_p,  # nibbles
+    ctypes.c_void_p,  # scales
+    ctypes.c_void_p,  # zeros or NULL
+    ctypes.c_int64,  # N
+    ctypes.c_int64,  # K
+    ctypes.c_void_p,  # out
+    ctypes.c_int,  # bfloat16?
+    ctypes.c_int,  # threads
+]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def variant() -> str | None:
+    """The build for this CPU and torch's capability setting, or None where the kernel does not apply."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = _cpu_flags()
+    if capability.startswith("AVX512") and {"avx512_vnni", "avx512vl", "avx512bw"} <= flags:
+        return "avx512-vnni"
+    if capability in ("AVX2", "AVX512") or capability.startswith("AVX512"):
+        return "avx2" if {"avx2", "fma"} <= flags else None
+    return None
+
+
+@dataclass(frozen=True)
+class Int4Kernel:
+    """The loaded kernel: `variant` names the build (for `llmchat info` and `bench --json`)."""
+
+    variant: str
+    library: ctypes.CDLL
+
+    def mm(
+        self,
+        x: torch.Tensor,
+        nibbles: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x [M, K] float32 times the int4 matrix (nibbles [N, K/2]; scales, zeros [N, K/32] bfloat16,
+        zeros None where all are 0), plus bias: [M, N] float32."""
+        x = x.contiguous()
+        rows, inner = x.shape
+        out_features = nibbles.shape[0]
+        y = torch.empty((rows, out_features), dtype=torch.float32)
+        self.library.llmchat_int4_mm(
+            x.data_ptr(),
+            rows,
+            inner,
+            nibbles.data_ptr(),
+            scales.data_ptr(),
+            None if zeros is None else zeros.data_ptr(),
+            out_features,
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return y
+
+    def experts(
+        self,
+        x: torch.Tensor,
+        nibbles: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """Row i: x's row i (or its only row) times expert ids[i] of a stack (nibbles [E, N, K/2];
+        scales, zeros [E, N, K/32]): [k, N] float32, in one call for all k."""
+        x = x.contiguous()
+        rows, inner = x.shape
+        ids = ids.to(torch.int64).contiguous()
+        count, out_features = ids.shape[0], nibbles.shape[1]
+        if rows not in (1, count):
+            raise ValueError(f"{rows} input rows for {count} experts")
+        y = torch.empty((count, out_features), dtype=torch.float32)
+        self.library.llmchat_int4_experts(
+            x.data_ptr(),
+            rows,
+            inner,
+            nibbles.data_ptr(),
+            scales.data_ptr(),
+            None if zeros is None else zeros.data_ptr(),
+            out_features,
+            ids.data_ptr(),
+            count,
+            y.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return y
+
+    def dequantize(
+        self, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, out: torch.Tensor
+    ) -> torch.Tensor:
+        """W [N, K] into `out` (float32 or bfloat16, contiguous): what a prefill chunk multiplies."""
+        if out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous():
+            raise ValueError("dequantize writes a contiguous float32 or bfloat16 matrix")
+        rows, half = nibbles.shape[-2:]
+        if out.shape != (rows, 2 * half):
+            raise ValueError(f"out is {tuple(out.shape)}, the matrix {rows}x{2 * half}")
+        self.library.llmchat_int4_dequantize(
+            nibbles.data_ptr(),
+            scales.data_ptr(),
+            None if zeros is None else zeros.data_ptr(),
+            rows,
+            2 * half,
+            out.data_ptr(),
+            int(out.dtype == torch.bfloat16),
+            torch.get_num_threads(),
+        )
+        return out
+
+
+_scratch = threading.local()
+
+
+def scratch(rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
+    """A [rows, columns] matrix to dequantize into, reused by every call from this thread (a prefill
+    dequantizes one matrix at a time; allocating each afresh cost its page faults every time). It grows
+    to the largest matrix asked for, which the memory estimate counts as activations."""
+    size = rows * columns
+    held: torch.Tensor | None = getattr(_scratch, dtype.__repr__(), None)
+    if held is None or held.numel() < size:
+        held = torch.empty(size, dtype=dtype)
+        setattr(_scratch, dtype.__repr__(), held)
+    return held[:size].view(rows, columns)
+
+
+@functools.cache
+def prefill_dtype() -> torch.dtype:
+    """What a prefill chunk's GEMM runs in with this kernel: bfloat16 where the CPU multiplies it natively
+    (AVX512-BF16 or AMX: 3.5x float32's rate measured on 2 Zen 4 cores, 512x2048 by 2048x16384), else float32."""
+    native = {"avx512_bf16", "amx_bf16"} & _cpu_flags()
+    return torch.bfloat16 if variant() == "avx512-vnni" and native else torch.float32
+
+
+class KernelBuildError(RuntimeError):
+    pass
+
+
+def _build(target: Path, flags: list[str]) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise KernelBuildError("no C compiler (cc, gcc, or $CC)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}")
+    command = [compiler, "-O3", "-shared", "-fPIC", "-fopenmp", *flags, str(SOURCE), "-o", str(partial)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise KernelBuildError(f"{compiler}: {exc}") from None
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise KernelBuildError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "compiler failed")
+    partial.replace(target)  # atomic: another process sees the whole library or none
+
+
+def _library_path(name: str, flags: list[str]) -> Path:
+    from llmchat.paths import cache_dir
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"int4-{name}-{digest}.so"
+
+
+@functools.cache
+def _load(name: str) -> Int4Kernel | None:
+    flags = _FLAGS[name]
+    try:
+        path = _library_path(name, flags)
+        if not path.exists():
+            _build(path, flags)
+        library = ctypes.CDLL(str(path))
+    except (KernelBuildError, OSError) as exc:
+        _failures[name] = str(exc)
+        return None
+    library.llmchat_int4_mm.argtypes = _CDLL_ARGS
+    library.llmchat_int4_mm.restype = None
+    library.llmchat_int4_experts.argtypes = _EXPERTS_ARGS
+    library.llmchat_int4_experts.restype = None
+    library.llmchat_int4_dequantize.argtypes = _DEQUANTIZE_ARGS
+    library.llmchat_int4_dequantize.restype = None
+    return Int4Kernel(name, library)
+
+
+_failures: dict[str, str] = {}
+
+
+@functools.cache
+def available() -> Int4Kernel | None:
+    """The kernel for this machine, built on first use; None where it does not apply or could not be built.
+
+    Decided once per process (`available.cache_clear()` makes it look again, for tests)."""
+    name = variant()
+    return None if name is None else _load(name)
+
+
+def describe() -> str:
+    """In words, for `llmchat info` and `bench --json`: which int4 decode kernel the packed layers use."""
+    name = variant()
+    if name is None:
+        return "PyTorch's int4 kernel"
+    if available() is None:
+        return f"PyTorch's int4 kernel (llmchat's {name} kernel did not build: {_failures.get(name, '?')})"
+    return f"llmchat int4 x int8 ({name})"
