@@ -120,8 +120,10 @@ def test_torch_capability_picks_the_build() -> None:
 def test_without_a_compiler_the_layers_use_pytorchs_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     if q4kernel.variant() is None:
         pytest.skip("llmchat's int4 kernel does not apply to this CPU")
-    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setattr(q4kernel, "_library_path", lambda name, flags: tmp_path / "nowhere.so")
+    with pytest.raises(q4kernel.KernelBuildError):  # the real build step fails, with a reason
+        q4kernel._build(tmp_path / "nowhere.so", [])
     q4kernel._load.cache_clear()
     q4kernel.available.cache_clear()
     try:
