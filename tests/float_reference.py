@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Packed against dequantized on the demo, seen here: up to ~0.25 logits per token (bfloat16
-# activations, int8 rows requantized from Q8_0); a wrong kernel or scale misses by many logits.
-LOGIT_TOLERANCE = 1.0
+# Packed against dequantized on the demo, seen here: up to ~0.25 logits per token with PyTorch's
+# kernels (bfloat16 activations, int8 rows requantized from Q8_0), up to ~1.25 with llmchat's int4
+# kernel (int8 activations per group of 32, llama.cpp's scheme; perplexity +0.28%, README "Speed");
+# a wrong kernel or scale misses by many logits.
+LOGIT_TOLERANCE = 1.6
 
 
 def assert_follows_float_reference(
