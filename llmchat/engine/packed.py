@@ -226,6 +226,19 @@ _BUFFERS = {
 }
 
 
+def row_scales(owner: nn.Module, scale_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`scale_zero` ([..., in/group, out, 2], PyTorch's kernel's layout) as scales and zeros row by row
+    ([..., out, in/group] each; zeros None when all are 0, as Q4_0's) for llmchat's int4 kernel. Made on
+    first use and kept on `owner`, again whenever `scale_zero` was replaced (load_state_dict, `to`)."""
+    cached = owner.__dict__.get("_rows")
+    if cached is None or cached[0] is not scale_zero:
+        scales = scale_zero[..., 0].transpose(-1, -2).contiguous()
+        zeros = scale_zero[..., 1].transpose(-1, -2).contiguous()
+        cached = (scale_zero, (scales, None if not zeros.any() else zeros))
+        owner.__dict__["_rows"] = cached
+    return cached[1]
+
+
 def prefill_product(
     kernel: q4kernel.Int4Kernel,
     x: torch.Tensor,
@@ -377,15 +390,8 @@ class PackedLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _row_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The int4 groups' scales and zeros row by row ([out, in/group] each; zeros None when all are 0,
-        as Q4_0's), for llmchat's int4 kernel: made from `scale_zero` on first use, again if it was replaced."""
-        cached = self.__dict__.get("_rows")
-        if cached is None or cached[0] is not self.scale_zero:
-            scales = self.scale_zero[..., 0].t().contiguous()
-            zeros = self.scale_zero[..., 1].t().contiguous()
-            cached = (self.scale_zero, (scales, None if not zeros.any() else zeros))
-            self.__dict__["_rows"] = cached
-        return cached[1]
+        """The int4 groups' scales and zeros row by row, for llmchat's int4 kernel (`row_scales`)."""
+        return row_scales(self, self.scale_zero)
 
     def _float32_product(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T in float32 for any number of rows: (x · codes^T) from FBGEMM's fp16 matrices and
@@ -597,16 +603,8 @@ class PackedExperts(nn.Module):
         return torch.cat(self.products(inputs, ids)).to(x.dtype)
 
     def _row_scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The stacks' int4 scales and zeros row by row ([experts, out, in/group]; zeros None when all
-        are 0), for llmchat's int4 kernel: made on first use, again if `scale_zero` was replaced."""
-        stack = self.experts.scale_zero
-        cached = self.__dict__.get("_rows")
-        if cached is None or cached[0] is not stack:
-            scales = stack[..., 0].transpose(1, 2).contiguous()
-            zeros = stack[..., 1].transpose(1, 2).contiguous()
-            cached = (stack, (scales, None if not zeros.any() else zeros))
-            self.__dict__["_rows"] = cached
-        return cached[1]
+        """The stacks' int4 scales and zeros row by row ([experts, out, in/group]; `row_scales`)."""
+        return row_scales(self, self.experts.scale_zero)
 
     def matmul(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """x [m, in] times expert `index`, in x's dtype (a prefill's experts: PackedLinear's forward)."""
