@@ -66,8 +66,7 @@ def int4_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     """Runs a test with each int4 decode kernel: llmchat's own (q4kernel.c, where it builds) and PyTorch's."""
     from llmchat.engine import q4kernel
 
-    if request.param == "pytorch":
-        monkeypatch.setenv(q4kernel.ENV_SWITCH, "0")
+    monkeypatch.setenv(q4kernel.ENV_SWITCH, "1" if request.param == "llmchat" else "0")
     q4kernel.available.cache_clear()
     if request.param == "llmchat" and q4kernel.available() is None:
         pytest.skip(f"llmchat's int4 kernel is not available here: {q4kernel.describe()}")

@@ -16,11 +16,11 @@ import torch
 from llmchat.engine import q4kernel
 from llmchat.engine.packed import INT4_GROUP, PackedExperts, PackedLinear
 
-VARIANTS = [name for name in ("avx512-vnni", "avx2") if name == "avx2" or q4kernel.variant() == "avx512-vnni"]
+VARIANTS = [name for name in ("avx512-vnni", "avx2") if name == "avx2" or q4kernel.cpu_variant() == "avx512-vnni"]
 
 
 def _kernel(name: str) -> q4kernel.Int4Kernel:
-    if q4kernel.variant() is None:
+    if q4kernel.cpu_variant() is None:
         pytest.skip("llmchat's int4 kernel does not apply to this CPU")
     kernel = q4kernel._load(name)
     if kernel is None:
@@ -109,17 +109,18 @@ def test_builds_agree() -> None:
 
 def test_torch_capability_picks_the_build() -> None:
     """ATEN_CPU_CAPABILITY=avx2, which makes torch use its AVX2 kernels, selects the AVX2 build too."""
-    if q4kernel.variant() is None:
+    if q4kernel.cpu_variant() is None:
         pytest.skip("llmchat's int4 kernel does not apply to this CPU")
-    code = "from llmchat.engine import q4kernel; print(q4kernel.variant())"
+    code = "from llmchat.engine import q4kernel; print(q4kernel.cpu_variant())"
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "avx2"
 
 
 def test_without_a_compiler_the_layers_use_pytorchs_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    if q4kernel.variant() is None:
+    if q4kernel.cpu_variant() is None:
         pytest.skip("llmchat's int4 kernel does not apply to this CPU")
+    monkeypatch.setenv(q4kernel.ENV_SWITCH, "1")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setattr(q4kernel, "_library_path", lambda name, flags: tmp_path / "nowhere.so")
     with pytest.raises(q4kernel.KernelBuildError):  # the real build step fails, with a reason
