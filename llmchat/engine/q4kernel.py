@@ -101,6 +101,19 @@ def cpu_variant() -> str | None:
     return None
 
 
+def _matrix_args(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> tuple:
+    """The arguments both products start with: x (contiguous float32 [M, K]), M, K, the matrix's buffers."""
+    rows, inner = x.shape
+    return (
+        x.data_ptr(),
+        rows,
+        inner,
+        nibbles.data_ptr(),
+        scales.data_ptr(),
+        None if zeros is None else zeros.data_ptr(),
+    )
+
+
 @dataclass(frozen=True)
 class Int4Kernel:
     """The loaded kernel: `variant` names the build (for `llmchat info` and `bench --json`)."""
@@ -123,12 +136,7 @@ class Int4Kernel:
         out_features = nibbles.shape[0]
         y = torch.empty((rows, out_features), dtype=torch.float32)
         self.library.llmchat_int4_mm(
-            x.data_ptr(),
-            rows,
-            inner,
-            nibbles.data_ptr(),
-            scales.data_ptr(),
-            None if zeros is None else zeros.data_ptr(),
+            *_matrix_args(x, nibbles, scales, zeros),
             out_features,
             None if bias is None else bias.data_ptr(),
             y.data_ptr(),
@@ -154,12 +162,7 @@ class Int4Kernel:
             raise ValueError(f"{rows} input rows for {count} experts")
         y = torch.empty((count, out_features), dtype=torch.float32)
         self.library.llmchat_int4_experts(
-            x.data_ptr(),
-            rows,
-            inner,
-            nibbles.data_ptr(),
-            scales.data_ptr(),
-            None if zeros is None else zeros.data_ptr(),
+            *_matrix_args(x, nibbles, scales, zeros),
             out_features,
             ids.data_ptr(),
             count,
