@@ -9,19 +9,28 @@ after the other, with the same thread count, prompt length and number of greedy 
 or missing engine (llama-cpp-python is the optional `bench` extra) shows its error in the table and
 the others still run. With --contexts each engine also decodes at those context lengths and an SVG
 chart of decode tok/s against context length is written. See benchmarks/README.md.
+
+`--rounds N` runs the engines N times interleaved (A B A B ...): the table shows each engine's median
+and the ratio columns are medians of the per-round ratios, so a machine that slows down for a while
+slows both sides of a ratio. `--background-load K` keeps K single-threaded busy processes running for
+the whole run (a user's machine is never idle: one busy core halved some engines' speed and cut
+others' tenfold).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -220,22 +229,66 @@ def _ratio(value: float | None, base: float | None) -> float | None:
     return round(value / base, 3) if value and base else None
 
 
-def _rows(results: list[Result]) -> list[dict[str, Any]]:
-    """Results as dicts, with the ratio columns filled in."""
-    by_name = {r.engine: r for r in results if r.error is None}
-    llama = by_name.get("llama-cpp-python")
-    fp32_decode = getattr(by_name.get("transformers-fp32"), "decode_tok_s", None)
-    bf16_prefill = getattr(by_name.get("transformers-bf16"), "prefill_tok_s", None)
-    return [
-        {
-            **asdict(r),
-            "decode_vs_llama_cpp": _ratio(r.decode_tok_s, getattr(llama, "decode_tok_s", None)),
-            "prefill_vs_llama_cpp": _ratio(r.prefill_tok_s, getattr(llama, "prefill_tok_s", None)),
-            "decode_vs_transformers_fp32": _ratio(r.decode_tok_s, fp32_decode),
-            "prefill_vs_transformers_bf16": _ratio(r.prefill_tok_s, bf16_prefill),
-        }
-        for r in results
-    ]
+RATIOS = {  # column: (measure, the engine it is divided by)
+    "decode_vs_llama_cpp": ("decode_tok_s", "llama-cpp-python"),
+    "prefill_vs_llama_cpp": ("prefill_tok_s", "llama-cpp-python"),
+    "decode_vs_transformers_fp32": ("decode_tok_s", "transformers-fp32"),
+    "prefill_vs_transformers_bf16": ("prefill_tok_s", "transformers-bf16"),
+}
+MEASURES = ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_memory_bytes")
+
+
+def _rows(results: list[Result] | list[list[Result]]) -> list[dict[str, Any]]:
+    """Results as dicts, with the ratio columns filled in. Given several rounds (each a list of the
+    engines' results), each measure is the engine's median and each ratio the median of the per-round
+    ratios; an engine that failed in any round shows that round's error."""
+    rounds: list[list[Result]] = results if results and isinstance(results[0], list) else [results]  # type: ignore[assignment,list-item]
+    per_round = []
+    for results_of_round in rounds:
+        by_name = {r.engine: r for r in results_of_round if r.error is None}
+        per_round.append(
+            {
+                r.engine: {
+                    column: _ratio(getattr(r, measure), getattr(by_name.get(base), measure, None))
+                    for column, (measure, base) in RATIOS.items()
+                }
+                for r in results_of_round
+            }
+        )
+    rows = []
+    for index, last in enumerate(rounds[-1]):
+        runs = [results_of_round[index] for results_of_round in rounds]
+        failed = next((run for run in runs if run.error is not None), None)
+        row = asdict(failed or last)
+        if failed is None:
+            for measure in MEASURES:
+                values = [getattr(run, measure) for run in runs if getattr(run, measure) is not None]
+                row[measure] = _median(values)
+        for column in RATIOS:
+            ratios = [ratios_of_round[last.engine][column] for ratios_of_round in per_round]
+            row[column] = None if failed else _median([r for r in ratios if r is not None])
+        row["rounds"] = len(runs)
+        rows.append(row)
+    return rows
+
+
+def _median(values: list[Any]) -> Any:
+    if not values:
+        return None
+    middle = statistics.median(values)
+    return round(middle, 3) if isinstance(middle, float) else middle
+
+
+@contextlib.contextmanager
+def background_load(processes: int) -> Iterator[None]:
+    """`processes` single-threaded busy loops running until the block ends (the OS places them)."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
 
 
 def _markdown(rows: list[dict[str, Any]]) -> str:
@@ -331,6 +384,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per engine; the best is reported")
+    parser.add_argument("--rounds", type=int, default=1, help="engines run N times interleaved; medians reported")
+    parser.add_argument("--background-load", type=int, default=0, metavar="K", help="K busy processes during the run")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompt ids")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="default: torch's default")
     parser.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=f"comma-separated, from {ENGINES}")
@@ -345,8 +400,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.engines) - set(ENGINES))
     if unknown:
         parser.error(f"unknown engines {unknown}; choose from {ENGINES}")
-    if args.prompt_tokens < 1 or args.gen_tokens < 2 or args.repeat < 1:
-        parser.error("--prompt-tokens must be >= 1, --gen-tokens >= 2, --repeat >= 1")
+    if args.prompt_tokens < 1 or args.gen_tokens < 2 or args.repeat < 1 or args.rounds < 1 or args.background_load < 0:
+        parser.error(
+            "--prompt-tokens must be >= 1, --gen-tokens >= 2, --repeat >= 1, --rounds >= 1, --background-load >= 0"
+        )
     try:
         args.context_list = sorted({int(n) for n in args.contexts.split(",") if n.strip()})
     except ValueError:
@@ -401,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens": args.prompt_tokens,
         "gen_tokens": args.gen_tokens,
         "repeat": args.repeat,
+        "rounds": args.rounds,
+        "background_load": args.background_load,
+        "load_average": " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        if Path("/proc/loadavg").exists()
+        else None,
         "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": args.threads,
@@ -412,11 +474,14 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in header.items():
             print(f"{key}: {value}")
         print(flush=True)
-    results = []
-    for engine in args.engines:
-        print(f"running {engine} ...", file=sys.stderr, flush=True)
-        results.append(_run_engine(engine, args))
-    rows = _rows(results)
+    rounds: list[list[Result]] = []
+    with background_load(args.background_load):
+        for number in range(1, args.rounds + 1):
+            rounds.append([])
+            for engine in args.engines:
+                print(f"round {number}/{args.rounds}: running {engine} ...", file=sys.stderr, flush=True)
+                rounds[-1].append(_run_engine(engine, args))
+    rows = _rows(rounds)
     if args.context_list and any(row.get("contexts") for row in rows):
         chart = args.chart or REPO_ROOT / "benchmarks" / "decode_vs_context.svg"
         title = f"Decode tok/s as the context grows — {Path(args.gguf).name}"

@@ -73,3 +73,20 @@ def test_chart_is_svg_with_one_line_per_swept_engine(compare: ModuleType) -> Non
     assert points[0][1] < points[1][1]  # 30 tok/s sits higher (smaller y) than 15
     texts = [t.text for t in root.iter(f"{ns}text")]
     assert "llmchat" in texts and "256" in texts and "4096" in texts and "title" in texts
+
+
+def test_interleaved_rounds_report_medians_and_the_median_of_per_round_ratios(compare: ModuleType) -> None:
+    """Over rounds, a measure is the engine's median and a ratio the median of each round's ratio (not the
+    ratio of the medians: a round where the machine slowed down slows both sides of its ratio)."""
+    rounds = [
+        [compare.Result("llmchat", decode_tok_s=d), compare.Result("llama-cpp-python", decode_tok_s=b)]
+        for d, b in [(30.0, 90.0), (40.0, 40.0), (20.0, 30.0)]
+    ]
+    rows = {row["engine"]: row for row in compare._rows(rounds)}
+    assert rows["llmchat"]["decode_tok_s"] == 30.0 and rows["llama-cpp-python"]["decode_tok_s"] == 40.0
+    assert rows["llmchat"]["decode_vs_llama_cpp"] == round(20 / 30, 3)  # ratios 0.333, 1.0, 0.667
+    assert rows["llmchat"]["rounds"] == 3
+    rounds[1][1] = compare.Result("llama-cpp-python", error="exit code 1: crashed")
+    rows = {row["engine"]: row for row in compare._rows(rounds)}
+    assert rows["llama-cpp-python"]["error"] == "exit code 1: crashed"
+    assert rows["llmchat"]["decode_vs_llama_cpp"] == round((1 / 3 + 2 / 3) / 2, 3)  # the two rounds it ran in

@@ -65,7 +65,23 @@ def test_int4_reproduces_q4_blocks_code_for_code(qtype: Q, shift: float) -> None
     # (up to its bfloat16 output rounding).
     through_kernel = packed(torch.eye(IN)[:64]).t()
     assert ((through_kernel - weights[:, :64]).abs() <= step[:, :64] / 4).all()
-    assert packed.packed.dtype == torch.uint8 and packed.packed.numel() == OUT * IN // 2  # 4 bits a weight
+    assert packed.nibbles.dtype == torch.uint8 and packed.nibbles.numel() == OUT * IN // 2  # 4 bits a weight
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_0])
+def test_an_int4_layer_holds_only_its_own_kernel_s_copies_and_the_bill_counts_them(qtype: Q, int4_kernel: str) -> None:
+    """After `prepare_int4` an int4 layer holds its nibbles, its (scale, zero) pairs and the copies of the
+    kernel that multiplies it, not the other kernel's (PyTorch's packing is half a byte a weight; ours,
+    row-major scales, with zeros unless they are all 0 as Q4_0's), and packed_bytes is what it holds."""
+    layer = PackedLinear(_gguf_weights(qtype), None, "int4", [qtype.name])
+    packed_module.prepare_int4(layer)
+    layer(torch.randn(1, IN))
+    ours = int4_kernel == "llmchat"
+    assert ("_rows" in layer.__dict__, "_aten" in layer.__dict__) == (ours, not ours)
+    assert module_bytes(layer) == packed_bytes("int4", OUT, IN, [qtype.name])
+    groups = OUT * IN // INT4_GROUP
+    copies = (2 if qtype == Q.Q4_0 else 4) * groups if ours else OUT * IN // 2
+    assert module_bytes(layer) == OUT * IN // 2 + 4 * groups + copies
 
 
 def test_int4_picks_the_symmetric_fit_for_q4_0() -> None:
@@ -94,6 +110,8 @@ def test_packed_experts_are_the_packed_layers_of_their_matrices(layout: str) -> 
     stack = torch.randn(4, OUT, IN, generator=torch.Generator().manual_seed(7))
     experts = PackedExperts.pack(stack, layout, frozenset({"Q4_0" if layout == "int4" else "Q8_0"}))
     layers = [PackedLinear(matrix, None, layout, experts.sources) for matrix in stack]
+    for module in [experts, *layers]:
+        packed_module.prepare_int4(module)
     assert len(experts) == 4 and module_bytes(experts) == sum(module_bytes(layer) for layer in layers)
     x = torch.randn(3, IN)
     order = [2, 0, 3, 2]

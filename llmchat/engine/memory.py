@@ -179,9 +179,9 @@ def weight_bytes(
     if mapped_embedding and not config.tie_word_embeddings:
         total -= config.vocab_size * config.hidden_size * dtype_bytes(dtype)
     shapes = _stacked_shapes(config)
-    for target, (layout, _) in packed.items():
+    for target, (layout, sources) in packed.items():
         count, out, inner = shapes[target]
-        total += count * (packed_bytes(layout, out, inner) - out * inner * dtype_bytes(dtype))
+        total += count * (packed_bytes(layout, out, inner, sources) - out * inner * dtype_bytes(dtype))
     return total
 
 

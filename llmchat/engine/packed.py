@@ -12,10 +12,12 @@ picked by token id. It has its own layout, computed in float32 from end to end.
 
 Three layouts:
   int4  one code 0..15 per weight; each group of INT4_GROUP consecutive input columns of an output
-        row shares a (scale, zero): w = (q - 8) * scale + zero. `_convert_weight_to_int4pack_for_cpu`
-        packs the codes, `_weight_int4pack_mm_for_cpu` multiplies. The codes are also kept as
-        plain nibbles (half a byte more per weight; the kernel's tiling is opaque) so that a
-        prefill chunk can dequantize the matrix and run one float32 matmul, which is faster there.
+        row shares a (scale, zero): w = (q - 8) * scale + zero. The codes are kept as plain nibbles
+        (`nibbles`, two a byte) with the (scale, zero) pairs (`scale_zero`), and the multiplying
+        kernel's own copies are made at load (`prepare_int4`): llmchat's int4 x int8 kernel (q4kernel.c)
+        takes the nibbles and row-major scales (1/8 byte a weight); PyTorch's, where ours does not run,
+        its opaque packing (`_convert_weight_to_int4pack_for_cpu`, half a byte a weight) for
+        `_weight_int4pack_mm_for_cpu`. A prefill chunk dequantizes the matrix and runs one GEMM.
   int8  one code -127..127 per weight and one bfloat16 scale per output row: w = q * scale.
         `_weight_int8pack_mm` multiplies.
   int8-fp32out  (the output projection) int8 codes with a float32 scale per row, multiplied in
@@ -43,6 +45,7 @@ Float tensors stay float. `llmchat info` reports the mapping.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -119,8 +122,10 @@ def _padded(columns: int) -> int:
     return -(-columns // FP16_K_BLOCK) * FP16_K_BLOCK
 
 
-def packed_bytes(layout: str, out_features: int, in_features: int) -> int:
-    """Bytes a PackedLinear holds for a matrix of this shape (bias aside), FBGEMM's matrices included."""
+def packed_bytes(layout: str, out_features: int, in_features: int, sources: Iterable[str] = ()) -> int:
+    """Bytes a PackedLinear holds for a matrix of this shape (bias aside), once `prepare_int4` ran:
+    FBGEMM's matrices included, and an int4 matrix's copies for the kernel that multiplies it (row-major
+    scales, and zeros unless `sources` make them all 0, for llmchat's; PyTorch's packing else)."""
     weights = out_features * in_features
     if layout == "int8":
         return weights + 2 * out_features  # codes, a bfloat16 scale per row
@@ -128,8 +133,13 @@ def packed_bytes(layout: str, out_features: int, in_features: int) -> int:
         fp16 = fp16_columns(in_features)
         product = 2 * out_features * _padded(fp16) + 4 * out_features * (in_features - fp16)
         return product + 4 * out_features  # + float32 scales
-    kernel_packing = nibbles = weights // 2
-    return kernel_packing + nibbles + out_features * (in_features // INT4_GROUP) * 4  # + bf16 (scale, zero)
+    groups = out_features * (in_features // INT4_GROUP)
+    nibbles = weights // 2
+    if q4kernel.available() is None:
+        kernel_copies = weights // 2  # PyTorch's int4 packing
+    else:
+        kernel_copies = groups * (2 if _int4_fit(tuple(sorted(set(sources)))) == "symmetric" else 4)
+    return nibbles + groups * 4 + kernel_copies  # + bf16 (scale, zero) pairs
 
 
 def int4_groups(
@@ -220,7 +230,7 @@ def _quantized_engine(name: str) -> Iterator[None]:
 
 
 _BUFFERS = {
-    "int4": ("packed", "nibbles", "scale_zero"),
+    "int4": ("nibbles", "scale_zero"),
     "int8": ("codes", "scales"),
     OUTPUT_LAYOUT: ("codes", "scales"),
 }
@@ -239,6 +249,35 @@ def row_scales(owner: nn.Module, scale_zero: torch.Tensor) -> tuple[torch.Tensor
     return cached[1]
 
 
+def aten_int4(owner: nn.Module, nibbles: torch.Tensor) -> torch.Tensor:
+    """PyTorch's int4 packing of `nibbles` ([..., out, in/2]; one matrix, or a stack packed matrix by matrix),
+    for `_weight_int4pack_mm_for_cpu`: made on first use and kept on `owner`, again whenever `nibbles` was
+    replaced. Only where llmchat's kernel does not run (see `prepare_int4`)."""
+    cached = owner.__dict__.get("_aten")
+    if cached is None or cached[0] is not nibbles:
+        matrices = nibbles.reshape(-1, *nibbles.shape[-2:])
+        packed = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(_codes(matrix), 1) for matrix in matrices]
+        stack = torch.stack(packed) if nibbles.dim() == 3 else packed[0]
+        cached = (nibbles, stack)
+        owner.__dict__["_aten"] = cached
+    return cached[1]
+
+
+def _codes(nibbles: torch.Tensor) -> torch.Tensor:
+    """Codes [out, in] (int32, 0..15) from nibbles [out, in/2] (even column in the low half)."""
+    return torch.stack((nibbles & 15, nibbles >> 4), dim=-1).view(nibbles.shape[0], -1).to(torch.int32)
+
+
+def derived_bytes(owner: nn.Module) -> int:
+    """Bytes of what `row_scales` and `aten_int4` made and keep on `owner` (for the memory bill)."""
+    total = 0
+    if (rows := owner.__dict__.get("_rows")) is not None:
+        total += sum(t.nbytes for t in rows[1] if t is not None)
+    if (aten := owner.__dict__.get("_aten")) is not None:
+        total += aten[1].nbytes
+    return total
+
+
 def prefill_product(
     kernel: q4kernel.Int4Kernel,
     x: torch.Tensor,
@@ -249,9 +288,36 @@ def prefill_product(
     """A prefill chunk (many rows) times an int4 matrix: the matrix dequantized by llmchat's kernel into a
     reused scratch matrix, then one GEMM, in bfloat16 where the CPU has native bfloat16 (q4kernel.prefill_dtype)."""
     dtype = q4kernel.prefill_dtype()
-    weight = kernel.dequantize(nibbles, *row_scales, q4kernel.scratch(nibbles.shape[0], 2 * nibbles.shape[1], dtype))
-    y = F.linear(x.to(dtype), weight).to(x.dtype)
+    with q4kernel.scratch.lock:
+        weight = kernel.dequantize(nibbles, *row_scales, q4kernel.scratch.matrix(*_unpacked_shape(nibbles), dtype))
+        y = F.linear(x.to(dtype), weight).to(x.dtype)
     return y if bias is None else y + bias
+
+
+def _unpacked_shape(nibbles: torch.Tensor) -> tuple[int, int]:
+    """[out, in] of an int4 matrix stored as nibbles [out, in/2]."""
+    return nibbles.shape[-2], 2 * nibbles.shape[-1]
+
+
+def prepare_int4(model: nn.Module) -> None:
+    """Make at load what the int4 layers' kernel needs beside their nibbles: for llmchat's kernel (built
+    here if need be) the row-major scales and the prefill scratch, else PyTorch's int4 packing.
+
+    At load, not during the first answer: made there, among a prefill's short-lived tensors (and after
+    the compiler's run raised glibc's mmap threshold), they kept the heap from shrinking, and the demo's
+    process stayed 100 MB (15%) above its memory bill at 2k tokens."""
+    ours = q4kernel.available() is not None
+    largest = 0
+    for module in model.modules():
+        if isinstance(module, PackedLinear | PackedExperts) and module.layout == "int4":
+            nibbles = module.nibbles if isinstance(module, PackedLinear) else module.experts.nibbles
+            if ours:
+                module._row_scales()
+                largest = max(largest, math.prod(_unpacked_shape(nibbles)))
+            else:
+                aten_int4(module, nibbles)
+    if largest:
+        q4kernel.scratch.reserve(largest, q4kernel.prefill_dtype())
 
 
 class PackedLinear(nn.Module):
@@ -259,7 +325,6 @@ class PackedLinear(nn.Module):
     (the output projection; see the module docstring)."""
 
     # buffers of the int4 layout
-    packed: torch.Tensor
     nibbles: torch.Tensor
     scale_zero: torch.Tensor
     # buffers of the int8 layouts (the output projection saves `codes` but does not keep them)
@@ -292,9 +357,10 @@ class PackedLinear(nn.Module):
         if layout == "int4":
             fit = _int4_fit(self.sources)
             codes, scale, zero = _by_rows(lambda rows: int4_groups(rows, fit=fit), weight)
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
             nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)  # even column low
             self.register_buffer("nibbles", nibbles)
+            if q4kernel.available() is None:  # PyTorch's kernel multiplies it: its packing, from the codes at hand
+                self.__dict__["_aten"] = (nibbles, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
             # [in/group, out, 2]: the kernel's layout of the groups' (scale, zero)
             scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(ACTIVATION_DTYPE).contiguous()
             self.register_buffer("scale_zero", scale_zero)
@@ -349,9 +415,9 @@ class PackedLinear(nn.Module):
 
     @property
     def opaque_bytes(self) -> int:
-        """Bytes held outside tensors (FBGEMM's padded fp16 matrices), for the memory bill."""
+        """Bytes held outside buffers (FBGEMM's padded fp16 matrices, the int4 kernel's copies), for the memory bill."""
         if self.layout != OUTPUT_LAYOUT or not self._fp16:
-            return 0
+            return derived_bytes(self)
         return 2 * self.out_features * _padded(self.split)
 
     def _output_codes(self) -> torch.Tensor:
@@ -383,7 +449,8 @@ class PackedLinear(nn.Module):
             return kernel.mm(x.float(), self.nibbles, *self._row_scales(), self.bias).to(x.dtype)
         low = x.to(ACTIVATION_DTYPE)
         if self.layout == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(low, self.packed, INT4_GROUP, self.scale_zero)
+            packing = aten_int4(self, self.nibbles)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(low, packing, INT4_GROUP, self.scale_zero)
         else:
             y = torch.ops.aten._weight_int8pack_mm(low, self.codes, self.scales)
         y = y.to(x.dtype)
@@ -417,7 +484,7 @@ class PackedLinear(nn.Module):
         if self.layout == "int8":
             return self.codes.float() * self.scales.float()[:, None]
         out, groups = self.out_features, self.in_features // INT4_GROUP
-        codes = torch.stack((self.nibbles & 15, self.nibbles >> 4), dim=-1).view(out, groups, INT4_GROUP)
+        codes = _codes(self.nibbles).view(out, groups, INT4_GROUP)
         scale_zero = self.scale_zero.float()  # [groups, out, 2]
         scale = scale_zero[..., 0].t().unsqueeze(-1)
         zero = scale_zero[..., 1].t().unsqueeze(-1)
@@ -490,7 +557,6 @@ class ExpertBuffers(nn.Module):
     `<stack>.experts.<buffer>`, as the loader (checkpoint.build_transformer) expects of packed experts.
     Iterating gives each expert as a PackedLinear of its own, for inspection and tests."""
 
-    packed: torch.Tensor
     nibbles: torch.Tensor
     scale_zero: torch.Tensor
     codes: torch.Tensor
@@ -566,14 +632,21 @@ class PackedExperts(nn.Module):
     def __len__(self) -> int:
         return len(self.experts)
 
+    @property
+    def opaque_bytes(self) -> int:
+        """Bytes of the int4 kernel's copies of the stacks (`prepare_int4`), for the memory bill."""
+        return derived_bytes(self)
+
     def __getitem__(self, index: int) -> PackedLinear:
         return self.experts[index]
 
     def _operands(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every expert's kernel operands (codes, scales), views of the stacks: made on first use and
         again whenever a buffer was replaced (load_state_dict, `to`)."""
-        names = ("packed", "scale_zero") if self.layout == "int4" else ("codes", "scales")
-        stacks = tuple(getattr(self.experts, name) for name in names)
+        if self.layout == "int4":
+            stacks = (aten_int4(self, self.experts.nibbles), self.experts.scale_zero)
+        else:
+            stacks = (self.experts.codes, self.experts.scales)
         cached = self.__dict__.get("_views")
         if cached is None or any(a is not b for a, b in zip(cached[0], stacks, strict=True)):
             cached = (stacks, list(zip(*(stack.unbind(0) for stack in stacks), strict=True)))

@@ -31,7 +31,7 @@ from llmchat.engine.packed import PackedExperts, PackedLinear
 
 # 3: the output projection's own layout (float32 logits); 4: embeddings read from the GGUF; 5: packed experts;
 # 6: packed experts as stacked buffers (packed.PackedExperts)
-CACHE_FORMAT = 6
+CACHE_FORMAT = 7  # 7: the int4 layout no longer saves PyTorch's packing (made at load, where that kernel runs)
 _PLAN_KEY = "llmchat.packed"
 _SOURCE_KEY = "llmchat.source"
 

@@ -173,12 +173,11 @@ void llmchat_int4_mm(const float *x, int64_t M, int64_t K, const uint8_t *nibble
     }
 #pragma omp parallel num_threads(threads)
     {
-        float *factor = malloc(sizeof(float) * (size_t)(K / GROUP));
+        float factor[K / GROUP]; /* on the stack: a worker thread's malloc makes it a glibc arena of its own */
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++)
             for (int64_t m = 0; m < M; m++)
                 y[m * N + n] = output(&q, m, K, nibbles, scales, zeros, n, factor) + (bias != NULL ? bias[n] : 0.0f);
-        free(factor);
     }
     release(&q);
 }
@@ -196,14 +195,13 @@ void llmchat_int4_experts(const float *x, int64_t M, int64_t K, const uint8_t *n
     const int64_t groups = K / GROUP;
 #pragma omp parallel num_threads(threads)
     {
-        float *factor = malloc(sizeof(float) * (size_t)groups);
+        float factor[groups];
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < k * N; j++) {
             const int64_t i = j / N, n = j % N, e = experts[i];
             y[j] = output(&q, M == 1 ? 0 : i, K, nibbles + e * N * (K / 2), scales + e * N * groups,
                           zeros != NULL ? zeros + e * N * groups : NULL, n, factor);
         }
-        free(factor);
     }
     release(&q);
 }

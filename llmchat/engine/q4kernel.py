@@ -11,8 +11,8 @@ It is a plain C file built with the system's C compiler (`$CC`, else `cc`) into 
 (about a second; no PyTorch headers), loaded with ctypes and run on the OpenMP runtime torch has
 already loaded. Which variant: torch's own CPU capability (`ATEN_CPU_CAPABILITY=avx2` selects the
 AVX2 build on an AVX-512 machine, as it does torch's kernels) and whether the CPU has VNNI. It is
-opt-in for now (`LLMCHAT_INT4_KERNEL=1`, see `enabled`); off, without AVX2 or without a compiler,
-`available()` is None and the packed layers use PyTorch's kernels, as before.
+on by default; switched off (`LLMCHAT_INT4_KERNEL=0`, see `enabled`), without AVX2 or without a
+compiler, `available()` is None and the packed layers use PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("q4kernel.c")
-ENV_SWITCH = "LLMCHAT_INT4_KERNEL"  # "1" switches llmchat's kernel on (see `enabled`)
+ENV_SWITCH = "LLMCHAT_INT4_KERNEL"  # "0" switches llmchat's kernel off (see `enabled`)
 _FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512-vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
@@ -80,9 +80,8 @@ def _cpu_flags() -> set[str]:
 
 
 def enabled() -> bool:
-    """Opt-in for now (`LLMCHAT_INT4_KERNEL=1`): the memory bill (`llmchat vram`) does not yet account for
-    what the kernel's path holds (a peak RSS 11-25% above the prediction was measured with it on the demo)."""
-    return os.environ.get(ENV_SWITCH, "0") == "1"
+    """On unless switched off (`LLMCHAT_INT4_KERNEL=0`): then PyTorch's kernels, to compare against."""
+    return os.environ.get(ENV_SWITCH, "1") != "0"
 
 
 def variant() -> str | None:
@@ -193,19 +192,29 @@ class Int4Kernel:
         return out
 
 
-_scratch = threading.local()
+class Scratch:
+    """The matrix a prefill chunk's int4 weights are dequantized into, one per process: a prefill
+    dequantizes one matrix at a time, and allocating each afresh cost its page faults every time.
+    `reserve` makes it at load, for the model's largest matrix (the memory estimate counts it as
+    activations), so it is not made mid-prefill among short-lived tensors, where it held glibc's heap
+    from shrinking. Hold `lock` from `matrix` until the product that reads it is done."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._held: dict[torch.dtype, torch.Tensor] = {}
+
+    def reserve(self, size: int, dtype: torch.dtype) -> None:
+        held = self._held.get(dtype)
+        if held is None or held.numel() < size:
+            self._held[dtype] = torch.empty(size, dtype=dtype)
+
+    def matrix(self, rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
+        """A [rows, columns] view of the scratch, grown when a larger one is asked for."""
+        self.reserve(rows * columns, dtype)
+        return self._held[dtype][: rows * columns].view(rows, columns)
 
 
-def scratch(rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
-    """A [rows, columns] matrix to dequantize into, reused by every call from this thread (a prefill
-    dequantizes one matrix at a time; allocating each afresh cost its page faults every time). It grows
-    to the largest matrix asked for, which the memory estimate counts as activations."""
-    size = rows * columns
-    held: torch.Tensor | None = getattr(_scratch, dtype.__repr__(), None)
-    if held is None or held.numel() < size:
-        held = torch.empty(size, dtype=dtype)
-        setattr(_scratch, dtype.__repr__(), held)
-    return held[:size].view(rows, columns)
+scratch = Scratch()
 
 
 @functools.cache
@@ -280,8 +289,8 @@ def describe() -> str:
     """In words, for `llmchat info` and `bench --json`: which int4 decode kernel the packed layers use."""
     name = variant()
     if name is None:
-        on_request = f" (llmchat's own: {ENV_SWITCH}=1)" if cpu_variant() is not None and not enabled() else ""
-        return "PyTorch's int4 kernel" + on_request
+        switched_off = f" (llmchat's own is off: {ENV_SWITCH}=0)" if cpu_variant() is not None and not enabled() else ""
+        return "PyTorch's int4 kernel" + switched_off
     if available() is None:
         return f"PyTorch's int4 kernel (llmchat's {name} kernel did not build: {_failures.get(name, '?')})"
     return f"llmchat int4 x int8 ({name})"
