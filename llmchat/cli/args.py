@@ -131,7 +131,7 @@ def add_engine_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, *, 
         type=positive_int,
         default=None,
         metavar="N",
-        help="CPU threads (default: torch's)",
+        help="CPU threads at most (default: torch's); decode drops to one while that measures faster (a busy machine)",
     )
     p.add_argument(
         "--prefill-chunk",

@@ -92,7 +92,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "load_s": round(model.info.seconds, 3),
         "device": str(device),
         "dtype": str(model.dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(),
+        **_thread_figures(model),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "repeat": args.repeat,
     }
@@ -106,6 +106,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         _print_table(result)
     return 0
+
+
+def _thread_figures(model: Any) -> dict[str, Any]:
+    """The thread count asked for, the one decode ended on, and how often it switched (engine/threads.py)."""
+    import torch
+
+    governor = model.generator.threads
+    if governor is None:
+        return {"threads": torch.get_num_threads()}
+    return {"threads": governor.configured, "decode_threads": governor.threads, "thread_switches": governor.switches}
 
 
 def _shape_figures(model: Any) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from llmchat.engine.sampling import (
     exact_top,
     rank_of,
 )
+from llmchat.engine.threads import ThreadGovernor
 from llmchat.engine.tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -128,6 +129,8 @@ class Generator:
         # The last step re-read by step_logits: an inspector asking again (a "what if" with other
         # sampling settings) gets it without a forward pass.
         self._reread_logits: tuple[list[int], torch.Tensor] | None = None
+        # decode's thread count, measured (threads.py); the count set now is the most it uses
+        self.threads = ThreadGovernor(torch.get_num_threads()) if self.device.type == "cpu" else None
 
     def token_text(self, token_id: int) -> str:
         """Display text of one token (memoized: the top-k list asks for the same ids often)."""
@@ -362,6 +365,7 @@ class Generator:
         ended: FinishReason | None = "eos" if ends_at is not None else None
         snapshots = bool(self.cache.recurrent_layers)
         end_step: TokenEvent | None = None
+        governor = self.threads
         if prefix:
             text, hit_stop = stops.feed("".join(decoder.push(t) for t in prefix))
             split = channels.feed(text) if channels else Split(content=text)
@@ -416,8 +420,12 @@ class Generator:
             if self.cache.free == 0:
                 reason = "context_full"
                 break
+            if governor is not None:
+                governor.before_step()
             step_began = time.perf_counter()
             logits = self.model(self._step_ids, self.cache, self.cache.length)[-1].float()
+            if governor is not None:
+                governor.after_step(time.perf_counter() - step_began)
             self.cache.append_tokens((token,))
             if snapshots and self.cache.length % SNAPSHOT_EVERY == 0:  # bounds what an inspector re-runs
                 self.cache.take_snapshot()

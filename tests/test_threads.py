@@ -1,0 +1,78 @@
+"""The decode thread governor (engine/threads.py) keeps the faster thread count, measured on the steps:
+driven here with step times that depend on the count it set, as a busy or an idle machine gives them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from llmchat.engine import threads as threads_module
+from llmchat.engine.threads import ThreadGovernor
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _drive(governor: ThreadGovernor, steps: int, seconds: Callable[[int, int], float]) -> list[int]:
+    """Run `steps` decode steps; seconds(step, threads) is a step's time. Returns each step's thread count."""
+    used = []
+    for step in range(steps):
+        governor.before_step()
+        count = torch.get_num_threads()
+        used.append(count)
+        governor.after_step(seconds(step, count))
+    return used
+
+
+def test_an_idle_machine_keeps_every_thread_and_probes_ever_more_rarely() -> None:
+    governor = ThreadGovernor(2)
+    used = _drive(governor, 4000, lambda step, n: 1.0 if n == 2 else 1.6)
+    assert governor.threads == 2 and governor.switches == 0
+    probe_steps = used.count(1)
+    assert 0 < probe_steps <= 8 * threads_module.PROBE_STEPS  # backed off: 32, 64, ... 1024 steps apart
+    assert used[-500:].count(1) <= threads_module.PROBE_STEPS
+
+
+def test_a_busy_core_moves_decode_to_one_thread_soon_after_it_starts() -> None:
+    """The load starts after 3000 steps (the probes backed off by then): the slowdown itself starts a probe."""
+    governor = ThreadGovernor(2)
+    busy_from = 3000
+
+    def seconds(step: int, n: int) -> float:
+        if step < busy_from:
+            return 1.0 if n == 2 else 1.6
+        return 6.0 if n == 2 else 1.7  # every barrier waits for the thread sharing the busy core
+
+    used = _drive(governor, busy_from + 100, seconds)
+    assert governor.threads == 1 and governor.switches == 1
+    moved = busy_from + used[busy_from:].index(1)
+    assert moved - busy_from <= threads_module.WINDOW  # not a thousand steps later
+    after = used[moved + threads_module.PROBE_STEPS :]
+    assert after.count(2) <= threads_module.PROBE_STEPS  # a probe of two threads lost, and backed off
+
+
+def test_when_the_load_goes_away_every_thread_comes_back() -> None:
+    governor = ThreadGovernor(2)
+    used = _drive(governor, 3000, lambda step, n: (6.0 if n == 2 else 1.7) if step < 1000 else (1.0 if n == 2 else 1.6))
+    assert governor.threads == 2 and governor.switches == 2
+    assert used[1000:].index(2) < threads_module.MAX_INTERVAL + threads_module.WINDOW + 1
+
+
+def test_noise_alone_does_not_switch() -> None:
+    """Two counts equally fast, with one step in four three times slower (a noisy machine): no switch."""
+    governor = ThreadGovernor(2)
+    _drive(governor, 3000, lambda step, n: 3.0 if step % 4 == 0 else 1.0)
+    assert governor.switches == 0
+
+
+def test_one_configured_thread_is_left_alone() -> None:
+    torch.set_num_threads(1)
+    governor = ThreadGovernor(1)
+    assert not governor.enabled
+    assert set(_drive(governor, 200, lambda step, n: 1.0)) == {1}
