@@ -26,6 +26,7 @@ from gguf import GGMLQuantizationType as Q
 from safetensors.torch import load_file
 
 import llmchat
+from llmchat.engine import q4kernel
 from llmchat.engine.errors import ModelLoadError
 from llmchat.engine.gguf import SUPPORTED_TYPES, GGUFFile
 from llmchat.engine.package import open_package
@@ -326,9 +327,11 @@ def test_embedding_read_from_the_file_gets_gemmas_scale(gguf_files: Callable) ->
 def test_packed_model_holds_no_embedding_and_the_bill_says_so(
     kind: str, gguf_files: Callable, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A tied packed model keeps no int8 codes (nor any other copy) of the embedding beside the
-    output projection's product matrices, an untied one no float embedding; `vram` bills exactly
-    the tensors held and names the mapped bytes, `info` says where the rows come from."""
+    """A tied packed model keeps no copy of the embedding beside the output projection's product
+    matrices (with llmchat's kernel, its int8 codes themselves; else FBGEMM's matrices and no codes), an
+    untied one no float embedding; `vram` bills exactly the tensors held and names the mapped bytes,
+    `info` says where the rows come from."""
+
     from llmchat.cli import main
     from llmchat.engine.gguf_tensors import GGUFEmbedding
     from llmchat.engine.memory import module_bytes
@@ -340,11 +343,11 @@ def test_packed_model_holds_no_embedding_and_the_bill_says_so(
     assert isinstance(embedding, GGUFEmbedding) and module_bytes(embedding) == 0
     held = {name: t for name, t in [*model.model.named_parameters(), *model.model.named_buffers()]}
     assert not any(name.startswith("embed") for name in held)
-    assert not any(name.startswith("lm_head.codes") for name in held)
     shape = (config.vocab_size, config.hidden_size)
-    assert not any(tuple(t.shape) == shape and t.dtype == torch.int8 for t in held.values())
-    if kind == "llama":  # the output projection is the one matrix of that shape left
-        assert [name for name, t in held.items() if tuple(t.shape) in (shape, shape[::-1])] == ["lm_head.rest"]
+    product = "lm_head.codes" if q4kernel.available() is not None else "lm_head.rest"
+    # the output projection's product matrix is the one matrix of that shape (FBGEMM's are opaque)
+    of_that_shape = [name for name, t in held.items() if tuple(t.shape) in (shape, shape[::-1])]
+    assert of_that_shape == [product]
     embedding_bytes = GGUFFile(path).tensor_info["token_embd.weight"].n_bytes
     assert model.info.mapped_embedding == embedding_bytes
     assert main(["vram", str(path), "--device", "cpu", "--context", "64", "--json"]) == 0
@@ -542,7 +545,8 @@ def test_packed_models_load_from_the_cache_the_second_time(kind: str, gguf_files
     maps = Path("/proc/self/maps")
     if maps.is_file():  # the tensors were read, not left as views of a map of the file (which kept
         assert str(files[0]) not in maps.read_text()  # the dropped output codes' pages resident)
-    assert "codes" not in dict(second.model.lm_head.named_buffers())
+    # the codes are the product matrix with llmchat's kernel, else they only rebuilt FBGEMM's matrices
+    assert ("codes" in dict(second.model.lm_head.named_buffers())) == (q4kernel.available() is not None)
     ids = _ids(first.config.vocab_size)
     assert torch.equal(first.logits(ids), second.logits(ids))
     assert _greedy(second, ids[:8], 6) == _greedy(first, ids[:8], 6)

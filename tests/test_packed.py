@@ -206,12 +206,16 @@ def test_output_projection_is_the_float32_product_of_its_codes(out: int, inner: 
 
 
 @pytest.mark.parametrize(("out", "inner"), OUTPUT_SHAPES)
-def test_output_projection_forms_and_their_bytes(out: int, inner: int) -> None:
-    """Where the columns go, and that the bill (packed_bytes) is what the layer holds, FBGEMM's
-    padded matrices included, and no int8 codes beside them (a tied model's embedding reads the
-    GGUF file, see test_gguf.py)."""
+def test_output_projection_forms_and_their_bytes(out: int, inner: int, int4_kernel: str) -> None:
+    """Where the columns go, and that the bill (packed_bytes) is what the layer holds: with llmchat's
+    kernel the int8 codes alone (one byte a weight); with PyTorch's, FBGEMM's padded matrices and no
+    int8 codes beside them (a tied model's embedding reads the GGUF file, see test_gguf.py)."""
     weights = _output_weights(out, inner, seed=2)
     layer = PackedLinear(weights, None, OUTPUT_LAYOUT)
+    if int4_kernel == "llmchat":
+        assert layer.codes.dtype == torch.int8 and not layer._fp16 and "rest" not in dict(layer.named_buffers())
+        assert module_bytes(layer) == packed_bytes(OUTPUT_LAYOUT, out, inner) == out * inner + 4 * out
+        return
     tail = inner % FP16_K_BLOCK
     expected_split = {512: 512, 576: 512, 960: 960, 64: 0}[inner]
     assert layer.split == expected_split, tail
@@ -230,7 +234,7 @@ def test_output_projection_round_trips_through_its_saved_tensors() -> None:
     state = layer.state_dict()
     assert sorted(state) == ["bias", "codes", "scales"]
     assert state["codes"].dtype == torch.int8 and state["scales"].dtype == torch.float32
-    assert len(layer._fp16) == 3
+    assert len(layer._fp16) == (0 if q4kernel.available() else 3)
     codes, _ = int8_rows(weights, torch.float32)
     assert torch.equal(state["codes"], codes)  # given back exactly from the fp16 and float32 matrices
     rebuilt = PackedLinear.from_buffers(OUTPUT_LAYOUT, ("Q6_K",), dict(state))
@@ -240,9 +244,13 @@ def test_output_projection_round_trips_through_its_saved_tensors() -> None:
         PackedLinear.from_buffers(OUTPUT_LAYOUT, (), {"codes": state["codes"], "scales": state["scales"].bfloat16()})
 
 
-def test_output_projection_without_fbgemm_is_a_float32_matrix(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A torch build without FBGEMM (ARM) keeps the whole matrix as float32 codes: same logits, and
-    the bill says so."""
+def test_output_projection_without_fbgemm_is_a_float32_matrix(
+    monkeypatch: pytest.MonkeyPatch, int4_kernel: str
+) -> None:
+    """A torch build without FBGEMM (ARM, so without llmchat's kernel) keeps the whole matrix as float32
+    codes: same logits, and the bill says so."""
+    if int4_kernel == "llmchat":
+        pytest.skip("llmchat's kernel multiplies the int8 codes; FBGEMM's matrices are not made")
     weights = _output_weights(80, 576, seed=6)
     x = torch.randn(2, 576)
     with_fbgemm = PackedLinear(weights, None, OUTPUT_LAYOUT)(x)
@@ -257,8 +265,8 @@ def test_output_projection_prepacks_under_fbgemm_whatever_the_engine(monkeypatch
     """Prepacking reads torch's global quantized engine; under one without an fp16 GEMM (qnnpack)
     the layer packs with FBGEMM's and puts the user's setting back."""
     engines = torch.backends.quantized.supported_engines
-    if "qnnpack" not in engines or packed_module.fp16_gemm_engine() is None:
-        pytest.skip("needs both qnnpack and FBGEMM in this torch build")
+    if "qnnpack" not in engines or packed_module.fp16_gemm_engine() is None or q4kernel.available():
+        pytest.skip("needs both qnnpack and FBGEMM in this torch build, and PyTorch's kernels")
     previous = torch.backends.quantized.engine
     try:
         torch.backends.quantized.engine = "qnnpack"

@@ -97,6 +97,26 @@ def test_experts_call_is_each_experts_product(variant: str) -> None:
         kernel.experts(torch.randn(2, 128), experts.experts.nibbles, scales, zeros, ids)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("rows", "inner"), [(1, 576), (3, 584), (40, 77)])
+def test_int8_product_is_float32_over_the_codes(variant: str, rows: int, inner: int) -> None:
+    """The output projection's product: int8 codes times float32 activations, then the row scale and
+    bias, in float32 throughout — within float32 rounding of the float64 product (any width: a tail
+    past the vector width included), and never bfloat16-coarse."""
+    kernel = _kernel(variant)
+    generator = torch.Generator().manual_seed(rows + inner)
+    out = 37
+    codes = torch.randint(-127, 128, (out, inner), dtype=torch.int8, generator=generator)
+    scales = torch.rand(out, generator=generator) * 0.02
+    bias = torch.randn(out, generator=generator)
+    x = torch.randn(rows, inner, generator=generator)
+    got = kernel.int8_mm(x, codes, scales, bias)
+    reference = (x.double() @ codes.double().t()) * scales.double() + bias.double()
+    scale_of = (x.double().abs() @ codes.double().abs().t()) * scales.double() + bias.double().abs()
+    assert ((got.double() - reference).abs() <= 1e-6 * scale_of + 1e-6).all()
+    assert (got != got.bfloat16().float()).float().mean() > 0.9
+
+
 def test_builds_agree() -> None:
     """Both builds compute the same integer dots; only the float sums' order differs."""
     if len(VARIANTS) < 2:

@@ -249,3 +249,48 @@ void llmchat_int4_dequantize(const uint8_t *nibbles, const uint16_t *scales, con
         }
     }
 }
+
+/* sum over k of w[k] x[k]: int8 weights widened to float32, products and sums in float32. */
+static inline float dot_int8_float(const int8_t *w, const float *x, int64_t K) {
+    int64_t k = 0;
+    float total = 0.0f;
+#ifdef __AVX512F__
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (; k + 32 <= K; k += 32) {
+        const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k))));
+        const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + k + 16))));
+        a = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + k), a);
+        b = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + k + 16), b);
+    }
+    total = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+#else
+    __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+    for (; k + 16 <= K; k += 16) {
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k))));
+        const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + k + 8))));
+        a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + k), a);
+        b = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + k + 8), b);
+    }
+    total = hsum(_mm256_add_ps(a, b));
+#endif
+    for (; k < K; k++) total += (float)w[k] * x[k];
+    return total;
+}
+
+#define INT8_ROW_BLOCK 16 /* weight rows a thread takes at once: 16 rows of a 4096-wide matrix fit L1/L2 */
+
+/* y [M, N] = (x [M, K] codes^T) * scales (+ bias): int8 codes [N, K] with a float32 scale per row, x, y
+   and the arithmetic float32 (an int8 code is exact in float32): the output projection's logits, as a
+   float32 GEMM over the codes gives them, reading one byte a weight. */
+void llmchat_int8_float_mm(const float *x, int64_t M, int64_t K, const int8_t *codes, const float *scales,
+                           int64_t N, const float *bias, float *y, int threads) {
+    const int64_t blocks = (N + INT8_ROW_BLOCK - 1) / INT8_ROW_BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t block = 0; block < blocks; block++) {
+        const int64_t first = block * INT8_ROW_BLOCK;
+        const int64_t last = first + INT8_ROW_BLOCK < N ? first + INT8_ROW_BLOCK : N;
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = first; n < last; n++)
+                y[m * N + n] = dot_int8_float(codes + n * K, x + m * K, K) * scales[n] + (bias != NULL ? bias[n] : 0.0f);
+    }
+}

@@ -57,6 +57,18 @@ _EXPERTS_ARGS = [
     ctypes.c_int,  # threads
 ]
 
+_INT8_ARGS = [
+    ctypes.c_void_p,  # x [M, K] float32
+    ctypes.c_int64,  # M
+    ctypes.c_int64,  # K
+    ctypes.c_void_p,  # codes [N, K] int8
+    ctypes.c_void_p,  # scales [N] float32
+    ctypes.c_int64,  # N
+    ctypes.c_void_p,  # bias or NULL
+    ctypes.c_void_p,  # y
+    ctypes.c_int,  # threads
+]
+
 _DEQUANTIZE_ARGS = [
     ctypes.c_void_p,  # nibbles
     ctypes.c_void_p,  # scales
@@ -170,6 +182,28 @@ class Int4Kernel:
         )
         return y
 
+    def int8_mm(
+        self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [M, K] float32 times int8 codes [N, K] with float32 row scales, plus bias, all in float32
+        (the output projection: PackedLinear's int8-fp32out layout): [M, N] float32."""
+        x = x.contiguous()
+        rows, inner = x.shape
+        out_features = codes.shape[0]
+        y = torch.empty((rows, out_features), dtype=torch.float32)
+        self.library.llmchat_int8_float_mm(
+            x.data_ptr(),
+            rows,
+            inner,
+            codes.data_ptr(),
+            scales.data_ptr(),
+            out_features,
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return y
+
     def dequantize(
         self, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, out: torch.Tensor
     ) -> torch.Tensor:
@@ -270,6 +304,8 @@ def _load(name: str) -> Int4Kernel | None:
     library.llmchat_int4_experts.restype = None
     library.llmchat_int4_dequantize.argtypes = _DEQUANTIZE_ARGS
     library.llmchat_int4_dequantize.restype = None
+    library.llmchat_int8_float_mm.argtypes = _INT8_ARGS
+    library.llmchat_int8_float_mm.restype = None
     return Int4Kernel(name, library)
 
 
