@@ -70,11 +70,11 @@ def test_int4_reproduces_q4_blocks_code_for_code(qtype: Q, shift: float) -> None
 
 @pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_0])
 def test_an_int4_layer_holds_only_its_own_kernel_s_copies_and_the_bill_counts_them(qtype: Q, int4_kernel: str) -> None:
-    """After `prepare_int4` an int4 layer holds its nibbles, its (scale, zero) pairs and the copies of the
+    """After `prepare_kernels` an int4 layer holds its nibbles, its (scale, zero) pairs and the copies of the
     kernel that multiplies it, not the other kernel's (PyTorch's packing is half a byte a weight; ours,
     row-major scales, with zeros unless they are all 0 as Q4_0's), and packed_bytes is what it holds."""
     layer = PackedLinear(_gguf_weights(qtype), None, "int4", [qtype.name])
-    packed_module.prepare_int4(layer)
+    packed_module.prepare_kernels(layer)
     layer(torch.randn(1, IN))
     ours = int4_kernel == "llmchat"
     assert ("_rows" in layer.__dict__, "_aten" in layer.__dict__) == (ours, not ours)
@@ -111,8 +111,9 @@ def test_packed_experts_are_the_packed_layers_of_their_matrices(layout: str) -> 
     experts = PackedExperts.pack(stack, layout, frozenset({"Q4_0" if layout == "int4" else "Q8_0"}))
     layers = [PackedLinear(matrix, None, layout, experts.sources) for matrix in stack]
     for module in [experts, *layers]:
-        packed_module.prepare_int4(module)
+        packed_module.prepare_kernels(module)
     assert len(experts) == 4 and module_bytes(experts) == sum(module_bytes(layer) for layer in layers)
+    assert module_bytes(experts) == 4 * packed_bytes(layout, OUT, IN, experts.sources)
     x = torch.randn(3, IN)
     order = [2, 0, 3, 2]
     shared = experts.rows(x[:1], order)  # one input for all k experts (a decode step's gate/up)

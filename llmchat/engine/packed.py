@@ -14,7 +14,7 @@ Three layouts:
   int4  one code 0..15 per weight; each group of INT4_GROUP consecutive input columns of an output
         row shares a (scale, zero): w = (q - 8) * scale + zero. The codes are kept as plain nibbles
         (`nibbles`, two a byte) with the (scale, zero) pairs (`scale_zero`), and the multiplying
-        kernel's own copies are made at load (`prepare_int4`): llmchat's int4 x int8 kernel (q4kernel.c)
+        kernel's own copies are made at load (`prepare_kernels`): llmchat's int4 x int8 kernel (q4kernel.c)
         takes the nibbles and row-major scales (1/8 byte a weight); PyTorch's, where ours does not run,
         its opaque packing (`_convert_weight_to_int4pack_for_cpu`, half a byte a weight) for
         `_weight_int4pack_mm_for_cpu`. A prefill chunk dequantizes the matrix and runs one GEMM.
@@ -123,12 +123,12 @@ def _padded(columns: int) -> int:
 
 
 def packed_bytes(layout: str, out_features: int, in_features: int, sources: Iterable[str] = ()) -> int:
-    """Bytes a PackedLinear holds for a matrix of this shape (bias aside), once `prepare_int4` ran:
+    """Bytes a PackedLinear holds for a matrix of this shape (bias aside), once `prepare_kernels` ran:
     FBGEMM's matrices included, and an int4 matrix's copies for the kernel that multiplies it (row-major
     scales, and zeros unless `sources` make them all 0, for llmchat's; PyTorch's packing else)."""
     weights = out_features * in_features
-    if layout == "int8":
-        return weights + 2 * out_features  # codes, a bfloat16 scale per row
+    if layout == "int8":  # codes, a bfloat16 scale per row (and a float32 copy for llmchat's kernel)
+        return weights + 2 * out_features + (4 * out_features if q4kernel.available() is not None else 0)
     if layout == OUTPUT_LAYOUT:
         if q4kernel.available() is not None:
             return weights + 4 * out_features  # the codes, float32 scales
@@ -254,7 +254,7 @@ def row_scales(owner: nn.Module, scale_zero: torch.Tensor) -> tuple[torch.Tensor
 def aten_int4(owner: nn.Module, nibbles: torch.Tensor) -> torch.Tensor:
     """PyTorch's int4 packing of `nibbles` ([..., out, in/2]; one matrix, or a stack packed matrix by matrix),
     for `_weight_int4pack_mm_for_cpu`: made on first use and kept on `owner`, again whenever `nibbles` was
-    replaced. Only where llmchat's kernel does not run (see `prepare_int4`)."""
+    replaced. Only where llmchat's kernel does not run (see `prepare_kernels`)."""
     cached = owner.__dict__.get("_aten")
     if cached is None or cached[0] is not nibbles:
         matrices = nibbles.reshape(-1, *nibbles.shape[-2:])
@@ -262,6 +262,17 @@ def aten_int4(owner: nn.Module, nibbles: torch.Tensor) -> torch.Tensor:
         stack = torch.stack(packed) if nibbles.dim() == 3 else packed[0]
         cached = (nibbles, stack)
         owner.__dict__["_aten"] = cached
+    return cached[1]
+
+
+def float_scales(owner: nn.Module, scales: torch.Tensor) -> torch.Tensor:
+    """The int8 layout's bfloat16 row scales in float32, for llmchat's int8 x float32 product (which
+    takes float32 activations, so its results are closer to the float reference than PyTorch's bfloat16
+    kernel's): made on first use and kept on `owner`, again whenever `scales` was replaced."""
+    cached = owner.__dict__.get("_float_scales")
+    if cached is None or cached[0] is not scales:
+        cached = (scales, scales.float())
+        owner.__dict__["_float_scales"] = cached
     return cached[1]
 
 
@@ -277,6 +288,8 @@ def derived_bytes(owner: nn.Module) -> int:
         total += sum(t.nbytes for t in rows[1] if t is not None)
     if (aten := owner.__dict__.get("_aten")) is not None:
         total += aten[1].nbytes
+    if (wide := owner.__dict__.get("_float_scales")) is not None:
+        total += wide[1].nbytes
     return total
 
 
@@ -301,9 +314,10 @@ def _unpacked_shape(nibbles: torch.Tensor) -> tuple[int, int]:
     return nibbles.shape[-2], 2 * nibbles.shape[-1]
 
 
-def prepare_int4(model: nn.Module) -> None:
-    """Make at load what the int4 layers' kernel needs beside their nibbles: for llmchat's kernel (built
-    here if need be) the row-major scales and the prefill scratch, else PyTorch's int4 packing.
+def prepare_kernels(model: nn.Module) -> None:
+    """Make at load what the packed layers' kernels need beside their codes: for llmchat's kernel (built
+    here if need be) the int4 layers' row-major scales and the prefill scratch and the int8 layers' float32
+    scales, else PyTorch's int4 packing.
 
     At load, not during the first answer: made there, among a prefill's short-lived tensors (and after
     the compiler's run raised glibc's mmap threshold), they kept the heap from shrinking, and the demo's
@@ -311,6 +325,8 @@ def prepare_int4(model: nn.Module) -> None:
     ours = q4kernel.available() is not None
     largest = 0
     for module in model.modules():
+        if ours and isinstance(module, PackedLinear | PackedExperts) and module.layout == "int8":
+            float_scales(module, module.scales if isinstance(module, PackedLinear) else module.experts.scales)
         if isinstance(module, PackedLinear | PackedExperts) and module.layout == "int4":
             nibbles = module.nibbles if isinstance(module, PackedLinear) else module.experts.nibbles
             if ours:
@@ -450,13 +466,15 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.layout == OUTPUT_LAYOUT:
             return self._float32_product(x)
-        kernel = q4kernel.available() if self.layout == "int4" else None
+        kernel = q4kernel.available()
         if x.shape[0] >= DEQUANTIZE_FROM_ROWS:
-            if kernel is not None:
+            if kernel is not None and self.layout == "int4":
                 return prefill_product(kernel, x, self.nibbles, self._row_scales(), self.bias)
             return F.linear(x, self.dequantized().to(x.dtype), self.bias)
         if kernel is not None:
-            return kernel.mm(x.float(), self.nibbles, *self._row_scales(), self.bias).to(x.dtype)
+            if self.layout == "int4":
+                return kernel.mm(x.float(), self.nibbles, *self._row_scales(), self.bias).to(x.dtype)
+            return kernel.int8_mm(x.float(), self.codes, float_scales(self, self.scales), self.bias).to(x.dtype)
         low = x.to(ACTIVATION_DTYPE)
         if self.layout == "int4":
             packing = aten_int4(self, self.nibbles)
@@ -649,7 +667,7 @@ class PackedExperts(nn.Module):
 
     @property
     def opaque_bytes(self) -> int:
-        """Bytes of the int4 kernel's copies of the stacks (`prepare_int4`), for the memory bill."""
+        """Bytes of the int4 kernel's copies of the stacks (`prepare_kernels`), for the memory bill."""
         return derived_bytes(self)
 
     def __getitem__(self, index: int) -> PackedLinear:
@@ -683,9 +701,17 @@ class PackedExperts(nn.Module):
 
         A decode step's experts in one call of llmchat's int4 kernel where it runs (one thread team
         for all k, the int4 layout's grouped product), else PyTorch's kernels one expert at a time."""
-        if self.layout == "int4" and (kernel := q4kernel.available()) is not None:
+        kernel = q4kernel.available()
+        if self.layout == "int4" and kernel is not None:
             ids_tensor = torch.tensor(ids, dtype=torch.int64)
             return kernel.experts(x.float(), self.experts.nibbles, *self._row_scales(), ids_tensor).to(x.dtype)
+        if kernel is not None:  # int8: one float32 product per expert
+            wide, scales = x.float(), float_scales(self, self.experts.scales)
+            rows = [wide if wide.shape[0] == 1 else wide[i : i + 1] for i in range(len(ids))]
+            products = [
+                kernel.int8_mm(row, self.experts.codes[e], scales[e], None) for row, e in zip(rows, ids, strict=True)
+            ]
+            return torch.cat(products).to(x.dtype)
         low = x.to(ACTIVATION_DTYPE)
         inputs = [low] * len(ids) if low.shape[0] == 1 else list(low.split(1))
         return torch.cat(self.products(inputs, ids)).to(x.dtype)
@@ -702,6 +728,9 @@ class PackedExperts(nn.Module):
                 row_scales = (scales[index], None if zeros is None else zeros[index])
                 return prefill_product(kernel, x, self.experts.nibbles[index], row_scales)
             return F.linear(x, self.dequantized(index).to(x.dtype))
+        if self.layout == "int8" and (kernel := q4kernel.available()) is not None:
+            scales = float_scales(self, self.experts.scales)[index]
+            return kernel.int8_mm(x.float(), self.experts.codes[index], scales, None).to(x.dtype)
         return self.rows(x, [index] * x.shape[0])
 
     def dequantized(self, index: int) -> torch.Tensor:

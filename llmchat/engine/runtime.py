@@ -34,7 +34,7 @@ from llmchat.engine.memory import (
 from llmchat.engine.model import Transformer
 from llmchat.engine.model_type import detect as detect_traits
 from llmchat.engine.package import ModelPackage, open_package
-from llmchat.engine.packed import PackingReport, packing_available, prepare_int4
+from llmchat.engine.packed import PackingReport, packing_available, prepare_kernels
 from llmchat.engine.packed_cache import cache_file, restore, save
 from llmchat.engine.sampling import SamplingParams
 from llmchat.engine.tokenizer import Tokenizer
@@ -350,7 +350,7 @@ def load(
         )
         if cached is not None:
             save(model, cached, package.path)
-    prepare_int4(model)
+    prepare_kernels(model)
     cache = new_cache(config, context_length, dev, run_dtype)
     info = LoadInfo(
         time.perf_counter() - began,
