@@ -160,3 +160,26 @@ def test_without_a_compiler_the_layers_use_pytorchs_kernel(monkeypatch: pytest.M
     finally:
         q4kernel._load.cache_clear()
         q4kernel.available.cache_clear()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "length"), [(9, 3, 64, 300), (4, 4, 72, 65), (8, 2, 40, 1)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_is_softmax_attention(
+    variant: str, heads: int, kv_heads: int, head_dim: int, length: int, masked: bool
+) -> None:
+    """A decode step's attention over views of a larger cache (rows of D contiguous, heads a capacity
+    apart), grouped query heads, a sliding window's mask: the float64 softmax attention within float32
+    rounding, for head sizes with and without a tail past the vector width."""
+    kernel = _kernel(variant)
+    generator = torch.Generator().manual_seed(heads * length + masked)
+    capacity = length + 37
+    keys, values = (torch.randn(kv_heads, capacity, head_dim, generator=generator)[:, :length] for _ in range(2))
+    q = (torch.randn(heads, 3, head_dim, generator=generator) * 2)[:, 1:2]  # a chunk's row: not contiguous
+    mask = (torch.arange(length) >= length // 3)[None] if masked else None
+    got = kernel.attention(q, keys, values, mask, 0.3)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q[None].double(), keys[None].double(), values[None].double(), attn_mask=mask, scale=0.3, enable_gqa=True
+    )[0]
+    assert got.shape == (heads, 1, head_dim) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-6)

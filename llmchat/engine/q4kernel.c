@@ -11,6 +11,7 @@
    torch has loaded: same pool, same thread count). */
 
 #include <immintrin.h>
+#include <omp.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -292,5 +293,79 @@ void llmchat_int8_float_mm(const float *x, int64_t M, int64_t K, const int8_t *c
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = first; n < last; n++)
                 y[m * N + n] = dot_int8_float(codes + n * K, x + m * K, K) * scales[n] + (bias != NULL ? bias[n] : 0.0f);
+    }
+}
+
+/* ---- a decode step's attention over the cached keys and values (float32) ------------------------------
+   One query per head; head h reads KV head h / group. The cache is [KV, capacity, D] with rows of D
+   contiguous: `head_stride` elements from one KV head to the next. Positions are split between the
+   threads in blocks, so that two threads share the work whatever the number of KV heads, and each
+   block's key (value) rows are read once for all the query heads of their group. */
+
+#define POSITION_BLOCK 64
+
+static inline float dot_float(const float *a, const float *b, int64_t D) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
+    }
+    float total = hsum(_mm256_add_ps(s0, s1));
+    for (; d < D; d++) total += a[d] * b[d];
+    return total;
+}
+
+/* scores [H, L] = (q [H, D] . key rows 0..L-1 of each head's KV head) * scale */
+void llmchat_attention_scores(const float *q, int64_t H, int64_t KV, int64_t D, const float *keys, int64_t head_stride,
+                              int64_t L, float scale, float *scores, int threads) {
+    const int64_t group = H / KV, blocks = (L + POSITION_BLOCK - 1) / POSITION_BLOCK;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t block = 0; block < blocks; block++) {
+        const int64_t first = block * POSITION_BLOCK, last = first + POSITION_BLOCK < L ? first + POSITION_BLOCK : L;
+        for (int64_t kv = 0; kv < KV; kv++)
+            for (int64_t l = first; l < last; l++) {
+                const float *row = keys + kv * head_stride + l * D;
+                for (int64_t g = 0; g < group; g++) {
+                    const int64_t h = kv * group + g;
+                    scores[h * L + l] = dot_float(q + h * D, row, D) * scale;
+                }
+            }
+    }
+}
+
+/* out [H, D] = sum over l of weights [H, L] times value row l of each head's KV head; `partial` holds
+   threads x H x D floats (each thread's sums, added up at the end). */
+void llmchat_attention_values(const float *weights, int64_t H, int64_t KV, int64_t D, const float *values,
+                              int64_t head_stride, int64_t L, float *out, float *partial, int threads) {
+    const int64_t group = H / KV, blocks = (L + POSITION_BLOCK - 1) / POSITION_BLOCK;
+    memset(partial, 0, sizeof(float) * (size_t)(threads * H * D));
+#pragma omp parallel num_threads(threads)
+    {
+        float *acc = partial + (int64_t)omp_get_thread_num() * H * D;
+#pragma omp for schedule(static)
+        for (int64_t block = 0; block < blocks; block++) {
+            const int64_t first = block * POSITION_BLOCK;
+            const int64_t last = first + POSITION_BLOCK < L ? first + POSITION_BLOCK : L;
+            for (int64_t kv = 0; kv < KV; kv++)
+                for (int64_t l = first; l < last; l++) {
+                    const float *row = values + kv * head_stride + l * D;
+                    for (int64_t g = 0; g < group; g++) {
+                        const int64_t h = kv * group + g;
+                        const float weight = weights[h * L + l];
+                        const __m256 w = _mm256_set1_ps(weight);
+                        float *into = acc + h * D;
+                        int64_t d = 0;
+                        for (; d + 8 <= D; d += 8)
+                            _mm256_storeu_ps(into + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(row + d), _mm256_loadu_ps(into + d)));
+                        for (; d < D; d++) into[d] += weight * row[d];
+                    }
+                }
+        }
+    }
+    for (int64_t i = 0; i < H * D; i++) {
+        float total = 0.0f;
+        for (int t = 0; t < threads; t++) total += partial[(int64_t)t * H * D + i];
+        out[i] = total;
     }
 }

@@ -69,6 +69,32 @@ _INT8_ARGS = [
     ctypes.c_int,  # threads
 ]
 
+_SCORES_ARGS = [
+    ctypes.c_void_p,  # q [H, D]
+    ctypes.c_int64,  # H
+    ctypes.c_int64,  # KV
+    ctypes.c_int64,  # D
+    ctypes.c_void_p,  # keys
+    ctypes.c_int64,  # head stride (elements)
+    ctypes.c_int64,  # L
+    ctypes.c_float,  # scale
+    ctypes.c_void_p,  # scores [H, L]
+    ctypes.c_int,  # threads
+]
+
+_VALUES_ARGS = [
+    ctypes.c_void_p,  # weights [H, L]
+    ctypes.c_int64,  # H
+    ctypes.c_int64,  # KV
+    ctypes.c_int64,  # D
+    ctypes.c_void_p,  # values
+    ctypes.c_int64,  # head stride (elements)
+    ctypes.c_int64,  # L
+    ctypes.c_void_p,  # out [H, D]
+    ctypes.c_void_p,  # partial [threads, H, D]
+    ctypes.c_int,  # threads
+]
+
 _DEQUANTIZE_ARGS = [
     ctypes.c_void_p,  # nibbles
     ctypes.c_void_p,  # scales
@@ -204,6 +230,31 @@ class Int4Kernel:
         )
         return y
 
+    def attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+    ) -> torch.Tensor:
+        """One decode step's attention in float32: q [H, 1, D] over keys, values [KV, L, D] (views of a
+        cache whose rows of D are contiguous); mask [1, L] (True: may attend) or None. [H, 1, D] float32."""
+        q = q.contiguous()  # held in a name: a temporary's memory would be freed before the call reads it
+        heads, _, head_dim = q.shape
+        kv_heads, length = keys.shape[:2]
+        threads = torch.get_num_threads()
+        scores = torch.empty((heads, length), dtype=torch.float32)
+        self.library.llmchat_attention_scores(
+            q.data_ptr(), heads, kv_heads, head_dim, keys.data_ptr(), keys.stride(0), length,
+            scale, scores.data_ptr(), threads,
+        )  # fmt: skip
+        if mask is not None:
+            scores.masked_fill_(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        out = torch.empty((heads, 1, head_dim), dtype=torch.float32)
+        partial = torch.empty((threads, heads, head_dim), dtype=torch.float32)
+        self.library.llmchat_attention_values(
+            weights.data_ptr(), heads, kv_heads, head_dim, values.data_ptr(), values.stride(0), length,
+            out.data_ptr(), partial.data_ptr(), threads,
+        )  # fmt: skip
+        return out
+
     def dequantize(
         self, nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, out: torch.Tensor
     ) -> torch.Tensor:
@@ -306,6 +357,10 @@ def _load(name: str) -> Int4Kernel | None:
     library.llmchat_int4_dequantize.restype = None
     library.llmchat_int8_float_mm.argtypes = _INT8_ARGS
     library.llmchat_int8_float_mm.restype = None
+    library.llmchat_attention_scores.argtypes = _SCORES_ARGS
+    library.llmchat_attention_scores.restype = None
+    library.llmchat_attention_values.argtypes = _VALUES_ARGS
+    library.llmchat_attention_values.restype = None
     return Int4Kernel(name, library)
 
 
