@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmchat.engine import q4kernel
+from llmchat.engine import fused_decode, q4kernel
 from llmchat.engine.config import ModelConfig
 from llmchat.engine.delta_net import GatedDeltaNet
 from llmchat.engine.errors import ModelLoadError
@@ -475,6 +475,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: RopeTables, cache: KVCache, start: int) -> torch.Tensor:
         cos, sin = rope[self.rope_index]
+        if x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu" and self.attn is not None:
+            fused = fused_decode.plan(self, cache, start)  # a decode step in two kernel calls (fused_decode.py)
+            if fused is not None and cos.shape[-1] == self.attn.head_dim:
+                return fused(x, cos, sin, start)
         if self.parallel:
             h = self.attn_norm(x)
             return x + self.mixer(h, cos, sin, cache, start) + self.mlp(h)

@@ -369,3 +369,88 @@ void llmchat_attention_values(const float *weights, int64_t H, int64_t KV, int64
         out[i] = total;
     }
 }
+
+/* ---- one token through a plain decoder layer (Llama's: RMSNorm, attention with RoPE over a full
+   cache, RMSNorm, SiLU-gated MLP; int4 matrices), in two calls around the softmax, which torch
+   computes between them: one C call in place of some thirty tensor operations a layer. ------------- */
+
+typedef struct {
+    const uint8_t *nibbles;
+    const uint16_t *scales, *zeros; /* zeros NULL: all 0 */
+    const float *bias;              /* NULL: none */
+    int64_t rows, cols;
+} Int4Matrix;
+
+typedef struct {
+    Int4Matrix qkv, o, gate_up, down;
+    const float *attn_norm, *mlp_norm;
+    float eps, scale;
+    int64_t hidden, heads, kv_heads, head_dim, intermediate;
+    float *keys, *values; /* the layer's cache [kv_heads, capacity, head_dim] */
+    int64_t head_stride;  /* capacity * head_dim */
+    /* scratch */
+    float *normed, *qkv_out, *scores, *attended, *partial, *branch, *gate_up_out, *product;
+} DecodeLayer;
+
+static void product(const Int4Matrix *m, const float *x, float *y, int threads) {
+    llmchat_int4_mm(x, 1, m->cols, m->nibbles, m->scales, m->zeros, m->rows, m->bias, y, threads);
+}
+
+/* out = w * (x * rsqrt(mean(x^2) + eps)), in that order (the reference's float32 RMSNorm) */
+static void rms_norm(const float *x, const float *w, float eps, int64_t n, float *out) {
+    __m256 s = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        s = _mm256_fmadd_ps(v, v, s);
+    }
+    float total = hsum(s);
+    for (; i < n; i++) total += x[i] * x[i];
+    const float r = 1.0f / sqrtf(total / (float)n + eps);
+    for (i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+/* half-split RoPE of one head in place: cos, sin [head_dim] for this position */
+static void rotate(float *head, const float *cos, const float *sin, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t d = 0; d < half; d++) {
+        const float a = head[d], b = head[d + half];
+        head[d] = a * cos[d] + (-b) * sin[d];
+        head[d + half] = b * cos[d + half] + a * sin[d + half];
+    }
+}
+
+/* norm, q/k/v, RoPE, the cache written at `position`, and the scores [heads, position + 1] (contiguous) */
+void llmchat_decode_layer_in(const DecodeLayer *L, const float *x, const float *cos, const float *sin, int64_t position,
+                             int threads) {
+    const int64_t D = L->head_dim, H = L->heads, KV = L->kv_heads;
+    rms_norm(x, L->attn_norm, L->eps, L->hidden, L->normed);
+    product(&L->qkv, L->normed, L->qkv_out, threads);
+    float *q = L->qkv_out, *k = q + H * D, *v = k + KV * D;
+    for (int64_t h = 0; h < H; h++) rotate(q + h * D, cos, sin, D);
+    for (int64_t h = 0; h < KV; h++) {
+        rotate(k + h * D, cos, sin, D);
+        memcpy(L->keys + h * L->head_stride + position * D, k + h * D, sizeof(float) * (size_t)D);
+        memcpy(L->values + h * L->head_stride + position * D, v + h * D, sizeof(float) * (size_t)D);
+    }
+    llmchat_attention_scores(q, H, KV, D, L->keys, L->head_stride, position + 1, L->scale, L->scores, threads);
+}
+
+/* from the softmax's weights [heads, position + 1]: the attention's output, its projection and residual,
+   norm, gated MLP and residual: y [hidden] */
+void llmchat_decode_layer_out(const DecodeLayer *L, const float *x, const float *weights, int64_t position, float *y,
+                              int threads) {
+    const int64_t I = L->intermediate, n = L->hidden;
+    llmchat_attention_values(weights, L->heads, L->kv_heads, L->head_dim, L->values, L->head_stride, position + 1,
+                             L->attended, L->partial, threads);
+    product(&L->o, L->attended, L->branch, threads);
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] + L->branch[i];
+    rms_norm(y, L->mlp_norm, L->eps, n, L->normed);
+    product(&L->gate_up, L->normed, L->gate_up_out, threads);
+    for (int64_t i = 0; i < I; i++) {
+        const float gate = L->gate_up_out[i];
+        L->product[i] = gate / (1.0f + expf(-gate)) * L->gate_up_out[I + i];
+    }
+    product(&L->down, L->product, L->branch, threads);
+    for (int64_t i = 0; i < n; i++) y[i] += L->branch[i];
+}

@@ -361,6 +361,23 @@ def _load(name: str) -> Int4Kernel | None:
     library.llmchat_attention_scores.restype = None
     library.llmchat_attention_values.argtypes = _VALUES_ARGS
     library.llmchat_attention_values.restype = None
+    layer_args = [ctypes.c_void_p, ctypes.c_void_p]  # the DecodeLayer (fused_decode.py), x
+    library.llmchat_decode_layer_in.argtypes = [
+        *layer_args,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int,
+    ]
+    library.llmchat_decode_layer_in.restype = None
+    library.llmchat_decode_layer_out.argtypes = [
+        *layer_args,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
+    library.llmchat_decode_layer_out.restype = None
     return Int4Kernel(name, library)
 
 
