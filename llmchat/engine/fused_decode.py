@@ -93,17 +93,23 @@ class FusedLayer:
             self._held += [layer.nibbles, scales, zeros, bias]
             pointers = (layer.nibbles.data_ptr(), scales.data_ptr(), _pointer(zeros), _pointer(bias))
             matrices[name] = _Int4Matrix(*pointers, layer.out_features, layer.in_features)
-        threads = os.cpu_count() or 1
-        scratch = {
-            "normed": torch.empty(hidden),
-            "qkv_out": torch.empty(attn.qkv.out_features),
-            "scores": torch.empty(self.heads * capacity),
-            "attended": torch.empty(self.heads * self.head_dim),
-            "partial": torch.empty(max(threads, torch.get_num_threads()) * self.heads * self.head_dim),
-            "branch": torch.empty(hidden),
-            "gate_up_out": torch.empty(2 * intermediate),
-            "product": torch.empty(intermediate),
+        threads = max(os.cpu_count() or 1, torch.get_num_threads())
+        sizes = {
+            "normed": hidden,
+            "qkv_out": attn.qkv.out_features,
+            "scores": self.heads * capacity,
+            "attended": self.heads * self.head_dim,
+            "partial": threads * self.heads * self.head_dim,
+            "branch": hidden,
+            "gate_up_out": 2 * intermediate,
+            "product": intermediate,
         }
+        # one set for all the layers of the cache's model (they run one after the other)
+        shared: dict[tuple[str, int], torch.Tensor] = cache.__dict__.setdefault("_fused_scratch", {})
+        for key in sizes.items():
+            if key not in shared:
+                shared[key] = torch.empty(key[1])
+        scratch = {name: shared[name, size] for name, size in sizes.items()}
         self._scores = scratch["scores"]
         keys, values = cache.keys[index], cache.values[index]  # [kv_heads, capacity, head_dim]
         self._held += [block.attn_norm.weight, block.mlp_norm.weight, keys, values, *scratch.values()]  # type: ignore[union-attr]
