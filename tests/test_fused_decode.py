@@ -1,7 +1,8 @@
-"""A plain decoder layer's decode step in two calls of llmchat's kernel (engine/fused_decode.py) computes
-what the layer's modules compute: the same output and the same keys and values written to the cache,
-within float32 rounding, at positions inside a prefilled cache; and the modules run instead wherever the
-layer is not exactly that layer, or an inspector's hooks observe it."""
+"""A plain decoder layer's decode step in two calls of llmchat's kernel (engine/fused_decode.py; a
+mixture of experts' attention half, its experts then running as their module) computes what the layer's
+modules compute: the same output and the same keys and values written to the cache, within float32
+rounding, at positions inside a prefilled cache; and the modules run instead wherever the layer is not
+exactly that layer, or an inspector's hooks observe it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def _model(path: Path, prompt: int = 24) -> llmchat.LoadedModel:
     return model
 
 
-@pytest.mark.parametrize(("kind", "qtype"), [("llama", Q.Q4_0), ("llama-bias", Q.Q4_1)])
+@pytest.mark.parametrize(
+    ("kind", "qtype"), [("llama", Q.Q4_0), ("llama-bias", Q.Q4_1), ("qwen3", Q.Q4_0), ("qwen3-moe", Q.Q4_0)]
+)
 def test_each_layer_s_fused_step_is_its_modules_step(kind: str, qtype: Q, tiny_gguf: Callable[..., Path]) -> None:
     model = _model(tiny_gguf(kind, qtype))
     inner, cache = model.model, model.cache
@@ -68,7 +71,7 @@ def test_a_decode_step_takes_the_fused_path_and_answers_alike(tiny_gguf: Callabl
 
 def test_hooks_and_other_layers_run_the_modules(tiny_gguf: Callable[..., Path]) -> None:
     """An inspector's hook on a layer's attention sees the step (the modules run); Gemma 3's offset
-    norms and sandwich norms and Qwen 3's q/k norms are not the fused layer."""
+    norms and sandwich norms and OLMoE's q/k norms over the whole projection are not the fused layer."""
     model = _model(tiny_gguf("llama", Q.Q4_0))
     block = model.model.layers[0]
     assert fused_decode.plan(block, model.cache, model.cache.length) is not None
@@ -78,6 +81,6 @@ def test_hooks_and_other_layers_run_the_modules(tiny_gguf: Callable[..., Path]) 
     model.model(torch.tensor([4]), model.cache, model.cache.length)
     handle.remove()
     assert seen == [1]
-    for kind in ("gemma3", "qwen3"):
+    for kind in ("gemma3", "olmoe"):  # (OLMoE's are experts too: the q/k norms decide)
         other = _model(tiny_gguf(kind, Q.Q4_0))
         assert all(fused_decode.plan(b, other.cache, other.cache.length) is None for b in other.model.layers)

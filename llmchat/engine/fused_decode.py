@@ -5,8 +5,9 @@ Why: on a small model the decode step is dominated by the cost of launching oper
 arithmetic: the demo's 30 layers ran ~25 torch operations and 4 kernel calls each, 3-5 us apiece, for
 a step of ~21 ms of which the matrix products were ~5 ms. A layer that is exactly Llama's (RMSNorm,
 attention with half-split RoPE over a full float32 cache, RMSNorm, SiLU-gated MLP, int4 matrices,
-optional biases) runs as `llmchat_decode_layer_in` (norm, q/k/v, RoPE, cache write, scores), torch's
-softmax, and `llmchat_decode_layer_out` (values, output projection, residual, norm, MLP, residual).
+optional biases, Qwen3's per-head q/k RMSNorm) runs as `llmchat_decode_layer_in` (norm, q/k/v, RoPE,
+cache write, scores), torch's softmax, and `llmchat_decode_layer_out` (values, output projection,
+residual, norm, MLP, residual).
 
 The arithmetic is the module path's (the same int4 x int8 products, float32 elsewhere; sums in another
 order), so the logits agree with it within float32 rounding (tests/test_fused_decode.py). Any other
@@ -50,6 +51,8 @@ class _DecodeLayer(ctypes.Structure):
         ("down", _Int4Matrix),
         ("attn_norm", ctypes.c_void_p),
         ("mlp_norm", ctypes.c_void_p),
+        ("q_norm", ctypes.c_void_p),
+        ("k_norm", ctypes.c_void_p),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("hidden", ctypes.c_int64),
@@ -79,15 +82,25 @@ class FusedLayer:
     """One block's decode step through the kernel; holds every tensor whose address it passes."""
 
     def __init__(self, block: Block, cache: KVCache, index: int, kernel: q4kernel.Int4Kernel) -> None:
+        from llmchat.engine.model import MLP
+
         attn, mlp = block.attn, block.mlp
         assert attn is not None
         self.kernel, self.cache_keys = kernel, cache.keys
         self.heads, self.head_dim = attn.num_heads, attn.head_dim
-        hidden, intermediate = attn.o.out_features, mlp.intermediate
+        # a mixture of experts runs as its module after the kernel's attention half (`experts`)
+        self.experts = None if isinstance(mlp, MLP) else (block.mlp_norm, mlp)
+        # the modules whose hooks (an inspector's) send the step through the modules instead
+        self.mlp_modules = [mlp, block.mlp_norm, mlp.gate_up, mlp.down] if isinstance(mlp, MLP) else []
+        hidden = attn.o.out_features
+        intermediate = mlp.intermediate if isinstance(mlp, MLP) else 0
         capacity = cache.keys.shape[2]
         self._held: list[torch.Tensor | None] = []
-        matrices = {}
-        for name, layer in (("qkv", attn.qkv), ("o", attn.o), ("gate_up", mlp.gate_up), ("down", mlp.down)):
+        matrices = {name: _Int4Matrix() for name in ("gate_up", "down")}  # NULL: no MLP in the kernel
+        linears = [("qkv", attn.qkv), ("o", attn.o)]
+        if isinstance(mlp, MLP):
+            linears += [("gate_up", mlp.gate_up), ("down", mlp.down)]
+        for name, layer in linears:
             scales, zeros = layer._row_scales()
             bias = None if layer.bias is None else layer.bias.detach()
             self._held += [layer.nibbles, scales, zeros, bias]
@@ -112,14 +125,17 @@ class FusedLayer:
         scratch = {name: shared[name, size] for name, size in sizes.items()}
         self._scores = scratch["scores"]
         keys, values = cache.keys[index], cache.values[index]  # [kv_heads, capacity, head_dim]
-        self._held += [block.attn_norm.weight, block.mlp_norm.weight, keys, values, *scratch.values()]  # type: ignore[union-attr]
+        head_norms = [None if norm is None else norm.weight for norm in (attn.q_norm, attn.k_norm)]
+        mlp_norm = block.mlp_norm.weight if self.experts is None else None  # type: ignore[union-attr]
+        self._held += [block.attn_norm.weight, mlp_norm, *head_norms, keys, values, *scratch.values()]  # type: ignore[union-attr]
         self.layer = _DecodeLayer(
             matrices["qkv"],
             matrices["o"],
             matrices["gate_up"],
             matrices["down"],
             block.attn_norm.weight.data_ptr(),  # type: ignore[union-attr]
-            block.mlp_norm.weight.data_ptr(),  # type: ignore[union-attr]
+            _pointer(mlp_norm),
+            *(_pointer(weight) for weight in head_norms),
             block.attn_norm.eps,  # type: ignore[union-attr]
             self.head_dim**-0.5 if attn.scale is None else attn.scale,
             hidden,
@@ -146,6 +162,9 @@ class FusedLayer:
         weights = torch.softmax(self._scores[: self.heads * length].view(self.heads, length), dim=-1)
         y = torch.empty((1, self.hidden))
         library.llmchat_decode_layer_out(layer, x.data_ptr(), weights.data_ptr(), position, y.data_ptr(), threads)
+        if self.experts is not None:
+            norm, experts = self.experts
+            y = y + experts(norm(y))
         return y
 
 
@@ -164,35 +183,43 @@ def plan(block: Block, cache: KVCache, start: int) -> FusedLayer | None:
         block.__dict__["_fused"] = (cache.keys, fused)
     if fused is None:
         return None
-    attn, mlp = block.attn, block.mlp
+    attn = block.attn
     assert attn is not None
-    if _hooked(attn, mlp, block.attn_norm, block.mlp_norm, attn.qkv, attn.o, mlp.gate_up, mlp.down):  # type: ignore[arg-type]
+    if _hooked(attn, block.attn_norm, attn.qkv, attn.o, *fused.mlp_modules):
         return None
     return fused
 
 
 def _make(block: Block, cache: KVCache) -> FusedLayer | None:
     from llmchat.engine.model import MLP, Attention, RMSNorm
+    from llmchat.engine.moe import MoE
 
     kernel = q4kernel.available()
     attn, mlp = block.attn, block.mlp
-    if kernel is None or not isinstance(attn, Attention) or not isinstance(mlp, MLP) or block._mixer != "attn":
+    if kernel is None or not isinstance(attn, Attention) or block._mixer != "attn":
         return None
     if block.parallel or block.attn_post_norm is not None or block.mlp_post_norm is not None:
         return None
-    if block.residual_scale is not None or mlp.act is not F.silu:
+    if block.residual_scale is not None or not isinstance(mlp, MLP | MoE):
         return None
-    norms = (block.attn_norm, block.mlp_norm)
-    if not all(type(norm) is RMSNorm and norm.weight.dtype == torch.float32 for norm in norms):
+    norms = [block.attn_norm]
+    linears = [attn.qkv, attn.o]
+    if isinstance(mlp, MLP):  # in the kernel; a mixture of experts runs as its module after it
+        if mlp.act is not F.silu:
+            return None
+        norms.append(block.mlp_norm)
+        linears += [mlp.gate_up, mlp.down]
+    if attn.q_norm is not None or attn.k_norm is not None:  # Qwen3's, of each head: the same RMSNorm
+        norms += [attn.q_norm, attn.k_norm]
+    if attn.qk_norm_whole or not all(type(norm) is RMSNorm and norm.weight.dtype == torch.float32 for norm in norms):
         return None
-    if block.attn_norm.eps != block.mlp_norm.eps:  # type: ignore[union-attr]
+    if len({norm.eps for norm in norms}) != 1:  # type: ignore[union-attr]
         return None
-    plain = not (attn.output_gate or attn.q_norm or attn.k_norm or attn.clip is not None or attn.sinks is not None)
+    plain = not (attn.output_gate or attn.clip is not None or attn.sinks is not None)
     if not plain or attn.softcap is not None or not attn.rotates or attn.interleaved or attn.rotate_float32:
         return None
     if attn.window is not None or attn.head_dim % 2:
         return None
-    linears = (attn.qkv, attn.o, mlp.gate_up, mlp.down)
     if not all(isinstance(layer, PackedLinear) and layer.layout == "int4" for layer in linears):
         return None
     in_ring, index = cache._where[attn.layer]

@@ -384,6 +384,7 @@ typedef struct {
 typedef struct {
     Int4Matrix qkv, o, gate_up, down;
     const float *attn_norm, *mlp_norm;
+    const float *q_norm, *k_norm; /* Qwen3's RMSNorm of each query and key head, or NULL */
     float eps, scale;
     int64_t hidden, heads, kv_heads, head_dim, intermediate;
     float *keys, *values; /* the layer's cache [kv_heads, capacity, head_dim] */
@@ -427,8 +428,12 @@ void llmchat_decode_layer_in(const DecodeLayer *L, const float *x, const float *
     rms_norm(x, L->attn_norm, L->eps, L->hidden, L->normed);
     product(&L->qkv, L->normed, L->qkv_out, threads);
     float *q = L->qkv_out, *k = q + H * D, *v = k + KV * D;
-    for (int64_t h = 0; h < H; h++) rotate(q + h * D, cos, sin, D);
+    for (int64_t h = 0; h < H; h++) {
+        if (L->q_norm != NULL) rms_norm(q + h * D, L->q_norm, L->eps, D, q + h * D);
+        rotate(q + h * D, cos, sin, D);
+    }
     for (int64_t h = 0; h < KV; h++) {
+        if (L->k_norm != NULL) rms_norm(k + h * D, L->k_norm, L->eps, D, k + h * D);
         rotate(k + h * D, cos, sin, D);
         memcpy(L->keys + h * L->head_stride + position * D, k + h * D, sizeof(float) * (size_t)D);
         memcpy(L->values + h * L->head_stride + position * D, v + h * D, sizeof(float) * (size_t)D);
@@ -437,7 +442,8 @@ void llmchat_decode_layer_in(const DecodeLayer *L, const float *x, const float *
 }
 
 /* from the softmax's weights [heads, position + 1]: the attention's output, its projection and residual,
-   norm, gated MLP and residual: y [hidden] */
+   norm, gated MLP and residual: y [hidden]. Without an MLP (gate_up.nibbles NULL: a mixture of experts,
+   which the caller runs) y is x plus the attention's branch. */
 void llmchat_decode_layer_out(const DecodeLayer *L, const float *x, const float *weights, int64_t position, float *y,
                               int threads) {
     const int64_t I = L->intermediate, n = L->hidden;
@@ -445,6 +451,7 @@ void llmchat_decode_layer_out(const DecodeLayer *L, const float *x, const float 
                              L->attended, L->partial, threads);
     product(&L->o, L->attended, L->branch, threads);
     for (int64_t i = 0; i < n; i++) y[i] = x[i] + L->branch[i];
+    if (L->gate_up.nibbles == NULL) return;
     rms_norm(y, L->mlp_norm, L->eps, n, L->normed);
     product(&L->gate_up, L->normed, L->gate_up_out, threads);
     for (int64_t i = 0; i < I; i++) {
