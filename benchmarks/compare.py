@@ -238,11 +238,10 @@ RATIOS = {  # column: (measure, the engine it is divided by)
 MEASURES = ("prefill_tok_s", "decode_tok_s", "ttft_s", "peak_memory_bytes")
 
 
-def _rows(results: list[Result] | list[list[Result]]) -> list[dict[str, Any]]:
-    """Results as dicts, with the ratio columns filled in. Given several rounds (each a list of the
-    engines' results), each measure is the engine's median and each ratio the median of the per-round
-    ratios; an engine that failed in any round shows that round's error."""
-    rounds: list[list[Result]] = results if results and isinstance(results[0], list) else [results]  # type: ignore[assignment,list-item]
+def _rows(rounds: list[list[Result]]) -> list[dict[str, Any]]:
+    """The rounds' results (each a list of the engines' results) as dicts, with the ratio columns filled
+    in: each measure is the engine's median and each ratio the median of the per-round ratios; an engine
+    that failed in any round shows that round's error."""
     per_round = []
     for results_of_round in rounds:
         by_name = {r.engine: r for r in results_of_round if r.error is None}

@@ -39,7 +39,7 @@ def _results(compare: ModuleType) -> list:
 
 
 def test_ratios_are_taken_against_the_named_engines(compare: ModuleType) -> None:
-    rows = {row["engine"]: row for row in compare._rows(_results(compare))}
+    rows = {row["engine"]: row for row in compare._rows([_results(compare)])}
     ours = rows["llmchat"]
     assert ours["decode_vs_llama_cpp"] == pytest.approx(30 / 90, abs=1e-3)
     assert ours["prefill_vs_llama_cpp"] == 2.0
@@ -50,7 +50,7 @@ def test_ratios_are_taken_against_the_named_engines(compare: ModuleType) -> None
 
 
 def test_markdown_shows_every_engine_and_the_sweep(compare: ModuleType) -> None:
-    table = compare._markdown(compare._rows(_results(compare)))
+    table = compare._markdown(compare._rows([_results(compare)]))
     lines = table.splitlines()
     assert lines[0].count("|") == 9 and "decode × llama.cpp" in lines[0]
     row = next(line for line in lines if line.startswith("| llmchat (packed)"))
@@ -62,7 +62,7 @@ def test_markdown_shows_every_engine_and_the_sweep(compare: ModuleType) -> None:
 
 
 def test_chart_is_svg_with_one_line_per_swept_engine(compare: ModuleType) -> None:
-    rows = [row for row in compare._rows(_results(compare)) if row.get("contexts")]
+    rows = [row for row in compare._rows([_results(compare)]) if row.get("contexts")]
     svg = compare._svg_chart(rows, "title", "subtitle")
     root = ET.fromstring(svg)
     ns = "{http://www.w3.org/2000/svg}"

@@ -37,7 +37,7 @@ def test_each_layer_s_fused_step_is_its_modules_step(kind: str, qtype: Q, tiny_g
     x = torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
     tables = [inner.rotary.tables(start, start + 1)]
     for index, block in enumerate(inner.layers):
-        fused = fused_decode.plan(block, cache, start)
+        fused = fused_decode.plan(block, cache)
         assert fused is not None, f"layer {index} of {kind} is a plain layer"
         y_fused = fused(x, *tables[0], start)
         written = cache.keys[index, :, start].clone(), cache.values[index, :, start].clone()
@@ -74,13 +74,13 @@ def test_hooks_and_other_layers_run_the_modules(tiny_gguf: Callable[..., Path]) 
     norms and sandwich norms and OLMoE's q/k norms over the whole projection are not the fused layer."""
     model = _model(tiny_gguf("llama", Q.Q4_0))
     block = model.model.layers[0]
-    assert fused_decode.plan(block, model.cache, model.cache.length) is not None
+    assert fused_decode.plan(block, model.cache) is not None
     seen: list[int] = []
     handle = block.attn.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
-    assert fused_decode.plan(block, model.cache, model.cache.length) is None
+    assert fused_decode.plan(block, model.cache) is None
     model.model(torch.tensor([4]), model.cache, model.cache.length)
     handle.remove()
     assert seen == [1]
     for kind in ("gemma3", "olmoe"):  # (OLMoE's are experts too: the q/k norms decide)
         other = _model(tiny_gguf(kind, Q.Q4_0))
-        assert all(fused_decode.plan(b, other.cache, other.cache.length) is None for b in other.model.layers)
+        assert all(fused_decode.plan(b, other.cache) is None for b in other.model.layers)

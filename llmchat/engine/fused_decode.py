@@ -86,7 +86,7 @@ class FusedLayer:
 
         attn, mlp = block.attn, block.mlp
         assert attn is not None
-        self.kernel, self.cache_keys = kernel, cache.keys
+        self.kernel = kernel
         self.heads, self.head_dim = attn.num_heads, attn.head_dim
         # a mixture of experts runs as its module after the kernel's attention half (`experts`)
         self.experts = None if isinstance(mlp, MLP) else (block.mlp_norm, mlp)
@@ -172,7 +172,7 @@ def _hooked(*modules: torch.nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
-def plan(block: Block, cache: KVCache, start: int) -> FusedLayer | None:
+def plan(block: Block, cache: KVCache) -> FusedLayer | None:
     """The block's fused decode step for this cache, made once (and again for a new cache), or None
     where the layer is not exactly what the kernel computes (see the module docstring)."""
     cached = block.__dict__.get("_fused")

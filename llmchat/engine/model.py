@@ -476,7 +476,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: RopeTables, cache: KVCache, start: int) -> torch.Tensor:
         cos, sin = rope[self.rope_index]
         if x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu" and self.attn is not None:
-            fused = fused_decode.plan(self, cache, start)  # a decode step in two kernel calls (fused_decode.py)
+            fused = fused_decode.plan(self, cache)  # a decode step in two kernel calls (fused_decode.py)
             if fused is not None and cos.shape[-1] == self.attn.head_dim:
                 return fused(x, cos, sin, start)
         if self.parallel:

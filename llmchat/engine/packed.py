@@ -238,42 +238,51 @@ _BUFFERS = {
 }
 
 
+_DERIVED = ("_rows", "_aten", "_float_scales")  # what the helpers below keep on a layer, by name
+
+
+def _kept(owner: nn.Module, name: str, source: torch.Tensor, make: Callable[[], Any]) -> Any:
+    """`make()`'s result, made from `source` on first use and kept on `owner` as `name`; made again
+    whenever `source` was replaced (load_state_dict, `to`)."""
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] is not source:
+        cached = (source, make())
+        owner.__dict__[name] = cached
+    return cached[1]
+
+
 def row_scales(owner: nn.Module, scale_zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`scale_zero` ([..., in/group, out, 2], PyTorch's kernel's layout) as scales and zeros row by row
-    ([..., out, in/group] each; zeros None when all are 0, as Q4_0's) for llmchat's int4 kernel. Made on
-    first use and kept on `owner`, again whenever `scale_zero` was replaced (load_state_dict, `to`)."""
-    cached = owner.__dict__.get("_rows")
-    if cached is None or cached[0] is not scale_zero:
+    ([..., out, in/group] each; zeros None when all are 0, as Q4_0's) for llmchat's int4 kernel (`_kept`)."""
+
+    def make() -> tuple[torch.Tensor, torch.Tensor | None]:
         scales = scale_zero[..., 0].transpose(-1, -2).contiguous()
         zeros = scale_zero[..., 1].transpose(-1, -2).contiguous()
-        cached = (scale_zero, (scales, None if not zeros.any() else zeros))
-        owner.__dict__["_rows"] = cached
-    return cached[1]
+        return scales, None if not zeros.any() else zeros
+
+    return _kept(owner, "_rows", scale_zero, make)
 
 
-def aten_int4(owner: nn.Module, nibbles: torch.Tensor) -> torch.Tensor:
+def aten_int4(owner: nn.Module, nibbles: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch's int4 packing of `nibbles` ([..., out, in/2]; one matrix, or a stack packed matrix by matrix),
-    for `_weight_int4pack_mm_for_cpu`: made on first use and kept on `owner`, again whenever `nibbles` was
-    replaced. Only where llmchat's kernel does not run (see `prepare_kernels`)."""
-    cached = owner.__dict__.get("_aten")
-    if cached is None or cached[0] is not nibbles:
+    for `_weight_int4pack_mm_for_cpu` (`_kept`; from `codes`, the one matrix's int32 codes, where the caller
+    has them). Only where llmchat's kernel does not run (see `prepare_kernels`)."""
+
+    def make() -> torch.Tensor:
+        if codes is not None:
+            return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         matrices = nibbles.reshape(-1, *nibbles.shape[-2:])
         packed = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(_codes(matrix), 1) for matrix in matrices]
-        stack = torch.stack(packed) if nibbles.dim() == 3 else packed[0]
-        cached = (nibbles, stack)
-        owner.__dict__["_aten"] = cached
-    return cached[1]
+        return torch.stack(packed) if nibbles.dim() == 3 else packed[0]
+
+    return _kept(owner, "_aten", nibbles, make)
 
 
 def float_scales(owner: nn.Module, scales: torch.Tensor) -> torch.Tensor:
     """The int8 layout's bfloat16 row scales in float32, for llmchat's int8 x float32 product (which
     takes float32 activations, so its results are closer to the float reference than PyTorch's bfloat16
-    kernel's): made on first use and kept on `owner`, again whenever `scales` was replaced."""
-    cached = owner.__dict__.get("_float_scales")
-    if cached is None or cached[0] is not scales:
-        cached = (scales, scales.float())
-        owner.__dict__["_float_scales"] = cached
-    return cached[1]
+    kernel's; `_kept`)."""
+    return _kept(owner, "_float_scales", scales, scales.float)
 
 
 def _codes(nibbles: torch.Tensor) -> torch.Tensor:
@@ -282,14 +291,12 @@ def _codes(nibbles: torch.Tensor) -> torch.Tensor:
 
 
 def derived_bytes(owner: nn.Module) -> int:
-    """Bytes of what `row_scales` and `aten_int4` made and keep on `owner` (for the memory bill)."""
+    """Bytes of what the helpers above made and keep on `owner` (for the memory bill)."""
     total = 0
-    if (rows := owner.__dict__.get("_rows")) is not None:
-        total += sum(t.nbytes for t in rows[1] if t is not None)
-    if (aten := owner.__dict__.get("_aten")) is not None:
-        total += aten[1].nbytes
-    if (wide := owner.__dict__.get("_float_scales")) is not None:
-        total += wide[1].nbytes
+    for name in _DERIVED:
+        if (cached := owner.__dict__.get(name)) is not None:
+            kept = cached[1] if isinstance(cached[1], tuple) else (cached[1],)
+            total += sum(t.nbytes for t in kept if t is not None)
     return total
 
 
@@ -378,7 +385,7 @@ class PackedLinear(nn.Module):
             nibbles = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)  # even column low
             self.register_buffer("nibbles", nibbles)
             if q4kernel.available() is None:  # PyTorch's kernel multiplies it: its packing, from the codes at hand
-                self.__dict__["_aten"] = (nibbles, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+                aten_int4(self, nibbles, codes)
             # [in/group, out, 2]: the kernel's layout of the groups' (scale, zero)
             scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(ACTIVATION_DTYPE).contiguous()
             self.register_buffer("scale_zero", scale_zero)

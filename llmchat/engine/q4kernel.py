@@ -107,6 +107,20 @@ _DEQUANTIZE_ARGS = [
 ]
 
 
+_POINTER, _POSITION, _THREADS = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {  # every entry point of q4kernel.c (all return void)
+    "llmchat_int4_mm": _CDLL_ARGS,
+    "llmchat_int4_experts": _EXPERTS_ARGS,
+    "llmchat_int4_dequantize": _DEQUANTIZE_ARGS,
+    "llmchat_int8_float_mm": _INT8_ARGS,
+    "llmchat_attention_scores": _SCORES_ARGS,
+    "llmchat_attention_values": _VALUES_ARGS,
+    # (the DecodeLayer of fused_decode.py, x, cos, sin | weights, position, [y], threads)
+    "llmchat_decode_layer_in": [_POINTER, _POINTER, _POINTER, _POINTER, _POSITION, _THREADS],
+    "llmchat_decode_layer_out": [_POINTER, _POINTER, _POINTER, _POSITION, _POINTER, _THREADS],
+}
+
+
 def _cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -349,35 +363,9 @@ def _load(name: str) -> Int4Kernel | None:
     except (KernelBuildError, OSError) as exc:
         _failures[name] = str(exc)
         return None
-    library.llmchat_int4_mm.argtypes = _CDLL_ARGS
-    library.llmchat_int4_mm.restype = None
-    library.llmchat_int4_experts.argtypes = _EXPERTS_ARGS
-    library.llmchat_int4_experts.restype = None
-    library.llmchat_int4_dequantize.argtypes = _DEQUANTIZE_ARGS
-    library.llmchat_int4_dequantize.restype = None
-    library.llmchat_int8_float_mm.argtypes = _INT8_ARGS
-    library.llmchat_int8_float_mm.restype = None
-    library.llmchat_attention_scores.argtypes = _SCORES_ARGS
-    library.llmchat_attention_scores.restype = None
-    library.llmchat_attention_values.argtypes = _VALUES_ARGS
-    library.llmchat_attention_values.restype = None
-    layer_args = [ctypes.c_void_p, ctypes.c_void_p]  # the DecodeLayer (fused_decode.py), x
-    library.llmchat_decode_layer_in.argtypes = [
-        *layer_args,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int,
-    ]
-    library.llmchat_decode_layer_in.restype = None
-    library.llmchat_decode_layer_out.argtypes = [
-        *layer_args,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-        ctypes.c_int,
-    ]
-    library.llmchat_decode_layer_out.restype = None
+    for function, argtypes in _SIGNATURES.items():
+        entry = getattr(library, function)
+        entry.argtypes, entry.restype = argtypes, None
     return Int4Kernel(name, library)
 
 
