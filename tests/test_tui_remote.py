@@ -165,7 +165,12 @@ async def test_what_a_server_cannot_show_is_said_and_the_policy_is_partial(llama
         # a what-if (F3: temperature up) recomputes it, still without the model
         await pilot.press("f3")
         await _until(pilot, lambda: screen.what_if is not None and screen.policy.params == screen.what_if, "what-if")
-        assert 0 < screen.policy.prob(step.token_id) < 1.0
+        # the softmax of the server's log-probabilities at the what-if's temperature, computed here
+        temperature = screen.what_if.temperature
+        assert temperature > 0
+        weights = {t.token_id: math.exp((t.logit - step.top[0].logit) / temperature) for t in step.top}
+        expected = weights[step.token_id] / sum(weights.values())
+        assert screen.policy.prob(step.token_id) == pytest.approx(expected, rel=1e-6, abs=1e-12)
 
         # the prompt view, the layer views: one line on why not
         await pilot.press("alt+v")

@@ -53,7 +53,7 @@ def _blocks(markdown: Markdown) -> list[tuple[str, str]]:
     """What a document draws, block by block: its kind and its text (code included)."""
     kinds = []
     for block in markdown.children:
-        kind = type(block).__mro__[1].__name__ if type(block).__name__.startswith("_Quiet") else type(block).__name__
+        kind = next(c.__name__ for c in type(block).__mro__ if c.__name__.startswith("Markdown"))  # Textual's own
         text = getattr(block, "code", None) or getattr(block, "_content", "")
         inner = "".join(str(widget.render()) for widget in block.query("Static"))
         kinds.append((kind, str(getattr(text, "plain", text)) + inner))

@@ -378,58 +378,62 @@ class Generator:
                 ended = "max_new_tokens"
         if ended is not None:
             reason = ended
-        while ended is None:
-            if live_sampling is not None and (wanted := live_sampling()) is not sampler.params:
-                sampler.update(wanted)
-            token, event = self._pick(logits, sampler, k, len(prefix) + len(generated), step_began)
-            if not generated:
-                first_token_at = decode_started = time.perf_counter()
-            if stop_on_eos and token in self.eos_token_ids:
-                reason = "eos"
-                end_step = TokenEvent(
+        try:
+            while ended is None:
+                if live_sampling is not None and (wanted := live_sampling()) is not sampler.params:
+                    sampler.update(wanted)
+                token, event = self._pick(logits, sampler, k, len(prefix) + len(generated), step_began)
+                if not generated:
+                    first_token_at = decode_started = time.perf_counter()
+                if stop_on_eos and token in self.eos_token_ids:
+                    reason = "eos"
+                    end_step = TokenEvent(
+                        **event,
+                        text=self.token_text(token),
+                        cache_tokens=self.cache.length,
+                        cache_bytes=self.cache.used_bytes,
+                    )
+                    break
+                generated.append(token)
+                self._step_ids.fill_(token)
+                sampler.observe(self._step_ids)
+                text, hit_stop = stops.feed(decoder.push(token))
+                split = channels.feed(text) if channels else Split(content=text)
+                reasoning.append(split.reasoning)
+                content.append(split.content)
+                yield TokenEvent(
                     **event,
-                    text=self.token_text(token),
+                    text=text,
                     cache_tokens=self.cache.length,
                     cache_bytes=self.cache.used_bytes,
+                    reasoning=split.reasoning,
+                    content=split.content,
                 )
-                break
-            generated.append(token)
-            self._step_ids.fill_(token)
-            sampler.observe(self._step_ids)
-            text, hit_stop = stops.feed(decoder.push(token))
-            split = channels.feed(text) if channels else Split(content=text)
-            reasoning.append(split.reasoning)
-            content.append(split.content)
-            yield TokenEvent(
-                **event,
-                text=text,
-                cache_tokens=self.cache.length,
-                cache_bytes=self.cache.used_bytes,
-                reasoning=split.reasoning,
-                content=split.content,
-            )
-            if hit_stop:
-                reason = "stop_string"
-                break
-            if len(prefix) + len(generated) >= max_new_tokens:
-                reason = "max_new_tokens"
-                break
-            if cancel is not None and cancel.is_set():
-                reason = "cancelled"
-                break
-            if self.cache.free == 0:
-                reason = "context_full"
-                break
+                if hit_stop:
+                    reason = "stop_string"
+                    break
+                if len(prefix) + len(generated) >= max_new_tokens:
+                    reason = "max_new_tokens"
+                    break
+                if cancel is not None and cancel.is_set():
+                    reason = "cancelled"
+                    break
+                if self.cache.free == 0:
+                    reason = "context_full"
+                    break
+                if governor is not None:
+                    governor.before_step()
+                step_began = time.perf_counter()
+                logits = self.model(self._step_ids, self.cache, self.cache.length)[-1].float()
+                if governor is not None:
+                    governor.after_step(time.perf_counter() - step_began)
+                self.cache.append_tokens((token,))
+                if snapshots and self.cache.length % SNAPSHOT_EVERY == 0:  # bounds what an inspector re-runs
+                    self.cache.take_snapshot()
+                self._latest_logits = (self.cache.length, logits)
+        finally:  # prefill and the next model start from the configured count again
             if governor is not None:
-                governor.before_step()
-            step_began = time.perf_counter()
-            logits = self.model(self._step_ids, self.cache, self.cache.length)[-1].float()
-            if governor is not None:
-                governor.after_step(time.perf_counter() - step_began)
-            self.cache.append_tokens((token,))
-            if snapshots and self.cache.length % SNAPSHOT_EVERY == 0:  # bounds what an inspector re-runs
-                self.cache.take_snapshot()
-            self._latest_logits = (self.cache.length, logits)
+                governor.finish()
         tail = "" if reason == "stop_string" else stops.feed(decoder.flush())[0] + stops.flush()
         if channels:
             for split in (channels.feed(tail), channels.flush()):

@@ -41,6 +41,7 @@ from llmchat.paths import cache_dir
 from llmchat.session import LocalSession, ServerSpec, Session, server_host
 from llmchat.settings import ACTION_KEYS, Settings, SettingsError, key_map, update_settings
 from llmchat.tui.inspecting import InspectingApp
+from llmchat.tui.model_thread import ModelThread, on_model_thread
 from llmchat.tui.screens import PANELS_HELP, ConversationsScreen, HelpScreen, ModelsScreen, SystemPromptScreen
 from llmchat.tui.screens.branch import BranchScreen
 from llmchat.tui.screens.inspector import InspectorScreen
@@ -52,7 +53,7 @@ from llmchat.tui.widgets.prompt import PromptInput
 from llmchat.tui.widgets.status import StatusBar
 from llmchat.tui.widgets.tokens import end_event, forced_indices, token_events
 from llmchat.tui.widgets.welcome import Welcome, key_label
-from llmchat.tui.worker import Batch, DecodeRate, FrameBudget, StopFlag, run_generation
+from llmchat.tui.worker import Batch, CollectorPause, DecodeRate, FrameBudget, StopFlag, run_generation
 
 TOP_K_SHOWN = 8  # candidates kept per token for the top-k panel and the saved conversation
 NARROW = 100  # columns below which the side panels hide themselves
@@ -182,6 +183,8 @@ class LLMChatApp(InspectingApp):
         self.sampling = sampling  # None until the model's defaults are known
         # settings.toml's sampling, then the command line's, over the model's defaults
         self._sampling_overrides = {**self.settings.sampling, **(sampling_overrides or {})}
+        self._collector = CollectorPause()  # no garbage-collector stalls while an answer streams
+        self.model_thread = ModelThread()  # where torch runs (model_thread.py)
         self.generating = False
         self.stop_flag = StopFlag()
         self._load_options: dict[str, Any] = {
@@ -356,7 +359,22 @@ class LLMChatApp(InspectingApp):
 
     def on_unmount(self) -> None:
         self._save_interrupted()
+        self._collector.resume()
+        self.model_thread.close()
         sys.setswitchinterval(self._switch_interval)
+
+    @property
+    def generating(self) -> bool:
+        """Whether an answer is streaming (the garbage collector waits meanwhile: CollectorPause)."""
+        return self._generating
+
+    @generating.setter
+    def generating(self, value: bool) -> None:
+        self._generating = value
+        if value:
+            self._collector.pause()
+        else:
+            self._collector.resume()
 
     def on_resize(self, event: events.Resize) -> None:
         self._apply_panel_visibility(event.size.width)
@@ -376,6 +394,7 @@ class LLMChatApp(InspectingApp):
     # --- the model ----------------------------------------------------------------------------------
 
     @work(thread=True, exclusive=True, group="model")
+    @on_model_thread
     def load_model(self, path: Path) -> None:
         from llmchat.engine import load
 
@@ -508,6 +527,7 @@ class LLMChatApp(InspectingApp):
         self.generate(messages, self._answer_id, prefix, self._prompt_mode())
 
     @work(thread=True, exclusive=True, group="generate")
+    @on_model_thread
     def generate(
         self, messages: list[dict[str, Any]], answer_id: str, answer_prefix: list[int], mode: PromptMode = CHAT
     ) -> None:

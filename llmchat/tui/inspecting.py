@@ -24,6 +24,7 @@ from llmchat.engine import LLMChatError, SamplingParams, TokenEvent, TopToken
 from llmchat.engine.inspector import PolicyView, PromptView
 from llmchat.engine.prompt import CHAT, COMPLETION, PromptMode
 from llmchat.session import Session
+from llmchat.tui.model_thread import on_model_thread
 from llmchat.tui.screens.inspector import InspectorScreen, StepContext
 from llmchat.tui.widgets.inspector import Timeline, inherited_tokens, saved_policy_text, step_title
 from llmchat.tui.widgets.messages import AssistantMessage
@@ -272,6 +273,7 @@ class InspectingApp(App[None]):
         )
 
     @work(thread=True, exclusive=True, group="inspect")
+    @on_model_thread
     def _compute_policy(
         self,
         request: int,
@@ -310,6 +312,7 @@ class InspectingApp(App[None]):
         self._compute_partial_policy(self._inspector_request, token, params, before)
 
     @work(thread=True, exclusive=True, group="inspect")
+    @on_model_thread
     def _compute_partial_policy(
         self, request: int, token: TokenEvent, params: SamplingParams, before: list[int]
     ) -> None:

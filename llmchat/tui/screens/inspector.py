@@ -28,6 +28,7 @@ from llmchat.engine.inside import AnswerExperts, PromptToken, QuantizedToken, St
 from llmchat.engine.inspector import PolicyView, PromptView
 from llmchat.engine.prompt import PromptMode
 from llmchat.engine.sampling import SamplingParams
+from llmchat.tui.model_thread import on_model_thread
 from llmchat.tui.widgets.inspector import (
     Timeline,
     policy_text,
@@ -330,6 +331,7 @@ class InspectorScreen(Screen[None]):
         self.show_layers(Text(note, style="dim"), None)
 
     @work(thread=True, exclusive=True, group="layer-views")
+    @on_model_thread
     def _compute_view(self, request: int, tab: str, context: StepContext) -> None:
         session = context.session
         try:

@@ -18,11 +18,12 @@ from textual.widgets import Static
 from llmchat.engine import TokenEvent
 from llmchat.engine.memory import MemoryEstimate, MemoryUsage
 from llmchat.tui.widgets.format import bar, human_bytes, visible_token
+from llmchat.tui.widgets.repaint import LineRepaint
 
 BAR_WIDTH = 22
 
 
-class Panel(Static):
+class Panel(LineRepaint, Static):
     """A bordered side panel whose Rich styles may name theme colours (`$accent`, `$error`...)."""
 
     DEFAULT_CLASSES = "panel"
@@ -64,7 +65,7 @@ class KVCachePanel(Panel):
 
     def show(self, state: CacheState) -> None:
         self.state = state
-        self.update(self._render_state(), layout=False)  # fixed size: no screen reflow
+        self.update_lines(self._render_state())  # fixed size: no screen reflow
 
     def _render_state(self) -> RenderableType:
         s = self.state
@@ -124,12 +125,12 @@ class MemoryPanel(Panel):
 
     def show(self, predicted: MemoryEstimate | None, measured: MemoryUsage | None) -> None:
         self.predicted, self.measured, self.server = predicted, measured, ""
-        self.update(self._render_state(), layout=False)  # fixed size: no screen reflow
+        self.update_lines(self._render_state())  # fixed size: no screen reflow
 
     def show_server(self, where: str) -> None:
         """The model's memory is a server's: nothing here is invented."""
         self.predicted, self.measured, self.server = None, None, where
-        self.update(self._render_state(), layout=False)
+        self.update_lines(self._render_state())
 
     def _render_state(self) -> RenderableType:
         if self.server:
@@ -167,12 +168,12 @@ class TopKPanel(Panel):
         """Say where the candidates come from ("" for llmchat's own engine: raw and after the policy)."""
         self.source = source
         self.border_title = "Top-k · from the server" if source else self.BORDER_TITLE
-        self.update(self._render_state(), layout=False)
+        self.update_lines(self._render_state())
 
     def show(self, event: TokenEvent | None, *, title: str = "latest token") -> None:
         self.event = event
-        self.border_subtitle = title
-        self.update(self._render_state(), layout=False)  # fixed size: no screen reflow
+        self.set_border_subtitle(title)
+        self.update_lines(self._render_state())  # fixed size: no screen reflow
 
     def _render_state(self) -> RenderableType:
         out = self._render_event()

@@ -15,6 +15,7 @@ from textual import events
 from textual.widgets import Static
 
 from llmchat.engine import SamplingParams
+from llmchat.tui.widgets.repaint import LineRepaint
 
 SEPARATOR = " │ "
 MODEL_SHORT = 16  # cells of a model name shortened for a narrow terminal
@@ -37,7 +38,7 @@ class StatusState:
     mode: str = "chat"  # the conversation's prompt mode; "completion" is shown next to the model
 
 
-class StatusBar(Static):
+class StatusBar(LineRepaint, Static):
     """One line at the bottom; every field comes from `StatusState`."""
 
     def __init__(self, **kwargs: Any) -> None:
@@ -50,10 +51,10 @@ class StatusBar(Static):
         state = replace(self.state, **changes)
         if state != self.state:
             self.state = state
-            self.update(self.line(), layout=False)  # one fixed line: never reflow the screen for it
+            self.update_lines(self.line())  # one fixed line: never reflow the screen for it
 
     def on_resize(self, event: events.Resize) -> None:
-        self.update(self.line(), layout=False)
+        self.update_lines(self.line())
 
     def parts(self) -> list[tuple[str, list[str]]]:
         """Each part of the line, in display order, with its forms from the longest to the shortest."""

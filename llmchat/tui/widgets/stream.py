@@ -51,6 +51,8 @@ from textual.widgets._markdown import (
     MarkdownParagraph,
 )
 
+from llmchat.tui.widgets.repaint import LineRepaint
+
 OPEN_LIMIT = 1200  # characters of the open block before it is cut (~300 tokens; parsed every frame)
 # Blank lines kept under the open block. A frame that makes the answer taller lays the screen out
 # and scrolls the chat, and Textual then repaints all of it (~10x a frame that only redraws the
@@ -95,7 +97,7 @@ def release_room(block: MarkdownBlock | None) -> None:
         block.styles.min_height = None
 
 
-class _QuietParagraph(MarkdownParagraph):
+class _QuietParagraph(LineRepaint, MarkdownParagraph):
     """A paragraph that asks for a screen layout only when its new text outgrows the room kept for it."""
 
     virtual_size = quiet_virtual_size()
@@ -108,7 +110,10 @@ class _QuietParagraph(MarkdownParagraph):
             height = content.get_height(self.styles, width)
             fits = _fits(self, height) if open_block else height == self.content_size.height
         self._content = content
-        self.update(content, layout=not fits)
+        if fits:  # the same size: text added at the end repaints its last line or two, not all
+            self.update_lines(content)
+        else:
+            self.update(content)
 
 
 class _QuietFence(MarkdownFence):
@@ -276,6 +281,7 @@ class StreamingMarkdown(Markdown):
 
     def __init__(self, markdown: str | None = None, **kwargs: object) -> None:
         super().__init__(markdown, **kwargs)  # type: ignore[arg-type]
+        self._stream_parser: MarkdownIt | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -297,7 +303,10 @@ class StreamingMarkdown(Markdown):
         return super().update(markdown)
 
     def _parser(self) -> MarkdownIt:
-        return MarkdownIt("gfm-like") if self._parser_factory is None else self._parser_factory()
+        """One parser per widget: making one builds linkify's regular expressions (~0.5 ms a frame)."""
+        if self._stream_parser is None:
+            self._stream_parser = MarkdownIt("gfm-like") if self._parser_factory is None else self._parser_factory()
+        return self._stream_parser
 
     def _build(self, tokens: Iterable[Token]) -> list[MarkdownBlock]:
         blocks = list(self._parse_markdown(tokens))
