@@ -73,6 +73,15 @@ def test_greedy_stream_is_the_servers_own_answer_with_consistent_top_k(llama_ser
 
 
 @requires_llama_cpp
+def test_a_server_without_metrics_is_asked_once_and_its_usage_stays_unknown(llama_server: str) -> None:
+    """llama-cpp-python's server has no /metrics page: the figures stay None (the panel says "not
+    reported"), and the next answers do not ask again."""
+    session = RemoteSession(ServerSpec(llama_server), top_k=3)
+    _answer(session, max_new_tokens=2)
+    assert session.cache_stats().server is None and not session._metrics_offered
+    assert session.cache_stats().tokens > 0  # what the answer itself reported is still there
+
+
 def test_completion_mode_continues_the_text(llama_server: str) -> None:
     session = RemoteSession(ServerSpec(llama_server), top_k=3)
     messages = [{"role": "user", "content": "The capital of France is"}]

@@ -187,6 +187,28 @@ def test_llmchats_remote_session_reads_both_probabilities(server: str) -> None:
     assert events[-1].prompt_tokens > 0  # usage arrives in the stream's last chunk
 
 
+def test_the_remote_session_shows_the_servers_own_cache_figures_from_metrics(server: str) -> None:
+    """After an answer the session reads the server's /metrics: the KV panel's "in use" is the
+    server's own gauge, with the tokens, capacity and bytes it reports, not the session's guess."""
+    from llmchat.engine.prompt import CHAT
+    from llmchat.engine.sampling import SamplingParams
+    from llmchat.session import ServerSpec
+    from llmchat.session.remote import RemoteSession
+
+    session = RemoteSession(ServerSpec(server), top_k=3)
+    assert session.cache_stats().server is None  # nothing asked yet
+    list(session.answer([{"role": "user", "content": QUESTION}], answer_id="m", mode=CHAT,
+                        sampling=SamplingParams(temperature=0), max_new_tokens=4))  # fmt: skip
+    figures = session.cache_stats().server
+    page = dict(line.rsplit(" ", 1) for line in httpx.get(server + "/metrics").text.splitlines() if line[:1] != "#")
+    assert figures is not None and figures.metric == "llmchat:kv_cache_usage_ratio"
+    assert figures.tokens == int(float(page["llmchat:kv_cache_tokens"])) > 0
+    assert figures.capacity == int(float(page["llmchat:kv_cache_capacity_tokens"]))
+    assert figures.usage == pytest.approx(figures.tokens / figures.capacity)
+    assert figures.bytes_used == int(float(page["llmchat:kv_cache_bytes"])) > 0
+    assert figures.bytes_capacity == int(float(page["llmchat:kv_cache_capacity_bytes"]))
+
+
 def test_an_api_key_is_required_when_set_and_never_echoed(demo_gguf: Path) -> None:
     env = os.environ | {"LLMCHAT_SERVE_KEY": KEY}
     process, url = _start(demo_gguf, "--api-key-env", "LLMCHAT_SERVE_KEY", env=env)

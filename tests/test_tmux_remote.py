@@ -35,7 +35,7 @@ def test_chat_in_tmux_against_a_server(terminal: Path, llama_server: str, llmcha
     # the top-k panel: the server's candidates, titled as the server's, with their probabilities
     assert "Top-k · from the server" in screen and "reported by the server" in screen, screen
     assert len(re.findall(r"\d+\.\d% ", screen)) >= 5 and "n/a" in screen, screen
-    assert f"on the server {host}" in screen and "bytes: not reported" in screen, screen
+    assert f"on the server {host}" in screen and "usage: not reported" in screen, screen
 
     _tmux("send-keys", "-t", SESSION, "C-q")
     _wait_for(lambda s: "Top-k" not in s, "the app to quit", seconds=30)

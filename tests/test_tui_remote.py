@@ -125,7 +125,7 @@ async def test_the_chat_streams_a_servers_answer_and_its_panels_say_what_they_kn
         kv = app.query_one(KVCachePanel)
         assert kv.state.server == host and kv.state.bytes_used == kv.state.bytes_capacity == 0
         kv_text = str(kv.render())
-        assert f"on the server {host}" in kv_text and "bytes: not reported" in kv_text
+        assert f"on the server {host}" in kv_text and "usage: not reported" in kv_text
         assert "not reported" in str(app.query_one(MemoryPanel).render())
 
         # the token heatmap and cursor work on the answer's tokens

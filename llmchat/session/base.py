@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from llmchat.engine.errors import LLMChatError
 from llmchat.engine.prompt import PromptMode
 from llmchat.engine.sampling import SamplingParams
+from llmchat.session.metrics import ServerCache
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class CacheStats:
     used_bytes: int  # bytes holding those positions (and a hybrid's fixed states)
     capacity_bytes: int  # what the whole cache costs
     state_bytes: int  # a hybrid model's recurrent states and their snapshots (0 for the others)
+    server: ServerCache | None = None  # a server's own figures for its whole cache (its /metrics)
 
 
 def server_host(url: str) -> str:

@@ -47,6 +47,7 @@ from llmchat.session.base import (
     SessionUnavailable,
     server_host,
 )
+from llmchat.session.metrics import ServerCache, parse_server_cache
 
 MAX_TOP_LOGPROBS = 20  # what OpenAI's API allows; vLLM's default --max-logprobs, llama-server's cap is higher
 # llama-server's own defaults, sent explicitly so that what the status bar says is what the server does
@@ -112,6 +113,8 @@ class RemoteSession:
         self._requested_top_k = max(1, min(top_k, MAX_TOP_LOGPROBS))
         self._last_tokens = 0
         self._last_reused = 0
+        self._server_cache: ServerCache | None = None  # from its /metrics after the last answer
+        self._metrics_offered = spec.protocol != "ollama"  # until a GET /metrics says otherwise
         self._prompt_texts: dict[str, str] = {}
         self._local = _LocalPrompt(spec.tokenizer) if spec.tokenizer else None
         self._texts: list[str] = []  # this session's token ids: an index into the texts seen
@@ -376,6 +379,7 @@ class RemoteSession:
         generated = int(usage.get("completion_tokens") or len(steps))
         self._last_tokens, self._last_reused = prompt_tokens + generated, reused
         end = time.perf_counter()
+        self._server_cache = self._read_metrics()
         ttft = (first_at or end) - began
         yield Finished(
             reason=reason,  # type: ignore[arg-type]
@@ -432,8 +436,23 @@ class RemoteSession:
         return None
 
     def cache_stats(self) -> CacheStats:
-        """The last request's tokens as the server counted them; capacity its context (0: unknown)."""
-        return CacheStats(self._last_tokens, self.info.context_length, 0, 0, 0)
+        """The last request's tokens as the server counted them, capacity its context (0: unknown);
+        what its /metrics page said of its whole KV cache after the answer, where it has one."""
+        return CacheStats(self._last_tokens, self.info.context_length, 0, 0, 0, server=self._server_cache)
+
+    def _read_metrics(self) -> ServerCache | None:
+        """The server's KV-cache gauges (session/metrics.py), once per answer. A server without the
+        page (404: llama-cpp-python, llama-server without --metrics) is not asked again."""
+        if not self._metrics_offered:
+            return None
+        try:
+            response = self._client.get("/metrics", headers=self._headers(), timeout=3.0)
+        except (httpx.HTTPError, RemoteError):
+            return None  # the answer is what counts; the figure stays unknown
+        if response.status_code in (404, 405):
+            self._metrics_offered = False
+            return None
+        return parse_server_cache(response.text) if response.is_success else None
 
     def memory(self) -> Any:
         raise SessionUnavailable(f"the model's memory is on the server ({server_host(self.spec.url)})")

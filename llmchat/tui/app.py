@@ -683,8 +683,8 @@ class LLMChatApp(InspectingApp):
             self._status(context_tokens=tokens)
 
     def _show_server_cache(self, done: Finished | None = None) -> None:
-        """A server's KV cache as its last answer reported it (prompt tokens, the part it reused);
-        nothing when the server did not say (0), and never bytes: those are the server's own."""
+        """A server's KV cache as its last answer reported it (prompt tokens, the part it reused), and
+        what its /metrics page said after it (the whole cache's use); nothing it did not say."""
         if self.session is None or not self._remote:
             return
         reported = done if done is not None and done.prompt_tokens > 0 else None
@@ -696,6 +696,7 @@ class LLMChatApp(InspectingApp):
                 reused=reported.reused_tokens if reported else 0,
                 prefilled=reported.prefilled_tokens if reported else 0,
                 server=server_host(self.session.capabilities.where),
+                server_cache=self.session.cache_stats().server,
             )
         )
         self._status(context_tokens=tokens)

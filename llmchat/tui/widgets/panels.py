@@ -17,6 +17,7 @@ from textual.widgets import Static
 
 from llmchat.engine import TokenEvent
 from llmchat.engine.memory import MemoryEstimate, MemoryUsage
+from llmchat.session.metrics import ServerCache
 from llmchat.tui.widgets.format import bar, human_bytes, visible_token
 from llmchat.tui.widgets.repaint import LineRepaint
 
@@ -50,8 +51,9 @@ class CacheState:
     left_over: int = 0
     # A hybrid model's recurrent layers: bytes of their fixed state (and its snapshots), part of bytes_used
     state_bytes: int = 0
-    # The cache is a server's ("host:port"): only what it reported is known (bytes never are)
+    # The cache is a server's ("host:port"): only what it reported is known (bytes only from its /metrics)
     server: str = ""
+    server_cache: ServerCache | None = None  # its /metrics page's figures for the whole cache
 
 
 class KVCachePanel(Panel):
@@ -101,7 +103,16 @@ class KVCachePanel(Panel):
             lines.append(f" / {s.capacity:,} tokens\n" if s.capacity else " tokens (context not reported)\n")
         else:
             lines.append("tokens: not reported yet\n" if s.capacity else "tokens, context: not reported\n", style="dim")
-        lines.append("bytes: not reported\n", style="dim")
+        metrics = s.server_cache
+        if metrics is not None and metrics.usage is not None:  # the whole cache, all of its requests
+            lines.append("in use ", style="dim")
+            lines.append(f"{metrics.usage:.0%} ", style="bold")
+            lines.append(bar(metrics.usage, 8), style=self.themed("$accent" if metrics.usage < 0.9 else "$error"))
+            if metrics.bytes_used is not None and metrics.bytes_capacity:
+                lines.append(f" {human_bytes(metrics.bytes_used)} of {human_bytes(metrics.bytes_capacity)}")
+            lines.append("\n")
+        else:
+            lines.append("bytes, usage: not reported\n", style="dim")
         lines.append("last turn: ", style="dim")
         if s.tokens:
             lines.append(f"{s.reused:,} reused", style=self.themed("$success"))
