@@ -218,6 +218,7 @@ async def test_a_server_cut_mid_answer_leaves_the_partial_answer_marked_and_save
             saved = _saved(tmp_path)
             reply = saved["messages"][1]
             assert reply["content"] == answer.content_text and reply["stats"]["finish_reason"] == "error"
+            assert reply["stats"]["error"] == done.error  # why, kept for the next time it is opened
             assert len(reply["tokens"]) == len(answer.tokens)
 
             # now the server hangs up before it answers: the next request fails before it starts
@@ -243,6 +244,7 @@ async def test_a_server_cut_mid_answer_leaves_the_partial_answer_marked_and_save
         await _until(pilot, lambda: bool(again.query(AssistantMessage)), "the saved answers")
         first = again.query(AssistantMessage).first()
         assert first.content_text == answer.content_text and first.has_class("stopped")
+        assert f"cut off: the server failed ({done.error})" in str(first.query_one(".stats").render())
         # the server stays unreachable: a note in the chat, not a traceback
         await _until(pilot, lambda: "Could not load the model" in _chat_text(again), "the connection note")
 

@@ -48,6 +48,13 @@ async def test_a_changed_line_repaints_that_line_alone_and_shows_it() -> None:
         assert not any("row 2 changed" in line for line in _screen(app))
         widget.update_lines(_lines(changed=3))  # the same again: nothing to repaint
         assert not widget._repaint_regions
+        await pilot.pause()
+        text = "\n".join(f"row {i}" + (" changed" if i in (0, 4) else "") for i in range(5))
+        widget.update_lines(text)  # rows 3 (back), 0 and 4 changed: rows 1 and 2 are not repainted
+        assert widget._repaint_regions == {Region(1, 1, 38, 1), Region(1, 4, 38, 2)}
+        await pilot.pause()
+        widget.update_lines(text)
+        assert not widget._repaint_regions
         widget.update(_lines())  # Static's own update still draws it all
         await pilot.pause()
         assert not any("changed" in line for line in _screen(app))

@@ -496,8 +496,8 @@ def token_record(event: Any, *, forced: bool = False, end: bool = False) -> Toke
 
 
 def answer_stats(finished: Any) -> AnswerStats:
-    """The per-answer numbers worth keeping (from an engine Finished event)."""
-    return {
+    """The per-answer numbers worth keeping (from an engine Finished event), and why it was cut off."""
+    stats: AnswerStats = {
         "tokens": finished.generated_tokens,
         "prompt_tokens": finished.prompt_tokens,
         "reused_tokens": finished.reused_tokens,
@@ -508,6 +508,9 @@ def answer_stats(finished: Any) -> AnswerStats:
         # the request's timeline: (tokens, seconds) per prefill chunk; decode steps are in the tokens
         "prefill_chunks": [[tokens, round(seconds, 5)] for tokens, seconds in finished.prefill_chunks],  # type: ignore[list-item]
     }
+    if finished.reason == "error" and finished.error:
+        stats["error"] = finished.error
+    return stats
 
 
 def interrupted_stats(records: list[TokenRecord] | None) -> AnswerStats:

@@ -112,6 +112,7 @@ class AnswerStats(TypedDict, total=False):
     decode_tok_s: Rate
     finish_reason: Annotated[str, Field(min_length=1)]
     prefill_chunks: list[PrefillChunk]
+    error: str  # why a server's answer was cut off (finish_reason "error"): shown again on resume
 
 
 class MessageData(TypedDict):

@@ -15,11 +15,10 @@ threads take over only after winning two probes `CONFIRM_SECONDS` apart.
 
 Both counts are compared by their mean step time over windows of at least a few tenths of a second,
 not by a median of a few steps: what slows decode in the chat is bursty (the UI thread lays out and
-repaints about 10 times a second, a layout now and then for 20-50 ms), and a median over 8 steps
-(60 ms on the demo) either missed the bursts or, when one fell in the window, saw two threads at a
-fraction of their speed: the chat then moved decode to one thread at half the rate (measured with
-`benchmarks/tui_speed.py`: 61 tok/s against 120 in one run of six). A mean over a window that spans
-several frames is the throughput each count really gives.
+repaints about 10 times a second, an answer's first frames take it for 0.1-0.3 s), and a median over
+8 steps (40 ms on the demo) either missed the bursts or, when one fell in the window, saw two threads
+at a fraction of their speed; the chat then moved decode to one thread at half the rate. A mean over
+a window that spans several frames is the throughput each count really gives.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ PROBE_STEPS = 9  # steps (at least) a probe runs at the other count; the first i
 PROBE_SECONDS = 0.2  # ...and seconds (at least) the counted ones span
 FIRST_INTERVAL = 32  # steps before the first probe, and after a switch
 MAX_INTERVAL = 1024
-WIN_MARGIN = 0.85  # a probe wins when its median step takes less than this share of the current one's
+WIN_MARGIN = 0.85  # a probe wins when its mean step takes less than this share of the current one's
 SLOWED_DOWN = 1.5  # steps this much slower than at the last decision: probe now
 # Fewer threads must win twice, the second probe this many seconds of decode after the first: a load
 # that lasts (another process) wins both; a burst of the UI's work (an answer's first frames, a

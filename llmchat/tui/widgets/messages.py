@@ -73,7 +73,8 @@ def _saved_stats_line(stats: dict[str, Any]) -> str:
         prefilled = stats.get("prompt_tokens", 0) - stats["reused_tokens"]
         parts.append(f"{stats['reused_tokens']} cached + {prefilled} prefilled")
     if "finish_reason" in stats:
-        parts.append(_REASONS.get(stats["finish_reason"], str(stats["finish_reason"])))
+        reason = _REASONS.get(stats["finish_reason"], str(stats["finish_reason"]))
+        parts.append(f"{reason} ({stats['error']})" if stats.get("error") else reason)
     return " · ".join(parts)
 
 

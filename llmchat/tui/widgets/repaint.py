@@ -75,7 +75,12 @@ class LineRepaint(_Base):
         self._drawn = visual
         # The new drawing goes where render_line() looks for it, so it is not drawn a second time.
         self._render_cache = _RenderCache(size, lines)
-        if changed:
-            first, last = changed[0], changed[-1]
-            self.refresh(Region(0, first, size.width, last - first + 1))
+        if changed:  # one region per run of changed lines (a panel's numbers move in two places)
+            runs: list[list[int]] = []
+            for y in changed:
+                if runs and y == runs[-1][1]:
+                    runs[-1][1] = y + 1
+                else:
+                    runs.append([y, y + 1])
+            self.refresh(*(Region(0, start, size.width, end - start) for start, end in runs))
             self._dirty_regions.clear()  # drawn already (refresh() would have render_line draw it all)
