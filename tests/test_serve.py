@@ -209,6 +209,26 @@ def test_the_remote_session_shows_the_servers_own_cache_figures_from_metrics(ser
     assert figures.bytes_capacity == int(float(page["llmchat:kv_cache_capacity_bytes"]))
 
 
+def test_the_remote_prompt_view_is_the_servers_rendering_and_tokens(server: str, demo_gguf: Path) -> None:
+    """Without --tokenizer the prompt view asks the server (/apply-template, /tokenize with pieces):
+    the same text and ids as the local template and tokenizer of the same model give."""
+    from llmchat.engine.prompt import CHAT, COMPLETION
+    from llmchat.session import ServerSpec
+    from llmchat.session.remote import RemoteSession
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}]
+    remote = RemoteSession(ServerSpec(server), top_k=3)
+    local = RemoteSession(ServerSpec(server, tokenizer=str(demo_gguf)), top_k=3)
+    assert remote.capabilities.prompt_tokens
+    for mode in (CHAT, COMPLETION):
+        seen, expected = remote.prompt_view(messages, mode), local.prompt_view(messages, mode)
+        assert seen.text == expected.text and seen.token_ids == expected.token_ids and len(seen.token_ids) > 10
+        assert "".join(seen.token_texts) == seen.text  # each id with its own piece
+    assert "Be brief." in remote.prompt_view(messages, CHAT).text
+    bad = httpx.post(server + "/apply-template", json={"messages": "no"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+
+
 def test_an_api_key_is_required_when_set_and_never_echoed(demo_gguf: Path) -> None:
     env = os.environ | {"LLMCHAT_SERVE_KEY": KEY}
     process, url = _start(demo_gguf, "--api-key-env", "LLMCHAT_SERVE_KEY", env=env)

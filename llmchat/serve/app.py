@@ -1,8 +1,8 @@
 """`llmchat serve`: llmchat's own engine behind the OpenAI HTTP protocol (Starlette on uvicorn).
 
 Routes: `POST /v1/chat/completions` and `POST /v1/completions` (streaming as server-sent events, or
-one JSON reply), `GET /v1/models`, `POST /tokenize` and `/detokenize` (llama-server's shapes),
-`GET /health`, `GET /metrics` (Prometheus text: the KV cache's tokens, capacity, bytes, usage).
+one JSON reply), `GET /v1/models`, `POST /tokenize`, `/detokenize` and `/apply-template`
+(llama-server's shapes), `GET /health`, `GET /metrics` (Prometheus text: the KV cache's tokens, capacity, bytes, usage).
 
 The numbers: `logprob` is the log of the raw softmax (temperature 1, nothing cut: what the model
 said), as llama-server and Ollama report it. llmchat also sends what the sampling policy made of each
@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from llmchat.engine.errors import LLMChatError
 from llmchat.engine.events import Finished, TokenEvent
-from llmchat.engine.prompt import CHAT, COMPLETION, PromptMode
+from llmchat.engine.prompt import CHAT, COMPLETION, PromptMode, request_text
 from llmchat.engine.sampling import SamplingParams
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's cap; the session is opened with this many candidates per token
@@ -55,6 +55,23 @@ class RequestError(Exception):
 def _error(message: str, status: int = 400, param: str | None = None, kind: str = "invalid_request_error") -> Response:
     body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
     return JSONResponse(body, status_code=status)
+
+
+def _chat_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chat request's `messages`, checked (content parts: their text ones, joined)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list", "messages")
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise RequestError("every message needs a 'role'", "messages")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: the text ones
+            texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            message["content"] = "".join(texts)
+        elif content is not None and not isinstance(content, str):
+            raise RequestError("a message's 'content' must be a string", "messages")
+    return messages
 
 
 def _logprob(prob: float) -> float | None:
@@ -104,18 +121,7 @@ class EngineServer:
         if body.get("n", 1) != 1:
             raise RequestError("only n=1 is supported (one answer per request)", "n")
         if mode == CHAT:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise RequestError("'messages' must be a non-empty list", "messages")
-            for message in messages:
-                if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                    raise RequestError("every message needs a 'role'", "messages")
-                content = message.get("content")
-                if isinstance(content, list):  # content parts: the text ones
-                    texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-                    message["content"] = "".join(texts)
-                elif content is not None and not isinstance(content, str):
-                    raise RequestError("a message's 'content' must be a string", "messages")
+            messages = _chat_messages(body)
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -416,7 +422,32 @@ class EngineServer:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             return _error('send {"content": "text"}', param="content")
         tokenizer = self.session.model.tokenizer
-        return JSONResponse({"tokens": tokenizer.encode(content, add_special_tokens=bool(body.get("add_special")))})
+        ids = tokenizer.encode(content, add_special_tokens=bool(body.get("add_special")))
+        if body.get("with_pieces"):  # llama-server's shape: each id with its text
+            return JSONResponse({"tokens": [{"id": i, "piece": self.session.token_text(i)} for i in ids]})
+        return JSONResponse({"tokens": ids})
+
+    async def apply_template(self, request: Request) -> Response:
+        """llama-server's `POST /apply-template`: the prompt a chat request renders to, as text (what
+        `/tokenize` then splits: a client's prompt view of what the model is given)."""
+        if not self._authorized(request):
+            return _error("a valid API key is needed (Authorization: Bearer ...)", 401, kind="authentication_error")
+        try:
+            body = json.loads(await request.body() or b"{}")
+            if not isinstance(body, dict):
+                raise RequestError("the request body must be a JSON object")
+            messages = _chat_messages(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error('send {"messages": [...]}', param="messages")
+        except RequestError as exc:
+            return _error(str(exc), param=exc.param)
+        if not self.session.info.chat:
+            return _error(f"{self.model_id} has no chat template (a base model)", param="messages")
+        try:
+            prompt = request_text(self.session.model, messages, CHAT)
+        except LLMChatError as exc:  # a template that fails on these messages
+            return _error(str(exc), param="messages")
+        return JSONResponse({"prompt": prompt})
 
     async def detokenize(self, request: Request) -> Response:
         if not self._authorized(request):
@@ -475,6 +506,7 @@ def make_app(session: Any, *, api_key: str | None = None) -> Starlette:
         Route("/v1/models", server.models, methods=["GET"]),
         Route("/tokenize", server.tokenize, methods=["POST"]),
         Route("/detokenize", server.detokenize, methods=["POST"]),
+        Route("/apply-template", server.apply_template, methods=["POST"]),
         Route("/health", server.health, methods=["GET"]),
         Route("/metrics", server.metrics, methods=["GET"]),
     ]

@@ -121,6 +121,9 @@ class RemoteSession:
         self._text_ids: dict[str, int] = {}
         self.model_name = spec.model or ""
         context = self._connect()
+        # llama-server's and llmchat serve's POST /apply-template + /tokenize: the prompt as the server
+        # renders and splits it, for the prompt view without a local tokenizer
+        self._server_prompt = self._local is None and self._offers_apply_template()
         self.capabilities = Capabilities(
             top_k=self._requested_top_k,
             probabilities=f"reported by the server (top {self._requested_top_k}; raw softmax on llama-server/Ollama)",
@@ -128,7 +131,7 @@ class RemoteSession:
             branch_at_token=False,
             kv_cache=True,  # what the server reports: prompt tokens and the part it reused
             memory=False,
-            prompt_tokens=self._local is not None,
+            prompt_tokens=self._local is not None or self._server_prompt,
             layer_views=False,
             where=spec.url,
             token_ids=False,
@@ -401,19 +404,64 @@ class RemoteSession:
     # --- what a server can and cannot show -----------------------------------------------------------
 
     def prompt_tokens(self, messages: list[dict[str, Any]], mode: PromptMode) -> list[int]:
-        if self._local is None:
-            raise SessionUnavailable("the prompt's tokens need --tokenizer (a local copy of the model's tokenizer)")
-        return self._local.tokenizer.encode(self._local.render(messages, mode), add_special_tokens=mode == COMPLETION)
+        return list(self.prompt_view(messages, mode).token_ids)
 
     def prompt_view(self, messages: list[dict[str, Any]], mode: PromptMode) -> Any:
-        """The next request as the local template and tokenizer render it (the server's own rendering
-        is not visible through the protocol); `reused` is 0: the server's cache is its own."""
+        """The next request as the local template and tokenizer render it (`--tokenizer`), else as the
+        server renders and splits it (`/apply-template` and `/tokenize`, where it has them); `reused`
+        is 0: the server's cache is its own."""
         from llmchat.engine.inspector import PromptView
 
-        ids = self.prompt_tokens(messages, mode)
-        assert self._local is not None
-        texts = tuple(self._local.tokenizer.decode([i]) for i in ids)
-        return PromptView(self._local.render(messages, mode), tuple(ids), texts, 0, completion=mode == COMPLETION)
+        completion = mode == COMPLETION
+        if self._local is not None:
+            text = self._local.render(messages, mode)
+            ids = self._local.tokenizer.encode(text, add_special_tokens=completion)
+            texts = tuple(self._local.tokenizer.decode([i]) for i in ids)
+            return PromptView(text, tuple(ids), texts, 0, completion=completion)
+        if not self._server_prompt:
+            raise SessionUnavailable(
+                "the prompt's tokens need --tokenizer (a local copy of the model's tokenizer):"
+                f" {server_host(self.spec.url)} has no /apply-template and /tokenize"
+            )
+        text = completion_text(messages) if completion else self._server_text(messages)
+        pieces = self._post_json("/tokenize", {"content": text, "add_special": completion, "with_pieces": True})
+        tokens = pieces.get("tokens") if isinstance(pieces, dict) else None
+        if not isinstance(tokens, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("id"), int) for t in tokens
+        ):
+            raise SessionUnavailable(f"{server_host(self.spec.url)}'s /tokenize answered in an unknown shape")
+        assert isinstance(tokens, list)
+        texts = tuple(t["piece"] if isinstance(t.get("piece"), str) else "" for t in tokens)
+        return PromptView(text, tuple(t["id"] for t in tokens), texts, 0, completion=completion)
+
+    def _server_text(self, messages: list[dict[str, Any]]) -> str:
+        reply = self._post_json("/apply-template", {"messages": _plain_messages(messages)})
+        prompt = reply.get("prompt") if isinstance(reply, dict) else None
+        if not isinstance(prompt, str):
+            raise SessionUnavailable(f"{server_host(self.spec.url)}'s /apply-template answered without a prompt")
+        return prompt
+
+    def _offers_apply_template(self) -> bool:
+        """Whether the server renders a chat prompt for us (asked once, at connect)."""
+        if self.spec.protocol == "ollama":
+            return False
+        try:
+            self._server_text([{"role": "user", "content": "Hi"}])
+        except LLMChatError:
+            return False
+        return True
+
+    def _post_json(self, path: str, body: dict[str, Any]) -> Any:
+        try:
+            response = self._client.post(path, json=body, headers=self._headers(), timeout=10.0)
+        except httpx.HTTPError as exc:
+            raise self._failed(exc) from None
+        if response.status_code >= 400:
+            raise self._refused(response, f"POST {path}")
+        try:
+            return response.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise RemoteError(f"{self.base}{path} did not answer with JSON") from None
 
     def prompt_ids(self, answer_id: str | None) -> list[int] | None:
         return None  # the server tokenized the prompt; its ids are not in the protocol
