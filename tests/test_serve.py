@@ -229,6 +229,40 @@ def test_the_remote_prompt_view_is_the_servers_rendering_and_tokens(server: str,
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
 
 
+def test_a_remote_branch_at_a_token_continues_through_completions(server: str) -> None:
+    """Branch at a token on a server: the kept tokens and the picked candidate come back as the
+    answer's start (ForcedPrefix), and the rest is the server's own greedy completion of the prompt
+    it renders (/apply-template) followed by their text."""
+    from llmchat.engine.events import ForcedPrefix, TokenEvent
+    from llmchat.engine.prompt import CHAT
+    from llmchat.engine.sampling import SamplingParams
+    from llmchat.session import ServerSpec
+    from llmchat.session.remote import RemoteSession
+
+    greedy = SamplingParams(temperature=0)
+    messages = [{"role": "user", "content": QUESTION}]
+    session = RemoteSession(ServerSpec(server), top_k=5)
+    assert session.capabilities.branch_at_token
+    first = [e for e in session.answer(messages, answer_id="a", mode=CHAT, sampling=greedy, max_new_tokens=8)
+             if isinstance(e, TokenEvent)]  # fmt: skip
+    picked = first[2].top[1]  # the runner-up at the third step
+    assert picked.token_id != first[2].token_id
+    prefix = [step.token_id for step in first[:2]] + [picked.token_id]
+    events = list(session.answer(messages, answer_id="b", mode=CHAT, sampling=greedy, max_new_tokens=8,
+                                 answer_prefix=prefix))  # fmt: skip
+    forced, done = events[0], events[-1]
+    assert isinstance(forced, ForcedPrefix) and forced.token_ids == tuple(prefix)
+    assert forced.text == first[0].text + first[1].text + picked.text
+    steps = [e for e in events if isinstance(e, TokenEvent)]
+    assert [s.index for s in steps] == list(range(3, 3 + len(steps)))
+    assert 1 <= len(steps) == done.generated_tokens <= 5  # 8 with the kept 3 (fewer: an end of answer)
+    assert done.token_ids[:3] == tuple(prefix) and done.prefix_tokens == 3
+    rendered = httpx.post(server + "/apply-template", json={"messages": messages}).json()["prompt"]
+    knobs = {"temperature": 0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
+    reply = httpx.post(server + "/v1/completions", json={"prompt": rendered + forced.text, "max_tokens": 5} | knobs)
+    assert done.content == forced.text + reply.json()["choices"][0]["text"]
+
+
 def test_an_api_key_is_required_when_set_and_never_echoed(demo_gguf: Path) -> None:
     env = os.environ | {"LLMCHAT_SERVE_KEY": KEY}
     process, url = _start(demo_gguf, "--api-key-env", "LLMCHAT_SERVE_KEY", env=env)

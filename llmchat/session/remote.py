@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 
 from llmchat.engine.errors import LLMChatError
-from llmchat.engine.events import Finished, PrefillDone, TokenEvent, TopToken
+from llmchat.engine.events import Finished, ForcedPrefix, PrefillDone, TokenEvent, TopToken
 from llmchat.engine.prompt import COMPLETION, PromptMode, completion_text
 from llmchat.engine.sampling import SamplingParams
 from llmchat.session.base import (
@@ -128,7 +128,8 @@ class RemoteSession:
             top_k=self._requested_top_k,
             probabilities=f"reported by the server (top {self._requested_top_k}; raw softmax on llama-server/Ollama)",
             reread_steps=False,
-            branch_at_token=False,
+            # continue from chosen tokens through /v1/completions: needs the prompt as text
+            branch_at_token=spec.protocol != "ollama" and (self._local is not None or self._server_prompt),
             kv_cache=True,  # what the server reports: prompt tokens and the part it reused
             memory=False,
             prompt_tokens=self._local is not None or self._server_prompt,
@@ -288,12 +289,27 @@ class RemoteSession:
         answer_prefix: Sequence[int] = (),
         stop_strings: Sequence[str] = (),
     ) -> Iterator[Any]:
-        """Stream one answer's events (RemoteError before the first one when the server refuses)."""
+        """Stream one answer's events (RemoteError before the first one when the server refuses).
+
+        `answer_prefix` (a branch at a token: this session's ids of the kept tokens and the picked
+        one) continues through `/v1/completions`, the prompt rendered as text (the local template,
+        or the server's `/apply-template`) with the kept tokens' text after it."""
+        prefix_text = ""
         if answer_prefix:
-            raise SessionUnavailable("a server cannot continue an answer from chosen tokens (branch at a token)")
-        if self._local is not None:
-            self._prompt_texts[answer_id] = self._local.render(messages, mode)
-        path, body = self._request(messages, mode, sampling, max_new_tokens, stop_strings)
+            if not self.capabilities.branch_at_token:
+                raise SessionUnavailable(
+                    "a server cannot continue an answer from chosen tokens (branch at a token) unless its prompt"
+                    " can be rendered as text: start with --tokenizer, or use a server with /apply-template"
+                )
+            prefix_text = "".join(self.token_text(i) for i in answer_prefix)
+            prompt = self._prompt_text(messages, mode) + prefix_text
+            left = max(1, max_new_tokens - len(answer_prefix)) if max_new_tokens else None  # the kept ones count
+            path, body = self._request(messages, COMPLETION, sampling, left, stop_strings)
+            body["prompt"] = prompt
+        else:
+            if self._local is not None:
+                self._prompt_texts[answer_id] = self._local.render(messages, mode)
+            path, body = self._request(messages, mode, sampling, max_new_tokens, stop_strings)
         began = time.perf_counter()
         try:
             headers = self._headers()
@@ -310,13 +326,23 @@ class RemoteSession:
             if cancel is not None:  # a stalled server sends no line to check the flag at: close it from here
                 threading.Thread(target=_close_on_cancel, args=(cancel, watching, response), daemon=True).start()
             try:
-                yield from self._events(response, reader, began, cancel)
+                if answer_prefix:
+                    yield ForcedPrefix(tuple(answer_prefix), prefix_text, "", prefix_text)
+                yield from self._events(response, reader, began, cancel, tuple(answer_prefix), prefix_text)
             finally:
                 watching.set()
         finally:
             context.__exit__(None, None, None)
 
-    def _events(self, response: httpx.Response, reader: _StreamReader, began: float, cancel: Any) -> Iterator[Any]:
+    def _events(
+        self,
+        response: httpx.Response,
+        reader: _StreamReader,
+        began: float,
+        cancel: Any,
+        prefix: tuple[int, ...] = (),
+        prefix_text: str = "",
+    ) -> Iterator[Any]:
         steps: list[TokenEvent] = []
         texts: list[str] = []
         pending = ""  # text the server sent without a token's logprobs (joined to the next token)
@@ -345,7 +371,7 @@ class RemoteSession:
                     if first_at is None:
                         first_at = now
                         yield PrefillDone(0, 0, 0, now - began, 0.0, 0, 0)  # counts: in the usage at the end
-                    event = _token_event(pending + text, entry, len(steps), now - last_at, self._id)
+                    event = _token_event(pending + text, entry, len(prefix) + len(steps), now - last_at, self._id)
                     pending = ""
                     last_at = now
                     steps.append(event)
@@ -356,7 +382,8 @@ class RemoteSession:
                         first_at = now
                         yield PrefillDone(0, 0, 0, now - began, 0.0, 0, 0)
                     # a server that sends no logprobs (or none for this text): the text streams, unscored
-                    event = _unscored_event(pending + chunk.text_without_logprobs, len(steps), now - last_at, self._id)
+                    index = len(prefix) + len(steps)
+                    event = _unscored_event(pending + chunk.text_without_logprobs, index, now - last_at, self._id)
                     pending, last_at = "", now
                     steps.append(event)
                     texts.append(event.text)
@@ -376,7 +403,7 @@ class RemoteSession:
         if not reason:
             reason, error = "error", f"{self.base} closed the stream before the answer ended"
         usage = reader.usage
-        text = "".join(texts) + pending
+        text = prefix_text + "".join(texts) + pending
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
         reused = int(usage.get("cached_tokens") or 0)
         generated = int(usage.get("completion_tokens") or len(steps))
@@ -396,7 +423,8 @@ class RemoteSession:
             text=text,
             tail=pending,
             content=text,
-            token_ids=tuple(step.token_id for step in steps),
+            token_ids=prefix + tuple(step.token_id for step in steps),
+            prefix_tokens=len(prefix),
             cache_tokens=self._last_tokens,
             error=error,
         )
@@ -423,7 +451,7 @@ class RemoteSession:
                 "the prompt's tokens need --tokenizer (a local copy of the model's tokenizer):"
                 f" {server_host(self.spec.url)} has no /apply-template and /tokenize"
             )
-        text = completion_text(messages) if completion else self._server_text(messages)
+        text = self._prompt_text(messages, mode)
         pieces = self._post_json("/tokenize", {"content": text, "add_special": completion, "with_pieces": True})
         tokens = pieces.get("tokens") if isinstance(pieces, dict) else None
         if not isinstance(tokens, list) or not all(
@@ -433,6 +461,12 @@ class RemoteSession:
         assert isinstance(tokens, list)
         texts = tuple(t["piece"] if isinstance(t.get("piece"), str) else "" for t in tokens)
         return PromptView(text, tuple(t["id"] for t in tokens), texts, 0, completion=completion)
+
+    def _prompt_text(self, messages: list[dict[str, Any]], mode: PromptMode) -> str:
+        """The request's prompt as text: the local template's, or the server's own rendering."""
+        if self._local is not None:
+            return self._local.render(messages, mode)
+        return completion_text(messages) if mode == COMPLETION else self._server_text(messages)
 
     def _server_text(self, messages: list[dict[str, Any]]) -> str:
         reply = self._post_json("/apply-template", {"messages": _plain_messages(messages)})

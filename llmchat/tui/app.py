@@ -912,8 +912,9 @@ class LLMChatApp(InspectingApp):
             return
         if not self.session.capabilities.branch_at_token:
             self.notify(
-                "Branching at a token is not available: the server cannot continue an answer from chosen "
-                "tokens (Ctrl+R regenerates, Ctrl+E edits the prompt).",
+                "Branching at a token is not available: llmchat cannot render this server's prompt as text "
+                "(start the chat with --tokenizer PATH, or use a server with /apply-template). Ctrl+R "
+                "regenerates, Ctrl+E edits the prompt.",
                 severity="warning",
                 markup=False,
             )
