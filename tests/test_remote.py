@@ -118,6 +118,28 @@ def test_a_local_tokenizer_gives_the_prompt_view(llama_server: str, demo_gguf: P
 
 
 @requires_llama_cpp
+def test_with_a_local_template_a_branch_continues_on_a_server_without_apply_template(
+    llama_server: str, demo_gguf: Path
+) -> None:
+    """llama-cpp-python renders no prompt for us; with --tokenizer the local template does, and the
+    branch's continuation is the server's own greedy completion of that text plus the kept tokens."""
+    from llmchat.engine.events import ForcedPrefix
+
+    session = RemoteSession(ServerSpec(llama_server, tokenizer=str(demo_gguf)), top_k=5)
+    assert session.capabilities.branch_at_token
+    first = [e for e in _answer(session, max_new_tokens=6) if isinstance(e, TokenEvent)]
+    prefix = [first[0].token_id, first[1].top[1].token_id]  # the runner-up at the second step
+    events = _answer(session, answer_id="b", max_new_tokens=6, answer_prefix=prefix)
+    forced, done = events[0], events[-1]
+    assert isinstance(forced, ForcedPrefix) and forced.text == first[0].text + first[1].top[1].text
+    prompt = session.prompt_view(QUESTION, CHAT).text + forced.text
+    reply = httpx.post(
+        llama_server + "/v1/completions", json={"prompt": prompt, "max_tokens": 4} | GREEDY_FIELDS, timeout=120
+    ).json()
+    assert done.content == forced.text + reply["choices"][0]["text"] and done.prefix_tokens == 2
+
+
+@requires_llama_cpp
 def test_run_server_json_prints_the_local_event_stream(llama_server: str) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "llmchat", "run", "--server", llama_server, "--prompt", "Hi", "--temperature", "0"]
