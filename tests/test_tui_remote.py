@@ -200,6 +200,37 @@ async def test_what_a_server_cannot_show_is_said_and_the_policy_is_partial(llama
 
 @pytest.mark.remote
 @requires_llama_cpp
+async def test_the_policy_view_follows_a_servers_answer_live(llama_server: str, tmp_path: Path) -> None:
+    """Alt+P while a server's answer streams: the newest step's partial view (over the top N the
+    server sent with it), frame by frame, each one a step of the answer's own."""
+    app = _app(tmp_path, ServerSpec(llama_server), max_new_tokens=400)
+    async with app.run_test(size=SIZE) as pilot:
+        await _until(pilot, lambda: app.session is not None, "the server's session")
+        app.query_one(PromptInput).text = "Write a long story about a dragon who learns to bake bread."
+        app.simulate_key("enter")  # posted as the terminal would: Pilot.press waits for an idle CPU
+        await _until(pilot, lambda: app.generating and len(app.query(AssistantMessage).last().tokens) >= 2, "tokens")
+        app.simulate_key("alt+p")
+        await _until(pilot, lambda: isinstance(app.screen, InspectorScreen), "the inspector")
+        screen = app.screen
+        assert isinstance(screen, InspectorScreen)
+        seen = []
+        for _ in range(2000):
+            if screen.policy is not None and app.generating:
+                seen.append((screen.policy, screen.policy_note))
+            if not app.generating:
+                break
+            await pilot.pause(0.01)
+        await _until(pilot, lambda: app.query(AssistantMessage).last().finished is not None, "the answer")
+        assert seen, "no live view while the answer streamed"
+        steps = app.query(AssistantMessage).last().steps
+        for view, note in {id(v): (v, n) for v, n in seen}.values():
+            assert note.startswith("partial (top")
+            ids = [c.token_id for c in view.candidates]
+            assert any(s.token_id == view.chosen_id and ids == [t.token_id for t in s.top] for s in steps)
+
+
+@pytest.mark.remote
+@requires_llama_cpp
 async def test_a_server_cut_mid_answer_leaves_the_partial_answer_marked_and_saved(
     llama_server: str, tmp_path: Path
 ) -> None:

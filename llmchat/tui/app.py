@@ -555,8 +555,7 @@ class LLMChatApp(InspectingApp):
                 answer_ids.extend(t.token_id for t in batch.tokens)
                 last = batch.last_token
                 if self.live_policy and last is not None and batch.finished is None:
-                    ids = session.prompt_ids(answer_id) or []
-                    self.live_policy_view(ids + answer_ids[:-1], last.token_id, self.policy_params() or live())
+                    self.live_policy_view(answer_id, last, answer_ids[:-1], self.policy_params() or live())
 
             run_generation(events, post, interval=lambda: self.frames.interval)
         except LLMChatError as err:

@@ -235,7 +235,8 @@ class InspectingApp(App[None]):
         self.refresh_inspector()
 
     def _refresh_policy(self, screen: InspectorScreen) -> None:
-        if self.session is not None and not self.session.capabilities.reread_steps:
+        partial = self.session is not None and not self.session.capabilities.reread_steps
+        if partial and not (self.generating and self._token_answer is None):
             self._refresh_partial_policy(screen)
             return
         if self.generating and self._token_answer is None:  # no cursor: follow the newest step live
@@ -321,23 +322,24 @@ class InspectingApp(App[None]):
         except (ValueError, RuntimeError, LLMChatError) as err:  # odd numbers from a server: a note, no crash
             self.post_message(PolicyReady(request, None, f"No policy view for this step ({err})."))
             return
-        count = len(token.top)
-        shown = sum(t.prob for t in token.top)
-        note = (
-            f"partial (top {count} from the server): the server cannot re-read a step's logits, so the sampler "
-            f"chain runs over the {count} candidates it returned, renormalized over them (they held {shown:.1%} "
-            "of the probability). Counts are of those candidates; the repetition penalty sees only the "
-            "answer's tokens among them."
-        )
-        self.post_message(PolicyReady(request, view, note))
+        self.post_message(PolicyReady(request, view, partial_note(token)))
 
-    def live_policy_view(self, sequence: list[int], chosen: int, params: SamplingParams) -> None:
-        """On the answer's worker, at a UI frame: the view of the step it just sampled (its logits
-        are the generator's latest, so no forward pass runs). Called only while `live_policy`."""
+    def live_policy_view(self, answer_id: str, token: TokenEvent, before: list[int], params: SamplingParams) -> None:
+        """On the answer's worker, at a UI frame: the view of the step it just sampled. llmchat's
+        engine: from the generator's latest logits (no forward pass runs); a server: over the top N it
+        returned with the step (partial, as for a finished answer). Called only while `live_policy`."""
         session = self.session
-        if session is None or not session.capabilities.reread_steps:
+        if session is None:
             return
-        self.post_message(PolicyReady(LIVE, session.live_policy_view(sequence, chosen, params)))
+        if not session.capabilities.reread_steps:
+            try:
+                view = partial_policy_view(token, params, before)
+            except (ValueError, RuntimeError, LLMChatError):  # odd numbers from a server: no live view
+                return
+            self.post_message(PolicyReady(LIVE, view, partial_note(token)))
+            return
+        sequence = (session.prompt_ids(answer_id) or []) + before
+        self.post_message(PolicyReady(LIVE, session.live_policy_view(sequence, token.token_id, params)))
 
     def on_policy_ready(self, message: PolicyReady) -> None:
         screen = self.screen
@@ -408,6 +410,18 @@ class InspectingApp(App[None]):
         timeline = Timeline.of_answer(answer.steps, stats, inherited_tokens(answer.forced))
         note = "" if timeline is not None else "This answer kept no timings (saved by an older version)."
         screen.show_timeline(timeline, note)
+
+
+def partial_note(token: TokenEvent) -> str:
+    """What a partial policy view is (the note above it)."""
+    count = len(token.top)
+    shown = sum(t.prob for t in token.top)
+    return (
+        f"partial (top {count} from the server): the server cannot re-read a step's logits, so the sampler "
+        f"chain runs over the {count} candidates it returned, renormalized over them (they held {shown:.1%} "
+        "of the probability). Counts are of those candidates; the repetition penalty sees only the "
+        "answer's tokens among them."
+    )
 
 
 def partial_policy_view(token: TokenEvent, params: SamplingParams, before: Sequence[int] = ()) -> PolicyView:
