@@ -191,12 +191,16 @@ class RemoteSession:
         )
 
     def _get_json(self, path: str) -> Any:
+        return self._json("GET", path)
+
+    def _json(self, method: str, path: str, **options: Any) -> Any:
+        """A request whose answer is JSON; a refusal or anything else is a RemoteError."""
         try:
-            response = self._client.get(path, headers=self._headers())
+            response = self._client.request(method, path, headers=self._headers(), **options)
         except httpx.HTTPError as exc:
             raise self._failed(exc) from None
         if response.status_code >= 400:
-            raise self._refused(response, f"GET {path}")
+            raise self._refused(response, f"{method} {path}")
         try:
             return response.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -452,7 +456,9 @@ class RemoteSession:
                 f" {server_host(self.spec.url)} has no /apply-template and /tokenize"
             )
         text = self._prompt_text(messages, mode)
-        pieces = self._post_json("/tokenize", {"content": text, "add_special": completion, "with_pieces": True})
+        pieces = self._json(
+            "POST", "/tokenize", json={"content": text, "add_special": completion, "with_pieces": True}, timeout=10.0
+        )
         tokens = pieces.get("tokens") if isinstance(pieces, dict) else None
         if not isinstance(tokens, list) or not all(
             isinstance(t, dict) and isinstance(t.get("id"), int) for t in tokens
@@ -469,7 +475,7 @@ class RemoteSession:
         return completion_text(messages) if mode == COMPLETION else self._server_text(messages)
 
     def _server_text(self, messages: list[dict[str, Any]]) -> str:
-        reply = self._post_json("/apply-template", {"messages": _plain_messages(messages)})
+        reply = self._json("POST", "/apply-template", json={"messages": _plain_messages(messages)}, timeout=10.0)
         prompt = reply.get("prompt") if isinstance(reply, dict) else None
         if not isinstance(prompt, str):
             raise SessionUnavailable(f"{server_host(self.spec.url)}'s /apply-template answered without a prompt")
@@ -484,18 +490,6 @@ class RemoteSession:
         except LLMChatError:
             return False
         return True
-
-    def _post_json(self, path: str, body: dict[str, Any]) -> Any:
-        try:
-            response = self._client.post(path, json=body, headers=self._headers(), timeout=10.0)
-        except httpx.HTTPError as exc:
-            raise self._failed(exc) from None
-        if response.status_code >= 400:
-            raise self._refused(response, f"POST {path}")
-        try:
-            return response.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise RemoteError(f"{self.base}{path} did not answer with JSON") from None
 
     def prompt_ids(self, answer_id: str | None) -> list[int] | None:
         return None  # the server tokenized the prompt; its ids are not in the protocol
