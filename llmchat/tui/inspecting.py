@@ -347,8 +347,8 @@ class InspectingApp(App[None]):
         live = message.request == LIVE and self.live_policy
         if (message.request != self._inspector_request and not live) or not isinstance(screen, InspectorScreen):
             return
-        if step is None:
-            return
+        if step is None or not screen.query("#policy-step"):  # live views come 10 a second: one may
+            return  # arrive while the screen is composed or closed, with nothing to draw into
         answer, index = step
         title = step_title(answer.steps[index], index, len(answer.steps))
         if message.view is None:
