@@ -6,6 +6,7 @@ there is none); the numbers are the session's, checked against engine/inside.py 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,24 @@ async def test_the_surprise_tab_is_the_prompt_heatmap(folder: Path, tmp_path: Pa
         assert screen.heatmap == prompt_heatmap(session.model.generator, prompt_ids)
         drawn = "\n".join(_drawn(screen.query_one("#surprise-body")))
         assert "How surprising each prompt token was" in drawn and "Most surprising" in drawn
+
+        # the cursor: on the most surprising token first, then , and . move it; each token it lands on
+        # shows its own probability, rank and what the model expected there (its top candidates)
+        heatmap = screen.heatmap
+        scored = [t for t in heatmap if t.prob is not None]
+        assert screen.heatmap_cursor == max(scored, key=lambda t: -math.log2(t.prob)).index
+        for key, step in (("full_stop", 1), ("comma", -1), ("comma", -1)):
+            before = screen.heatmap_cursor
+            await pilot.press(key)
+            assert screen.heatmap_cursor == (before + step) % len(heatmap)
+        token = heatmap[screen.heatmap_cursor]
+        drawn = "\n".join(_drawn(screen.query_one("#surprise-body")))
+        assert f"position {token.index} of {len(heatmap)}: " in drawn
+        if token.prob is not None:
+            assert f"p {token.prob:.3%} · rank {token.rank}" in drawn and "expected here:" in drawn
+            assert token.top and all(f"{c.prob:8.3%}" in drawn for c in token.top)
+        await pilot.press("home")  # other keys leave it alone
+        assert heatmap[screen.heatmap_cursor] is token
 
 
 async def test_the_quantization_tab_says_a_float_model_has_nothing_to_compare(folder: Path, tmp_path: Path) -> None:

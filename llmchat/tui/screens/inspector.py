@@ -38,7 +38,14 @@ from llmchat.tui.widgets.inspector import (
     timeline_prefill,
     timeline_trend,
 )
-from llmchat.tui.widgets.layers import attention_text, heatmap_text, inside_extras, lens_text, quantization_text
+from llmchat.tui.widgets.layers import (
+    attention_text,
+    heatmap_text,
+    inside_extras,
+    lens_text,
+    quantization_text,
+    surprise,
+)
 
 CHAT_HEADING = "Rendered text (exactly what the chat template produced)"
 COMPLETION_HEADING = "The transcript as plain text (completion mode: no chat template; the model continues it)"
@@ -128,6 +135,8 @@ class InspectorScreen(Screen[None]):
         Binding("right_square_bracket", "attention_layer(1)", "Layer ▶", show=False),
         Binding("left_curly_bracket", "attention_head(-1)", "◀ Head", show=False),
         Binding("right_curly_bracket", "attention_head(1)", "Head ▶", show=False),
+        Binding("comma", "heatmap_cursor(-1)", "◀ Prompt token", show=False),
+        Binding("full_stop", "heatmap_cursor(1)", "Prompt token ▶", show=False),
     ]
 
     @dataclass
@@ -146,6 +155,8 @@ class InspectorScreen(Screen[None]):
         self.timeline: Timeline | None = None
         self.inside: StepInside | None = None
         self.heatmap: tuple[PromptToken, ...] | None = None
+        self.heatmap_cursor: int | None = None  # the surprise tab's prompt token under the cursor
+        self._heatmap_note = ""
         self.quantization: tuple[QuantizedToken, ...] | None = None
         # the layers tab: the step's tokens (for the attention chips), which attention layer and head
         # (None: the heads averaged) are drawn, and the answer's expert load
@@ -292,11 +303,25 @@ class InspectorScreen(Screen[None]):
         self._draw_attention()
 
     def show_heatmap(self, tokens: tuple[PromptToken, ...] | None, note: str = "") -> None:
-        self.heatmap = tokens
-        body = heatmap_text(tokens, self._colour("warning", "#ff8800")) if tokens else Text()
-        if note:
-            body = Text(note + "\n\n", style="dim") + body
+        if tokens != self.heatmap:  # another prompt: the cursor starts on its most surprising token
+            scored = [t for t in tokens or () if t.prob is not None]
+            self.heatmap_cursor = max(scored, key=surprise).index if scored else None
+        self.heatmap, self._heatmap_note = tokens, note
+        self._draw_heatmap()
+
+    def _draw_heatmap(self) -> None:
+        tokens = self.heatmap
+        body = heatmap_text(tokens, self._colour("warning", "#ff8800"), self.heatmap_cursor) if tokens else Text()
+        if self._heatmap_note:
+            body = Text(self._heatmap_note + "\n\n", style="dim") + body
         self.query_one("#surprise-body", Static).update(body)
+
+    def action_heatmap_cursor(self, step: int) -> None:
+        """, and .: the previous / next prompt token of the surprise tab."""
+        if self.heatmap:
+            start = self.heatmap_cursor if self.heatmap_cursor is not None else -step
+            self.heatmap_cursor = (start + step) % len(self.heatmap)
+            self._draw_heatmap()
 
     def show_quantization(self, tokens: tuple[QuantizedToken, ...] | None, note: str = "") -> None:
         self.quantization = tokens

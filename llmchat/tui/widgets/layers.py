@@ -83,10 +83,11 @@ def attention_text(pattern: AttentionPattern, texts: Sequence[str], head: int | 
     return out
 
 
-def chips(texts: Sequence[str], weights: Sequence[float], colour: str) -> Text:
+def chips(texts: Sequence[str], weights: Sequence[float], colour: str, cursor: int | None = None) -> Text:
     out = Text()
-    for text, weight in zip(texts, weights, strict=True):
-        out.append(visible_token(text), _heat(weight, colour))
+    for i, (text, weight) in enumerate(zip(texts, weights, strict=True)):
+        heat = _heat(weight, colour)
+        out.append(visible_token(text), heat + Style(reverse=True, underline=True) if i == cursor else heat)
         out.append(" ")
         if "\n" in text:
             out.append("\n")
@@ -124,13 +125,17 @@ def surprise(token: PromptToken) -> float:
     return 0.0 if token.prob is None else -math.log2(max(token.prob, 1e-30))
 
 
-def heatmap_text(tokens: Sequence[PromptToken], colour: str = "#ff8800") -> Text:
-    """The prompt's tokens, each as bright as it was surprising to the model, then the most surprising."""
+def heatmap_text(tokens: Sequence[PromptToken], colour: str = "#ff8800", cursor: int | None = None) -> Text:
+    """The prompt's tokens, each as bright as it was surprising to the model; the token under the
+    cursor (`,` and `.` move it) with what the model expected there; then the most surprising."""
     out = Text()
     out.append("How surprising each prompt token was to the model, given the ones before it\n", style="bold")
-    out.append("brighter = less expected (−log₂ p, bright from 12 bits); the first token has nothing before it\n\n")
+    out.append("brighter = less expected (−log₂ p, bright from 12 bits); the first token has nothing before it\n")
+    out.append(", and . move the cursor (reversed) over the prompt's tokens\n\n", style="dim")
     scale = [min(1.0, surprise(t) / 12.0) for t in tokens]
-    out.append_text(chips([t.text for t in tokens], scale, colour))
+    out.append_text(chips([t.text for t in tokens], scale, colour, cursor))
+    if cursor is not None and 0 <= cursor < len(tokens):
+        out.append_text(prompt_token_text(tokens[cursor], len(tokens)))
     ranked = sorted((t for t in tokens if t.prob is not None), key=lambda t: -surprise(t))[:10]
     if ranked:
         out.append("\n\nMost surprising\n", style="bold")
@@ -138,6 +143,25 @@ def heatmap_text(tokens: Sequence[PromptToken], colour: str = "#ff8800") -> Text
             alternatives = " · ".join(f"{visible_token(c.text)} {c.prob:.0%}" for c in t.top[:3])
             out.append(f"  {t.index:>5} {visible_token(t.text):<16} p {t.prob:8.3%}  rank {t.rank:>6}  ")
             out.append(f"expected: {alternatives}\n", style="dim")
+    return out
+
+
+def prompt_token_text(token: PromptToken, count: int) -> Text:
+    """One prompt token under the cursor: its probability and rank, and the candidates the model
+    expected at its place (the answer's top-k panel, for the prompt)."""
+    out = Text()
+    out.append(f"\n\nposition {token.index} of {count}: ", style="bold")  # as the list below numbers them
+    out.append(visible_token(token.text), style="reverse")
+    if token.prob is None:
+        out.append("  the first token: nothing before it predicts it\n", style="dim")
+        return out
+    out.append(f"  p {token.prob:.3%} · rank {token.rank} · {surprise(token):.1f} bits")
+    if token.entropy is not None:
+        out.append(f" · entropy {token.entropy:.2f} bits", style="dim")
+    out.append("\nexpected here:\n", style="dim")
+    for candidate in token.top:
+        mark = "▶ " if candidate.token_id == token.token_id else "  "
+        out.append(f"{mark}{visible_token(candidate.text):<16} {candidate.prob:8.3%}  {bar(candidate.prob, 12)}\n")
     return out
 
 
