@@ -4,6 +4,8 @@ garbage-collector pauses while an answer streams (worker.CollectorPause)."""
 from __future__ import annotations
 
 import gc
+import sys
+from pathlib import Path
 
 from textual.app import App, ComposeResult
 from textual.geometry import Region
@@ -100,3 +102,25 @@ def test_the_collector_waits_while_an_answer_streams() -> None:
     assert gc.isenabled() and gc.get_freeze_count() == 0
     pause.resume()  # and resuming what is not paused does nothing
     assert gc.isenabled()
+
+
+def test_the_app_holds_the_collector_off_exactly_while_it_generates(tmp_path: Path) -> None:
+    """`generating` is the switch: set, the collector waits; cleared (an answer's end, a failure, the
+    app closing), it runs again."""
+    from llmchat.chat.store import ConversationStore
+    from llmchat.tui.app import LLMChatApp
+
+    app = LLMChatApp(None, store=ConversationStore(tmp_path / "c"))
+    try:
+        assert gc.isenabled() and not app.generating
+        app.generating = True
+        assert not gc.isenabled()
+        app.generating = False
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+        app.generating = True
+        app._switch_interval = sys.getswitchinterval()  # what on_mount keeps (it did not run here)
+        app.on_unmount()  # the app closes mid-answer
+        assert gc.isenabled()
+    finally:
+        app._collector.resume()
+        app.model_thread.close()
