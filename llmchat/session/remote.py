@@ -460,11 +460,8 @@ class RemoteSession:
             "POST", "/tokenize", json={"content": text, "add_special": completion, "with_pieces": True}, timeout=10.0
         )
         tokens = pieces.get("tokens") if isinstance(pieces, dict) else None
-        if not isinstance(tokens, list) or not all(
-            isinstance(t, dict) and isinstance(t.get("id"), int) for t in tokens
-        ):
+        if not isinstance(tokens, list) or not all(_is_piece(t) for t in tokens):
             raise SessionUnavailable(f"{server_host(self.spec.url)}'s /tokenize answered in an unknown shape")
-        assert isinstance(tokens, list)
         texts = tuple(t["piece"] if isinstance(t.get("piece"), str) else "" for t in tokens)
         return PromptView(text, tuple(t["id"] for t in tokens), texts, 0, completion=completion)
 
@@ -568,6 +565,11 @@ def _unscored_event(text: str, index: int, seconds: float, token_id: Callable[[s
     """Text the server sent without logprobs: shown and kept, its probabilities unknown (NaN)."""
     nan = math.nan
     return TokenEvent(token_id(text), text, index, nan, nan, nan, 0, (), seconds, 0, 0, content=text, entropy=nan)
+
+
+def _is_piece(token: Any) -> bool:
+    """One entry of llama-server's `/tokenize` with pieces: `{"id": int, "piece": str}`."""
+    return isinstance(token, dict) and isinstance(token.get("id"), int)
 
 
 def _plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

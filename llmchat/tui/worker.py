@@ -109,8 +109,9 @@ class CollectorPause:
     the UI's time while it streams (measured with `benchmarks/tui_speed.py --frames`, 2 cores: 0.73 s
     of 20 s; 0.04 s paused). Objects without cycles are still freed at once by reference counting;
     the few cyclic ones an answer leaves (widgets of a list rebuilt mid-stream) wait for `resume()`.
-    `gc.freeze()` on pausing keeps the first pass after the answer from walking the app and the
-    model (objects older than the answer); resuming unfreezes them, so nothing stays uncollectable.
+    `gc.disable()` does not stop an explicit `gc.collect()` (a library may call one): `gc.freeze()`
+    on pausing makes such a pass skip everything older than the answer; resuming unfreezes it all,
+    so nothing stays uncollectable.
     """
 
     def __init__(self) -> None:
